@@ -1,0 +1,1 @@
+"""Triton code generation: fused-region emitters and hand-written kernel templates (installed as fxopt.codegen)."""

@@ -1,0 +1,120 @@
+"""GPU specs for the roofline: datasheet presets and on-device calibration.
+
+A `Hardware` holds the two ceilings of the roofline model: peak arithmetic
+rate per dtype and memory bandwidth. The ridge point (FLOP per byte) where a
+kernel turns from memory- to compute-bound is their ratio.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import torch
+
+TERA = 1e12
+GIGA = 1e9
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """Peak rates (FLOP/s) per dtype for matrix units and vector units, and HBM bandwidth (bytes/s)."""
+
+    name: str
+    bandwidth: float
+    matmul_flops: dict[str, float] = field(default_factory=dict)
+    vector_flops: dict[str, float] = field(default_factory=dict)
+    source: str = "datasheet"
+
+    def peak(self, dtype: torch.dtype | str, *, matmul: bool = True) -> float:
+        key = dtype_key(dtype)
+        table = self.matmul_flops if matmul else self.vector_flops
+        return table.get(key, table["float32"])
+
+    def ridge(self, dtype: torch.dtype | str = "float16", *, matmul: bool = True) -> float:
+        """Arithmetic intensity (FLOP/byte) above which a kernel is compute-bound."""
+        return self.peak(dtype, matmul=matmul) / self.bandwidth
+
+    def predicted_time(self, flops: float, nbytes: float, dtype, *, matmul: bool) -> float:
+        """Roofline time in seconds: the larger of compute time and memory time."""
+        return max(flops / self.peak(dtype, matmul=matmul), nbytes / self.bandwidth)
+
+    def bound(self, flops: float, nbytes: float, dtype, *, matmul: bool) -> str:
+        if flops == 0 and nbytes == 0:
+            return "free"
+        compute = flops / self.peak(dtype, matmul=matmul)
+        memory = nbytes / self.bandwidth
+        return "compute" if compute > memory else "memory"
+
+
+def dtype_key(dtype: torch.dtype | str) -> str:
+    if isinstance(dtype, torch.dtype):
+        return str(dtype).removeprefix("torch.")
+    return {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32", "half": "float16"}.get(dtype, dtype)
+
+
+def _spec(name, bandwidth_gbs, *, fp16, bf16, tf32, fp32, vec16, fp8=None) -> Hardware:
+    matmul = {"float16": fp16 * TERA, "bfloat16": bf16 * TERA, "float32": tf32 * TERA, "float64": fp32 / 2 * TERA}
+    if fp8:
+        matmul["float8_e4m3fn"] = matmul["float8_e5m2"] = fp8 * TERA
+    vector = {"float16": vec16 * TERA, "bfloat16": vec16 * TERA, "float32": fp32 * TERA, "float64": fp32 / 2 * TERA}
+    return Hardware(name, bandwidth_gbs * GIGA, matmul, vector)
+
+
+# Dense (no sparsity) datasheet figures. matmul float32 is the TF32 tensor-core rate.
+PRESETS: dict[str, Hardware] = {
+    "a10": _spec("A10", 600, fp16=125, bf16=125, tf32=62.5, fp32=31.2, vec16=31.2),
+    "a100-40gb": _spec("A100 40GB SXM", 1555, fp16=312, bf16=312, tf32=156, fp32=19.5, vec16=78),
+    "a100-80gb": _spec("A100 80GB SXM", 2039, fp16=312, bf16=312, tf32=156, fp32=19.5, vec16=78),
+    "h100": _spec("H100 SXM", 3350, fp16=989.4, bf16=989.4, tf32=494.7, fp32=66.9, vec16=133.8, fp8=1978.9),
+    "h200": _spec("H200", 4800, fp16=989.4, bf16=989.4, tf32=494.7, fp32=66.9, vec16=133.8, fp8=1978.9),
+}
+ALIASES = {"a100": "a100-80gb", "h100-sxm": "h100", "h100sxm": "h100"}
+
+
+def get_hardware(name: str | Hardware | None) -> Hardware:
+    """Look up a preset by name ("h100", "a100-80gb", ...), or "calibrate" to measure the present GPU."""
+    if isinstance(name, Hardware):
+        return name
+    if name is None:
+        return PRESETS["h100"]
+    key = name.lower().replace("_", "-")
+    if key == "calibrate":
+        return calibrate()
+    key = ALIASES.get(key, key)
+    if key not in PRESETS:
+        raise ValueError(f"unknown hardware {name!r}; choose one of {sorted(PRESETS)} or 'calibrate'")
+    return PRESETS[key]
+
+
+def measure_copy_bandwidth(nbytes: int = 1 << 30, device: str = "cuda") -> float:
+    """Device-to-device copy bandwidth in bytes/s, counting bytes read plus bytes written."""
+    from triton.testing import do_bench
+
+    src = torch.randn(nbytes // 4, device=device)
+    dst = torch.empty_like(src)
+    ms = do_bench(lambda: dst.copy_(src), warmup=25, rep=200, return_mode="median")
+    return 2 * src.numel() * src.element_size() / (ms * 1e-3)
+
+
+def measure_matmul_rate(n: int = 8192, dtype: torch.dtype = torch.bfloat16, device: str = "cuda") -> float:
+    """Dense matmul rate in FLOP/s on random (never zero) operands."""
+    from triton.testing import do_bench
+
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    ms = do_bench(lambda: a @ b, warmup=25, rep=200, return_mode="median")
+    return 2 * n**3 / (ms * 1e-3)
+
+
+def calibrate(base: str = "h100") -> Hardware:
+    """Measure copy bandwidth and bf16 matmul rate on the present GPU; other rates scale from `base`."""
+    if not torch.cuda.is_available():
+        raise RuntimeError("calibrate needs a CUDA GPU; use a preset (--hw h100) on this machine")
+    reference = PRESETS[base]
+    bandwidth = measure_copy_bandwidth()
+    bf16 = measure_matmul_rate()
+    scale = bf16 / reference.matmul_flops["bfloat16"]
+    matmul = {k: v * scale for k, v in reference.matmul_flops.items()}
+    matmul["bfloat16"] = bf16
+    name = f"{torch.cuda.get_device_name()} (calibrated)"
+    return replace(reference, name=name, bandwidth=bandwidth, matmul_flops=matmul, source="measured")

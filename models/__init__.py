@@ -1,0 +1,1 @@
+"""Reference transformer family (installed as fxopt.models)."""

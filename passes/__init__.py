@@ -1,0 +1,1 @@
+"""Graph analyses and rewrites, one module per pass family (installed as fxopt.passes)."""
