@@ -1,0 +1,125 @@
+"""`fxopt.analyze`: where a model's time goes, node by node, on a chosen GPU.
+
+Captures the model once at small sizes (dims stay symbolic), runs the cost pass,
+and evaluates every formula at the sizes asked for. Weights are never needed:
+string presets are built on the meta device, so a 70B config costs no memory.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+import sympy
+import torch
+from torch import fx
+
+from fxopt import zoo
+from fxopt.capture import CAPTURE_SIZES
+from fxopt.hardware import dtype_key
+from fxopt.passes.cost import COST_KEY, Cost, layer_of, total
+from fxopt.pipeline import Program, compile_model
+from fxopt.report import progress
+
+
+@dataclass
+class Analysis:
+    program: Program
+    report: dict[str, Any]
+
+    @property
+    def total(self) -> Cost:
+        return total([n.meta[COST_KEY] for n in self.program.gm.graph.nodes if COST_KEY in n.meta])
+
+
+def analyze(model: torch.nn.Module | str, *, batch: int = 1, seq: int = 128, hw="h100",
+            dtype: torch.dtype = torch.float16, example_kwargs: dict | None = None,
+            name: str | None = None) -> Analysis:
+    """Annotate every node of `model` with FLOPs, bytes, intensity and roofline bound at (batch, seq)."""
+    name = name or (model if isinstance(model, str) else type(model).__name__)
+    if isinstance(model, str):
+        model = zoo.load_model(model, device="meta", dtype=dtype)
+    if example_kwargs is None:
+        example_kwargs = zoo.example_inputs(model, CAPTURE_SIZES["batch"], min(CAPTURE_SIZES["seq"], seq))
+    sizes = {"batch": batch, "seq": seq, "src_seq": seq}
+    program = compile_model(model, example_kwargs, hw=hw, sizes=sizes)
+    report = build_report(program, name=name, dtype=dtype, params=_param_count(model))
+    return Analysis(program, report)
+
+
+def _param_count(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _fmt(expr: sympy.Expr) -> str:
+    return str(sympy.factor_terms(expr))
+
+
+def node_row(program: Program, node: fx.Node) -> dict[str, Any]:
+    ctx, cost = program.ctx, node.meta[COST_KEY]
+    flops, nbytes = ctx.evaluate(cost.flops), ctx.evaluate(cost.bytes)
+    val = node.meta.get("val")
+    vals = val if isinstance(val, (list, tuple)) else [val]
+    shapes = [[int(ctx.evaluate(d)) for d in ctx.shape(v)] for v in vals if isinstance(v, torch.Tensor)]
+    return {
+        "name": node.name,
+        "op": str(node.target) if node.op == "call_function" else f"{node.op}:{node.target}",
+        "kind": cost.kind,
+        "layer": layer_of(node),
+        "inputs": [n.name for n in node.all_input_nodes if n.op == "call_function"],
+        "shapes": shapes,
+        "dtype": dtype_key(cost.dtype) if cost.dtype else None,
+        "flops": flops,
+        "bytes_read": ctx.evaluate(cost.bytes_read),
+        "bytes_written": ctx.evaluate(cost.bytes_written),
+        "flops_expr": str(cost.flops),
+        "bytes_expr": str(cost.bytes),
+        "intensity": flops / nbytes if nbytes else None,
+        "bound": cost.bound(ctx),
+        "time_s": cost.time(ctx) if cost.kind != "unknown" else 0.0,
+        "region": node.meta.get("fxopt.region").id if node.meta.get("fxopt.region") else None,
+        "note": cost.note,
+    }
+
+
+def _summary(program: Program, costs: list[Cost], rows: list[dict]) -> dict[str, Any]:
+    summed = total(costs)
+    return {
+        "flops": program.ctx.evaluate(summed.flops),
+        "bytes": program.ctx.evaluate(summed.bytes),
+        "time_s": sum(r["time_s"] for r in rows),
+        "flops_expr": _fmt(summed.flops),
+        "bytes_expr": _fmt(summed.bytes),
+    }
+
+
+def build_report(program: Program, *, name: str, dtype: torch.dtype, params: int) -> dict[str, Any]:
+    """The JSON-serialisable report that fxopt.report renders (table, JSON, DOT, HTML)."""
+    hw, ctx = program.ctx.hardware, program.ctx
+    nodes = [n for n in program.gm.graph.nodes if n.op in ("call_function", "call_module") and COST_KEY in n.meta]
+    rows, by_layer = [], defaultdict(list)
+    for node in progress(nodes, total=len(nodes), desc="costing nodes"):
+        row = node_row(program, node)
+        if row["kind"] == "layout" and not row["flops"]:
+            row["bound"] = "free"
+        rows.append(row)
+        by_layer[row["layer"]].append((node.meta[COST_KEY], row))
+    layers = [{"layer": layer, **_summary(program, [c for c, _ in items], [r for _, r in items])}
+              for layer, items in by_layer.items()]
+    whole = _summary(program, [n.meta[COST_KEY] for n in nodes], rows)
+    whole["params"] = params
+    sizes = {str(sym): value for sym, value in ctx.sizes.items()}
+    return {
+        "model": name,
+        "hardware": {"name": hw.name, "bandwidth": hw.bandwidth, "peak_flops": hw.peak(dtype),
+                     "peak_flops_vector": hw.peak(dtype, matmul=False), "dtype": dtype_key(dtype),
+                     "source": hw.source},
+        "sizes": sizes,
+        "nodes": rows,
+        "layers": layers,
+        "total": whole,
+        "regions": program.ctx.options.get("regions_report", []),
+        "attention": program.ctx.options.get("attention_report", []),
+        "notes": [note for result in program.results.values() for note in result.notes],
+    }

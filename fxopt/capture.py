@@ -1,0 +1,161 @@
+"""Capture a model as an ATen-level torch.fx graph with named symbolic dims.
+
+torch.export (strict=False) traces the model with FakeTensors; every node's
+meta["val"] then carries shapes as SymInts. Export names those symbols s0,
+s77, ...; we map each back to the role of the input dim it came from, so cost
+formulas read ``2*b*s*h**2`` instead of ``2*s77*s27*h**2``.
+"""
+
+from __future__ import annotations
+
+import re
+import traceback
+from dataclasses import dataclass, field
+from typing import Any
+
+import sympy
+import torch
+from torch import fx
+from torch.export import Dim
+
+# Role of a dynamic input dim -> the short symbol formulas use.
+ROLE_SYMBOLS = {"batch": "b", "seq": "s", "src_seq": "s_src", "cache": "n", "new": "q"}
+
+# Size to capture each role at when the caller gives none: >= 2 so export keeps the dim symbolic.
+CAPTURE_SIZES = {"batch": 2, "seq": 16, "src_seq": 16, "cache": 32, "new": 2}
+
+
+def role_symbol(role: str) -> sympy.Symbol:
+    return sympy.Symbol(ROLE_SYMBOLS.get(role, role), integer=True, positive=True)
+
+
+@dataclass
+class Captured:
+    """An exported graph plus what is needed to read its symbolic shapes."""
+
+    gm: fx.GraphModule
+    exported: torch.export.ExportedProgram
+    example_kwargs: dict[str, Any]
+    dynamic_dims: dict[str, dict[int, str]]
+    symbols: dict[sympy.Symbol, sympy.Symbol] = field(default_factory=dict)  # export symbol -> role symbol
+    sizes: dict[str, int] = field(default_factory=dict)  # role -> size of the example inputs
+    hints: dict[sympy.Symbol, int] = field(default_factory=dict)  # every export symbol -> example value
+
+    def named(self, value) -> sympy.Expr:
+        """A node size (int or SymInt) as a sympy expression in role symbols."""
+        if isinstance(value, torch.SymInt):
+            return value.node.expr.xreplace(self.symbols)
+        return sympy.Integer(value)
+
+    def shape(self, val: torch.Tensor) -> tuple[sympy.Expr, ...]:
+        return tuple(self.named(d) for d in val.shape)
+
+    @property
+    def role_values(self) -> dict[sympy.Symbol, int]:
+        return {role_symbol(role): size for role, size in self.sizes.items()}
+
+
+class CaptureError(RuntimeError):
+    """torch.export could not trace the model; the message names the construct and a fix."""
+
+
+def default_dynamic_dims(model: torch.nn.Module, kwargs: dict[str, Any]) -> dict[str, dict[int, str]]:
+    """Roles of dynamic input dims: the model's own `dynamic_dims()`, else (batch, seq) for 2-D inputs."""
+    if hasattr(model, "dynamic_dims"):
+        return model.dynamic_dims()
+    return {name: {0: "batch", 1: "seq"} for name, value in kwargs.items() if _is_tensor_of_rank(value, 2)}
+
+
+def _is_tensor_of_rank(value, rank: int) -> bool:
+    return isinstance(value, torch.Tensor) and value.dim() == rank
+
+
+def _is_hf_model(model: torch.nn.Module) -> bool:
+    return any(cls.__module__.startswith("transformers.") for cls in type(model).__mro__)
+
+
+def capture(
+    model: torch.nn.Module,
+    example_kwargs: dict[str, Any],
+    dynamic_dims: dict[str, dict[int, str]] | None = None,
+) -> Captured:
+    """Export `model(**example_kwargs)` to an ATen GraphModule with dims symbolic by role.
+
+    Dims of size 0 or 1 cannot stay symbolic in torch.export; capture at sizes >= 2
+    and evaluate formulas at the sizes you want.
+    """
+    kwargs = dict(example_kwargs)
+    if _is_hf_model(model):
+        kwargs.setdefault("use_cache", False)  # a DynamicCache output cannot be exported
+    dynamic_dims = dynamic_dims if dynamic_dims is not None else default_dynamic_dims(model, kwargs)
+    dynamic_shapes = {
+        name: ({axis: Dim.AUTO for axis in dynamic_dims[name]} if name in dynamic_dims else None)
+        for name in kwargs
+    }
+    try:
+        with torch.no_grad():  # inference graphs: no autograd wrappers around no_grad regions
+            exported = torch.export.export(model, (), kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+    except Exception as exc:  # noqa: BLE001 - re-raised with a diagnosis
+        raise CaptureError(explain_export_failure(exc, model)) from exc
+    gm = exported.module()
+    captured = Captured(gm, exported, kwargs, dynamic_dims)
+    _name_symbols(captured)
+    return captured
+
+
+def _name_symbols(captured: Captured) -> None:
+    """Map each export symbol found on a dynamic input dim to its role symbol."""
+    placeholders = {node.target: node for node in captured.gm.graph.nodes if node.op == "placeholder"}
+    for name, roles in captured.dynamic_dims.items():
+        node = placeholders.get(name)
+        value = captured.example_kwargs.get(name)
+        if node is None or not isinstance(node.meta.get("val"), torch.Tensor):
+            continue
+        for axis, role in roles.items():
+            size = node.meta["val"].shape[axis]
+            if isinstance(size, torch.SymInt):
+                hints = size.node.shape_env.var_to_val
+                captured.hints.update({sym: int(v) for sym, v in hints.items()})
+            captured.sizes[role] = int(value.shape[axis])
+            if isinstance(size, torch.SymInt) and isinstance(size.node.expr, sympy.Symbol):
+                captured.symbols.setdefault(size.node.expr, role_symbol(role))
+
+
+# (pattern in the export error, what to tell the user). First match wins.
+EXPORT_ADVICE: list[tuple[str, str]] = [
+    (r"DynamicCache|Cache'> in output", "the model returns a KV-cache object; call it with use_cache=False"),
+    (r"data-dependent|GuardOnDataDependentSymNode|\.item\(\)",
+     "a branch or size depends on tensor values (e.g. .item(), .tolist(), if x.any()); "
+     "compute it with tensor ops, or use torch.cond for real control flow"),
+    (r"Constraints violated|specialized|ConstraintViolation",
+     "the code specialises a dynamic dim to a constant (an assert or branch on its size); "
+     "remove the check or capture at the size you will run"),
+    (r"not a known type|register a pytree", "an input or output is a custom class; return tensors or "
+     "register it with torch.utils._pytree.register_pytree_node"),
+    (r"Unsupported|not supported", "an operation torch.export cannot trace; rewrite it with torch ops"),
+]
+
+
+def explain_export_failure(exc: BaseException, model: torch.nn.Module) -> str:
+    message = f"{type(exc).__name__}: {exc}"
+    advice = next((tip for pattern, tip in EXPORT_ADVICE if re.search(pattern, message)), None)
+    frame = _first_model_frame(exc)
+    lines = [f"torch.export could not capture {type(model).__name__}."]
+    if frame:
+        lines.append(f"First unsupported construct, in the model's code: {frame}")
+    lines.append(f"Export said: {message.splitlines()[0][:500]}")
+    lines.append(f"What to do: {advice or 'simplify the construct above, or run the model unoptimized'}.")
+    return "\n".join(lines)
+
+
+def _first_model_frame(exc: BaseException) -> str | None:
+    """The innermost traceback frame outside torch's own sources: the model line export choked on."""
+    frames = []
+    for error in (exc, exc.__cause__, exc.__context__):
+        if error is not None and error.__traceback__ is not None:
+            frames.extend(traceback.extract_tb(error.__traceback__))
+    user = [f for f in frames if "/torch/" not in f.filename and "fxopt/capture.py" not in f.filename]
+    if not user:
+        return None
+    last = user[-1]
+    return f"{last.filename}:{last.lineno} `{(last.line or '').strip()}`"

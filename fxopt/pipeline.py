@@ -1,0 +1,69 @@
+"""The fxopt compiler, top to bottom: the one place that lists the passes, in order.
+
+    model + example inputs
+      -> capture    torch.export(strict=False), dynamic dims named by role -> ATen GraphModule
+      -> passes     each `run(gm, ctx) -> PassResult`, in the order of PASSES below
+      -> runtime    the optimized GraphModule, called like the model
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx
+
+from fxopt.capture import Captured, capture
+from fxopt.hardware import Hardware, get_hardware
+from fxopt.passes import cost
+from fxopt.passes.infra import PassContext, PassResult
+
+Pass = Callable[[fx.GraphModule, PassContext], PassResult]
+
+# name, pass, the option that turns it on (None: always on)
+PASSES: list[tuple[str, Pass, str | None]] = [
+    ("cost", cost.run, None),  # FLOPs and bytes per node, symbolic in b, s -> meta["fxopt.cost"]
+]
+
+
+@dataclass
+class Program:
+    """A captured graph after the passes, with what they reported."""
+
+    captured: Captured
+    gm: fx.GraphModule
+    ctx: PassContext
+    results: dict[str, PassResult] = field(default_factory=dict)
+
+
+def make_context(captured: Captured, hw: Hardware | str | None, sizes: dict[str, int] | None,
+                 options: dict[str, Any] | None = None) -> PassContext:
+    """Context whose formulas evaluate at `sizes` (role -> size; the example's sizes by default)."""
+    from fxopt.capture import role_symbol
+
+    values = dict(captured.sizes)
+    values.update(sizes or {})
+    return PassContext(
+        symbols=captured.symbols,
+        sizes={role_symbol(role): size for role, size in values.items()},
+        hardware=get_hardware(hw),
+        hints=captured.hints,
+        options=dict(options or {}),
+    )
+
+
+def run_passes(captured: Captured, ctx: PassContext) -> Program:
+    program = Program(captured, captured.gm, ctx)
+    for name, run, option in PASSES:
+        if option is None or ctx.options.get(option):
+            program.results[name] = run(program.gm, ctx)
+    return program
+
+
+def compile_model(model: torch.nn.Module, example_kwargs: dict[str, Any], *, hw=None,
+                  sizes: dict[str, int] | None = None, dynamic_dims=None, **options) -> Program:
+    """Capture `model` and run the enabled passes over it."""
+    captured = capture(model, example_kwargs, dynamic_dims)
+    return run_passes(captured, make_context(captured, hw, sizes, options))

@@ -1,0 +1,63 @@
+"""The pass interface: `run(gm, ctx) -> PassResult`, in the spirit of torch.fx.passes.infra.
+
+A pass rewrites or annotates `gm` in place (gm is always fxopt's own copy, never
+the user's model), keeps every node's meta["val"] correct, lints and recompiles.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import sympy
+import torch
+from torch import fx
+
+from fxopt.hardware import Hardware, get_hardware
+
+
+@dataclass
+class PassResult:
+    changed: bool
+    notes: list[str] = field(default_factory=list)
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class PassContext:
+    """What passes share: symbol naming, sizes to evaluate at, the target GPU and options."""
+
+    symbols: dict[sympy.Symbol, sympy.Symbol] = field(default_factory=dict)  # export symbol -> role symbol
+    sizes: dict[sympy.Symbol, int] = field(default_factory=dict)  # role symbol -> size to evaluate at
+    hardware: Hardware = field(default_factory=lambda: get_hardware("h100"))
+    options: dict[str, Any] = field(default_factory=dict)
+    report: list[str] = field(default_factory=list)  # human-readable notes for the user
+    hints: dict[sympy.Symbol, int] = field(default_factory=dict)  # export symbol -> example value
+
+    def __post_init__(self):
+        self.sizes = {sym: sympy.Integer(v) for sym, v in self.sizes.items()}
+
+    def named(self, value) -> sympy.Expr:
+        """A size (int or SymInt) as a sympy expression in role symbols (b, s, ...)."""
+        if isinstance(value, torch.SymInt):
+            return sympy.sympify(value.node.expr).xreplace(self.symbols)
+        return sympy.Integer(int(value))
+
+    def shape(self, val: torch.Tensor) -> tuple[sympy.Expr, ...]:
+        return tuple(self.named(d) for d in val.shape)
+
+    def evaluate(self, expr) -> float:
+        """Value of a formula at `sizes`; remaining export symbols evaluate at their hint."""
+        expr = sympy.sympify(expr)
+        if expr.is_Number:
+            return float(expr)
+        value = expr.xreplace(self.sizes)
+        if not value.is_Number:
+            value = value.xreplace({s: sympy.Integer(self.hints.get(s, 1)) for s in value.free_symbols})
+        return float(value)
+
+
+def finish(gm: fx.GraphModule) -> None:
+    """What every rewriting pass ends with."""
+    gm.graph.lint()
+    gm.recompile()
