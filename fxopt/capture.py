@@ -114,7 +114,8 @@ def _name_symbols(captured: Captured) -> None:
         for axis, role in roles.items():
             size = node.meta["val"].shape[axis]
             if isinstance(size, torch.SymInt):
-                hints = size.node.shape_env.var_to_val
+                env = size.node.shape_env
+                hints = getattr(env, "backed_var_to_val", None) or env.var_to_val
                 captured.hints.update({sym: int(v) for sym, v in hints.items()})
             captured.sizes[role] = int(value.shape[axis])
             if isinstance(size, torch.SymInt) and isinstance(size.node.expr, sympy.Symbol):
