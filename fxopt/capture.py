@@ -98,9 +98,21 @@ def capture(
     except Exception as exc:  # noqa: BLE001 - re-raised with a diagnosis
         raise CaptureError(explain_export_failure(exc, model)) from exc
     gm = exported.module()
+    strip_export_assertions(gm)
     captured = Captured(gm, exported, kwargs, dynamic_dims)
     _name_symbols(captured)
     return captured
+
+
+EXPORT_ASSERTIONS = {torch.ops.aten._assert_tensor_metadata.default}
+
+
+def strip_export_assertions(gm: fx.GraphModule) -> None:
+    """Drop export's dtype/device assertions: they hold by construction and pin values in place."""
+    for node in list(gm.graph.nodes):
+        if node.op == "call_function" and node.target in EXPORT_ASSERTIONS and not node.users:
+            gm.graph.erase_node(node)
+    gm.recompile()
 
 
 def _name_symbols(captured: Captured) -> None:
@@ -125,14 +137,21 @@ def _name_symbols(captured: Captured) -> None:
 # (pattern in the export error, what to tell the user). First match wins.
 EXPORT_ADVICE: list[tuple[str, str]] = [
     (r"DynamicCache|Cache'> in output", "the model returns a KV-cache object; call it with use_cache=False"),
-    (r"data-dependent|GuardOnDataDependentSymNode|\.item\(\)",
-     "a branch or size depends on tensor values (e.g. .item(), .tolist(), if x.any()); "
-     "compute it with tensor ops, or use torch.cond for real control flow"),
-    (r"Constraints violated|specialized|ConstraintViolation",
-     "the code specialises a dynamic dim to a constant (an assert or branch on its size); "
-     "remove the check or capture at the size you will run"),
-    (r"not a known type|register a pytree", "an input or output is a custom class; return tensors or "
-     "register it with torch.utils._pytree.register_pytree_node"),
+    (
+        r"data-dependent|GuardOnDataDependentSymNode|\.item\(\)",
+        "a branch or size depends on tensor values (e.g. .item(), .tolist(), if x.any()); "
+        "compute it with tensor ops, or use torch.cond for real control flow",
+    ),
+    (
+        r"Constraints violated|specialized|ConstraintViolation",
+        "the code specialises a dynamic dim to a constant (an assert or branch on its size); "
+        "remove the check or capture at the size you will run",
+    ),
+    (
+        r"not a known type|register a pytree",
+        "an input or output is a custom class; return tensors or "
+        "register it with torch.utils._pytree.register_pytree_node",
+    ),
     (r"Unsupported|not supported", "an operation torch.export cannot trace; rewrite it with torch ops"),
 ]
 

@@ -1,9 +1,9 @@
 """The fxopt compiler, top to bottom: the one place that lists the passes, in order.
 
-    model + example inputs
-      -> capture    torch.export(strict=False), dynamic dims named by role -> ATen GraphModule
-      -> passes     each `run(gm, ctx) -> PassResult`, in the order of PASSES below
-      -> runtime    the optimized GraphModule, called like the model
+model + example inputs
+  -> capture    torch.export(strict=False), dynamic dims named by role -> ATen GraphModule
+  -> passes     each `run(gm, ctx) -> PassResult`, in the order of PASSES below
+  -> runtime    the optimized GraphModule, called like the model
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from torch import fx
 
 from fxopt.capture import Captured, capture
 from fxopt.hardware import Hardware, get_hardware
-from fxopt.passes import cost
+from fxopt.passes import cost, fusion
 from fxopt.passes.infra import PassContext, PassResult
 
 Pass = Callable[[fx.GraphModule, PassContext], PassResult]
@@ -25,6 +25,8 @@ Pass = Callable[[fx.GraphModule, PassContext], PassResult]
 # name, pass, the option that turns it on (None: always on)
 PASSES: list[tuple[str, Pass, str | None]] = [
     ("cost", cost.run, None),  # FLOPs and bytes per node, symbolic in b, s -> meta["fxopt.cost"]
+    ("fusion", fusion.run, "fuse"),  # memory-bound regions -> one generated Triton kernel each
+    ("recost", cost.run, None),  # costs of what the rewrites made (fused calls keep theirs)
 ]
 
 
@@ -38,8 +40,12 @@ class Program:
     results: dict[str, PassResult] = field(default_factory=dict)
 
 
-def make_context(captured: Captured, hw: Hardware | str | None, sizes: dict[str, int] | None,
-                 options: dict[str, Any] | None = None) -> PassContext:
+def make_context(
+    captured: Captured,
+    hw: Hardware | str | None,
+    sizes: dict[str, int] | None,
+    options: dict[str, Any] | None = None,
+) -> PassContext:
     """Context whose formulas evaluate at `sizes` (role -> size; the example's sizes by default)."""
     from fxopt.capture import role_symbol
 
@@ -62,8 +68,15 @@ def run_passes(captured: Captured, ctx: PassContext) -> Program:
     return program
 
 
-def compile_model(model: torch.nn.Module, example_kwargs: dict[str, Any], *, hw=None,
-                  sizes: dict[str, int] | None = None, dynamic_dims=None, **options) -> Program:
+def compile_model(
+    model: torch.nn.Module,
+    example_kwargs: dict[str, Any],
+    *,
+    hw=None,
+    sizes: dict[str, int] | None = None,
+    dynamic_dims=None,
+    **options,
+) -> Program:
     """Capture `model` and run the enabled passes over it."""
     captured = capture(model, example_kwargs, dynamic_dims)
     return run_passes(captured, make_context(captured, hw, sizes, options))

@@ -17,10 +17,10 @@ from dataclasses import dataclass
 
 import sympy
 import torch
+from fxopt.passes.infra import PassContext, PassResult
 from torch import fx
 
 from fxopt.hardware import Hardware
-from fxopt.passes.infra import PassContext, PassResult
 
 aten = torch.ops.aten
 COST_KEY = "fxopt.cost"
@@ -344,6 +344,8 @@ def node_cost(ctx: PassContext, node: fx.Node) -> Cost:
         return FREE
     if node.op == "call_module" and node.target == "_guards_fn":
         return FREE  # export's input-shape checks
+    if node.op == "call_module" and COST_KEY in node.meta:
+        return node.meta[COST_KEY]  # a fused region: its cost was set when it was formed
     if node.op != "call_function":
         return Cost(ZERO, ZERO, ZERO, "unknown", note=f"unknown cost ({node.op} {node.target})")
     if not tensor_vals(node.meta.get("val")):

@@ -1,0 +1,82 @@
+"""`fxopt.optimize`: a faster module with the model's call signature, built by the pipeline."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+
+from fxopt import numerics
+from fxopt.capture import capture
+from fxopt.pipeline import Program, make_context, run_passes
+
+
+class OptimizedModule(torch.nn.Module):
+    """The optimized graph, called like the original model; `program` holds what the passes did."""
+
+    def __init__(self, program: Program):
+        super().__init__()
+        self.gm = program.gm
+        self.program = program
+
+    def forward(self, *args, **kwargs):
+        return self.gm(*args, **kwargs)
+
+    def report(self) -> str:
+        """What was fused, what attention became, and what stayed a PyTorch op."""
+        lines = []
+        for name, result in self.program.results.items():
+            counts = ", ".join(f"{k}={v}" for k, v in result.counts.items())
+            lines.append(
+                f"{name}: {'changed' if result.changed else 'unchanged'}{' (' + counts + ')' if counts else ''}"
+            )
+            lines.extend(f"  {note}" for note in result.notes)
+        return "\n".join(lines)
+
+
+def as_kwargs(model: torch.nn.Module, example_inputs) -> dict[str, Any]:
+    """Example inputs as keyword arguments of model.forward (a tuple binds positionally)."""
+    if isinstance(example_inputs, dict):
+        return dict(example_inputs)
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    bound = inspect.signature(model.forward).bind(*example_inputs)
+    return dict(bound.arguments)
+
+
+def optimize(
+    model: torch.nn.Module,
+    example_inputs,
+    *,
+    hw=None,
+    fuse: bool = True,
+    attention: bool = True,
+    verify: bool = False,
+    dump_dir=None,
+    dynamic_dims=None,
+    kv_cache: bool = False,
+    max_seq_len: int | None = None,
+    max_batch: int | None = None,
+    **options,
+):
+    """Capture `model`, rewrite attention, fuse memory-bound regions into generated Triton kernels.
+
+    Returns an nn.Module called like `model` (or, with kv_cache=True, a generator with prefill,
+    decode_step and generate). The user's model is never mutated. With verify=True the optimized
+    module is run against the original on the example inputs and a disagreement beyond the
+    tolerance of DESIGN.md raises, naming the worst region.
+    """
+    kwargs = as_kwargs(model, example_inputs)
+    if kv_cache:
+        from fxopt.generate import build_generator
+
+        return build_generator(model, kwargs, max_seq_len=max_seq_len, max_batch=max_batch, hw=hw, **options)
+    captured = capture(model, kwargs, dynamic_dims)
+    ctx = make_context(
+        captured, hw, None, {"fuse": fuse, "attention": attention, "dump_dir": dump_dir, **options}
+    )
+    optimized = OptimizedModule(run_passes(captured, ctx))
+    if verify:
+        numerics.verify(model, optimized, kwargs)
+    return optimized
