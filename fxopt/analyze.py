@@ -18,6 +18,7 @@ from torch import fx
 from fxopt import zoo
 from fxopt.capture import CAPTURE_SIZES
 from fxopt.hardware import dtype_key
+from fxopt.passes import fusion
 from fxopt.passes.cost import COST_KEY, Cost, layer_of, total
 from fxopt.pipeline import Program, compile_model
 from fxopt.report import progress
@@ -33,10 +34,22 @@ class Analysis:
         return total([n.meta[COST_KEY] for n in self.program.gm.graph.nodes if COST_KEY in n.meta])
 
 
-def analyze(model: torch.nn.Module | str, *, batch: int = 1, seq: int = 128, hw="h100",
-            dtype: torch.dtype = torch.float16, example_kwargs: dict | None = None,
-            name: str | None = None) -> Analysis:
-    """Annotate every node of `model` with FLOPs, bytes, intensity and roofline bound at (batch, seq)."""
+def analyze(
+    model: torch.nn.Module | str,
+    *,
+    batch: int = 1,
+    seq: int = 128,
+    hw="h100",
+    dtype: torch.dtype = torch.float16,
+    example_kwargs: dict | None = None,
+    name: str | None = None,
+    fuse: bool = True,
+) -> Analysis:
+    """Annotate every node of `model` with FLOPs, bytes, intensity and roofline bound at (batch, seq).
+
+    With `fuse`, the regions the fusion pass would form are outlined (nodes keep their own rows;
+    each region reports its bytes before and after fusion), without compiling anything.
+    """
     name = name or (model if isinstance(model, str) else type(model).__name__)
     if isinstance(model, str):
         model = zoo.load_model(model, device="meta", dtype=dtype)
@@ -44,6 +57,8 @@ def analyze(model: torch.nn.Module | str, *, batch: int = 1, seq: int = 128, hw=
         example_kwargs = zoo.example_inputs(model, CAPTURE_SIZES["batch"], min(CAPTURE_SIZES["seq"], seq))
     sizes = {"batch": batch, "seq": seq, "src_seq": seq}
     program = compile_model(model, example_kwargs, hw=hw, sizes=sizes)
+    if fuse:
+        fusion.plan_regions(program.gm, program.ctx)
     report = build_report(program, name=name, dtype=dtype, params=_param_count(model))
     return Analysis(program, report)
 
@@ -97,7 +112,9 @@ def _summary(program: Program, costs: list[Cost], rows: list[dict]) -> dict[str,
 def build_report(program: Program, *, name: str, dtype: torch.dtype, params: int) -> dict[str, Any]:
     """The JSON-serialisable report that fxopt.report renders (table, JSON, DOT, HTML)."""
     hw, ctx = program.ctx.hardware, program.ctx
-    nodes = [n for n in program.gm.graph.nodes if n.op in ("call_function", "call_module") and COST_KEY in n.meta]
+    nodes = [
+        n for n in program.gm.graph.nodes if n.op in ("call_function", "call_module") and COST_KEY in n.meta
+    ]
     rows, by_layer = [], defaultdict(list)
     for node in progress(nodes, total=len(nodes), desc="costing nodes"):
         row = node_row(program, node)
@@ -105,16 +122,23 @@ def build_report(program: Program, *, name: str, dtype: torch.dtype, params: int
             row["bound"] = "free"
         rows.append(row)
         by_layer[row["layer"]].append((node.meta[COST_KEY], row))
-    layers = [{"layer": layer, **_summary(program, [c for c, _ in items], [r for _, r in items])}
-              for layer, items in by_layer.items()]
+    layers = [
+        {"layer": layer, **_summary(program, [c for c, _ in items], [r for _, r in items])}
+        for layer, items in by_layer.items()
+    ]
     whole = _summary(program, [n.meta[COST_KEY] for n in nodes], rows)
     whole["params"] = params
     sizes = {str(sym): value for sym, value in ctx.sizes.items()}
     return {
         "model": name,
-        "hardware": {"name": hw.name, "bandwidth": hw.bandwidth, "peak_flops": hw.peak(dtype),
-                     "peak_flops_vector": hw.peak(dtype, matmul=False), "dtype": dtype_key(dtype),
-                     "source": hw.source},
+        "hardware": {
+            "name": hw.name,
+            "bandwidth": hw.bandwidth,
+            "peak_flops": hw.peak(dtype),
+            "peak_flops_vector": hw.peak(dtype, matmul=False),
+            "dtype": dtype_key(dtype),
+            "source": hw.source,
+        },
         "sizes": sizes,
         "nodes": rows,
         "layers": layers,

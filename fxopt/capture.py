@@ -8,6 +8,7 @@ formulas read ``2*b*s*h**2`` instead of ``2*s77*s27*h**2``.
 
 from __future__ import annotations
 
+import inspect
 import re
 import traceback
 from dataclasses import dataclass, field
@@ -78,6 +79,8 @@ def capture(
     model: torch.nn.Module,
     example_kwargs: dict[str, Any],
     dynamic_dims: dict[str, dict[int, str]] | None = None,
+    *,
+    args: tuple = (),
 ) -> Captured:
     """Export `model(**example_kwargs)` to an ATen GraphModule with dims symbolic by role.
 
@@ -88,18 +91,22 @@ def capture(
     if _is_hf_model(model):
         kwargs.setdefault("use_cache", False)  # a DynamicCache output cannot be exported
     dynamic_dims = dynamic_dims if dynamic_dims is not None else default_dynamic_dims(model, kwargs)
-    dynamic_shapes = {
-        name: ({axis: Dim.AUTO for axis in dynamic_dims[name]} if name in dynamic_dims else None)
-        for name in kwargs
-    }
+    def dims_of(name):
+        return {axis: Dim.AUTO for axis in dynamic_dims[name]} if name in dynamic_dims else None
+
+    dynamic_shapes = {name: dims_of(name) for name in kwargs}
+    if args:  # forward(*args): export keys the positional dims by the var-positional parameter's name
+        star = next(p.name for p in inspect.signature(model.forward).parameters.values()
+                    if p.kind is inspect.Parameter.VAR_POSITIONAL)
+        dynamic_shapes[star] = tuple(dims_of(f"arg{i}") for i in range(len(args)))
     try:
         with torch.no_grad():  # inference graphs: no autograd wrappers around no_grad regions
-            exported = torch.export.export(model, (), kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+            exported = torch.export.export(model, tuple(args), kwargs, dynamic_shapes=dynamic_shapes, strict=False)
     except Exception as exc:  # noqa: BLE001 - re-raised with a diagnosis
         raise CaptureError(explain_export_failure(exc, model)) from exc
     gm = exported.module()
     strip_export_assertions(gm)
-    captured = Captured(gm, exported, kwargs, dynamic_dims)
+    captured = Captured(gm, exported, {**{f"arg{i}": a for i, a in enumerate(args)}, **kwargs}, dynamic_dims)
     _name_symbols(captured)
     return captured
 
@@ -118,6 +125,8 @@ def strip_export_assertions(gm: fx.GraphModule) -> None:
 def _name_symbols(captured: Captured) -> None:
     """Map each export symbol found on a dynamic input dim to its role symbol."""
     placeholders = {node.target: node for node in captured.gm.graph.nodes if node.op == "placeholder"}
+    placeholders.update({f"arg{i}": node for i, node in enumerate(
+        n for n in captured.gm.graph.nodes if n.op == "placeholder" and n.target.startswith("args_"))})
     for name, roles in captured.dynamic_dims.items():
         node = placeholders.get(name)
         value = captured.example_kwargs.get(name)

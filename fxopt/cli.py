@@ -7,17 +7,28 @@ import sys
 
 import torch
 
-DTYPES = {"fp16": torch.float16, "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-          "fp32": torch.float32, "float32": torch.float32}
+DTYPES = {
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp32": torch.float32,
+    "float32": torch.float32,
+}
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", help="a models/ preset (gpt2-small, llama-1b-like, ...), "
-                                      "package.module:factory, or hf:MODEL_TYPE[,key=value]")
+    parser.add_argument(
+        "model",
+        help="a models/ preset (gpt2-small, llama-1b-like, ...), "
+        "package.module:factory, or hf:MODEL_TYPE[,key=value]",
+    )
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp16")
-    parser.add_argument("--hw", default="h100", help="a preset (a10, a100-40gb, a100-80gb, h100, h200) or 'calibrate'")
+    parser.add_argument(
+        "--hw", default="h100", help="a preset (a10, a100-40gb, a100-80gb, h100, h200) or 'calibrate'"
+    )
 
 
 def cmd_annotate(args: argparse.Namespace) -> int:
@@ -27,8 +38,12 @@ def cmd_annotate(args: argparse.Namespace) -> int:
     analysis = analyze(args.model, batch=args.batch, seq=args.seq, hw=args.hw, dtype=DTYPES[args.dtype])
     data = analysis.report
     print(render.format_table(data, max_rows=args.max_rows))
-    writers = [(args.json, render.write_json), (args.dot, render.write_dot), (args.svg, render.write_svg),
-               (args.html, render.write_html)]
+    writers = [
+        (args.json, render.write_json),
+        (args.dot, render.write_dot),
+        (args.svg, render.write_svg),
+        (args.html, render.write_html),
+    ]
     for path, write in writers:
         if path:
             try:
@@ -43,8 +58,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from fxopt.hardware import calibrate
 
     hw = calibrate()
-    print(f"{hw.name}: copy bandwidth {hw.bandwidth / 1e9:.0f} GB/s, "
-          f"bf16 matmul {hw.matmul_flops['bfloat16'] / 1e12:.0f} TFLOP/s")
+    print(
+        f"{hw.name}: copy bandwidth {hw.bandwidth / 1e9:.0f} GB/s, "
+        f"bf16 matmul {hw.matmul_flops['bfloat16'] / 1e12:.0f} TFLOP/s"
+    )
     return 0
 
 

@@ -54,18 +54,19 @@ def _tensors(output) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def verify(model: torch.nn.Module, optimized: torch.nn.Module, kwargs: dict) -> None:
+def verify(model: torch.nn.Module, optimized: torch.nn.Module, args: tuple, kwargs: dict) -> None:
     """Run original, optimized and a float64 copy; raise VerificationError naming the worst region."""
-    eager = _tensors(model(**kwargs))
-    fast = _tensors(optimized(**kwargs))
-    reference = _tensors(float64_copy(model)(**{k: _to_float64(v) for k, v in kwargs.items()}))
+    eager = _tensors(model(*args, **kwargs))
+    fast = _tensors(optimized(*args, **kwargs))
+    args64 = [_to_float64(a) for a in args]
+    reference = _tensors(float64_copy(model)(*args64, **{k: _to_float64(v) for k, v in kwargs.items()}))
     failures = []
     for index, (o, e, r) in enumerate(zip(fast, eager, reference)):
         ok, error, allowed = within_tolerance(o, e, r)
         if not ok:
             failures.append(f"output {index}: error {error:.3g} > allowed {allowed:.3g}")
     if failures:
-        worst = worst_region(optimized.gm, kwargs) if hasattr(optimized, "gm") else None
+        worst = worst_region(optimized.gm, args, kwargs) if hasattr(optimized, "gm") else None
         where = f"; worst region: {worst[0]} (error {worst[1]:.3g})" if worst else ""
         raise VerificationError("optimized model disagrees with eager: " + "; ".join(failures) + where)
 
@@ -93,10 +94,10 @@ class _RegionChecker(fx.Interpreter):
 
 
 @torch.no_grad()
-def worst_region(gm: fx.GraphModule, kwargs: dict) -> tuple[str, float] | None:
+def worst_region(gm: fx.GraphModule, args: tuple, kwargs: dict) -> tuple[str, float] | None:
     """The fused region whose kernel strays furthest (relative error) from its float64 reference."""
     checker = _RegionChecker(gm)
-    flat = pytree.tree_leaves(((), kwargs))
+    flat = pytree.tree_leaves((tuple(args), kwargs))
     checker.run(*flat)
     if not checker.errors:
         return None

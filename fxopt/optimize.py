@@ -35,14 +35,16 @@ class OptimizedModule(torch.nn.Module):
         return "\n".join(lines)
 
 
-def as_kwargs(model: torch.nn.Module, example_inputs) -> dict[str, Any]:
-    """Example inputs as keyword arguments of model.forward (a tuple binds positionally)."""
+def split_inputs(model: torch.nn.Module, example_inputs) -> tuple[tuple, dict[str, Any]]:
+    """Example inputs as (positional, keyword): a tuple binds to forward's named parameters where it can."""
     if isinstance(example_inputs, dict):
-        return dict(example_inputs)
+        return (), dict(example_inputs)
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
-    bound = inspect.signature(model.forward).bind(*example_inputs)
-    return dict(bound.arguments)
+    parameters = inspect.signature(model.forward).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in parameters):
+        return tuple(example_inputs), {}
+    return (), dict(inspect.signature(model.forward).bind(*example_inputs).arguments)
 
 
 def optimize(
@@ -67,16 +69,16 @@ def optimize(
     module is run against the original on the example inputs and a disagreement beyond the
     tolerance of DESIGN.md raises, naming the worst region.
     """
-    kwargs = as_kwargs(model, example_inputs)
+    args, kwargs = split_inputs(model, example_inputs)
     if kv_cache:
         from fxopt.generate import build_generator
 
         return build_generator(model, kwargs, max_seq_len=max_seq_len, max_batch=max_batch, hw=hw, **options)
-    captured = capture(model, kwargs, dynamic_dims)
+    captured = capture(model, kwargs, dynamic_dims, args=args)
     ctx = make_context(
         captured, hw, None, {"fuse": fuse, "attention": attention, "dump_dir": dump_dir, **options}
     )
     optimized = OptimizedModule(run_passes(captured, ctx))
     if verify:
-        numerics.verify(model, optimized, kwargs)
+        numerics.verify(model, optimized, args, kwargs)
     return optimized

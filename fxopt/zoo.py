@@ -17,16 +17,19 @@ import torch
 from fxopt import models
 
 
-def load_model(spec: str, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-               **overrides) -> torch.nn.Module:
+def load_model(
+    spec: str, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, **overrides
+) -> torch.nn.Module:
     if spec in models.PRESETS:
         return models.build(spec, device=device, dtype=dtype, **overrides)
     if spec.startswith("hf:"):
         return _load_hf(spec[3:], device=device, dtype=dtype, **overrides)
     if ":" in spec:
         return _load_factory(spec, device=device, dtype=dtype)
-    raise ValueError(f"unknown model {spec!r}: use a preset ({', '.join(sorted(models.PRESETS))}), "
-                     "package.module:factory, or hf:MODEL_TYPE")
+    raise ValueError(
+        f"unknown model {spec!r}: use a preset ({', '.join(sorted(models.PRESETS))}), "
+        "package.module:factory, or hf:MODEL_TYPE"
+    )
 
 
 def _parse_value(text: str) -> Any:
@@ -45,8 +48,9 @@ def _load_hf(spec: str, *, device, dtype, **overrides) -> torch.nn.Module:
         raise RuntimeError("hf: models need the hf extra: pip install -e '.[hf]'") from exc
     model_type, *pairs = spec.split(",")
     fields = dict(pair.split("=", 1) for pair in pairs)
-    config = transformers.AutoConfig.for_model(model_type, **{k: _parse_value(v) for k, v in fields.items()},
-                                               **overrides)
+    config = transformers.AutoConfig.for_model(
+        model_type, **{k: _parse_value(v) for k, v in fields.items()}, **overrides
+    )
     config._attn_implementation = getattr(config, "_attn_implementation", None) or "sdpa"
     auto = transformers.AutoModel if model_type in HF_ENCODERS else transformers.AutoModelForCausalLM
     with torch.device(device):
