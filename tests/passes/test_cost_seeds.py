@@ -7,7 +7,6 @@ from torch import nn
 from fxopt.capture import capture, role_symbol
 from fxopt.hardware import get_hardware
 from fxopt.passes import cost
-from fxopt.passes.infra import PassContext
 from fxopt.pipeline import make_context
 
 N, H = role_symbol("seq"), role_symbol("h")
