@@ -78,6 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     annotate.add_argument("--max-rows", type=int, default=None, help="print at most this many node rows")
     annotate.set_defaults(func=cmd_annotate)
 
+    from fxopt import bench
+
+    bench.add_cli(sub)
+
     calibrate = sub.add_parser("calibrate", help="measure copy bandwidth and bf16 matmul rate on this GPU")
     calibrate.set_defaults(func=cmd_calibrate)
     return parser

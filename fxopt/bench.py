@@ -1,0 +1,214 @@
+"""`fxopt bench MODEL`: runtimes before and after fxopt, per fused region and for the whole forward.
+
+On a GPU every figure is a triton.testing.do_bench median after warm-up, next to peers measured in
+the same run: eager PyTorch, torch.compile, the roofline prediction, and the copy bandwidth measured
+on this GPU (achieved GB/s as a % of it). On CPU the whole forward is timed with
+torch.utils.benchmark and the GPU-only columns say so.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx
+
+from fxopt import models, zoo
+from fxopt.hardware import get_hardware, measure_copy_bandwidth
+from fxopt.optimize import optimize
+from fxopt.passes.cost import COST_KEY
+from fxopt.passes.fusion import FusedRegionModule
+
+GPU_ONLY = "n/a (GPU only)"
+
+
+@dataclass
+class BenchResult:
+    model: str
+    device: str
+    config: dict[str, Any]
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    whole: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps({"model": self.model, "device": self.device, "config": self.config,
+                           "regions": self.rows, "forward": self.whole}, indent=2, default=str)
+
+
+def time_ms(fn, device: torch.device) -> float:
+    """Median milliseconds of fn(): do_bench on CUDA, torch.utils.benchmark on CPU."""
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        return do_bench(fn, warmup=50, rep=300, return_mode="median")
+    from torch.utils.benchmark import Timer
+
+    return Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=0.5).median * 1e3
+
+
+def cuda_graphed(fn):
+    """fn captured once in a CUDA graph (static inputs): replays have no per-kernel launch cost."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+class _RegionInputs(fx.Interpreter):
+    """Runs the optimized graph once and keeps each fused call's actual inputs."""
+
+    def __init__(self, gm):
+        super().__init__(gm)
+        self.inputs: dict[str, tuple] = {}
+
+    def call_module(self, target, args, kwargs):
+        if isinstance(self.fetch_attr(target), FusedRegionModule):
+            self.inputs[target] = args
+        return super().call_module(target, args, kwargs)
+
+
+def bench_regions(optimized, args, kwargs, device, copy_bw, hw, compile_regions: bool) -> list[dict[str, Any]]:
+    """Each fused region alone: its kernel vs its ops run eagerly vs torch.compile of the same ops."""
+    from torch.utils import _pytree as pytree
+
+    recorder = _RegionInputs(optimized.gm)
+    with torch.no_grad():
+        recorder.run(*pytree.tree_leaves((tuple(args), kwargs)))
+    rows = []
+    ctx = optimized.program.ctx
+    for node in optimized.gm.graph.nodes:
+        if node.op != "call_module" or node.target not in recorder.inputs:
+            continue
+        module, region_inputs = optimized.gm.get_submodule(node.target), recorder.inputs[node.target]
+        cost = node.meta[COST_KEY]
+        region = node.meta["fxopt.region"]
+        nbytes = sum(t.numel() * t.element_size() for t in region_inputs if isinstance(t, torch.Tensor))
+        nbytes += sum(v.numel() * v.element_size() for v in module.kernel.reference(*region_inputs))
+        row = {"region": node.target, "nodes": len(region.nodes), "bytes": nbytes}
+        row["eager_ms"] = time_ms(lambda: module.kernel.reference(*region_inputs), device)
+        row["fxopt_ms"] = time_ms(lambda: module.kernel(*region_inputs), device)
+        if device.type == "cuda":
+            if compile_regions:
+                compiled = torch.compile(module.kernel.region, dynamic=False)
+                row["compile_ms"] = time_ms(lambda: compiled(*region_inputs), device)
+            row["predicted_ms"] = hw.predicted_time(ctx.evaluate(cost.flops), nbytes, cost.dtype, matmul=False) * 1e3
+            row["GB/s"] = nbytes / row["fxopt_ms"] / 1e6
+            row["%copy_bw"] = 100 * row["GB/s"] * 1e9 / copy_bw
+        else:
+            row.update({"compile_ms": GPU_ONLY, "predicted_ms": GPU_ONLY, "GB/s": GPU_ONLY, "%copy_bw": GPU_ONLY})
+        rows.append(row)
+    return rows
+
+
+def predicted_forward_ms(optimized, hw) -> float:
+    ctx = optimized.program.ctx
+    costs = [n.meta[COST_KEY] for n in optimized.gm.graph.nodes if COST_KEY in n.meta]
+    return sum(c.time(ctx, hw) for c in costs if c.kind != "unknown") * 1e3
+
+
+def bench_model(spec: str, *, batch: int = 8, seq: int = 1024, dtype=torch.bfloat16, attn_impl: str | None = None,
+                device: str | None = None, hw: str = "h100", compile: bool = True, regions: bool = True,
+                cuda_graph: bool = False, **overrides) -> BenchResult:
+    """Eager vs fxopt vs torch.compile on one model, with the roofline prediction and copy bandwidth."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if attn_impl is not None:
+        overrides["attn_impl"] = attn_impl
+    model = zoo.load_model(spec, device=device, dtype=dtype, **overrides)
+    inputs = zoo.example_inputs(model, batch, seq, device=device)
+    hardware = get_hardware(hw)
+    copy_bw = measure_copy_bandwidth() if device.type == "cuda" else None
+    config = {"batch": batch, "seq": seq, "dtype": str(dtype), "attn_impl": attn_impl, "hw": hardware.name,
+              "copy_bw_GBs": copy_bw / 1e9 if copy_bw else GPU_ONLY, **overrides}
+    result = BenchResult(spec, torch.cuda.get_device_name() if device.type == "cuda" else "cpu", config)
+
+    with torch.no_grad():
+        start = time.perf_counter()
+        optimized = optimize(model, inputs, hw=hardware)
+        fxopt_call = lambda: optimized(**inputs)  # noqa: E731
+        fxopt_call()
+        _sync(device)
+        whole = {"optimize_wall_s": time.perf_counter() - start}
+        whole["eager_ms"] = time_ms(lambda: model(**inputs), device)
+        whole["fxopt_ms"] = time_ms(fxopt_call, device)
+        if cuda_graph and device.type == "cuda":
+            whole["fxopt_cudagraph_ms"] = time_ms(cuda_graphed(fxopt_call), device)
+        if compile:
+            start = time.perf_counter()
+            compiled = torch.compile(model)
+            compiled(**inputs)
+            _sync(device)
+            whole["compile_first_call_s"] = time.perf_counter() - start
+            whole["compile_ms"] = time_ms(lambda: compiled(**inputs), device)
+        whole["predicted_ms"] = predicted_forward_ms(optimized, hardware)
+        whole["speedup_vs_eager"] = whole["eager_ms"] / whole["fxopt_ms"]
+        if compile:
+            whole["speedup_vs_compile"] = whole["compile_ms"] / whole["fxopt_ms"]
+            whole["optimize_vs_compile_wall"] = whole["optimize_wall_s"] / whole["compile_first_call_s"]
+        result.whole = whole
+        if regions:
+            result.rows = bench_regions(optimized, (), inputs, device, copy_bw, hardware, compile)
+    return result
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def format_result(result: BenchResult) -> str:
+    lines = [f"fxopt bench {result.model} on {result.device}: " + ", ".join(f"{k}={v}" for k, v in result.config.items())]
+    if result.rows:
+        columns = list(result.rows[0])
+        widths = [max(len(c), *(len(_fmt(r.get(c, ""))) for r in result.rows)) for c in columns]
+        lines.append("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+        for row in result.rows:
+            lines.append("  ".join(_fmt(row.get(c, "")).ljust(w) for c, w in zip(columns, widths)))
+    lines.append("whole forward: " + ", ".join(f"{k}={_fmt(v)}" for k, v in result.whole.items()))
+    return "\n".join(lines)
+
+
+def add_cli(subparsers) -> None:
+    parser = subparsers.add_parser("bench", help="runtimes before and after fxopt (per region and whole forward)")
+    parser.add_argument("model", nargs="?", default="gpt2-medium")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=1024)
+    parser.add_argument("--dtype", default="bf16")
+    parser.add_argument("--attn-impl", choices=["explicit", "sdpa"], default=None)
+    parser.add_argument("--hw", default="h100")
+    parser.add_argument("--no-compile", action="store_true", help="skip torch.compile peers")
+    parser.add_argument("--no-regions", action="store_true", help="time only the whole forward")
+    parser.add_argument("--cuda-graph", action="store_true", help="also time fxopt replayed from a CUDA graph")
+    parser.add_argument("--layers", type=int, default=None, help="override the preset's layer count")
+    parser.add_argument("--json")
+    parser.set_defaults(func=_cmd_bench)
+
+
+def _cmd_bench(args) -> int:
+    from fxopt.cli import DTYPES
+
+    overrides = {"n_layers": args.layers} if args.layers else {}
+    if args.model not in models.PRESETS:
+        overrides = {}
+    result = bench_model(args.model, batch=args.batch, seq=args.seq, dtype=DTYPES[args.dtype],
+                         attn_impl=args.attn_impl, hw=args.hw, compile=not args.no_compile,
+                         regions=not args.no_regions, cuda_graph=args.cuda_graph, **overrides)
+    print(format_result(result))
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(result.to_json())
+    return 0
