@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -94,12 +95,12 @@ def bench_regions(optimized, args, kwargs, device, copy_bw, hw, compile_regions:
         nbytes = sum(t.numel() * t.element_size() for t in region_inputs if isinstance(t, torch.Tensor))
         nbytes += sum(v.numel() * v.element_size() for v in module.kernel.reference(*region_inputs))
         row = {"region": node.target, "nodes": len(region.nodes), "bytes": nbytes}
-        row["eager_ms"] = time_ms(lambda: module.kernel.reference(*region_inputs), device)
-        row["fxopt_ms"] = time_ms(lambda: module.kernel(*region_inputs), device)
+        row["eager_ms"] = time_ms(partial(module.kernel.reference, *region_inputs), device)
+        row["fxopt_ms"] = time_ms(partial(module.kernel, *region_inputs), device)
         if device.type == "cuda":
             if compile_regions:
                 compiled = torch.compile(module.kernel.region, dynamic=False)
-                row["compile_ms"] = time_ms(lambda: compiled(*region_inputs), device)
+                row["compile_ms"] = time_ms(partial(compiled, *region_inputs), device)
             row["predicted_ms"] = hw.predicted_time(ctx.evaluate(cost.flops), nbytes, cost.dtype, matmul=False) * 1e3
             row["GB/s"] = nbytes / row["fxopt_ms"] / 1e6
             row["%copy_bw"] = 100 * row["GB/s"] * 1e9 / copy_bw
@@ -171,7 +172,8 @@ def _fmt(value) -> str:
 
 
 def format_result(result: BenchResult) -> str:
-    lines = [f"fxopt bench {result.model} on {result.device}: " + ", ".join(f"{k}={v}" for k, v in result.config.items())]
+    settings = ", ".join(f"{k}={v}" for k, v in result.config.items())
+    lines = [f"fxopt bench {result.model} on {result.device}: {settings}"]
     if result.rows:
         columns = list(result.rows[0])
         widths = [max(len(c), *(len(_fmt(r.get(c, ""))) for r in result.rows)) for c in columns]
