@@ -40,6 +40,7 @@ class Captured:
     dynamic_dims: dict[str, dict[int, str]]
     symbols: dict[sympy.Symbol, sympy.Symbol] = field(default_factory=dict)  # export symbol -> role symbol
     sizes: dict[str, int] = field(default_factory=dict)  # role -> size of the example inputs
+    fixed_kwargs: dict[str, Any] = field(default_factory=dict)  # non-tensor kwargs capture added
     hints: dict[sympy.Symbol, int] = field(default_factory=dict)  # every export symbol -> example value
 
     def named(self, value) -> sympy.Expr:
@@ -88,8 +89,8 @@ def capture(
     and evaluate formulas at the sizes you want.
     """
     kwargs = dict(example_kwargs)
-    if _is_hf_model(model):
-        kwargs.setdefault("use_cache", False)  # a DynamicCache output cannot be exported
+    fixed = {"use_cache": False} if _is_hf_model(model) and "use_cache" not in kwargs else {}
+    kwargs.update(fixed)  # a DynamicCache output cannot be exported
     dynamic_dims = dynamic_dims if dynamic_dims is not None else default_dynamic_dims(model, kwargs)
     def dims_of(name):
         return {axis: Dim.AUTO for axis in dynamic_dims[name]} if name in dynamic_dims else None
@@ -107,6 +108,7 @@ def capture(
     gm = exported.module()
     strip_export_assertions(gm)
     captured = Captured(gm, exported, {**{f"arg{i}": a for i, a in enumerate(args)}, **kwargs}, dynamic_dims)
+    captured.fixed_kwargs = fixed
     _name_symbols(captured)
     return captured
 

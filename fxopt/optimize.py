@@ -19,9 +19,10 @@ class OptimizedModule(torch.nn.Module):
         super().__init__()
         self.gm = program.gm
         self.program = program
+        self.fixed_kwargs = program.captured.fixed_kwargs  # e.g. use_cache=False for HF models
 
     def forward(self, *args, **kwargs):
-        return self.gm(*args, **kwargs)
+        return self.gm(*args, **{**self.fixed_kwargs, **kwargs})
 
     def report(self) -> str:
         """What was fused, what attention became, and what stayed a PyTorch op."""
@@ -80,5 +81,5 @@ def optimize(
     )
     optimized = OptimizedModule(run_passes(captured, ctx))
     if verify:
-        numerics.verify(model, optimized, args, kwargs)
+        numerics.verify(model, optimized, args, {**kwargs, **captured.fixed_kwargs})
     return optimized

@@ -133,3 +133,21 @@ def test_optimize_matches_eager_on_presets(name, attn_impl):
     model = models.build(name, attn_impl=attn_impl, **_small(name))
     optimized = optimize(model, model.example_inputs(2, 12), verify=True)
     assert kernel_count(optimized) > 0
+
+
+HF_SPECS = ["hf:gpt2,n_layer=2,n_embd=64,n_head=4,vocab_size=512",
+            "hf:llama,num_hidden_layers=2,hidden_size=64,intermediate_size=176,num_attention_heads=4,"
+            "num_key_value_heads=2,vocab_size=512"]
+
+
+@pytest.mark.parametrize("spec", HF_SPECS)
+def test_optimize_matches_eager_on_hf_models(spec):
+    pytest.importorskip("transformers")
+    from fxopt import zoo
+
+    model = zoo.load_model(spec)
+    inputs = zoo.example_inputs(model, 2, 12)
+    optimized = optimize(model, inputs, verify=True)
+    assert kernel_count(optimized) > 0
+    expected = model(**inputs, use_cache=False).logits
+    torch.testing.assert_close(optimized(**inputs, use_cache=False).logits, expected, rtol=1e-4, atol=1e-4)
