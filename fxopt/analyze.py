@@ -44,11 +44,14 @@ def analyze(
     example_kwargs: dict | None = None,
     name: str | None = None,
     fuse: bool = True,
+    attention: bool = False,
 ) -> Analysis:
     """Annotate every node of `model` with FLOPs, bytes, intensity and roofline bound at (batch, seq).
 
     With `fuse`, the regions the fusion pass would form are outlined (nodes keep their own rows;
-    each region reports its bytes before and after fusion), without compiling anything.
+    each region reports its bytes before and after fusion), without compiling anything. With
+    `attention`, attention subgraphs are rewritten to fxopt's kernels first, and the report lists
+    each one's bytes before and after.
     """
     name = name or (model if isinstance(model, str) else type(model).__name__)
     if isinstance(model, str):
@@ -56,7 +59,7 @@ def analyze(
     if example_kwargs is None:
         example_kwargs = zoo.example_inputs(model, CAPTURE_SIZES["batch"], min(CAPTURE_SIZES["seq"], seq))
     sizes = {"batch": batch, "seq": seq, "src_seq": seq}
-    program = compile_model(model, example_kwargs, hw=hw, sizes=sizes)
+    program = compile_model(model, example_kwargs, hw=hw, sizes=sizes, attention=attention)
     if fuse:
         fusion.plan_regions(program.gm, program.ctx)
     report = build_report(program, name=name, dtype=dtype, params=_param_count(model))

@@ -35,9 +35,11 @@ def cmd_annotate(args: argparse.Namespace) -> int:
     from fxopt import report as render
     from fxopt.analyze import analyze
 
-    analysis = analyze(args.model, batch=args.batch, seq=args.seq, hw=args.hw, dtype=DTYPES[args.dtype])
+    analysis = analyze(args.model, batch=args.batch, seq=args.seq, hw=args.hw, dtype=DTYPES[args.dtype],
+                       attention=not args.no_attention, fuse=not args.no_fusion)
     data = analysis.report
     print(render.format_table(data, max_rows=args.max_rows))
+    print(render.format_rewrites(data))
     writers = [
         (args.json, render.write_json),
         (args.dot, render.write_dot),
@@ -76,11 +78,14 @@ def build_parser() -> argparse.ArgumentParser:
     annotate.add_argument("--svg")
     annotate.add_argument("--html")
     annotate.add_argument("--max-rows", type=int, default=None, help="print at most this many node rows")
+    annotate.add_argument("--no-attention", action="store_true", help="keep attention as captured (no rewrite)")
+    annotate.add_argument("--no-fusion", action="store_true", help="do not outline fusion regions")
     annotate.set_defaults(func=cmd_annotate)
 
-    from fxopt import bench
+    from fxopt import bench, explain
 
     bench.add_cli(sub)
+    explain.add_cli(sub)
 
     calibrate = sub.add_parser("calibrate", help="measure copy bandwidth and bf16 matmul rate on this GPU")
     calibrate.set_defaults(func=cmd_calibrate)

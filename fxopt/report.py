@@ -1049,3 +1049,22 @@ def progress(iterable: Iterable[T], total: int | None = None, desc: str = "") ->
             draw(_clock())
             stream.write("\n")
             stream.flush()
+
+
+def format_rewrites(report: dict) -> str:
+    """Text lines for fusion regions and attention rewrites: bytes before and after each."""
+    lines = []
+    regions = report.get("regions") or []
+    if regions:
+        before = sum(r["bytes_before"] for r in regions)
+        after = sum(r["bytes_after"] for r in regions)
+        lines.append(f"fusion: {len(regions)} regions, {fmt_bytes(before)} -> {fmt_bytes(after)} moved")
+        for r in regions:
+            speedup = r.get("predicted_speedup")
+            lines.append(f"  {r['id']}: {', '.join(r['nodes'])}: {fmt_bytes(r['bytes_before'])} -> "
+                         f"{fmt_bytes(r['bytes_after'])}" + (f", predicted {speedup:.2f}x" if speedup else ""))
+    for a in report.get("attention") or []:
+        reason = f" ({a['reason']})" if a.get("reason") else ""
+        lines.append(f"attention {a.get('module') or a['node']}: {a['pattern']} -> {a['kernel']}{reason}, "
+                     f"mask={a['mask']}, {fmt_bytes(a['bytes_before'])} -> {fmt_bytes(a['bytes_after'])}")
+    return "\n".join(lines)

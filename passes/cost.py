@@ -17,10 +17,12 @@ from dataclasses import dataclass
 
 import sympy
 import torch
-from fxopt.passes.infra import PassContext, PassResult
 from torch import fx
 
+from fxopt.codegen import attention_op  # noqa: F401 - registers torch.ops.fxopt.attention
+from fxopt.codegen.flash_attention import attention_flops
 from fxopt.hardware import Hardware
+from fxopt.passes.infra import PassContext, PassResult
 
 aten = torch.ops.aten
 COST_KEY = "fxopt.cost"
@@ -132,6 +134,20 @@ def sdpa_cost(ctx: PassContext, node: fx.Node) -> Cost:
     skv = ctx.named(k.shape[-2])
     flops = 4 * batch_heads * sq * skv * d
     return io_cost(ctx, node, flops / 2 if causal else flops, "attention")
+
+
+def fxopt_attention_cost(ctx: PassContext, node: fx.Node) -> Cost:
+    """fxopt::attention(q, k, v, key_padding_mask, attn_bias, causal, scale): one fused kernel.
+
+    FLOPs: attention_flops (4·b·hq·sq·skv·d, causal counts only visible pairs). Bytes: the kernel's
+    HBM traffic -- q, K, V (un-repeated KV heads) and the masks read once, O written once; the
+    sq×skv score matrix never reaches memory.
+    """
+    q, k = node.args[0].meta["val"], node.args[1].meta["val"]
+    b, hq, sq, d = ctx.shape(q)
+    skv = ctx.named(k.shape[2])
+    flops = attention_flops(b, hq, sq, skv, d, bool(node.args[5]))
+    return io_cost(ctx, node, flops, "attention")
 
 
 def embedding_cost(ctx: PassContext, node: fx.Node) -> Cost:
@@ -262,6 +278,7 @@ _RULES: dict[object, Callable[[PassContext, fx.Node], Cost]] = {
         )
     },
     _op("scaled_dot_product_attention.default"): sdpa_cost,
+    torch.ops.fxopt.attention.default: fxopt_attention_cost,
     _op("embedding.default"): embedding_cost,
     _op("softmax.int"): per_input_element(3, "reduction"),
     _op("_softmax.default"): per_input_element(3, "reduction"),

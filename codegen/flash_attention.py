@@ -1,0 +1,502 @@
+"""FlashAttention-2-style forward kernel for inference, its PyTorch reference and its cost formulas.
+
+One Triton program owns BLOCK_M query rows of one (batch, query head). It keeps those rows of Q in
+registers and walks the keys in tiles of BLOCK_N, folding every tile into an online softmax: a running
+row maximum `m`, a running row sum `l` and an unnormalised fp32 output `acc`. The score matrix never
+reaches HBM, so memory grows linearly with the sequence length.
+
+Layout of the key loop for one program (causal, query offset `q_offset`):
+
+    keys [0, full_end)          every key is visible to every row of the block: no masks at all
+    keys [full_end, diag_end)   the diagonal tiles (and a ragged tail): causal/length masks applied
+    keys [diag_end, ...)        never visited (above the diagonal or past the valid length)
+
+Softmax runs in base 2: `scale * log2(e)` is folded into one multiply so each score costs one FMA and
+one exp2. GQA reads the KV head `h // (hq // hkv)` directly; repeated K/V are never materialised.
+
+Everything the kernel needs from the device (per-batch key lengths, per-batch query offsets) is read
+inside the kernel, so a launch never synchronises with the host and can be captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+LOG2E = 1.4426950408889634
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 256
+MAX_GRID_Y = 65535
+
+
+# --------------------------------------------------------------------------------------------------
+# Reference
+# --------------------------------------------------------------------------------------------------
+
+
+def _offsets_tensor(q_offset, b: int, device) -> torch.Tensor:
+    """q_offset (int or (b,) tensor) as a (b,) int64 tensor on `device`."""
+    if isinstance(q_offset, torch.Tensor):
+        return q_offset.to(device=device, dtype=torch.int64).reshape(-1).expand(b)
+    return torch.full((b,), int(q_offset), dtype=torch.int64, device=device)
+
+
+def attention_reference(q, k, v, *, causal=False, scale=None, key_padding_mask=None, q_offset=0):
+    """Plain-PyTorch attention, the oracle for the kernels and the CPU path of the optimized model.
+
+    q (b, hq, sq, d); k, v (b, hkv, skv, d) with hq % hkv == 0 (query head h uses KV head
+    h // (hq // hkv)). key_padding_mask: bool (b, skv), True = attend. With `causal`, query i sits at
+    absolute position q_offset + i and sees keys j <= q_offset + i; q_offset is an int or a (b,) tensor.
+    Computes in fp32 (float64 for float64 inputs) and returns q's dtype. A row with no visible key is 0.
+    """
+    b, hq, sq, d = q.shape
+    hkv, skv = k.shape[1], k.shape[2]
+    if hq % hkv:
+        raise ValueError(f"query heads {hq} not a multiple of key/value heads {hkv}")
+    group = hq // hkv
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    qf = q.to(compute).reshape(b, hkv, group, sq, d)
+    kf = k.to(compute).unsqueeze(2)  # (b, hkv, 1, skv, d): broadcast over the group, no copy
+    vf = v.to(compute).unsqueeze(2)
+    scores = torch.matmul(qf, kf.transpose(-1, -2)) * scale  # (b, hkv, group, sq, skv)
+    allowed = torch.ones((b, sq, skv), dtype=torch.bool, device=q.device)
+    if key_padding_mask is not None:
+        allowed = allowed & key_padding_mask.to(device=q.device, dtype=torch.bool)[:, None, :]
+    if causal:
+        pos = _offsets_tensor(q_offset, b, q.device)[:, None] + torch.arange(sq, device=q.device)
+        allowed = allowed & (torch.arange(skv, device=q.device)[None, None, :] <= pos[:, :, None])
+    scores = scores.masked_fill(~allowed[:, None, None], float("-inf"))
+    row_max = scores.amax(dim=-1, keepdim=True)
+    row_max = torch.where(torch.isinf(row_max), torch.zeros_like(row_max), row_max)
+    p = torch.exp(scores - row_max)
+    denom = p.sum(dim=-1, keepdim=True)
+    out = torch.matmul(p, vf) / torch.where(denom == 0, torch.ones_like(denom), denom)
+    return out.reshape(b, hq, sq, v.shape[-1]).to(q.dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# Cost formulas (plain arithmetic: the cost pass feeds them sympy symbols)
+# --------------------------------------------------------------------------------------------------
+
+
+def attention_hbm_bytes(b, hq, hkv, sq, skv, d, elem_size, causal):
+    """Ideal HBM traffic of the forward kernel: Q, K, V read once and O written once.
+
+    This is the algorithmic minimum the roofline uses. The kernel itself re-reads K and V once per
+    query block of BLOCK_M rows (and per query head of a GQA group; L2 absorbs much of that), i.e.
+    about ceil(sq / BLOCK_M) * hq/hkv times the K/V term, halved when causal with sq == skv; the
+    optional key padding mask (b * skv bytes) and length/offset vectors are negligible and not counted.
+    `causal` does not change the ideal count (every key is visible to some query).
+    """
+    q_and_o = 2 * b * hq * sq * d * elem_size
+    k_and_v = 2 * b * hkv * skv * d * elem_size
+    return q_and_o + k_and_v
+
+
+def attention_flops(b, hq, sq, skv, d, causal):
+    """Matmul FLOPs of attention: 2*d per (query, key) pair for QK^T plus 2*d for PV.
+
+    Non-causal: 4*b*hq*sq*skv*d. Causal counts only visible pairs, with the queries being the last sq
+    positions of the skv keys (query offset skv - sq: prefill when sq == skv, a KV-cache step when
+    sq < skv): sq*skv - sq**2/2 pairs, which is exactly half of sq*skv when sq == skv.
+    """
+    if causal:
+        return 2 * b * hq * d * sq * (2 * skv - sq)
+    return 4 * b * hq * sq * skv * d
+
+
+# --------------------------------------------------------------------------------------------------
+# Support check
+# --------------------------------------------------------------------------------------------------
+
+
+def _dtype_name(dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def supports(q, k, v, *, causal=False, scale=None, key_padding_mask=None, q_offset=0, kv_len=None):
+    """None when flash_attention handles these inputs, else a short reason (the rewrite falls back)."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            return f"{name} is not a 4-d tensor (b, h, s, d)"
+    if q.dtype not in SUPPORTED_DTYPES:
+        return f"dtype {_dtype_name(q.dtype)}"
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        return f"mixed dtypes q {_dtype_name(q.dtype)}, k {_dtype_name(k.dtype)}, v {_dtype_name(v.dtype)}"
+    if not (q.device == k.device == v.device):
+        return "q, k, v on different devices"
+    b, hq, _, d = q.shape
+    if k.shape[0] != b or v.shape[0] != b:
+        return "batch sizes differ"
+    if k.shape[:3] != v.shape[:3]:
+        return f"k {tuple(k.shape)} and v {tuple(v.shape)} differ"
+    if k.shape[-1] != d or v.shape[-1] != d:
+        return f"head dims differ (q {d}, k {k.shape[-1]}, v {v.shape[-1]})"
+    if d > MAX_HEAD_DIM:
+        return f"head dim {d} > {MAX_HEAD_DIM}"
+    if d < 1:
+        return "empty head dim"
+    if k.shape[1] == 0 or hq % k.shape[1]:
+        return f"query heads {hq} not a multiple of key/value heads {k.shape[1]}"
+    if b * hq > MAX_GRID_Y:
+        return f"batch*heads {b * hq} > {MAX_GRID_Y} (grid limit)"
+    if scale is not None and not scale > 0:
+        return f"non-positive scale {scale}"
+    if key_padding_mask is not None:
+        if key_padding_mask.dim() != 2 or key_padding_mask.shape[0] not in (1, b) or (
+            key_padding_mask.shape[1] != k.shape[2]
+        ):
+            return f"key_padding_mask shape {tuple(key_padding_mask.shape)} is not (b, skv)"
+        if key_padding_mask.dtype != torch.bool:
+            return f"key_padding_mask dtype {_dtype_name(key_padding_mask.dtype)} (want bool)"
+    for name, t in (("q_offset", q_offset), ("kv_len", kv_len)):
+        if isinstance(t, torch.Tensor):
+            if t.dtype not in (torch.int32, torch.int64) or t.numel() not in (1, b):
+                return f"{name} must be an int or a (b,) int32/int64 tensor"
+            if t.device != q.device:
+                return f"{name} on {t.device}, inputs on {q.device}"
+    if kv_len is not None and not isinstance(kv_len, torch.Tensor):
+        return "kv_len must be a (b,) tensor"
+    return None
+
+
+def _use_kernel(t: torch.Tensor) -> bool:
+    """Run the Triton kernel (compiled on CUDA, or interpreted under TRITON_INTERPRET=1)."""
+    return _INTERPRET or t.is_cuda
+
+
+# --------------------------------------------------------------------------------------------------
+# Kernel
+# --------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _attn_key_loop(
+    acc, l_i, m_i, q, k_ptrs, v_ptrs, pad_ptrs, lo, hi,
+    stride_kn, stride_vn, stride_pn, q_pos, kv_end, qk_scale, offs_n, d_ok,
+    BLOCK_N: tl.constexpr, D_MASKED: tl.constexpr, BOUNDARY: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """Fold key tiles [lo, hi) into (acc, l_i, m_i); the tile pointers start at key `lo`.
+
+    BOUNDARY=False is the fast path: every key of every tile is valid and visible, no masks.
+    BOUNDARY=True masks keys past kv_end and, when CAUSAL, keys after each row's position.
+    """
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        if BOUNDARY:
+            col_ok = cols < kv_end
+            if D_MASKED:
+                kv_mask = col_ok[:, None] & d_ok[None, :]
+            else:
+                kv_mask = col_ok[:, None]
+            k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+            v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+        elif D_MASKED:
+            k = tl.load(k_ptrs, mask=d_ok[None, :], other=0.0)
+            v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+        if BOUNDARY or HAS_PAD:
+            # A row may see no key in this tile (or at all): keep -inf out of the exponent offsets.
+            if BOUNDARY:
+                visible = col_ok[None, :]
+                if CAUSAL:
+                    visible = visible & (cols[None, :] <= q_pos[:, None])
+                if HAS_PAD:
+                    pad = tl.load(pad_ptrs, mask=col_ok, other=0)
+                    visible = visible & (pad != 0)[None, :]
+            else:
+                pad = tl.load(pad_ptrs)
+                visible = (pad != 0)[None, :]
+            qk = tl.where(visible, qk, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            m_use = m_new
+        p = tl.exp2(qk * qk_scale - m_use[:, None])
+        alpha = tl.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
+        m_i = m_new
+        k_ptrs += BLOCK_N * stride_kn
+        v_ptrs += BLOCK_N * stride_vn
+        if HAS_PAD:
+            pad_ptrs += BLOCK_N * stride_pn
+    return acc, l_i, m_i, k_ptrs, v_ptrs, pad_ptrs
+
+
+@triton.jit(do_not_specialize=["q_offset", "SQ_BUCKET", "SKV_BUCKET"])
+def _flash_attn_fwd(
+    Q, K, V, O, PAD, KV_LEN, Q_OFF,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_pb, stride_pn,
+    HQ, GROUP, SQ, SKV, q_offset, qk_scale,
+    SQ_BUCKET, SKV_BUCKET,  # autotune key only
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, HAS_KV_LEN: tl.constexpr, Q_OFF_TENSOR: tl.constexpr,
+    DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # One program = BLOCK_M query rows of one (batch, query head). Per program, in elements:
+    #   reads   Q: BLOCK_M * HEAD_DIM once
+    #           K, V: n_keys * HEAD_DIM each, n_keys = keys up to the diagonal / valid length
+    #                 (all SKV non-causal, about q_offset + (start_m + 1) * BLOCK_M causal)
+    #           key padding mask: n_keys bytes (if any); kv_len[b], q_offset[b]: one scalar each
+    #   writes  O: BLOCK_M * HEAD_DIM once.  Nothing else (no scores, no logsumexp) touches HBM.
+    # So all programs together read K/V ceil(SQ / BLOCK_M) times per query head (about half if causal).
+    num_m = tl.cdiv(SQ, BLOCK_M)
+    if CAUSAL:
+        start_m = num_m - 1 - tl.program_id(0)  # longest rows (most keys) are launched first
+    else:
+        start_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // HQ
+    h = pid_bh % HQ
+    hk = h // GROUP
+    b64 = b.to(tl.int64)
+    row0 = start_m * BLOCK_M
+
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    row_ok = (row0 + offs_m) < SQ
+
+    q_base = Q + b64 * stride_qb + h.to(tl.int64) * stride_qh + row0.to(tl.int64) * stride_qm
+    q_ptrs = q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
+    if BLOCK_D != HEAD_DIM:
+        q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    else:
+        q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
+
+    kv_end = SKV
+    if HAS_KV_LEN:
+        kv_end = tl.minimum(tl.load(KV_LEN + b).to(tl.int32), SKV)
+    if Q_OFF_TENSOR:
+        q_off = tl.load(Q_OFF + b).to(tl.int32)
+    else:
+        q_off = q_offset
+    q_pos = q_off + row0 + offs_m  # absolute positions of this block's rows
+
+    if CAUSAL:
+        last_row = tl.minimum(row0 + BLOCK_M, SQ) - 1
+        full_end = tl.minimum(tl.maximum(q_off + row0 + 1, 0), kv_end)
+        diag_end = tl.minimum(tl.maximum(q_off + last_row + 1, 0), kv_end)
+    else:
+        full_end = kv_end
+        diag_end = kv_end
+    full_end = (full_end // BLOCK_N) * BLOCK_N
+
+    k_base = K + b64 * stride_kb + hk.to(tl.int64) * stride_kh
+    v_base = V + b64 * stride_vb + hk.to(tl.int64) * stride_vh
+    pad_base = PAD + b64 * stride_pb
+    k_tile = offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
+    v_tile = offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    # Each loop starts from fresh pointers (not the first loop's final ones): carrying pointer tensors
+    # from one pipelined loop into the next made Triton 3.6 spill registers.
+    acc, l_i, m_i, k_ptrs, v_ptrs, pad_ptrs = _attn_key_loop(
+        acc, l_i, m_i, q, k_base + k_tile, v_base + v_tile, pad_base + offs_n * stride_pn, 0, full_end,
+        stride_kn, stride_vn, stride_pn, q_pos, kv_end, qk_scale, offs_n, d_ok,
+        BLOCK_N, BLOCK_D != HEAD_DIM, False, CAUSAL, HAS_PAD, DOT_PREC,
+    )
+    start = tl.cast(full_end, tl.int64)
+    k_ptrs = k_base + start * stride_kn + k_tile
+    v_ptrs = v_base + start * stride_vn + v_tile
+    pad_ptrs = pad_base + start * stride_pn + offs_n * stride_pn
+    acc, l_i, m_i, k_ptrs, v_ptrs, pad_ptrs = _attn_key_loop(
+        acc, l_i, m_i, q, k_ptrs, v_ptrs, pad_ptrs, full_end, diag_end,
+        stride_kn, stride_vn, stride_pn, q_pos, kv_end, qk_scale, offs_n, d_ok,
+        BLOCK_N, BLOCK_D != HEAD_DIM, True, CAUSAL, HAS_PAD, DOT_PREC,
+    )
+
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # a row that saw no key stays 0
+    o_base = O + b64 * stride_ob + h.to(tl.int64) * stride_oh + row0.to(tl.int64) * stride_om
+    o_ptrs = o_base + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
+    if BLOCK_D != HEAD_DIM:
+        tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    else:
+        tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None])
+
+
+# Candidate tiles (BLOCK_M, BLOCK_N, num_warps, num_stages) per padded head dim. Hopper wants 128-row
+# tiles over 8 warps (two warp groups of 64 rows); the smaller ones cover short query blocks and older
+# GPUs. The first tile of each list that fits is the untuned default (FXOPT_ATTN_AUTOTUNE=0).
+_TILES = {
+    16: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4)],
+    32: [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 4), (64, 64, 4, 3), (64, 32, 4, 4)],
+    64: [(128, 64, 4, 3), (128, 64, 4, 4), (128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4)],
+    128: [(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (128, 128, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3)],
+    256: [(128, 32, 8, 2), (64, 32, 4, 2), (128, 64, 8, 2)],
+}
+# fp32 inputs: tensor-core dots in 3xTF32 (about fp32 accuracy) need more registers and shared memory.
+_TILES_FP32 = {16: [(64, 32, 4, 2)], 32: [(64, 32, 4, 2)], 64: [(64, 32, 4, 2)], 128: [(64, 32, 4, 2)],
+               256: [(32, 32, 4, 1)]}
+_DEFAULT_SMEM = 227 * 1024  # H100 / H200 opt-in shared memory per block
+
+
+@functools.cache
+def _max_shared_memory(device_index: int) -> int:
+    try:
+        props = triton.runtime.driver.active.utils.get_device_properties(device_index)
+        return int(props["max_shared_mem"])
+    except Exception:  # older/newer driver API: assume a Hopper-class budget
+        return _DEFAULT_SMEM
+
+
+def _smem_estimate(block_m, block_n, block_d, stages, elem) -> int:
+    """Q tile plus `stages` K and V tiles: a conservative planning estimate, not the compiler's count."""
+    return elem * block_d * (block_m + 2 * block_n * stages)
+
+
+def _fitting_tiles(block_d: int, sq: int, elem: int, smem: int) -> list[tuple[int, int, int, int]]:
+    candidates = (_TILES_FP32 if elem == 4 else _TILES)[block_d]
+    tiles = [t for t in candidates if _smem_estimate(t[0], t[1], block_d, t[3], elem) <= smem]
+    if sq <= 64:  # a short query block: 128-row tiles would mostly compute padding
+        tiles = [t for t in tiles if t[0] <= 64] or tiles
+    if not tiles:  # always leave the smallest tile
+        tiles = [min(candidates, key=lambda t: _smem_estimate(t[0], t[1], block_d, t[3], elem))]
+    return tiles
+
+
+def _tile_of(cfg):
+    return (cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.num_warps, cfg.num_stages)
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    args = {**named_args, **kwargs}
+    q = args["Q"]
+    smem = _DEFAULT_SMEM
+    if q.is_cuda:
+        index = q.device.index
+        smem = _max_shared_memory(torch.cuda.current_device() if index is None else index)
+    tiles = _fitting_tiles(args["BLOCK_D"], args["SQ"], q.element_size(), smem)
+    if os.environ.get("FXOPT_ATTN_AUTOTUNE", "1") == "0":  # tests: one compile per specialisation
+        tiles = tiles[:1]
+    by_tile = {_tile_of(c): c for c in configs}
+    return [by_tile[t] for t in tiles]
+
+
+def _make_configs():
+    if _INTERPRET:  # autotuning in the interpreter is slow; small tiles also exercise the loop logic
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
+    tiles = sorted({t for table in (_TILES, _TILES_FP32) for ts in table.values() for t in ts})
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in tiles]
+
+
+_flash_attn_fwd_tuned = triton.autotune(
+    configs=_make_configs(),
+    key=["HEAD_DIM", "CAUSAL", "SQ_BUCKET", "SKV_BUCKET"],
+    prune_configs_by=None if _INTERPRET else {"early_config_prune": _prune_configs},
+)(_flash_attn_fwd)
+
+
+def _seq_bucket(n: int) -> int:
+    return min(triton.next_power_of_2(max(int(n), 1)), 1 << 16)
+
+
+def _block_d(d: int) -> int:
+    return max(16, triton.next_power_of_2(d))
+
+
+# fp32 inputs: three TF32 tensor-core products per dot (about fp32 accuracy; plain TF32 would not pass
+# the numerics rule, and exact "ieee" FMA dots spill heavily). fp16/bf16 dots ignore the setting.
+FP32_DOT_PRECISION = "tf32x3"
+
+
+def _dot_precision(dtype) -> str:
+    return FP32_DOT_PRECISION if dtype == torch.float32 else "tf32"
+
+
+def _mask_from_kv_len(kv_len, b, skv, device):
+    return torch.arange(skv, device=device)[None, :] < kv_len.to(device).reshape(-1).expand(b)[:, None]
+
+
+def flash_attention(q, k, v, *, causal=False, scale=None, key_padding_mask=None, q_offset=0, kv_len=None):
+    """Attention of q (b, hq, sq, d) over k, v (b, hkv, skv, d); returns (b, hq, sq, d) contiguous.
+
+    Same semantics as attention_reference, plus `kv_len`: an optional (b,) int tensor of valid key
+    counts (keys at index >= kv_len[b] are ignored, e.g. the unused tail of a static KV cache).
+    Inputs may have any strides. Raises ValueError when `supports` gives a reason; on CPU without
+    TRITON_INTERPRET=1 it computes the reference instead.
+    """
+    reason = supports(q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask,
+                      q_offset=q_offset, kv_len=kv_len)
+    if reason is not None:
+        raise ValueError(f"flash_attention: unsupported inputs: {reason}")
+    b, skv = q.shape[0], k.shape[2]
+    if not _use_kernel(q):
+        mask = key_padding_mask
+        if kv_len is not None:
+            by_len = _mask_from_kv_len(kv_len, b, skv, q.device)
+            mask = by_len if mask is None else mask & by_len
+        return attention_reference(q, k, v, causal=causal, scale=scale, key_padding_mask=mask,
+                                   q_offset=q_offset)
+
+    return _launch(q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask,
+                   q_offset=q_offset, kv_len=kv_len)
+
+
+def _launch(q, k, v, *, causal, scale, key_padding_mask, q_offset, kv_len, tile=None):
+    """Launch the kernel on checked inputs; `tile` = (BLOCK_M, BLOCK_N, num_warps, num_stages) bypasses
+    the autotuner (tests use it to run every candidate tile)."""
+    b, hq, sq, d = q.shape
+    hkv, skv = k.shape[1], k.shape[2]
+    out = torch.empty((b, hq, sq, d), dtype=q.dtype, device=q.device)
+    if out.numel() == 0:
+        return out
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+
+    if key_padding_mask is not None:
+        pad = key_padding_mask.view(torch.uint8)  # same bytes, no copy
+        stride_pb = pad.stride(0) if pad.shape[0] == b else 0
+        stride_pn = pad.stride(1)
+    else:
+        pad, stride_pb, stride_pn = q, 0, 0  # never read
+    kv_len_t = kv_len.reshape(-1).expand(b) if kv_len is not None else q
+    q_off_tensor = isinstance(q_offset, torch.Tensor)
+    q_off_t = q_offset.reshape(-1).expand(b) if q_off_tensor else q
+    q_off_int = 0 if q_off_tensor else int(q_offset)
+    if kv_len is not None and kv_len_t.stride(0) != 1:
+        kv_len_t = kv_len_t.contiguous()
+    if q_off_tensor and q_off_t.stride(0) != 1:
+        q_off_t = q_off_t.contiguous()
+
+    def grid(meta):
+        return (triton.cdiv(sq, meta["BLOCK_M"]), b * hq)
+
+    if tile is None:
+        kernel, tile_kwargs = _flash_attn_fwd_tuned, {}
+    else:
+        block_m, block_n, num_warps, num_stages = tile
+        kernel = _flash_attn_fwd
+        tile_kwargs = dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
+    kernel[grid](
+        q, k, v, out, pad, kv_len_t, q_off_t,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        stride_pb, stride_pn,
+        hq, hq // hkv, sq, skv, q_off_int, scale * LOG2E,
+        _seq_bucket(sq), _seq_bucket(skv),
+        HEAD_DIM=d, BLOCK_D=_block_d(d),
+        CAUSAL=bool(causal), HAS_PAD=key_padding_mask is not None, HAS_KV_LEN=kv_len is not None,
+        Q_OFF_TENSOR=q_off_tensor, DOT_PREC=_dot_precision(q.dtype), **tile_kwargs,
+    )
+    return out

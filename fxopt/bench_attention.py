@@ -1,0 +1,285 @@
+"""Attention kernel benchmark: fxopt FlashAttention / Flash-Decoding against PyTorch's SDPA backends and
+the GPU's copy bandwidth, every peer measured in the same run on the same GPU.
+
+    python -m fxopt.bench_attention [--quick] [--json out.json]
+
+Timings are triton.testing.do_bench medians after a warm-up call (compilation and autotuning happen
+outside the timed region). Sections:
+  1. copy bandwidth (read + write bytes per second), the memory-bound ceiling;
+  2. prefill (bf16 B4 H32 N4096 d128, causal and not): TFLOP/s vs SDPA flash / cuDNN / efficient;
+  3. decode (bf16 batch 1, 32 query / 8 KV heads, d128, 16k keys): effective bandwidth vs copy
+     bandwidth and vs the best SDPA backend;
+  4. decode (32 / 32 heads, 128k keys): fraction of copy bandwidth;
+  5. prefill peak memory (B1 H32 d128 bf16 causal, N = 4k..32k) next to an N^2 score matrix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+
+import torch
+
+GIB = 1 << 30
+
+
+def _do_bench(fn, quick: bool) -> float:
+    """Median milliseconds of fn() after one untimed warm-up call."""
+    from triton.testing import do_bench
+
+    fn()
+    torch.cuda.synchronize()
+    return do_bench(fn, warmup=10 if quick else 25, rep=40 if quick else 200, return_mode="median")
+
+
+def _do_bench_graph(fn) -> float | None:
+    """Median milliseconds of fn() replayed from a CUDA graph (no launch overhead), or None."""
+    try:
+        from triton.testing import do_bench_cudagraph
+
+        fn()
+        torch.cuda.synchronize()
+        return do_bench_cudagraph(fn, rep=50, return_mode="median")
+    except Exception as err:  # older Triton without return_mode, or capture failure
+        print(f"  (CUDA-graph timing unavailable: {type(err).__name__}: {err})")
+        return None
+
+
+def _sdpa_backends():
+    from torch.nn.attention import SDPBackend
+
+    return {
+        "sdpa-flash": SDPBackend.FLASH_ATTENTION,
+        "sdpa-cudnn": SDPBackend.CUDNN_ATTENTION,
+        "sdpa-efficient": SDPBackend.EFFICIENT_ATTENTION,
+    }
+
+
+def _time_sdpa(backend, q, k, v, *, causal, quick, gqa=False):
+    """(ms, note) for one pinned SDPA backend, or (None, reason) if it refuses these inputs.
+
+    GQA (fewer KV heads) uses enable_gqa=True when this torch and backend take it; otherwise K/V are
+    repeated to the query heads outside the timed region (the note says so)."""
+    import torch.nn.functional as F
+    from torch.nn.attention import sdpa_kernel
+
+    note = ""
+    kwargs = {"is_causal": causal}
+    if gqa:
+        kwargs["enable_gqa"] = True
+    try:
+        with sdpa_kernel(backend):
+            try:
+                F.scaled_dot_product_attention(q, k, v, **kwargs)
+            except (RuntimeError, TypeError):
+                if not gqa:
+                    raise
+                group = q.shape[1] // k.shape[1]
+                k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+                kwargs.pop("enable_gqa")
+                note = "K/V repeated to all heads outside timing"
+            ms = _do_bench(lambda: F.scaled_dot_product_attention(q, k, v, **kwargs), quick)
+        return ms, note
+    except RuntimeError as err:
+        return None, f"unavailable: {str(err).splitlines()[0][:100]}"
+
+
+def _row(results, section, metric, fxopt, peer, peer_name, unit, **extra):
+    ratio = fxopt / peer if (fxopt is not None and peer) else None
+    row = {"section": section, "metric": metric, "fxopt": fxopt, "peer": peer, "peer_name": peer_name,
+           "ratio": ratio, "unit": unit, **extra}
+    results.append(row)
+    return row
+
+
+def _fmt(x):
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        return f"{x:.4g}"
+    return str(x)
+
+
+def bench_prefill(results, copy_bw, quick):
+    from fxopt.codegen.flash_attention import attention_flops, flash_attention
+
+    b, h, n, d = (1, 8, 1024, 128) if quick else (4, 32, 4096, 128)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(3))
+    for causal in (False, True):
+        label = f"prefill bf16 B{b} H{h} N{n} d{d} {'causal' if causal else 'full'}"
+        flops = attention_flops(b, h, n, n, d, causal)
+        out = flash_attention(q, k, v, causal=causal)
+        ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        max_err = (out.float() - ref.float()).abs().max().item()
+        ms = _do_bench(lambda c=causal: flash_attention(q, k, v, causal=c), quick)
+        tflops = flops / (ms * 1e-3) / 1e12
+        print(f"{label}: fxopt {ms:.3f} ms = {tflops:.1f} TFLOP/s (max |fxopt - sdpa| = {max_err:.2g})")
+        for name, backend in _sdpa_backends().items():
+            peer_ms, note = _time_sdpa(backend, q, k, v, causal=causal, quick=quick)
+            if peer_ms is None:
+                print(f"  {name}: {note}")
+                continue
+            peer_tflops = flops / (peer_ms * 1e-3) / 1e12
+            print(f"  {name}: {peer_ms:.3f} ms = {peer_tflops:.1f} TFLOP/s "
+                  f"-> fxopt x{tflops / peer_tflops:.2f}")
+            _row(results, "prefill", f"{label} TFLOP/s", tflops, peer_tflops, name, "TFLOP/s",
+                 fxopt_ms=ms, peer_ms=peer_ms, max_abs_diff_vs_sdpa=max_err)
+
+
+def bench_decode(results, copy_bw, quick, *, hq, hkv, n, label, sweep=False):
+    from fxopt.codegen.flash_decoding import (
+        DEFAULT_SM_COUNT,
+        _device_sm_count,
+        choose_num_splits,
+        decode_attention,
+        decode_hbm_bytes,
+    )
+
+    d = 128
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    q = torch.randn(1, hq, 1, d, device="cuda", dtype=torch.bfloat16, generator=gen)
+    k = torch.randn(1, hkv, n, d, device="cuda", dtype=torch.bfloat16, generator=gen)
+    v = torch.randn(1, hkv, n, d, device="cuda", dtype=torch.bfloat16, generator=gen)
+    kv_len = torch.full((1,), n, dtype=torch.int32, device="cuda")
+    nbytes = decode_hbm_bytes(1, hq, hkv, 1, n, d, 2, num_splits=0)  # K + V + q + o, no partials
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(hq // hkv, 1), v.repeat_interleave(hq // hkv, 1))
+    out = decode_attention(q, k, v, kv_len)
+    max_err = (out.float() - ref.float()).abs().max().item()
+    ms = _do_bench(lambda: decode_attention(q, k, v, kv_len), quick)
+    bw = nbytes / (ms * 1e-3)
+    print(f"{label}: fxopt {ms * 1e3:.1f} us = {bw / 1e9:.0f} GB/s = {100 * bw / copy_bw:.1f}% of copy "
+          f"bandwidth (max |fxopt - sdpa| = {max_err:.2g})")
+    _row(results, "decode", f"{label} GB/s vs copy", bw / 1e9, copy_bw / 1e9, "copy bandwidth", "GB/s",
+         fxopt_ms=ms, max_abs_diff_vs_sdpa=max_err)
+    graph_ms = _do_bench_graph(lambda: decode_attention(q, k, v, kv_len))
+    if graph_ms is not None:
+        graph_bw = nbytes / (graph_ms * 1e-3)
+        print(f"  fxopt replayed from a CUDA graph: {graph_ms * 1e3:.1f} us = "
+              f"{100 * graph_bw / copy_bw:.1f}% of copy")
+        _row(results, "decode", f"{label} GB/s vs copy (CUDA graph)", graph_bw / 1e9, copy_bw / 1e9,
+             "copy bandwidth", "GB/s", fxopt_ms=graph_ms)
+    if sweep:  # how the split count chosen by choose_num_splits compares with its neighbours
+        sms = _device_sm_count(q.device)
+        chosen = choose_num_splits(hkv, n, sms)
+        print(f"  split sweep ({sms} SMs, default {chosen}; {DEFAULT_SM_COUNT} assumed without a GPU):")
+        for splits in sorted({max(1, chosen // 4), max(1, chosen // 2), chosen, 2 * chosen, 4 * chosen}):
+            sweep_ms = _do_bench(lambda s=splits: decode_attention(q, k, v, kv_len, num_splits=s), quick)
+            sweep_bw = nbytes / (sweep_ms * 1e-3)
+            print(f"    num_splits={splits}: {sweep_ms * 1e3:.1f} us = {100 * sweep_bw / copy_bw:.1f}% of copy")
+            results.append({"section": "decode-sweep", "metric": f"{label} num_splits={splits} GB/s",
+                            "fxopt": sweep_bw / 1e9, "peer": copy_bw / 1e9, "peer_name": "copy bandwidth",
+                            "ratio": sweep_bw / copy_bw, "unit": "GB/s", "fxopt_ms": sweep_ms})
+    best = None
+    for name, backend in _sdpa_backends().items():
+        peer_ms, note = _time_sdpa(backend, q, k, v, causal=False, quick=quick, gqa=hq != hkv)
+        if peer_ms is None:
+            print(f"  {name}: {note}")
+            continue
+        print(f"  {name}: {peer_ms * 1e3:.1f} us = {nbytes / (peer_ms * 1e-3) / 1e9:.0f} GB/s"
+              f"{' (' + note + ')' if note else ''}")
+        if best is None or peer_ms < best[1]:
+            best = (name, peer_ms, note)
+    if best is not None:
+        name, peer_ms, note = best
+        peer_bw = nbytes / (peer_ms * 1e-3)
+        print(f"  fxopt vs best SDPA ({name}): x{bw / peer_bw:.2f}")
+        _row(results, "decode", f"{label} GB/s vs best SDPA", bw / 1e9, peer_bw / 1e9, name, "GB/s",
+             fxopt_ms=ms, peer_ms=peer_ms, note=note)
+
+
+def bench_memory(results, quick):
+    from fxopt.codegen.flash_attention import flash_attention
+
+    b, h, d = 1, 32, 128
+    sizes = (1024, 2048) if quick else (4096, 8192, 16384, 32768)
+    previous = None
+    old = os.environ.get("FXOPT_ATTN_AUTOTUNE")
+    os.environ["FXOPT_ATTN_AUTOTUNE"] = "0"  # peak memory does not depend on the tile; skip tuning
+    try:
+        for n in sizes:
+            q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+            flash_attention(q, k, v, causal=True)  # compile outside the measurement
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            out = flash_attention(q, k, v, causal=True)
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated() - base
+            scores = b * h * n * n * 2  # one bf16 score matrix
+            growth = f", x{peak / previous:.2f} vs N/2" if previous else ""
+            print(f"prefill peak memory N={n}: {peak / 2**20:.1f} MiB "
+                  f"(output {out.numel() * 2 / 2**20:.1f} MiB){growth}; "
+                  f"an N^2 bf16 score matrix: {scores / 2**20:.0f} MiB")
+            _row(results, "memory", f"prefill peak MiB N={n}", peak / 2**20, scores / 2**20,
+                 "N^2 bf16 scores", "MiB")
+            previous = peak
+            del q, k, v, out
+            torch.cuda.empty_cache()
+    finally:
+        if old is None:
+            os.environ.pop("FXOPT_ATTN_AUTOTUNE", None)
+        else:
+            os.environ["FXOPT_ATTN_AUTOTUNE"] = old
+
+
+def run(out_json=None, *, quick=False) -> list[dict]:
+    """Run every section on the present GPU; print a table; write the rows to out_json if given."""
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_attention needs a CUDA GPU")
+    import triton
+
+    from fxopt.hardware import measure_copy_bandwidth
+
+    results: list[dict] = []
+    device = torch.cuda.get_device_name()
+    print(f"device {device}, torch {torch.__version__}, triton {triton.__version__}")
+
+    copy_bw = measure_copy_bandwidth(nbytes=(256 << 20) if quick else GIB)
+    print(f"copy bandwidth: {copy_bw / 1e9:.0f} GB/s (read + write)")
+    _row(results, "copy", "copy bandwidth GB/s", copy_bw / 1e9, None, "", "GB/s")
+
+    bench_prefill(results, copy_bw, quick)
+    if quick:
+        bench_decode(results, copy_bw, quick, hq=32, hkv=8, n=4096, label="decode bf16 B1 32/8 heads kv4k",
+                     sweep=True)
+    else:
+        bench_decode(results, copy_bw, quick, hq=32, hkv=8, n=16384, label="decode bf16 B1 32/8 heads kv16k",
+                     sweep=True)
+        torch.cuda.empty_cache()
+        bench_decode(results, copy_bw, quick, hq=32, hkv=32, n=131072,
+                     label="decode bf16 B1 32/32 heads kv128k")
+    torch.cuda.empty_cache()
+    bench_memory(results, quick)
+
+    stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    for row in results:
+        row.update(device=device, date=stamp, torch=torch.__version__, triton=triton.__version__)
+
+    table = [r for r in results if r["section"] != "decode-sweep"]
+    width = max(len(r["metric"]) for r in table)
+    print()
+    print(f"{'metric':<{width}}  {'fxopt':>10}  {'peer':>10}  {'ratio':>6}  peer")
+    for r in table:
+        cells = f"{_fmt(r['fxopt']):>10}  {_fmt(r['peer']):>10}  {_fmt(r['ratio']):>6}"
+        print(f"{r['metric']:<{width}}  {cells}  {r['peer_name']}")
+    if out_json:
+        with open(out_json, "w") as f:
+            json.dump(results, f, indent=2)
+        print(f"wrote {out_json}")
+    return results
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes: a sanity run in seconds")
+    parser.add_argument("--json", default=None, help="write the result rows to this file")
+    args = parser.parse_args(argv)
+    run(args.json, quick=args.quick)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1191 @@
+"""Attention pass: every attention subgraph -> one ``torch.ops.fxopt.attention`` call.
+
+Recognition is data. ``PATTERNS`` is a table of (name, steps, plan) entries:
+
+* ``steps`` is a chain of :class:`Step` matchers walked *backward* from the pattern's root node;
+  each step names the ops it accepts, how the walk continues (which input, and what the step
+  captures on the way: v, a mask, a scale factor) and a check that explains a refusal.
+  Steps may be optional and repeated.
+* ``plan`` turns a matched chain into a :class:`Plan` (q, k, v, scale, mask parts, GQA) or
+  refuses with a reason.
+
+    explicit   matmul(P, v) <- [dropout(eval) | cast | clone]* <- softmax(-1) <- [cast]*
+               <- [masked_fill | where | + bias]* <- [* c | / c]* <- [cast]* <- matmul(q, kᵀ)
+    sdpa       aten.scaled_dot_product_attention (is_causal, attn_mask, scale, enable_gqa)
+
+K and V are un-repeated when they come from ``repeat_kv`` (unsqueeze/expand/reshape, slices
+allowed) or ``repeat_interleave`` on the head dim, so the op reads the original KV heads (GQA).
+A constant multiplying q before q·kᵀ is folded into the scale.
+
+Masks are classified by what they compute, not how they are spelled: the mask subgraph (its
+inputs are buffers, constants, aranges of the dynamic sizes and at most one (b, s) input) is
+evaluated on the CPU at several sizes, with random values for that input (0/1 for an input named
+like a mask -- the convention of attention-mask arguments -- else 0..3), and compared with
+
+    causal          key j hidden from query i exactly when j > i (sq == skv)      -> causal=True
+    padding         key j hidden exactly where input[b, j] == 0     -> key_padding_mask = input != 0
+    causal+padding  both
+    none            hides nothing                                                -> dropped
+
+A fill or bias value at or below -1e4 counts as hiding the key (exp(-1e4) is 0 in every float
+dtype); bias values must be exactly 0 elsewhere. Anything else -- a banded or learned bias, a
+mask built from parameters or from several inputs -- is "neither causal nor padding": it stays
+an additive ``attn_bias`` (still one fxopt attention call, run through the SDPA fallback).
+The evaluation is a check at finitely many sizes, not a proof for every size; the evidence is
+recorded on the node (``AttentionInfo.evidence``). On the meta device buffers hold no values:
+the one idiom recognised there by structure alone, ``buffer[:s, :s] == 0`` used as a -inf fill
+(GPT-2's tril buffer), is recorded as causal with evidence saying it was assumed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import sympy
+import torch
+from torch import fx
+
+from fxopt.codegen import attention_op
+from fxopt.passes import cost as cost_pass
+from fxopt.passes.infra import PassContext, PassResult, finish
+
+aten = torch.ops.aten
+ATTENTION_KEY = "fxopt.attention"
+ATTENTION_OP = torch.ops.fxopt.attention.default
+
+#: A fill or additive value at or below this hides a key (exp(-1e4) underflows to 0 in fp16..fp64).
+HIDDEN_AT_MOST = -1e4
+#: Sizes (per dynamic symbol, capped at its example value) at which mask subgraphs are evaluated.
+TRIAL_SIZES = (2, 3, 5, 8)
+#: Largest tensor the mask evaluator materialises.
+MAX_EVAL_NUMEL = 1 << 24
+
+
+def _ops(*names: str) -> frozenset:
+    found = []
+    for name in names:
+        packet, overload = name.split(".")
+        op = getattr(getattr(aten, packet, None), overload, None)
+        if op is not None:
+            found.append(op)
+    return frozenset(found)
+
+
+MATMUL = _ops("matmul.default")
+SOFTMAX = _ops("softmax.int", "_softmax.default", "_safe_softmax.default")
+SDPA = _ops("scaled_dot_product_attention.default")
+DROPOUT = _ops("dropout.default")
+CASTS = _ops("to.dtype", "_to_copy.default", "to.dtype_layout", "type_as.default")
+IDENTITY = _ops("clone.default", "contiguous.default", "alias.default", "detach.default")
+PASSTHROUGH = DROPOUT | CASTS | IDENTITY
+MASKED_FILL = _ops("masked_fill.Scalar", "masked_fill.Tensor")
+WHERE = _ops("where.self", "where.ScalarOther", "where.ScalarSelf")
+ADD = _ops("add.Tensor")
+MASK_OPS = MASKED_FILL | WHERE | ADD
+MUL = _ops("mul.Tensor", "mul.Scalar")
+DIV = _ops("div.Tensor", "div.Scalar")
+SCALE_OPS = MUL | DIV
+RESHAPES = _ops("reshape.default", "view.default", "_unsafe_view.default")
+OTHER_SCORE_OPS = _ops("bmm.default", "einsum.default", "baddbmm.default", "mm.default")
+
+
+class NoMatch(Exception):
+    """A candidate that cannot be rewritten; the message says why (shown by `fxopt explain`)."""
+
+
+class Unevaluable(Exception):
+    """A mask or scale subgraph that cannot be evaluated at compile time."""
+
+
+# --------------------------------------------------------------------------------------------- records
+@dataclass(frozen=True)
+class AttentionInfo:
+    """What the pass decided for one fxopt attention node (node.meta["fxopt.attention"])."""
+
+    causal: bool
+    scale: float
+    mask_kind: str  # none | causal | padding | causal+padding | general
+    gqa_groups: int
+    kernel: str  # flash_prefill | flash_decode | sdpa
+    fallback_reason: str  # why the SDPA fallback runs ("" for flash)
+    pattern: str  # the PATTERNS entry that matched
+    evidence: str = ""  # how the mask kind was established
+
+
+@dataclass(frozen=True)
+class MaskPart:
+    """One masking op on the scores: hide where `node` (fill/hide), keep where `node` (keep), or add it."""
+
+    kind: str  # fill | keep | hide | add
+    node: fx.Node
+    value: float | None = None  # the fill value for fill/keep/hide
+
+
+@dataclass
+class Plan:
+    """A matched attention site, ready to rewrite."""
+
+    pattern: str
+    root: fx.Node  # replaced by the attention node
+    anchor: fx.Node  # the softmax (explicit) or the sdpa node: what explain reports
+    q: fx.Node
+    k: fx.Node  # (b, hkv, skv, d) or, with k_transposed, (b, hkv, d, skv)
+    v: fx.Node
+    scale: float
+    parts: list[MaskPart] = field(default_factory=list)  # in forward order
+    is_causal: bool = False  # sdpa's flag
+    k_transposed: bool = False
+    gqa_groups: int = 1
+    chain: list[fx.Node] = field(default_factory=list)  # nodes the match replaces
+    extra: list[fx.Node] = field(default_factory=list)  # GQA repeat / q-scale / kᵀ nodes that may die
+
+
+@dataclass(frozen=True)
+class MaskDecision:
+    kind: str
+    causal: bool
+    padding_source: fx.Node | None = None  # (b, skv) input: key visible where it is nonzero
+    evidence: str = ""
+    reason: str = ""  # why the mask is general
+
+
+# --------------------------------------------------------------------------------------------- helpers
+def _val(node: Any):
+    return node.meta.get("val") if isinstance(node, fx.Node) else None
+
+
+def _tensor(node: Any) -> torch.Tensor | None:
+    val = _val(node)
+    return val if isinstance(val, torch.Tensor) else None
+
+
+def _expr(size) -> sympy.Expr:
+    if isinstance(size, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+        return sympy.sympify(size.node.expr)
+    return sympy.sympify(size)
+
+
+def _same(a, b) -> bool:
+    return sympy.expand(_expr(a) - _expr(b)) == 0
+
+
+def _same_shape(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dim() == b.dim() and all(_same(x, y) for x, y in zip(a.shape, b.shape))
+
+
+def _is_4d(node: Any) -> bool:
+    t = _tensor(node)
+    return t is not None and t.dim() == 4
+
+
+def _arg(node: fx.Node, index: int, name: str, default=None):
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+def _op_name(node: fx.Node) -> str:
+    target = node.target
+    if isinstance(target, torch._ops.OpOverload):
+        return str(target).removeprefix("aten.")
+    return getattr(target, "__name__", str(target)) if node.op == "call_function" else node.op
+
+
+def _gm(node: fx.Node) -> fx.GraphModule:
+    return node.graph.owning_module
+
+
+def _fetch_attr(gm: fx.GraphModule, target: str):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _parameter_names(gm: fx.GraphModule) -> set[str]:
+    return {name for name, _ in gm.named_parameters(remove_duplicate=False)}
+
+
+# --------------------------------------------------------------------------------------------- evaluation
+def _hints(vals: list[Any]) -> dict[sympy.Symbol, int]:
+    """Example values of every export symbol, read from the shape env of the given fake values."""
+    for val in vals:
+        sizes = list(val.shape) if isinstance(val, torch.Tensor) else [val]
+        for size in sizes:
+            if isinstance(size, torch.SymInt):
+                env = size.node.shape_env
+                table = getattr(env, "backed_var_to_val", None) or env.var_to_val
+                return {sym: int(v) for sym, v in table.items()}
+    return {}
+
+
+def _concrete(value, assignment: dict) -> Any:
+    if isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+        expr = sympy.sympify(sympy.sympify(value.node.expr).xreplace(assignment))
+        if expr.free_symbols:
+            raise Unevaluable(f"size {value} has no value")
+        if isinstance(value, torch.SymBool):
+            return bool(expr)
+        return int(expr) if isinstance(value, torch.SymInt) else float(expr)
+    return value
+
+
+def _subgraph(outputs: list[fx.Node]) -> list[fx.Node]:
+    """Ancestors of `outputs` in graph order, not looking past nodes whose value is a size."""
+    seen: set[fx.Node] = set()
+    stack = list(outputs)
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if isinstance(_val(node), (torch.SymInt, torch.SymFloat, torch.SymBool)):
+            continue
+        stack.extend(node.all_input_nodes)
+    return [n for n in outputs[0].graph.nodes if n in seen]
+
+
+def _to_cpu(value):
+    if isinstance(value, torch.device):
+        return torch.device("cpu")
+    return value
+
+
+def _random_input(name: str, val: torch.Tensor, assignment: dict, gen: torch.Generator) -> torch.Tensor:
+    """Random data for an input a mask depends on.
+
+    An input named like a mask (`attention_mask`, `src_mask`) is taken to hold 0/1, the convention
+    of every attention-mask argument; any other input (token ids, ...) gets values in [0, 4), so a
+    mask derived from it is called padding only if it hides exactly the zeros.
+    """
+    shape = [_concrete(d, assignment) for d in val.shape]
+    high = 2 if val.dtype == torch.bool or "mask" in name.lower() else 4
+    data = torch.randint(0, high, shape, generator=gen)
+    if data.dim() == 2 and data.numel():  # both kinds of keys present: visible and hidden
+        data[0, 0], data[-1, -1] = 1, 0
+    return data.to(val.dtype)
+
+
+def _evaluate(outputs: list[fx.Node], assignment: dict, *, gen: torch.Generator | None = None,
+              allow_inputs: bool = True) -> tuple[list[Any], dict[fx.Node, torch.Tensor]]:
+    """Run the subgraph computing `outputs` on the CPU with every size symbol given a value.
+
+    Buffers and constants supply their values; a tensor input (placeholder) gets random 0/1
+    data (at most one, of rank 2); parameters, random ops and inputs of other ranks refuse.
+    Returns the outputs and the inputs used, with the values they were given.
+    """
+    gm = _gm(outputs[0])
+    params = _parameter_names(gm)
+    env: dict[fx.Node, Any] = {}
+    inputs: dict[fx.Node, torch.Tensor] = {}
+    gen = gen or torch.Generator().manual_seed(0)
+    for node in _subgraph(outputs):
+        val = _val(node)
+        if isinstance(val, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+            env[node] = _concrete(val, assignment)
+        elif node.op == "placeholder":
+            if not isinstance(val, torch.Tensor):
+                env[node] = val
+                continue
+            if not allow_inputs:
+                raise Unevaluable(f"depends on the input `{node.target}`")
+            if inputs or val.dim() != 2:
+                raise Unevaluable(f"depends on the input `{node.target}` of rank {val.dim()}"
+                                  if not inputs else "depends on several inputs")
+            env[node] = inputs[node] = _random_input(str(node.target), val, assignment, gen)
+        elif node.op == "get_attr":
+            if node.target in params:
+                raise Unevaluable(f"depends on the parameter `{node.target}`")
+            value = _fetch_attr(gm, node.target)
+            if isinstance(value, torch.Tensor):
+                if value.device.type == "meta":
+                    raise Unevaluable(f"buffer `{node.target}` has no values (meta device)")
+                value = value.detach().cpu()
+            env[node] = value
+        elif node.op == "call_function":
+            target = node.target
+            if isinstance(target, torch._ops.OpOverload):
+                if torch.Tag.nondeterministic_seeded in target.tags:
+                    raise Unevaluable(f"random op {target}")
+                if target._schema.is_mutable and target != aten.detach_.default:  # would write to buffers
+                    raise Unevaluable(f"in-place op {target}")
+            args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: env[n])
+            args = fx.node.map_aggregate(args, _to_cpu)
+            kwargs = {k: _to_cpu(v) for k, v in kwargs.items()}
+            try:
+                result = target(*args, **kwargs)
+            except Exception as exc:  # noqa: BLE001 - any failure means "cannot evaluate here"
+                raise Unevaluable(f"{_op_name(node)} failed: {exc}") from exc
+            if isinstance(result, torch.Tensor) and result.numel() > MAX_EVAL_NUMEL:
+                raise Unevaluable("mask too large to evaluate")
+            env[node] = result
+        else:
+            raise Unevaluable(f"{node.op} {node.target}")
+    return [env[n] for n in outputs], inputs
+
+
+def _trial_assignments(hints: dict) -> list[dict]:
+    """The example sizes first, then every symbol capped at each of TRIAL_SIZES (at least 2)."""
+    assignments = [dict(hints)]
+    for size in TRIAL_SIZES:
+        trial = {sym: max(2, min(size, value)) if value >= 2 else value for sym, value in hints.items()}
+        if trial not in assignments:
+            assignments.append(trial)
+    return assignments
+
+
+def _scalar(arg: Any, what: str = "scale") -> float:
+    """A python number, a size-free symbolic float, or a constant 1-element tensor as a float."""
+    if isinstance(arg, bool):
+        raise NoMatch(f"{what} is a boolean")
+    if isinstance(arg, (int, float)):
+        return float(arg)
+    if not isinstance(arg, fx.Node):
+        raise NoMatch(f"{what} is not a number ({type(arg).__name__})")
+    val = _val(arg)
+    if isinstance(val, (torch.SymInt, torch.SymFloat)):
+        expr = sympy.sympify(val.node.expr)
+        if expr.free_symbols:
+            raise NoMatch(f"{what} depends on a dynamic size ({expr})")
+        return float(expr)
+    if isinstance(val, (int, float)) and not isinstance(val, bool):
+        return float(val)
+    if not isinstance(val, torch.Tensor):
+        raise NoMatch(f"{what} is not a number")
+    if val.dim() and not all(isinstance(d, int) and d == 1 for d in val.shape):
+        raise NoMatch(f"{what} is a tensor of shape {tuple(val.shape)}, not a scalar")
+    try:
+        (value,), _ = _evaluate([arg], {}, allow_inputs=False)
+    except Unevaluable as exc:
+        text = str(exc)
+        if "parameter" in text or "input" in text:
+            raise NoMatch(f"{what} is a runtime tensor ({text})") from exc
+        if "has no value" in text:
+            raise NoMatch(f"{what} depends on a dynamic size") from exc
+        raise NoMatch(f"{what} is a tensor whose value is unknown at compile time ({text})") from exc
+    return float(value.reshape(()).item())
+
+
+# --------------------------------------------------------------------------------------------- pattern language
+Follow = Callable[[fx.Node], "list[tuple[fx.Node, Any]] | str"]
+
+
+@dataclass(frozen=True)
+class Step:
+    """Match one node of a chain walked backward from the root.
+
+    `follow(node)` returns the inputs the walk may continue from, each with what this step
+    captures (a mask part, a scale factor, v), or a string: why the node was refused.
+    An empty list ends the chain (the last step). `repeat` steps are also optional.
+    """
+
+    role: str
+    ops: frozenset
+    follow: Follow
+    optional: bool = False
+    repeat: bool = False
+    mismatch: Callable[[fx.Node], str | None] | None = None  # a specific reason for a wrong op
+
+
+@dataclass(frozen=True)
+class Pattern:
+    name: str
+    steps: tuple[Step, ...]
+    plan: Callable[[list[tuple[str, fx.Node, Any]]], Plan]  # the check: build a Plan or raise NoMatch
+
+    @property
+    def root_ops(self) -> frozenset:
+        return self.steps[0].ops
+
+
+class _Failures:
+    """The most telling refusal: a checked op beats a wrong op, deeper beats shallower."""
+
+    def __init__(self):
+        self.best: tuple[bool, int, str] | None = None
+
+    def add(self, specific: bool, depth: int, reason: str) -> None:
+        key = (specific, depth, reason)
+        if self.best is None or key[:2] > self.best[:2]:
+            self.best = key
+
+    @property
+    def reason(self) -> str:
+        return self.best[2] if self.best else "no pattern matched"
+
+
+def _walk(node: fx.Node, steps: tuple[Step, ...], i: int, acc: list, root: fx.Node, fails: _Failures):
+    step = steps[i]
+    if node.op == "call_function" and node.target in step.ops:
+        choices: list | str
+        if node is not root and len(node.users) != 1:
+            choices = f"{_op_name(node)} ({step.role}) is also used outside the attention (e.g. returned)"
+        else:
+            choices = step.follow(node)
+        if isinstance(choices, str):
+            fails.add(True, len(acc), choices)
+        elif i == len(steps) - 1:
+            return acc + [(step.role, node, choices[0][1] if choices else None)]
+        else:
+            for nxt, detail in choices:
+                if not isinstance(nxt, fx.Node):
+                    continue
+                found = _walk(nxt, steps, i if step.repeat else i + 1, acc + [(step.role, node, detail)], root,
+                              fails)
+                if found is not None:
+                    return found
+    elif not (step.optional or step.repeat):
+        specific = step.mismatch(node) if step.mismatch else None
+        fails.add(specific is not None, len(acc),
+                  specific or f"expected {step.role} ({', '.join(sorted(str(o) for o in step.ops))}), "
+                              f"found {_op_name(node)}")
+    if (step.optional or step.repeat) and i + 1 < len(steps):
+        return _walk(node, steps, i + 1, acc, root, fails)
+    return None
+
+
+def match(pattern: Pattern, root: fx.Node) -> Plan | str:
+    """The pattern's Plan for `root`, or the reason it does not apply."""
+    fails = _Failures()
+    acc = _walk(root, pattern.steps, 0, [], root, fails)
+    if acc is None:
+        return fails.reason
+    try:
+        return pattern.plan(acc)
+    except NoMatch as exc:
+        return str(exc)
+
+
+# --------------------------------------------------------------------------------------------- steps
+def _follow_pv(node: fx.Node):
+    probs, v = node.args[0], node.args[1]
+    if not (_is_4d(node) and _is_4d(probs) and _is_4d(v)):
+        return "P @ V is not a 4-d (b, h, sq, skv) @ (b, h, skv, d) product"
+    return [(probs, v)]
+
+
+def _follow_passthrough(node: fx.Node):
+    src = node.args[0]
+    if node.target in DROPOUT:
+        if _arg(node, 2, "train", False) is not False:
+            return "dropout in training mode"
+        return [(src, None)]
+    out, inp = _tensor(node), _tensor(src)
+    if node.target in CASTS and out is not None and inp is not None:
+        if not (out.is_floating_point() and inp.is_floating_point()):
+            return f"cast from {inp.dtype} to {out.dtype}"
+        if out.device != inp.device:
+            return "device change inside the attention"
+    return [(src, None)]
+
+
+def _follow_softmax(node: fx.Node):
+    val = _tensor(node)
+    dim = _arg(node, 1, "dim")
+    if val is None or not isinstance(dim, int) or dim % val.dim() != val.dim() - 1:
+        return "softmax not over the last dim"
+    return [(node.args[0], None)]
+
+
+def _hiding_value(arg: Any, what: str) -> float:
+    value = _scalar(arg, what)
+    if not value <= HIDDEN_AT_MOST:  # NaN fails too
+        raise NoMatch(f"{what} {value} is not a mask value (need <= {HIDDEN_AT_MOST:g} or -inf)")
+    return value
+
+
+def _follow_mask(node: fx.Node):
+    """Which operand carries the scores, and the MaskPart the op applies."""
+    try:
+        if node.target in MASKED_FILL:
+            scores, mask, value = node.args[0], node.args[1], node.args[2]
+            return [(scores, MaskPart("fill", mask, _hiding_value(value, "masked_fill value")))]
+        if node.target in ADD:
+            if node.kwargs.get("alpha", 1) != 1 or len(node.args) > 2:
+                return "add with alpha"
+            a, b = node.args[0], node.args[1]
+            if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
+                return "scores plus a constant (not a mask)"
+            return [(x, MaskPart("add", y)) for x, y in ((a, b), (b, a)) if _is_4d(x)]
+        if node.target in WHERE:
+            cond, a, b = node.args[0], node.args[1], node.args[2]
+            choices = []
+            if isinstance(a, fx.Node) and _is_4d(a) and not _is_scalar_like(a):
+                choices.append((a, MaskPart("keep", cond, _hiding_value(b, "where fill value"))))
+            if isinstance(b, fx.Node) and _is_4d(b) and not _is_scalar_like(b):
+                choices.append((b, MaskPart("hide", cond, _hiding_value(a, "where fill value"))))
+            return choices or "where between two tensors (not a mask)"
+    except NoMatch as exc:
+        return str(exc)
+    return "not a mask op"
+
+
+def _is_scalar_like(node: Any) -> bool:
+    t = _tensor(node)
+    return t is None or all(isinstance(d, int) and d == 1 for d in t.shape)
+
+
+def _follow_scale(node: fx.Node):
+    a, b = node.args[0], node.args[1]
+    options = [(a, b)] if node.target in DIV else [(a, b), (b, a)]
+    for scores, factor in options:
+        if not (isinstance(scores, fx.Node) and _is_4d(scores)) or not _is_scalar_like(factor):
+            continue
+        if node.target in DIV and _arg(node, 2, "rounding_mode") is not None:
+            return "division with a rounding mode"
+        try:
+            value = _scalar(factor)
+        except NoMatch as exc:
+            return str(exc)
+        if value == 0:
+            return "scale is zero"
+        return [(scores, 1.0 / value if node.target in DIV else value)]
+    return f"scores {'divided' if node.target in DIV else 'multiplied'} by a tensor, not a scalar scale"
+
+
+def _follow_qk(node: fx.Node):
+    q, kt = node.args[0], node.args[1]
+    if not (_is_4d(node) and _is_4d(q) and _is_4d(kt)):
+        return "scores are not a 4-d q @ kᵀ (b, h, sq, skv)"
+    return []
+
+
+def _qk_mismatch(node: fx.Node) -> str | None:
+    if node.op == "call_function" and node.target in MASK_OPS:
+        return "a mask is applied before the scale (scores must be scaled first)"
+    if node.op == "call_function" and node.target in OTHER_SCORE_OPS:
+        return f"scores computed by {_op_name(node)} (only a 4-d matmul q @ kᵀ is matched)"
+    return None
+
+
+PV = Step("p @ v", MATMUL, _follow_pv)
+PASS = Step("dropout/cast", PASSTHROUGH, _follow_passthrough, repeat=True)
+SOFTMAX_STEP = Step("softmax", SOFTMAX, _follow_softmax)
+MASK = Step("mask", MASK_OPS, _follow_mask, repeat=True)
+SCALE = Step("scale", SCALE_OPS, _follow_scale, repeat=True)
+QK = Step("q @ kᵀ", MATMUL, _follow_qk, mismatch=_qk_mismatch)
+SDPA_STEP = Step("sdpa", SDPA, lambda node: [])
+
+
+# --------------------------------------------------------------------------------------------- q, k, v
+def _full_slice(node: fx.Node) -> bool:
+    if node.target != aten.slice.Tensor:
+        return False
+    start, step = _arg(node, 2, "start"), _arg(node, 4, "step", 1)
+    inp, out = _tensor(node.args[0]), _tensor(node)
+    return start in (None, 0) and step == 1 and inp is not None and out is not None and _same_shape(inp, out)
+
+
+def _skip_slices(node: Any, seen: list[fx.Node]) -> Any:
+    while isinstance(node, fx.Node) and _full_slice(node):
+        seen.append(node)
+        node = node.args[0]
+    return node
+
+
+def unrepeat_kv(node: fx.Node) -> tuple[fx.Node, int, list[fx.Node]]:
+    """(original K/V, groups, nodes of the repeat) for repeat_kv / repeat_interleave(dim=1) spellings.
+
+    Only repeats that put copy r of KV head j at head j * groups + r are undone -- the grouping the
+    attention op uses (query head h reads KV head h // groups); `repeat` (tiling) is left alone.
+    """
+    out = _tensor(node)
+    if out is None or out.dim() != 4:
+        return node, 1, []
+    if node.target == aten.repeat_interleave.self_int:
+        x, reps, dim = node.args[0], node.args[1], _arg(node, 2, "dim")
+        if isinstance(reps, int) and reps > 1 and dim in (1, -3) and _is_4d(x):
+            return x, reps, [node]
+        return node, 1, []
+    if node.target not in RESHAPES:
+        return node, 1, []
+    seen = [node]
+    expand = _skip_slices(node.args[0], seen)
+    if not (isinstance(expand, fx.Node) and expand.target == aten.expand.default):
+        return node, 1, []
+    seen.append(expand)
+    unsq = _skip_slices(expand.args[0], seen)
+    if not (isinstance(unsq, fx.Node) and unsq.target == aten.unsqueeze.default and unsq.args[1] in (2, -3)):
+        return node, 1, []
+    seen.append(unsq)
+    base = _skip_slices(unsq.args[0], seen)
+    x, e = _tensor(base), _tensor(expand)
+    if x is None or e is None or x.dim() != 4 or e.dim() != 5:
+        return node, 1, []
+    groups = e.shape[2]
+    if not isinstance(groups, int) or groups < 2:
+        return node, 1, []
+    b, h, s, d = x.shape
+    if not (all(_same(p, q) for p, q in zip(e.shape, (b, h, groups, s, d)))
+            and all(_same(p, q) for p, q in zip(out.shape, (b, h * groups, s, d)))):
+        return node, 1, []
+    return base, groups, seen
+
+
+def _untranspose(kt: fx.Node) -> tuple[fx.Node, bool]:
+    """k (b, h, skv, d) behind kᵀ when kᵀ is its last-two-dims transpose; else (kᵀ, True)."""
+    if kt.target == aten.transpose.int and _is_4d(kt.args[0]):
+        dims = sorted(d % 4 for d in kt.args[1:3])
+        if dims == [2, 3]:
+            return kt.args[0], False
+    if kt.target == aten.permute.default and [d % 4 for d in kt.args[1]] == [0, 1, 3, 2]:
+        return kt.args[0], False
+    return kt, True
+
+
+def _absorb_q_scale(q: fx.Node) -> tuple[fx.Node, float, list[fx.Node]]:
+    """q * c (or q / c) feeding only q·kᵀ: fold c into the scale and read the unscaled q."""
+    if q.op == "call_function" and q.target in SCALE_OPS and len(q.users) == 1:
+        options = [(q.args[0], q.args[1])] if q.target in DIV else [(q.args[0], q.args[1]), (q.args[1], q.args[0])]
+        for x, factor in options:
+            if isinstance(x, fx.Node) and _is_4d(x) and _is_scalar_like(factor):
+                tx, tq = _tensor(x), _tensor(q)
+                if not _same_shape(tx, tq) or tx.dtype != tq.dtype:
+                    continue
+                try:
+                    value = _scalar(factor)
+                except NoMatch:
+                    return q, 1.0, []
+                if value == 0:
+                    return q, 1.0, []
+                return x, (1.0 / value if q.target in DIV else value), [q]
+    return q, 1.0, []
+
+
+def _check_qkv(q: fx.Node, k: fx.Node, v: fx.Node, k_transposed: bool, root: fx.Node) -> None:
+    tq, tk, tv = _tensor(q), _tensor(k), _tensor(v)
+    if any(t is None or t.dim() != 4 for t in (tq, tk, tv)):
+        raise NoMatch("q, k, v are not 4-d (b, h, s, d)")
+    kshape = list(tk.shape)
+    if k_transposed:
+        kshape[2], kshape[3] = kshape[3], kshape[2]
+    b, hq, _, d = tq.shape
+    if not (_same(kshape[0], b) and _same(tv.shape[0], b)):
+        raise NoMatch("q, k, v batch sizes differ (broadcast batch)")
+    if not (_same(kshape[1], tv.shape[1]) and _same(kshape[2], tv.shape[2])):
+        raise NoMatch("k and v shapes differ")
+    if not _same(kshape[3], d):
+        raise NoMatch("q and k head dims differ")
+    hkv = kshape[1]
+    if not (isinstance(hq, int) and isinstance(hkv, int) and hkv > 0 and hq % hkv == 0):
+        raise NoMatch(f"query heads {hq} not a multiple of key/value heads {hkv}")
+    if not (tq.dtype == tk.dtype == tv.dtype):
+        raise NoMatch(f"q, k, v dtypes differ ({tq.dtype}, {tk.dtype}, {tv.dtype})")
+    out = _tensor(root)
+    expected = tuple(tq.shape[:-1]) + (tv.shape[-1],)
+    if out is None or out.dim() != 4 or not all(_same(a, e) for a, e in zip(out.shape, expected)):
+        raise NoMatch("output shape is not (b, hq, sq, dv)")
+    if out.dtype != tq.dtype:
+        raise NoMatch(f"output dtype {out.dtype} differs from q's {tq.dtype}")
+
+
+def _kv_groups(k: fx.Node, v: fx.Node) -> tuple[fx.Node, fx.Node, int, list[fx.Node]]:
+    k0, gk, kn = unrepeat_kv(k)
+    v0, gv, vn = unrepeat_kv(v)
+    if gk == gv and gk > 1:
+        return k0, v0, gk, kn + vn
+    return k, v, 1, []
+
+
+# --------------------------------------------------------------------------------------------- plans
+def _plan_explicit(acc: list[tuple[str, fx.Node, Any]]) -> Plan:
+    root, v = acc[0][1], acc[0][2]
+    qk = acc[-1][1]
+    softmax = next(node for role, node, _ in acc if role == "softmax")
+    parts = [detail for role, _, detail in reversed(acc) if role == "mask"]
+    scale = 1.0
+    for role, _, detail in acc:
+        if role == "scale":
+            scale *= detail
+    q, q_factor, q_nodes = _absorb_q_scale(qk.args[0])
+    scale *= q_factor
+    k, k_transposed = _untranspose(qk.args[1])
+    extra = q_nodes + ([qk.args[1]] if not k_transposed else [])
+    groups = 1
+    if not k_transposed:
+        k, v, groups, kv_nodes = _kv_groups(k, v)
+        extra += kv_nodes
+    _check_qkv(q, k, v, k_transposed, root)
+    return Plan("explicit", root, softmax, q, k, v, scale, parts, False, k_transposed, groups,
+                [node for _, node, _ in acc], extra)
+
+
+def _plan_sdpa(acc: list[tuple[str, fx.Node, Any]]) -> Plan:
+    node = acc[0][1]
+    q, k, v = node.args[0], node.args[1], node.args[2]
+    mask = _arg(node, 3, "attn_mask")
+    dropout_p = _arg(node, 4, "dropout_p", 0.0)
+    is_causal = _arg(node, 5, "is_causal", False)
+    scale = node.kwargs.get("scale", node.args[6] if len(node.args) > 6 else None)
+    enable_gqa = node.kwargs.get("enable_gqa", node.args[7] if len(node.args) > 7 else False)
+    if not isinstance(dropout_p, (int, float)) or dropout_p != 0:
+        raise NoMatch(f"dropout_p={dropout_p} (training-mode dropout)")
+    if not isinstance(is_causal, bool):
+        raise NoMatch("is_causal is not a constant")
+    if not all(_is_4d(t) for t in (q, k, v)):
+        raise NoMatch("q, k, v are not 4-d (b, h, s, d)")
+    d = _tensor(q).shape[-1]
+    if scale is None:
+        if not isinstance(d, int):
+            raise NoMatch("head dim is dynamic and no scale is given")
+        scale = 1.0 / math.sqrt(d)
+    else:
+        scale = _scalar(scale)
+    extra: list[fx.Node] = []
+    groups = 1
+    if enable_gqa:
+        hq, hkv = _tensor(q).shape[1], _tensor(k).shape[1]
+        groups = hq // hkv if isinstance(hq, int) and isinstance(hkv, int) and hkv else 1
+    else:
+        k, v, groups, extra = _kv_groups(k, v)
+    parts = []
+    if isinstance(mask, fx.Node):
+        tm = _tensor(mask)
+        parts = [MaskPart("keep", mask, float("-inf")) if tm is not None and tm.dtype == torch.bool
+                 else MaskPart("add", mask)]
+    elif mask is not None:
+        raise NoMatch("attn_mask is not a tensor")
+    if is_causal and not _same(_tensor(q).shape[2], _tensor(k).shape[2]):
+        raise NoMatch("is_causal with sq != skv (top-left aligned causal mask)")
+    _check_qkv(q, k, v, False, node)
+    return Plan("sdpa", node, node, q, k, v, scale, parts, is_causal, False, groups, [node], extra)
+
+
+#: The pattern table: (name, steps walked backward from the root, plan/check). Matches are counted per name.
+PATTERNS: tuple[Pattern, ...] = (
+    Pattern("sdpa", (SDPA_STEP,), _plan_sdpa),
+    Pattern("explicit", (PV, PASS, SOFTMAX_STEP, PASS, MASK, SCALE, PASS, QK), _plan_explicit),
+)
+
+
+# --------------------------------------------------------------------------------------------- masks
+def _hidden_of(part: MaskPart, value: torch.Tensor) -> torch.Tensor | None:
+    """Where this part hides keys (bool), or None when it is not a 0 / hide mask."""
+    if part.kind == "fill":
+        return value.bool()
+    if part.kind == "keep":
+        return ~value.bool()
+    if part.kind == "hide":
+        return value.bool()
+    value = value.double()
+    hidden = value <= HIDDEN_AT_MOST
+    if not bool((hidden | (value == 0)).all()):
+        return None
+    return hidden
+
+
+def _classify(plan: Plan, ctx: PassContext | None, cache: dict) -> MaskDecision:
+    """Evaluate the plan's mask parts at several sizes and name what they compute."""
+    tq, tk = _tensor(plan.q), _tensor(plan.k)
+    sq, skv = tq.shape[2], (tk.shape[3] if plan.k_transposed else tk.shape[2])
+    square = _same(sq, skv)
+    if not plan.parts:
+        if plan.is_causal:
+            return MaskDecision("causal", True, evidence="sdpa is_causal=True")
+        return MaskDecision("none", False)
+    key = (tuple((p.kind, p.node, p.value) for p in plan.parts), plan.is_causal, str(_expr(sq)),
+           str(_expr(skv)), str(_expr(tq.shape[0])), str(_expr(tq.shape[1])))
+    if key in cache:
+        return cache[key]
+    hints = dict((ctx.hints if ctx else {}) or {})
+    hints.update(_hints([tq, tk] + [_val(p.node) for p in plan.parts]))
+    try:
+        decision = _classify_by_evaluation(plan, hints, sq, skv, square)
+    except Unevaluable as exc:
+        decision = _structural(plan, square) or MaskDecision(
+            "general", False, reason=f"mask is neither causal nor padding (cannot evaluate it: {exc})")
+    cache[key] = decision
+    return decision
+
+
+def _classify_by_evaluation(plan: Plan, hints: dict, sq, skv, square: bool) -> MaskDecision:
+    tq = _tensor(plan.q)
+    kinds = ["none"] + (["causal"] if square else []) + ["padding"] + (["causal+padding"] if square else [])
+    holds = dict.fromkeys(kinds, True)
+    source: fx.Node | None = None
+    sizes = []
+    evaluated = 0
+    for n, assignment in enumerate(_trial_assignments(hints)):
+        gen = torch.Generator().manual_seed(n)
+        try:
+            values, inputs = _evaluate([p.node for p in plan.parts], assignment, gen=gen)
+            shape = [_concrete(d, assignment) for d in (tq.shape[0], tq.shape[1], sq, skv)]
+        except Unevaluable:
+            if n == 0:
+                raise
+            continue  # a size the model cannot run at (e.g. a buffer shorter than it): skip it
+        evaluated += 1
+        sizes.append(shape[2])
+        hidden = torch.zeros(shape, dtype=torch.bool)
+        if plan.is_causal:
+            hidden |= torch.ones(shape[2:], dtype=torch.bool).triu(1)
+        for part, value in zip(plan.parts, values):
+            part_hidden = _hidden_of(part, value)
+            if part_hidden is None:
+                return MaskDecision("general", False, reason="mask is neither causal nor padding "
+                                    "(an additive bias with values other than 0 and <= -1e4)")
+            try:
+                hidden = hidden | torch.broadcast_to(part_hidden, shape)
+            except RuntimeError as exc:
+                raise Unevaluable(f"mask of shape {tuple(part_hidden.shape)} does not broadcast") from exc
+        if inputs:
+            (node, data), = inputs.items()
+            if source is not None and node is not source:
+                raise Unevaluable("depends on several inputs")
+            source = node
+        causal_ref = torch.ones(shape[2:], dtype=torch.bool).triu(1) if square else None
+        pad_ref = None
+        if source is not None and _same(_tensor(source).shape[1], skv):  # (b, skv): one flag per key
+            data = inputs[source]
+            if data.shape[-1] == shape[3] and data.shape[0] in (1, shape[0]):
+                pad_ref = (data == 0)[:, None, None, :]
+        refs = {
+            "none": torch.zeros((), dtype=torch.bool),
+            "causal": causal_ref,
+            "padding": pad_ref,
+            "causal+padding": (causal_ref | pad_ref) if causal_ref is not None and pad_ref is not None else None,
+        }
+        for kind in kinds:
+            ref = refs[kind]
+            holds[kind] = holds[kind] and ref is not None and bool((hidden == torch.broadcast_to(ref, shape)).all())
+    if evaluated < 2:
+        raise Unevaluable("could evaluate the mask at one size only")
+    kind = next((k for k in kinds if holds[k]), "general")
+    where = f"evaluated at seq sizes {sorted(set(sizes))}"
+    if kind == "general":
+        return MaskDecision("general", False, reason="mask is neither causal nor padding", evidence=where)
+    if "padding" in kind:
+        domain = "0/1" if _tensor(source).dtype == torch.bool or "mask" in str(source.target).lower() else "0..3"
+        where += f" with random {domain} `{source.target}` (key j visible where it is nonzero)"
+    elif source is not None and kind == "none":
+        source = None
+    return MaskDecision(kind, "causal" in kind, source if "padding" in kind else None, evidence=where)
+
+
+def _structural(plan: Plan, square: bool) -> MaskDecision | None:
+    """GPT-2's `tril_buffer[:s, :s] == 0` filled with -inf, recognised without the buffer's values."""
+    sq = _tensor(plan.q).shape[2]
+    if not square or plan.is_causal or len(plan.parts) != 1 or plan.parts[0].kind != "fill":
+        return None
+    eq = plan.parts[0].node
+    if eq.target != aten.eq.Scalar or eq.args[1] != 0:
+        return None
+    node, slices = eq.args[0], []
+    while isinstance(node, fx.Node) and node.target == aten.slice.Tensor:
+        slices.append(node)
+        node = node.args[0]
+    buf = _tensor(node)
+    if not (isinstance(node, fx.Node) and node.op == "get_attr"):
+        return None
+    value = _fetch_attr(_gm(node), node.target)
+    if not (isinstance(value, torch.Tensor) and value.device.type == "meta"):
+        return None  # real values were there to evaluate: the evaluation's verdict stands
+    if not (buf is not None and buf.dim() == 2
+            and len(slices) == 2 and {_arg(s, 1, "dim", 0) % 2 for s in slices} == {0, 1}
+            and all(_arg(s, 2, "start") in (None, 0) and _arg(s, 4, "step", 1) == 1 for s in slices)
+            and _tensor(eq).dim() == 2 and all(_same(d, sq) for d in _tensor(eq).shape)):  # buf[:sq, :sq]
+        return None
+    return MaskDecision("causal", True, evidence=f"assumed from the idiom `{node.target}[:s, :s] == 0` "
+                        "(buffer values unavailable, e.g. on the meta device)")
+
+
+# --------------------------------------------------------------------------------------------- rewriting
+def _new_node(graph: fx.Graph, target, args: tuple, like: fx.Node, made: list[fx.Node],
+              kwargs: dict | None = None) -> fx.Node:
+    """A call_function node with meta["val"] from the op's fake implementation, recorded in `made`."""
+    from torch._guards import detect_fake_mode
+
+    kwargs = kwargs or {}
+    node = graph.call_function(target, args, kwargs)
+    vals, kwvals = fx.node.map_arg((args, kwargs), lambda n: n.meta["val"])
+    flat = [v for v in torch.utils._pytree.tree_leaves(vals) if isinstance(v, torch.Tensor)]
+    fake_mode = detect_fake_mode(flat)
+    if fake_mode is not None:
+        with fake_mode:
+            node.meta["val"] = target(*vals, **kwvals)
+    else:
+        node.meta["val"] = target(*vals, **kwvals)
+    for key in ("nn_module_stack", "stack_trace", "source_fn_stack"):
+        if key in like.meta:
+            node.meta[key] = like.meta[key]
+    made.append(node)
+    return node
+
+
+def _bias_from_parts(graph: fx.Graph, plan: Plan, like: fx.Node, made: list[fx.Node]) -> fx.Node:
+    """One additive float mask (q's dtype) equal to the sum of the plan's mask parts."""
+    dtype = _tensor(plan.q).dtype
+    terms = []
+    for part in plan.parts:
+        if part.kind == "add":
+            term = part.node
+        elif part.kind in ("fill", "hide"):
+            term = _new_node(graph, aten.where.Scalar, (part.node, part.value, 0.0), like, made)
+        else:
+            term = _new_node(graph, aten.where.Scalar, (part.node, 0.0, part.value), like, made)
+        if _tensor(term).dtype != dtype:
+            term = _new_node(graph, aten._to_copy.default, (term,), like, made, {"dtype": dtype})
+        terms.append(term)
+    bias = terms[0]
+    for term in terms[1:]:
+        bias = _new_node(graph, aten.add.Tensor, (bias, term), like, made)
+    return bias
+
+
+def _meta_tensor(ctx: PassContext | None, val: torch.Tensor) -> torch.Tensor:
+    if ctx is None:
+        shape = [int(_concrete(d, _hints([val]))) for d in val.shape]
+    else:
+        shape = [max(1, int(ctx.evaluate(ctx.named(d)))) for d in val.shape]
+    return torch.empty(shape, dtype=val.dtype, device="meta")
+
+
+def _kernel(ctx: PassContext | None, node: fx.Node) -> tuple[str, str]:
+    q, k, v, kpm, bias, causal, scale = node.args
+    metas = [_meta_tensor(ctx, _tensor(t)) if isinstance(t, fx.Node) else None for t in (q, k, v, kpm, bias)]
+    kernel, reason = attention_op.kernel_choice(*metas, causal=causal, scale=scale)
+    if kernel == "flash":
+        kernel = "flash_decode" if metas[0].shape[2] <= attention_op.DECODE_MAX_QUERIES else "flash_prefill"
+    return kernel, reason
+
+
+def _erase_dead(graph: fx.Graph, seeds: list[fx.Node]) -> list[fx.Node]:
+    """Erase the seeds and their ancestors that no longer have users (never impure nodes)."""
+    erased: list[fx.Node] = []
+    gone: set[fx.Node] = set()
+    work = list(seeds)
+    while work:
+        node = work.pop()
+        if node in gone or node.users or node.op in ("placeholder", "output", "call_module"):
+            continue
+        eval_dropout = node.target in DROPOUT and _arg(node, 2, "train", False) is False
+        if node.op == "call_function" and not eval_dropout and node.is_impure():
+            continue
+        inputs = node.all_input_nodes
+        graph.erase_node(node)
+        gone.add(node)
+        erased.append(node)
+        work.extend(inputs)
+    return erased
+
+
+def _bytes(ctx: PassContext | None, node: fx.Node) -> float:
+    if ctx is None:
+        return 0.0
+    try:
+        return ctx.evaluate(cost_pass.node_cost(ctx, node).bytes)
+    except Exception:  # noqa: BLE001 - a cost rule failing must not stop the rewrite
+        return 0.0
+
+
+def rewrite(gm: fx.GraphModule, plan: Plan, decision: MaskDecision, ctx: PassContext | None,
+            shared: dict | None = None) -> tuple[fx.Node, dict]:
+    """Replace the plan's root with one attention node; erase what died. Returns (node, report entry).
+
+    `shared` carries key-padding masks already built for earlier sites (rewrite sites in graph order).
+    """
+    shared = {} if shared is None else shared
+    graph = gm.graph
+    root = plan.root
+    replaced = list(dict.fromkeys(plan.chain + plan.extra))
+    before_cost = {node: _bytes(ctx, node) for node in replaced}
+    new_nodes: list[fx.Node] = []
+    with graph.inserting_before(root):
+        k = plan.k
+        if plan.k_transposed:
+            k = _new_node(graph, aten.transpose.int, (plan.k, -2, -1), root, new_nodes)
+        kpm = None
+        source = decision.padding_source
+        if source is not None and _tensor(source).dtype == torch.bool:
+            kpm = source
+        elif source is not None:
+            if source not in shared or shared[source].graph is not graph:
+                shared[source] = _new_node(graph, aten.ne.Scalar, (source, 0), root, new_nodes)
+            kpm = shared[source]
+        bias = None
+        causal = decision.causal
+        if decision.kind == "general":
+            bias = _bias_from_parts(graph, plan, root, new_nodes)
+            causal = plan.is_causal  # never together with a mask in a valid sdpa call
+        made: list[fx.Node] = []
+        node = _new_node(graph, ATTENTION_OP, (plan.q, k, plan.v, kpm, bias, causal, float(plan.scale)), root,
+                         made)
+    root.replace_all_uses_with(node)
+    seeds = root.all_input_nodes + [p.node for p in plan.parts] + replaced
+    graph.erase_node(root)  # replaced outright (an sdpa node counts as random: its dropout_p is 0 here)
+    erased = [root] + _erase_dead(graph, [n for n in seeds if n is not root])
+    erased_set = set(erased)
+    kernel, reason = _kernel(ctx, node)
+    if decision.kind == "general" and reason == "general additive mask":
+        reason = f"general additive mask ({decision.reason})"
+    info = AttentionInfo(causal, float(plan.scale), decision.kind, plan.gqa_groups, kernel, reason if kernel == "sdpa"
+                         else "", plan.pattern, decision.evidence)
+    node.meta[ATTENTION_KEY] = info
+    if ctx is not None:
+        for n in [node] + new_nodes:
+            try:
+                n.meta[cost_pass.COST_KEY] = cost_pass.node_cost(ctx, n)
+            except Exception:  # noqa: BLE001
+                pass
+    entry = {
+        "node": node.name,
+        "module": cost_pass.module_path(node),
+        "pattern": plan.pattern,
+        "causal": causal,
+        "mask": decision.kind,
+        "gqa_groups": plan.gqa_groups,
+        "kernel": kernel,
+        "reason": info.fallback_reason,
+        "bytes_before": sum(b for n, b in before_cost.items() if n in erased_set),
+        "bytes_after": sum(_bytes(ctx, n) for n in [node] + new_nodes),
+    }
+    return node, entry
+
+
+# --------------------------------------------------------------------------------------------- sites
+@dataclass
+class Site:
+    """One attention-like place in the graph: a softmax fed by a matmul, or an sdpa call."""
+
+    anchor: fx.Node
+    kind: str  # softmax | sdpa
+    module: str
+    plan: Plan | None = None
+    reason: str = ""
+
+
+#: Ops a softmax's input may pass through on its way from the q·kᵀ matmul (for `explain`).
+SCORE_PATH = PASSTHROUGH | MASK_OPS | SCALE_OPS | RESHAPES | _ops(
+    "transpose.int", "permute.default", "expand.default", "unsqueeze.default", "squeeze.dim", "slice.Tensor",
+    "sub.Tensor", "neg.default")
+
+
+def _attention_like(softmax: fx.Node, hops: int = 8) -> bool:
+    """Does a matmul feed this softmax through at most `hops` score-path ops (casts, masks, scales, views)?"""
+    frontier, seen = [softmax.args[0]], set()
+    for _ in range(hops):
+        nxt = []
+        for node in frontier:
+            if not isinstance(node, fx.Node) or node in seen or node.op != "call_function":
+                continue
+            seen.add(node)
+            if node.target in MATMUL | OTHER_SCORE_OPS:
+                return True
+            if node.target in SCORE_PATH:
+                nxt.extend(n for n in node.all_input_nodes if _tensor(n) is not None)
+        frontier = nxt
+    return False
+
+
+def find_sites(gm: fx.GraphModule) -> list[Site]:
+    """Every attention-like site with its Plan, or the reason no pattern applies."""
+    outcomes: dict[fx.Node, tuple[Plan | None, str]] = {}
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        for pattern in PATTERNS:
+            if node.target in pattern.root_ops:
+                result = match(pattern, node)
+                if isinstance(result, Plan):
+                    outcomes[node] = (result, "")
+                    break
+                outcomes.setdefault(node, (None, result))
+    sites: list[Site] = []
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        if node.target in SDPA:
+            plan, reason = outcomes.get(node, (None, "no pattern matched"))
+            sites.append(Site(node, "sdpa", cost_pass.module_path(node), plan, reason))
+        elif node.target in SOFTMAX and _attention_like(node):
+            sites.append(_softmax_site(node, outcomes))
+    return sites
+
+
+def _softmax_site(softmax: fx.Node, outcomes: dict) -> Site:
+    site = Site(softmax, "softmax", cost_pass.module_path(softmax))
+    for plan, _ in outcomes.values():
+        if plan is not None and plan.anchor is softmax:
+            site.plan = plan
+            return site
+    cur = softmax
+    while len(cur.users) == 1 and next(iter(cur.users)).target in PASSTHROUGH:
+        cur = next(iter(cur.users))
+    users = list(cur.users)
+    if len(users) > 1:
+        site.reason = "the attention probabilities are also used outside the attention (e.g. returned)"
+    elif users and users[0].target in OTHER_SCORE_OPS:
+        site.reason = f"P @ V computed by {_op_name(users[0])} (only a 4-d matmul is matched)"
+    elif not users:
+        site.reason = "no matmul with v after softmax (its output is unused)"
+    elif users[0].target not in MATMUL or users[0].args[0] is not cur:
+        site.reason = f"no matmul with v after softmax (its output goes to {_op_name(users[0])})"
+    else:
+        site.reason = outcomes.get(users[0], (None, "no pattern matched"))[1]
+    if _follow_softmax(softmax) == "softmax not over the last dim":
+        site.reason = "softmax not over the last dim"
+    return site
+
+
+# --------------------------------------------------------------------------------------------- the pass
+SITES_KEY = "attention_sites"
+REPORT_KEY = "attention_report"
+
+
+def run(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+    """Replace every recognised attention with one fxopt attention node; report the rest."""
+    sites = find_sites(gm)
+    counts = {pattern.name: 0 for pattern in PATTERNS}
+    counts.update(unmatched=0, fallback=0)
+    notes: list[str] = []
+    report = ctx.options.setdefault(REPORT_KEY, [])
+    records = ctx.options.setdefault(SITES_KEY, [])
+    cache: dict = {}
+    shared: dict = {}
+    for site in sites:
+        record = {"node": site.anchor.name, "module": site.module, "kind": site.kind, "matched": False,
+                  "pattern": None, "reason": site.reason, "info": None, "new_node": None}
+        records.append(record)
+        where = site.module or site.anchor.name
+        if site.plan is None:
+            counts["unmatched"] += 1
+            notes.append(f"{where}: attention-like {site.kind} not rewritten: {site.reason}")
+            continue
+        decision = _classify(site.plan, ctx, cache)
+        node, entry = rewrite(gm, site.plan, decision, ctx, shared)
+        report.append(entry)
+        info = node.meta[ATTENTION_KEY]
+        counts[site.plan.pattern] += 1
+        record.update(matched=True, pattern=site.plan.pattern, info=info, new_node=node.name,
+                      reason=decision.reason or info.fallback_reason)
+        if info.kernel == "sdpa":
+            counts["fallback"] += 1
+            notes.append(f"{where}: SDPA fallback: {info.fallback_reason}")
+    changed = any(counts[p.name] for p in PATTERNS)
+    if changed:
+        finish(gm)
+    return PassResult(changed=changed, notes=notes, counts=counts)
+
+
+__all__ = [
+    "ATTENTION_KEY",
+    "AttentionInfo",
+    "MaskDecision",
+    "MaskPart",
+    "NoMatch",
+    "PATTERNS",
+    "REPORT_KEY",
+    "SITES_KEY",
+    "Pattern",
+    "Plan",
+    "Site",
+    "Step",
+    "find_sites",
+    "match",
+    "rewrite",
+    "run",
+    "unrepeat_kv",
+]

@@ -1,0 +1,182 @@
+"""Flash-Decoding (split-KV) kernel vs the float64 reference, on small random inputs.
+
+Without a GPU the kernels run in the Triton interpreter on CPU tensors (TRITON_INTERPRET=1 is set
+before triton is imported); with a GPU the same tests run compiled on CUDA. bf16 is left to tests/gpu.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import sympy  # noqa: E402
+
+from fxopt.codegen import flash_decoding as fd  # noqa: E402
+from fxopt.codegen.flash_attention import attention_reference  # noqa: E402
+from fxopt.codegen.flash_decoding import (  # noqa: E402
+    choose_num_splits,
+    decode_attention,
+    decode_flops,
+    decode_hbm_bytes,
+    decode_reference,
+)
+
+INTERPRET = fd._INTERPRET  # the mode the kernels were built in (TRITON_INTERPRET at import)
+DEVICE = "cpu" if INTERPRET or not torch.cuda.is_available() else "cuda"
+ATOL = {torch.float16: 1e-3, torch.bfloat16: 8e-3, torch.float32: 1e-5}
+pytestmark = pytest.mark.skipif(DEVICE == "cpu" and not INTERPRET, reason="needs CUDA or TRITON_INTERPRET=1")
+
+
+def eager_decode(q, k, v, kv_len, *, causal, q_offset=None, scale=None):
+    """Unfused decode attention in the input dtype (the error yardstick), masks built independently."""
+    b, hq, sq, d = q.shape
+    max_len = k.shape[2]
+    scale = d**-0.5 if scale is None else scale
+    lengths = kv_len.to(q.device).long().reshape(-1, 1)
+    cols = torch.arange(max_len, device=q.device)
+    allowed = (cols[None, None, :] < lengths[:, :, None]).expand(b, sq, max_len)
+    if causal:
+        offs = lengths - sq if q_offset is None else torch.as_tensor(q_offset, device=q.device).reshape(-1, 1)
+        pos = offs + torch.arange(sq, device=q.device)[None, :]
+        allowed = allowed & (cols[None, None, :] <= pos[:, :, None])
+    group = hq // k.shape[1]
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    scores = ((q @ k.transpose(-1, -2)) * scale).masked_fill(~allowed[:, None], float("-inf"))
+    return torch.softmax(scores, dim=-1).nan_to_num(0.0) @ v
+
+
+def assert_close_to_reference(out, ref64, eager, dtype, what=""):
+    """out's max error vs the float64 reference <= 2x (3x for fp16/bf16) eager's error + a small floor."""
+    assert out.shape == ref64.shape and out.dtype == dtype
+    assert not torch.isnan(out).any(), f"NaN in output {what}"
+    err = (out.double() - ref64).abs().max().item()
+    eager_err = (eager.double() - ref64).abs().max().item()
+    bound = (2.0 if dtype == torch.float32 else 3.0) * eager_err + ATOL[dtype]
+    assert err <= bound, f"{what}: max error {err:.3g} > {bound:.3g} (eager error {eager_err:.3g})"
+
+
+def make_inputs(b, hq, hkv, sq, max_len, d, dtype, *, layout="bhsd", seed=0):
+    gen = torch.Generator().manual_seed(seed)
+
+    def make(h, s):
+        if layout == "bshd":  # cache stored (b, s, h, d), viewed as (b, h, s, d)
+            return torch.randn(b, s, h, d, generator=gen).to(device=DEVICE, dtype=dtype).transpose(1, 2)
+        return torch.randn(b, h, s, d, generator=gen).to(device=DEVICE, dtype=dtype)
+
+    return make(hq, sq), make(hkv, max_len), make(hkv, max_len)
+
+
+def check(q, k, v, kv_len, *, causal, q_offset=None, num_splits=None, what=""):
+    out = decode_attention(q, k, v, kv_len, causal=causal, q_offset=q_offset, num_splits=num_splits)
+    ref64 = decode_reference(q.double(), k.double(), v.double(), kv_len, causal=causal, q_offset=q_offset)
+    eager = eager_decode(q, k, v, kv_len, causal=causal, q_offset=q_offset)
+    assert out.is_contiguous()
+    assert_close_to_reference(out, ref64, eager, q.dtype, what)
+    return out
+
+
+# (b, hq, hkv, sq, max_len, d, layout, kv_len per batch, num_splits)
+CASES = [
+    pytest.param(2, 4, 4, 1, 300, 64, "bhsd", [300, 77], None, id="mha-q1-d64"),
+    pytest.param(2, 8, 2, 1, 257, 32, "bshd", [1, 200], 3, id="gqa4-q1-bshd-d32"),
+    pytest.param(1, 8, 1, 7, 200, 80, "bhsd", [150], 5, id="gqa8-q7-d80"),
+    pytest.param(3, 4, 1, 16, 130, 64, "bshd", [130, 16, 41], 2, id="gqa4-q16"),
+    pytest.param(2, 8, 8, 3, 100, 32, "bhsd", [9, 100], 7, id="mha-q3-many-splits"),
+]
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
+@pytest.mark.parametrize("b, hq, hkv, sq, max_len, d, layout, lens, num_splits", CASES)
+def test_matches_reference(b, hq, hkv, sq, max_len, d, layout, lens, num_splits, dtype, causal):
+    q, k, v = make_inputs(b, hq, hkv, sq, max_len, d, dtype, layout=layout, seed=sq * 100 + max_len)
+    kv_len = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    check(q, k, v, kv_len, causal=causal, num_splits=num_splits, what=f"{dtype} causal={causal}")
+
+
+def test_split_count_does_not_change_result():
+    q, k, v = make_inputs(2, 4, 2, 2, 240, 64, torch.float32, seed=3)
+    kv_len = torch.tensor([240, 131], dtype=torch.int64, device=DEVICE)  # int64 lengths work too
+    outs = [decode_attention(q, k, v, kv_len, num_splits=s) for s in (1, 4, 15)]
+    for out in outs[1:]:
+        torch.testing.assert_close(out, outs[0], rtol=1e-5, atol=1e-6)
+
+
+def test_empty_sequences_and_chunks_are_zero():
+    """kv_len 0 (every chunk empty) gives 0; chunks wholly past kv_len drop out of the merge."""
+    q, k, v = make_inputs(3, 4, 2, 1, 200, 32, torch.float16, seed=4)
+    kv_len = torch.tensor([0, 5, 200], dtype=torch.int32, device=DEVICE)
+    out = check(q, k, v, kv_len, causal=True, num_splits=6)
+    assert (out[0] == 0).all()
+    # more new tokens than valid keys: the first rows see nothing
+    q, k, v = make_inputs(2, 2, 2, 4, 64, 32, torch.float32, seed=5)
+    kv_len = torch.tensor([2, 64], dtype=torch.int32, device=DEVICE)
+    out = check(q, k, v, kv_len, causal=True, num_splits=2)
+    assert (out[0, :, :2] == 0).all()
+
+
+def test_explicit_query_offset():
+    """The KV-cache pass attends with length pos + n and offset pos (int or per-batch tensor)."""
+    q, k, v = make_inputs(2, 8, 2, 3, 96, 64, torch.float16, layout="bshd", seed=6)
+    pos = torch.tensor([40, 7], device=DEVICE)
+    kv_len = (pos + 3).to(torch.int32)
+    by_tensor = check(q, k, v, kv_len, causal=True, q_offset=pos, num_splits=3)
+    by_default = decode_attention(q, k, v, kv_len, causal=True, num_splits=3)
+    torch.testing.assert_close(by_tensor, by_default, rtol=0, atol=0)
+    check(q, k, v, kv_len, causal=True, q_offset=10, num_splits=2)
+
+
+def test_broadcast_query():
+    """A stride-0 query (one token's q shared by the batch) and caches read through their strides."""
+    q, k, v = make_inputs(3, 4, 2, 1, 90, 32, torch.float16, seed=8)
+    q = q[:1].expand(3, -1, -1, -1)
+    kv_len = torch.tensor([90, 33, 64], dtype=torch.int32, device=DEVICE)
+    check(q, k, v, kv_len, causal=True, num_splits=3)
+
+
+def test_reference_semantics():
+    """decode_reference: query i sees keys j < kv_len - sq + i + 1, and nothing past kv_len."""
+    q, k, v = (t.double().cpu() for t in make_inputs(1, 2, 1, 3, 20, 16, torch.float32, seed=7))
+    ref = decode_reference(q, k, v, torch.tensor([12]), causal=True)
+    for i in range(3):
+        visible = 12 - 3 + i + 1
+        row = attention_reference(q[:, :, i : i + 1], k[:, :, :visible], v[:, :, :visible])
+        torch.testing.assert_close(ref[:, :, i : i + 1], row)
+
+
+def test_kernel_path_is_active():
+    assert fd._use_kernel(torch.empty(1, device=DEVICE))
+
+
+def test_rejects_bad_inputs():
+    q, k, v = make_inputs(1, 4, 2, 17, 64, 32, torch.float32)
+    kv_len = torch.tensor([64], dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match="q_len 17"):
+        decode_attention(q, k, v, kv_len)
+    with pytest.raises(ValueError, match="multiple"):
+        decode_attention(q[:, :3, :1], k, v, kv_len)
+
+
+def test_choose_num_splits():
+    # batch 1, 8 KV heads: about 3 programs per SM of 132, never more
+    assert choose_num_splits(8, 16384, 132) == 49
+    assert choose_num_splits(8, 1 << 20, 132) == 49
+    assert choose_num_splits(32, 131072, 132) == 12
+    assert choose_num_splits(1024, 4096, 132) == 1  # the batch alone fills the GPU
+    assert choose_num_splits(8, 100, 132) == 1  # too short to split
+    assert choose_num_splits(8, 1024, 132) == 4  # capped by the 256-key minimum chunk
+    for bh, n in [(1, 1), (3, 1000), (64, 70000), (5, 10**6)]:
+        s = choose_num_splits(bh, n, 108)
+        assert s >= 1 and (s == 1 or (n // s >= 256 and bh * s <= 3 * 108))
+
+
+def test_cost_formulas():
+    assert decode_flops(1, 32, 1, 16384, 128, causal=False) == 4 * 32 * 16384 * 128
+    kv_bytes = 2 * 8 * 16384 * 128 * 2
+    assert decode_hbm_bytes(1, 32, 8, 1, 16384, 128, 2) == kv_bytes + 2 * 32 * 128 * 2 + 2 * 32 * 130 * 4
+    b, n = sympy.symbols("b n", positive=True, integer=True)
+    expr = decode_hbm_bytes(b, 32, 8, 1, n, 128, 2, num_splits=4)
+    assert sympy.Poly(sympy.expand(expr), n).coeff_monomial(n) == 2 * b * 8 * 128 * 2

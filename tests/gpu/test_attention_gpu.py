@@ -1,0 +1,290 @@
+"""Full-size attention kernel tests on CUDA: flash_attention and decode_attention vs the float64
+reference, every tile of the tuning list, autotuned launch, and CUDA-graph capture and replay.
+
+Skipped without a GPU (tests/gpu/conftest.py). Tolerance: max error vs float64 <= 2x (fp32) or 3x
+(fp16/bf16) the error of unfused eager attention in the input dtype, plus a small floor.
+"""
+
+import pytest
+import torch
+
+from fxopt.codegen import flash_attention as fa
+from fxopt.codegen.flash_attention import attention_reference, flash_attention
+from fxopt.codegen.flash_decoding import decode_attention, decode_reference
+
+DEVICE = "cuda"
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available() or fa._INTERPRET,
+    reason="needs CUDA and compiled kernels (TRITON_INTERPRET=1 at import builds interpreted ones)",
+)
+ATOL = {torch.float16: 1e-3, torch.bfloat16: 8e-3, torch.float32: 1e-5}
+DTYPES = [
+    pytest.param(torch.bfloat16, id="bf16"),
+    pytest.param(torch.float16, id="fp16"),
+    pytest.param(torch.float32, id="fp32"),
+]
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def allowed_mask(b, sq, skv, *, causal, key_padding_mask=None, q_offset=0, kv_len=None):
+    allowed = torch.ones((b, sq, skv), dtype=torch.bool, device=DEVICE)
+    cols = torch.arange(skv, device=DEVICE)
+    if key_padding_mask is not None:
+        allowed &= key_padding_mask[:, None, :]
+    if kv_len is not None:
+        allowed &= (cols[None, :] < kv_len.reshape(-1, 1))[:, None, :]
+    if causal:
+        offs = torch.as_tensor(q_offset, device=DEVICE).reshape(-1, 1)
+        allowed &= cols[None, None, :] <= (offs + torch.arange(sq, device=DEVICE)[None, :])[:, :, None]
+    return allowed
+
+
+def eager_attention(q, k, v, allowed, scale=None):
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    scores = ((q @ k.transpose(-1, -2)) * scale).masked_fill(~allowed[:, None], float("-inf"))
+    return torch.softmax(scores, dim=-1).nan_to_num(0.0) @ v
+
+
+def assert_close_to_reference(out, ref64, eager, dtype, what=""):
+    assert out.shape == ref64.shape and out.dtype == dtype
+    assert not torch.isnan(out).any(), f"NaN in output {what}"
+    err = (out.double() - ref64).abs().max().item()
+    eager_err = (eager.double() - ref64).abs().max().item()
+    bound = (2.0 if dtype == torch.float32 else 3.0) * eager_err + ATOL[dtype]
+    assert err <= bound, f"{what}: max error {err:.3g} > {bound:.3g} (eager error {eager_err:.3g})"
+
+
+def randn(*shape, dtype, gen, layout="bhsd"):
+    """Random (b, h, s, d); 'bshd' = transpose of a (b, s, h, d) tensor, 'dlast' = d not unit-stride."""
+    b, h, s, d = shape
+    if layout == "bshd":
+        return torch.randn(b, s, h, d, generator=gen, device=DEVICE).to(dtype).transpose(1, 2)
+    if layout == "dlast":
+        return torch.randn(b, h, d, s, generator=gen, device=DEVICE).to(dtype).transpose(2, 3)
+    return torch.randn(b, h, s, d, generator=gen, device=DEVICE).to(dtype)
+
+
+def check_flash(q, k, v, *, causal, key_padding_mask=None, q_offset=0, kv_len=None, tile=None, what=""):
+    b, _, sq, _ = q.shape
+    skv = k.shape[2]
+    allowed = allowed_mask(b, sq, skv, causal=causal, key_padding_mask=key_padding_mask, q_offset=q_offset,
+                           kv_len=kv_len)
+    key_mask = allowed_mask(b, 1, skv, causal=False, key_padding_mask=key_padding_mask, kv_len=kv_len)[:, 0]
+    kwargs = dict(causal=causal, key_padding_mask=key_padding_mask, q_offset=q_offset, kv_len=kv_len)
+    if tile is None:
+        out = flash_attention(q, k, v, **kwargs)
+    else:
+        out = fa._launch(q, k, v, scale=None, tile=tile, **kwargs)
+    ref64 = attention_reference(q.double(), k.double(), v.double(), causal=causal, key_padding_mask=key_mask,
+                                q_offset=q_offset)
+    assert out.is_contiguous()
+    assert_close_to_reference(out, ref64, eager_attention(q, k, v, allowed), q.dtype, what)
+    return out
+
+
+def check_decode(q, k, v, kv_len, *, causal=True, q_offset=None, num_splits=None, what=""):
+    b, _, sq, _ = q.shape
+    out = decode_attention(q, k, v, kv_len, causal=causal, q_offset=q_offset, num_splits=num_splits)
+    ref64 = decode_reference(q.double(), k.double(), v.double(), kv_len, causal=causal, q_offset=q_offset)
+    offs = kv_len.long() - sq if q_offset is None else q_offset
+    allowed = allowed_mask(b, sq, k.shape[2], causal=causal, q_offset=offs, kv_len=kv_len)
+    assert_close_to_reference(out, ref64, eager_attention(q, k, v, allowed), q.dtype, what)
+    return out
+
+
+# ------------------------------------------------------------------ flash_attention grid
+
+# (b, hq, hkv, sq, skv, d, layout, causal, padding mask, q_offset, kv_len)
+FLASH_CASES = [
+    pytest.param(2, 8, 8, 128, 128, 64, "bhsd", True, False, 0, None, id="q128-mha-d64-causal"),
+    pytest.param(2, 32, 8, 1000, 1000, 128, "bshd", True, False, 0, None, id="q1000-gqa4-d128-causal"),
+    pytest.param(1, 8, 1, 1000, 1537, 128, "bhsd", False, True, 0, None, id="q1000-gqa8-d128-pad"),
+    pytest.param(2, 16, 4, 7, 1029, 96, "bshd", True, False, "tensor", "kvlen", id="q7-gqa4-d96-offsets"),
+    pytest.param(3, 8, 8, 1, 4100, 256, "bhsd", True, False, 4099, None, id="q1-d256-offset"),
+    pytest.param(2, 4, 1, 128, 333, 80, "dlast", False, True, 0, "kvlen", id="q128-gqa4-d80-dlast"),
+    pytest.param(1, 8, 2, 1000, 1000, 32, "bhsd", True, False, 0, None, id="q1000-gqa4-d32-causal"),
+    pytest.param(2, 4, 4, 128, 700, 256, "bshd", True, True, 572, "kvlen", id="q128-d256-bottom-right"),
+    pytest.param(2, 12, 4, 1000, 1000, 64, "bhsd", False, False, 0, None, id="q1000-gqa3-d64"),
+    pytest.param(1, 8, 8, 7, 129, 80, "bhsd", True, False, 122, None, id="q7-d80-offset"),
+    pytest.param(2, 8, 1, 128, 513, 96, "bshd", False, False, 0, "kvlen", id="q128-gqa8-d96-kvlen"),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("b, hq, hkv, sq, skv, d, layout, causal, pad, q_offset, kv_len", FLASH_CASES)
+def test_flash_attention(b, hq, hkv, sq, skv, d, layout, causal, pad, q_offset, kv_len, dtype):
+    gen = torch.Generator(device=DEVICE).manual_seed(sq * 7 + skv + d)
+    q = randn(b, hq, sq, d, dtype=dtype, gen=gen, layout=layout)
+    k = randn(b, hkv, skv, d, dtype=dtype, gen=gen, layout=layout)
+    v = randn(b, hkv, skv, d, dtype=dtype, gen=gen, layout=layout)
+    mask = None
+    if pad:
+        mask = torch.rand(b, skv, generator=gen, device=DEVICE) > 0.25
+        mask[:, 0] = True
+    if q_offset == "tensor":
+        q_offset = torch.randint(0, skv, (b,), generator=gen, device=DEVICE)
+    if kv_len == "kvlen":
+        kv_len = torch.randint(1, skv + 1, (b,), generator=gen, device=DEVICE, dtype=torch.int32)
+        kv_len[0] = skv - 3
+    check_flash(q, k, v, causal=causal, key_padding_mask=mask, q_offset=q_offset, kv_len=kv_len,
+                what=str(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_flash_fully_masked_rows(dtype):
+    gen = torch.Generator(device=DEVICE).manual_seed(1)
+    b, hq, hkv, sq, skv, d = 3, 8, 2, 128, 300, 128
+    q, k, v = (randn(b, h, s, d, dtype=dtype, gen=gen) for h, s in ((hq, sq), (hkv, skv), (hkv, skv)))
+    mask = torch.rand(b, skv, generator=gen, device=DEVICE) > 0.5
+    mask[0] = False
+    mask[1:, 0] = True
+    kv_len = torch.tensor([300, 250, 0], dtype=torch.int32, device=DEVICE)
+    out = check_flash(q, k, v, causal=True, key_padding_mask=mask, kv_len=kv_len)
+    assert (out[0] == 0).all() and (out[2] == 0).all()
+    out = check_flash(q, k, v, causal=True, q_offset=-5)
+    assert (out[:, :, :5] == 0).all()
+
+
+def _tiles_for(d):
+    return [pytest.param(d, t, id=f"d{d}-m{t[0]}n{t[1]}w{t[2]}s{t[3]}") for t in fa._TILES[fa._block_d(d)]]
+
+
+@pytest.mark.parametrize("d, tile", _tiles_for(64) + _tiles_for(128) + _tiles_for(256))
+def test_every_tuning_tile(d, tile):
+    """Each candidate config computes the right thing (the autotuner may pick any of them)."""
+    from triton.runtime.errors import OutOfResources
+
+    gen = torch.Generator(device=DEVICE).manual_seed(d)
+    b, hq, hkv, sq, skv = 2, 8, 2, 300, 517
+    q = randn(b, hq, sq, d, dtype=torch.bfloat16, gen=gen, layout="bshd")
+    k = randn(b, hkv, skv, d, dtype=torch.bfloat16, gen=gen)
+    v = randn(b, hkv, skv, d, dtype=torch.bfloat16, gen=gen)
+    offs = torch.tensor([217, 0], device=DEVICE)
+    kv_len = torch.tensor([517, 301], dtype=torch.int32, device=DEVICE)
+    try:
+        check_flash(q, k, v, causal=True, q_offset=offs, kv_len=kv_len, tile=tile, what=str(tile))
+        if d == 128:  # the unmasked fast path alone (no diagonal, no tail)
+            check_flash(q, k[:, :, :512], v[:, :, :512], causal=False, tile=tile, what=str(tile))
+    except OutOfResources as err:
+        pytest.skip(f"tile does not fit this GPU ({err}); the autotuner skips it too")
+
+
+def test_autotuned_prefill(monkeypatch):
+    monkeypatch.setenv("FXOPT_ATTN_AUTOTUNE", "1")
+    gen = torch.Generator(device=DEVICE).manual_seed(2)
+    b, h, n, d = 2, 16, 2048, 128
+    q, k, v = (randn(b, h, n, d, dtype=torch.bfloat16, gen=gen) for _ in range(3))
+    check_flash(q, k, v, causal=True)
+    check_flash(q, k, v, causal=False)
+
+
+def test_flash_attention_cuda_graph():
+    """Prefill into a static cache: kv_len and q_offset are device tensors changed between replays."""
+    gen = torch.Generator(device=DEVICE).manual_seed(3)
+    b, hq, hkv, sq, cap, d = 2, 8, 2, 64, 1024, 128
+    q = randn(b, hq, sq, d, dtype=torch.bfloat16, gen=gen)
+    k = randn(b, hkv, cap, d, dtype=torch.bfloat16, gen=gen)
+    v = randn(b, hkv, cap, d, dtype=torch.bfloat16, gen=gen)
+    pos = torch.tensor([0, 0], device=DEVICE)
+    kv_len = torch.tensor([64, 64], dtype=torch.int32, device=DEVICE)
+    run = lambda: flash_attention(q, k, v, causal=True, q_offset=pos, kv_len=kv_len)  # noqa: E731
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        run()  # compile / tune outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run()
+    for p0, p1 in [(0, 0), (100, 900), (960, 3)]:
+        pos.copy_(torch.tensor([p0, p1]))
+        kv_len.copy_(pos + sq)
+        q.copy_(torch.randn(q.shape, generator=gen, device=DEVICE))
+        graph.replay()
+        torch.cuda.synchronize()
+        key_mask = allowed_mask(b, 1, cap, causal=False, kv_len=kv_len)[:, 0]
+        ref64 = attention_reference(q.double(), k.double(), v.double(), causal=True,
+                                    key_padding_mask=key_mask, q_offset=pos)
+        allowed = allowed_mask(b, sq, cap, causal=True, q_offset=pos, kv_len=kv_len)
+        assert_close_to_reference(out, ref64, eager_attention(q, k, v, allowed), q.dtype, f"pos {p0},{p1}")
+
+
+# ------------------------------------------------------------------ decode
+
+# (b, hq, hkv, sq, max_len, d, layout, kv_len per batch)
+DECODE_CASES = [
+    pytest.param(2, 32, 8, 1, 16384, 128, "bhsd", [16384, 9001], id="kv16k-gqa4-q1"),
+    pytest.param(4, 32, 8, 7, 16384, 128, "bshd", [1, 300, 4097, 16384], id="kv16k-gqa4-q7-varied"),
+    pytest.param(1, 32, 32, 1, 32768, 128, "bhsd", [32768], id="kv32k-mha"),
+    pytest.param(2, 16, 2, 16, 5000, 64, "bshd", [5000, 2049], id="gqa8-q16-d64"),
+    pytest.param(3, 8, 8, 3, 4000, 80, "bhsd", [17, 3999, 2500], id="mha-q3-d80"),
+    pytest.param(2, 8, 1, 1, 6000, 256, "bhsd", [6000, 777], id="gqa8-d256"),
+    pytest.param(2, 12, 4, 4, 3000, 96, "bshd", [2999, 64], id="gqa3-d96"),
+    pytest.param(2, 8, 4, 1, 2048, 32, "bhsd", [0, 2048], id="d32-empty-seq"),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("b, hq, hkv, sq, max_len, d, layout, lens", DECODE_CASES)
+def test_decode_attention(b, hq, hkv, sq, max_len, d, layout, lens, dtype):
+    if dtype == torch.float32 and max_len > 16384:
+        pytest.skip("fp32 at 32k adds nothing but memory")
+    gen = torch.Generator(device=DEVICE).manual_seed(max_len + d)
+    q = randn(b, hq, sq, d, dtype=dtype, gen=gen, layout=layout)
+    k = randn(b, hkv, max_len, d, dtype=dtype, gen=gen, layout=layout)
+    v = randn(b, hkv, max_len, d, dtype=dtype, gen=gen, layout=layout)
+    kv_len = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    out = check_decode(q, k, v, kv_len, what=str(dtype))
+    for i, n in enumerate(lens):
+        if n == 0:
+            assert (out[i] == 0).all()
+    if sq > 1:
+        check_decode(q, k, v, kv_len, causal=False, what=f"{dtype} non-causal")
+
+
+def test_decode_explicit_offsets_and_splits():
+    gen = torch.Generator(device=DEVICE).manual_seed(4)
+    b, hq, hkv, sq, max_len, d = 2, 32, 8, 4, 8192, 128
+    q = randn(b, hq, sq, d, dtype=torch.bfloat16, gen=gen)
+    k = randn(b, hkv, max_len, d, dtype=torch.bfloat16, gen=gen)
+    v = randn(b, hkv, max_len, d, dtype=torch.bfloat16, gen=gen)
+    pos = torch.tensor([5000, 17], device=DEVICE)
+    kv_len = (pos + sq).to(torch.int64)
+    base = check_decode(q, k, v, kv_len, q_offset=pos)
+    for splits in (1, 3, 128):
+        torch.testing.assert_close(decode_attention(q, k, v, kv_len, num_splits=splits), base,
+                                   rtol=2e-2, atol=2e-2)
+
+
+def test_decode_cuda_graph_replay():
+    """Capture one decode step; replays with different kv_len (and q) give the reference result."""
+    gen = torch.Generator(device=DEVICE).manual_seed(5)
+    b, hq, hkv, sq, max_len, d = 2, 32, 8, 1, 8192, 128
+    q = randn(b, hq, sq, d, dtype=torch.bfloat16, gen=gen)
+    k = randn(b, hkv, max_len, d, dtype=torch.bfloat16, gen=gen)
+    v = randn(b, hkv, max_len, d, dtype=torch.bfloat16, gen=gen)
+    kv_len = torch.tensor([100, 200], dtype=torch.int32, device=DEVICE)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        decode_attention(q, k, v, kv_len)  # compile outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = decode_attention(q, k, v, kv_len)
+    for lens in ([100, 200], [1, 8192], [8192, 0], [4097, 2500], [100, 200]):
+        kv_len.copy_(torch.tensor(lens, dtype=torch.int32))
+        q.copy_(torch.randn(q.shape, generator=gen, device=DEVICE))
+        graph.replay()
+        torch.cuda.synchronize()
+        ref64 = decode_reference(q.double(), k.double(), v.double(), kv_len)
+        allowed = allowed_mask(b, sq, max_len, causal=True, q_offset=kv_len.long() - sq, kv_len=kv_len)
+        assert_close_to_reference(out, ref64, eager_attention(q, k, v, allowed), q.dtype, f"lens {lens}")
+
+
+def test_kernels_are_compiled():
+    assert not fa._INTERPRET and fa._use_kernel(torch.empty(1, device=DEVICE))
