@@ -8,7 +8,8 @@ symbolic shapes, and one eager implementation that picks a kernel by shape:
     fxopt::cached_attention(q, k_cache, v_cache, kv_start, kv_len, scale)
         causal attention of the newest sq tokens over a static cache: Flash-Decoding for sq <= 16.
     fxopt::cache_write(cache, new, pos)
-        writes new K/V rows into a static cache at positions [pos, pos + n), in place.
+        writes new K/V rows into a static cache at positions [pos, pos + n), in place (pos: a 0-dim
+        start, or the (n,) slot indices).
 
 Shapes: q (b, hq, sq, d); k, v (b, hkv, skv, d) with hq % hkv == 0 (GQA is never materialised);
 caches (b, hkv, max_len, d). kv_start / kv_len are (b,) device int tensors: row b's valid keys are
@@ -16,6 +17,8 @@ caches (b, hkv, max_len, d). kv_start / kv_len are (b,) device int tensors: row 
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +30,12 @@ DECODE_MAX_QUERIES = 16
 
 
 def _kernel_available(t: torch.Tensor) -> bool:
-    return prefill._use_kernel(t)
+    """Kernels on CUDA tensors. On CPU the ops run the plain-PyTorch references (the optimized model on CPU
+    is a reference run), even under TRITON_INTERPRET=1 -- kernel tests call the kernels directly; set
+    FXOPT_INTERPRET_OPS=1 as well to route the ops themselves through the interpreted kernels."""
+    if t.is_cuda:
+        return True
+    return os.environ.get("FXOPT_INTERPRET_OPS", "0") == "1" and prefill._use_kernel(t)
 
 
 def sdpa_fallback(q, k, v, key_padding_mask, attn_bias, causal: bool, scale: float) -> torch.Tensor:
@@ -108,9 +116,13 @@ def _(q, k_cache, v_cache, kv_start, kv_len, scale):
 
 @torch.library.custom_op("fxopt::cache_write", mutates_args=("cache",))
 def cache_write(cache: torch.Tensor, new: torch.Tensor, pos: torch.Tensor) -> None:
-    """cache[:, :, pos:pos + n] = new, with pos a 0-dim device tensor (no host sync: graph-capturable)."""
+    """cache[:, :, pos:pos + n] = new, with pos a 0-dim device tensor (no host sync: graph-capturable).
+
+    pos may also be the (n,) slot indices themselves (pos + arange(n), computed once per step and shared
+    by every layer's writes): then the write is a single index_copy_ kernel.
+    """
     n = new.shape[2]
-    index = pos + torch.arange(n, device=cache.device)  # (n,)
+    index = pos if pos.dim() == 1 else pos + torch.arange(n, device=cache.device)  # (n,)
     cache.index_copy_(2, index, new.to(cache.dtype))
 
 

@@ -48,14 +48,18 @@ DEFAULT_SM_COUNT = 132  # H100 SXM, assumed when no GPU is present
 # --------------------------------------------------------------------------------------------------
 
 
-def decode_reference(q, k_cache, v_cache, kv_len, *, scale=None, causal=True, q_offset=None):
-    """attention_reference with decode semantics: key j of batch b is valid when j < kv_len[b]; with
-    causal, query i sits at q_offset[b] + i, and q_offset defaults to kv_len - sq (the new tokens are
-    the last sq valid positions, so query i sees keys j < kv_len - sq + i + 1)."""
+def decode_reference(q, k_cache, v_cache, kv_len, *, scale=None, causal=True, q_offset=None, kv_start=None):
+    """attention_reference with decode semantics: key j of batch b is valid when
+    kv_start[b] <= j < kv_len[b] (kv_start: left padding, default 0); with causal, query i sits at
+    q_offset[b] + i, and q_offset defaults to kv_len - sq (the new tokens are the last sq valid
+    positions, so query i sees keys j < kv_len - sq + i + 1)."""
     b, _, sq, _ = q.shape
     max_len = k_cache.shape[2]
     lengths = _offsets_tensor(kv_len, b, q.device)
-    mask = torch.arange(max_len, device=q.device)[None, :] < lengths[:, None]
+    keys = torch.arange(max_len, device=q.device)[None, :]
+    mask = keys < lengths[:, None]
+    if kv_start is not None:
+        mask = mask & (keys >= _offsets_tensor(kv_start, b, q.device)[:, None])
     offset = lengths - sq if q_offset is None else q_offset
     return attention_reference(q, k_cache, v_cache, causal=causal, scale=scale, key_padding_mask=mask,
                                q_offset=offset)
@@ -113,18 +117,18 @@ def _device_sm_count(device: torch.device) -> int:
 
 @triton.jit(do_not_specialize=["q_offset"])
 def _decode_split_kernel(
-    Q, K, V, KV_LEN, Q_OFF, MID_O, MID_ML,
+    Q, K, V, KV_LEN, KV_START, Q_OFF, MID_O, MID_ML,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     HKV, GROUP, SQ, MAX_LEN, CHUNK, NUM_SPLITS, q_offset, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, Q_OFF_MODE: tl.constexpr, DOT_PREC: tl.constexpr,
+    CAUSAL: tl.constexpr, Q_OFF_MODE: tl.constexpr, DOT_PREC: tl.constexpr, HAS_START: tl.constexpr,
 ):
     # One program = one chunk of CHUNK keys of one (batch, KV head), for BLOCK_M of the group's
     # GROUP * SQ query rows (row r = query head hk * GROUP + r // SQ, token r % SQ). Per program:
     #   reads   K, V: min(CHUNK, valid keys of the chunk) * HEAD_DIM elements each (the bulk)
-    #           Q: BLOCK_M * HEAD_DIM elements; kv_len[b] (and q_offset[b]): one scalar each
+    #           Q: BLOCK_M * HEAD_DIM elements; kv_len[b] (and q_offset[b], kv_start[b]): one scalar each
     #   writes  partial output BLOCK_M * BLOCK_D fp32 and (max, sum) 2 * BLOCK_M fp32.
     pid_s = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -155,6 +159,8 @@ def _decode_split_kernel(
     kv_end = tl.minimum(n_valid, MAX_LEN)
     lo = pid_s * CHUNK
     hi = tl.minimum(lo + CHUNK, kv_end)
+    if HAS_START:  # keys below kv_start[b] (left padding) are never read
+        lo = tl.maximum(lo, tl.load(KV_START + b).to(tl.int32))
     if CAUSAL:
         hi = tl.minimum(hi, q_off + SQ)  # no row of this program sees a key at or past q_off + SQ
         q_pos = q_off + tok
@@ -257,7 +263,7 @@ def _decode_tiles(block_d: int, rows: int, elem: int):
     return block_m, block_n, num_warps, num_stages
 
 
-def _check_decode(q, k_cache, v_cache, kv_len, scale):
+def _check_decode(q, k_cache, v_cache, kv_len, scale, kv_start=None):
     if q.dim() != 4 or k_cache.dim() != 4 or v_cache.dim() != 4:
         raise ValueError("decode_attention: q, k_cache, v_cache must be 4-d (b, h, s, d)")
     b, hq, sq, d = q.shape
@@ -274,23 +280,33 @@ def _check_decode(q, k_cache, v_cache, kv_len, scale):
         raise ValueError(f"decode_attention: q_len {sq} > {MAX_DECODE_Q}; use flash_attention")
     if isinstance(kv_len, torch.Tensor) and kv_len.device != q.device:
         raise ValueError(f"decode_attention: kv_len on {kv_len.device}, q on {q.device}")
+    if kv_start is not None:
+        if not isinstance(kv_start, torch.Tensor) or kv_start.dtype not in (torch.int32, torch.int64) or (
+            kv_start.numel() not in (1, b)
+        ):
+            raise ValueError("decode_attention: kv_start must be a (b,) int32/int64 tensor")
+        if kv_start.device != q.device:
+            raise ValueError(f"decode_attention: kv_start on {kv_start.device}, q on {q.device}")
     if b * k_cache.shape[1] > MAX_GRID_Y:
         raise ValueError(f"decode_attention: batch*kv heads {b * k_cache.shape[1]} > {MAX_GRID_Y} (grid limit)")
     if scale is not None and not scale > 0:
         raise ValueError(f"decode_attention: non-positive scale {scale}")
 
 
-def decode_attention(q, k_cache, v_cache, kv_len, *, scale=None, causal=True, q_offset=None, num_splits=None):
-    """Attention of q (b, hq, sq <= 16, d) over the first kv_len[b] keys of static caches
+def decode_attention(q, k_cache, v_cache, kv_len, *, scale=None, causal=True, q_offset=None, num_splits=None,
+                     kv_start=None):
+    """Attention of q (b, hq, sq <= 16, d) over keys [kv_start[b], kv_len[b]) of static caches
     (b, hkv, max_len, d); returns (b, hq, sq, d) contiguous. Semantics of decode_reference.
 
-    kv_len is a (b,) int32/int64 device tensor, read only by the kernels (CUDA-graph safe). q_offset
-    (int or (b,) tensor) overrides the default causal offset kv_len - sq. num_splits overrides
-    choose_num_splits. On CPU without TRITON_INTERPRET=1 it computes the reference.
+    kv_len is a (b,) int32/int64 device tensor, read only by the kernels (CUDA-graph safe); so is the
+    optional kv_start (left padding: keys below it are masked, and never read). q_offset (int or (b,)
+    tensor) overrides the default causal offset kv_len - sq. num_splits overrides choose_num_splits.
+    On CPU without TRITON_INTERPRET=1 it computes the reference.
     """
-    _check_decode(q, k_cache, v_cache, kv_len, scale)
+    _check_decode(q, k_cache, v_cache, kv_len, scale, kv_start)
     if not _use_kernel(q):
-        return decode_reference(q, k_cache, v_cache, kv_len, scale=scale, causal=causal, q_offset=q_offset)
+        return decode_reference(q, k_cache, v_cache, kv_len, scale=scale, causal=causal, q_offset=q_offset,
+                                kv_start=kv_start)
     b, hq, sq, d = q.shape
     hkv, max_len = k_cache.shape[1], k_cache.shape[2]
     group = hq // hkv
@@ -311,6 +327,9 @@ def decode_attention(q, k_cache, v_cache, kv_len, *, scale=None, causal=True, q_
         q_off_mode, q_off_int = 2, 0
     else:
         q_off_mode, q_off_t, q_off_int = 1, kv_len, int(q_offset)
+    if kv_start is not None:
+        kv_start = kv_start.reshape(-1).expand(b)
+        kv_start = kv_start if kv_start.stride(0) == 1 else kv_start.contiguous()
 
     block_d = _block_d(d)
     rows = group * sq
@@ -325,11 +344,12 @@ def decode_attention(q, k_cache, v_cache, kv_len, *, scale=None, causal=True, q_
     mid_o = torch.empty((b * hq * sq, num_splits, block_d), dtype=torch.float32, device=q.device)
     mid_ml = torch.empty((b * hq * sq, num_splits, 2), dtype=torch.float32, device=q.device)
     _decode_split_kernel[(num_splits, b * hkv, row_blocks)](
-        q, k_cache, v_cache, kv_len, q_off_t, mid_o, mid_ml,
+        q, k_cache, v_cache, kv_len, kv_start if kv_start is not None else kv_len, q_off_t, mid_o, mid_ml,
         *q.stride(), *k_cache.stride(), *v_cache.stride(),
         hkv, group, sq, max_len, chunk, num_splits, q_off_int, scale * LOG2E,
         HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
         CAUSAL=bool(causal), Q_OFF_MODE=q_off_mode, DOT_PREC=_dot_precision(q.dtype),
+        HAS_START=kv_start is not None,
         num_warps=num_warps, num_stages=num_stages,
     )
     block_s = min(triton.next_power_of_2(num_splits), max(1, 4096 // block_d))

@@ -197,12 +197,29 @@ def add_cli(subparsers) -> None:
     parser.add_argument("--cuda-graph", action="store_true", help="also time fxopt replayed from a CUDA graph")
     parser.add_argument("--layers", type=int, default=None, help="override the preset's layer count")
     parser.add_argument("--json")
+    parser.add_argument("--decode", action="store_true",
+                        help="generation instead: eager recompute, HF caches, HF static+compile and fxopt")
+    parser.add_argument("--configs", default="1x512x256,8x512x256,1x8192x256",
+                        help="with --decode: batch x prompt x new-tokens, comma separated")
+    parser.add_argument("--suite", choices=["fused", "attention"],
+                        help="instead of a model: the fused-kernel or attention-kernel benchmark suite")
     parser.set_defaults(func=_cmd_bench)
 
 
 def _cmd_bench(args) -> int:
     from fxopt.cli import DTYPES
 
+    if args.suite:
+        from fxopt import bench_attention, bench_fused
+
+        {"fused": bench_fused, "attention": bench_attention}[args.suite].run(args.json)
+        return 0
+    if args.decode:
+        from fxopt import bench_decode
+
+        bench_decode.run(args.model, dtype=args.dtype, configs=bench_decode._parse_configs(args.configs),
+                         json_path=args.json)
+        return 0
     overrides = {"n_layers": args.layers} if args.layers else {}
     if args.model not in models.PRESETS:
         overrides = {}

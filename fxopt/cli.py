@@ -82,10 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
     annotate.add_argument("--no-fusion", action="store_true", help="do not outline fusion regions")
     annotate.set_defaults(func=cmd_annotate)
 
-    from fxopt import bench, explain
+    from fxopt import bench, explain, generate
 
     bench.add_cli(sub)
     explain.add_cli(sub)
+    generate.add_cli(sub)
 
     calibrate = sub.add_parser("calibrate", help="measure copy bandwidth and bf16 matmul rate on this GPU")
     calibrate.set_defaults(func=cmd_calibrate)

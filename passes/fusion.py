@@ -20,11 +20,12 @@ from dataclasses import dataclass, field
 import networkx as nx
 import sympy
 import torch
+from torch import fx
+
 from fxopt.codegen import ops as codegen_ops
 from fxopt.codegen.fused import FusedKernel, UnsupportedRegion, compile_region
 from fxopt.passes.cost import COST_KEY, FREE, Cost, nbytes, tensor_vals
 from fxopt.passes.infra import PassContext, PassResult, finish
-from torch import fx
 
 REGION_KEY = "fxopt.region"
 

@@ -61,7 +61,7 @@ def _refuse(node: fx.Node, why: str, hint: str = "") -> KVCacheError:
     where = _source_line(node)
     msg = f"kv_cache: cannot insert a KV cache: node `{node.name}` ({_op_name(node)}) {why}"
     if where:
-        msg += f"\n  model code: {where}"
+        msg += f"\n  model code:\n    {where}"
     if hint:
         msg += f"\n  {hint}"
     return KVCacheError(msg)
@@ -75,9 +75,11 @@ def _op_name(node: fx.Node) -> str:
 
 
 def _source_line(node: fx.Node) -> str:
+    """The model's source lines that produced `node` (its last two stack frames)."""
     trace = node.meta.get("stack_trace") or ""
     lines = [ln.strip() for ln in trace.strip().splitlines() if ln.strip()]
-    return " ".join(lines[-2:])[:300] if lines else ""
+    frames = [f"{lines[i]}: {lines[i + 1]}" for i in range(len(lines) - 1) if lines[i].startswith("File ")]
+    return "\n    ".join(frames[-2:])[:600]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -222,19 +224,23 @@ def _evaluate_mask(gm: fx.GraphModule, mask: fx.Node, ids: fx.Node, batch: int, 
         return sub(*inputs)
 
 
-def _is_causal_pattern(mask: torch.Tensor, seq: int) -> bool:
-    """True when `mask` (bool keep-mask or additive bias, broadcastable (..., s, s)) is exactly causal."""
+def _causal_mismatch(mask: torch.Tensor, seq: int) -> str | None:
+    """None when `mask` (bool keep-mask or additive bias, broadcastable (..., s, s)) is exactly causal, else why."""
     if mask.dim() < 2 or mask.shape[-1] != seq or mask.shape[-2] != seq:
-        return False
+        return f"its shape {tuple(mask.shape)} is not (..., {seq}, {seq})"
     tril = torch.ones(seq, seq, dtype=torch.bool, device=mask.device).tril()
     if mask.dtype == torch.bool:
         keep = mask
     else:
         m = mask.float()
         if not bool(((m == 0) | (m <= -1e4)).all()):
-            return False
+            return "it is an additive bias with values other than 0 and -inf (a position-dependent bias)"
         keep = m == 0
-    return bool((keep == tril).all())
+    if bool((keep & ~tril).any()):
+        return "a position sees later keys"
+    if bool((~keep & tril).any()):
+        return "a position misses earlier keys (a banded or padding mask)"
+    return None
 
 
 def prove_causal(gm: fx.GraphModule, ids: fx.Node) -> dict[str, int]:
@@ -243,6 +249,7 @@ def prove_causal(gm: fx.GraphModule, ids: fx.Node) -> dict[str, int]:
     Rewrites gm in place; masks proven causal become dead code (removed).
     """
     counts = {"sdpa_normalised": 0, "masks_proven_causal": 0, "attention": 0}
+    remove_dead_code(gm)  # attentions replaced by an earlier pass but left behind are not ours to check
     for node in list(gm.graph.nodes):
         if node.op == "call_function" and node.target == SDPA:
             _sdpa_to_attention(gm, node)
@@ -267,11 +274,10 @@ def prove_causal(gm: fx.GraphModule, ids: fx.Node) -> dict[str, int]:
                                     "(padding mask or bidirectional attention), not a causal mask",
                               "only causal (decoder-only) models take a KV cache")
             for batch, seq in ((2, 5), (1, 9)):
-                value = _evaluate_mask(gm, mask, ids, batch, seq)
-                if not _is_causal_pattern(value, seq):
-                    raise _refuse(node, f"attends with mask `{mask.name}`, which is not causal "
-                                        f"(at seq={seq} a position sees later keys or misses earlier ones)",
-                                  "only causal (decoder-only) models take a KV cache")
+                why = _causal_mismatch(_evaluate_mask(gm, mask, ids, batch, seq), seq)
+                if why is not None:
+                    raise _refuse(node, f"attends with mask `{mask.name}`, which is not a causal mask: at "
+                                        f"seq={seq} {why}", "only causal (decoder-only) models take a KV cache")
         new_args = dict(args)
         new_args.update(key_padding_mask=None, attn_bias=None, causal=True)
         node.args = tuple(new_args[n] for n in ("q", "k", "v", "key_padding_mask", "attn_bias", "causal", "scale"))
@@ -364,21 +370,23 @@ class Analysis:
         return expr is not None and sympy.sympify(expr).has(self.seq)
 
 
-def find_token_input(gm: fx.GraphModule) -> tuple[fx.Node, sympy.Symbol, sympy.Expr | None]:
-    """The (b, s) integer input whose dim 1 is a symbolic sequence length."""
-    candidates = []
-    for node in gm.graph.nodes:
-        if node.op != "placeholder" or not isinstance(_val(node), torch.Tensor):
-            continue
-        val = _val(node)
-        if val.dim() == 2 and not val.dtype.is_floating_point:
-            candidates.append(node)
+def find_token_input(gm: fx.GraphModule, ctx: PassContext | None = None, *, strict: bool = True
+                     ) -> tuple[fx.Node, sympy.Symbol, sympy.Expr | None]:
+    """The (b, s) integer input whose dim 1 is the symbolic sequence length (role "seq" when `ctx` names
+    roles, else the one called input_ids, else the only 2-d integer input). `strict`: no other tensor input."""
     tensors = [n for n in gm.graph.nodes if n.op == "placeholder" and isinstance(_val(n), torch.Tensor)]
-    if len(tensors) != 1 or len(candidates) != 1:
-        names = ", ".join(f"{n.name}{tuple(_val(n).shape)}" for n in tensors) or "none"
-        raise KVCacheError(f"kv_cache: needs a model called with one (batch, seq) token-id tensor and no other "
-                           f"tensor input; the captured graph takes: {names}")
-    ids = candidates[0]
+    candidates = [n for n in tensors if _val(n).dim() == 2 and not _val(n).dtype.is_floating_point]
+    roles = ctx.symbols if ctx is not None else {}
+    by_role = [n for n in candidates if roles.get(_expr(_val(n).shape[1])) == sympy.Symbol("s", integer=True,
+                                                                                          positive=True)]
+    chosen = by_role or candidates
+    if len(chosen) > 1 and not strict:
+        chosen = [n for n in chosen if n.target == "input_ids"] or chosen[:1]
+    names = ", ".join(f"{n.name}{tuple(_val(n).shape)}" for n in tensors) or "none"
+    if len(chosen) != 1 or (strict and len(tensors) != 1):
+        raise KVCacheError(f"kv_cache: needs a decoder-only model called with one (batch, seq) token-id tensor and "
+                           f"no other tensor input; the captured graph takes: {names}")
+    ids = chosen[0]
     seq = _expr(_val(ids).shape[1])
     if not isinstance(seq, sympy.Symbol):
         raise KVCacheError(f"kv_cache: input `{ids.name}` was captured with a static sequence length {seq}; "
@@ -400,9 +408,9 @@ def live_nodes(gm: fx.GraphModule) -> list[fx.Node]:
     return [n for n in gm.graph.nodes if n in seen]
 
 
-def analyze(gm: fx.GraphModule) -> Analysis:
+def analyze(gm: fx.GraphModule, ctx: PassContext | None = None) -> Analysis:
     """Token-axis propagation over the live graph; raises KVCacheError naming the first mixing node."""
-    ids, seq, batch = find_token_input(gm)
+    ids, seq, batch = find_token_input(gm, ctx)
     an = Analysis(ids=ids, seq=seq, batch=batch, live=live_nodes(gm))
     for node in an.live:
         if node.op == "output":
@@ -877,7 +885,7 @@ def _rule_norm(an, node):
 
 
 def _rule_linear(an, node):
-    x, weight = node.args[0], node.args[1]
+    x = node.args[0]
     axes = _in_axes(an, x)
     if _rank(x) - 1 in axes:
         raise _refuse(node, "contracts over the token axis")
@@ -1097,6 +1105,7 @@ class _Builder:
         positions = g.call_function(aten.sub.Tensor, (g.call_function(aten.unsqueeze.default, (slots, 0)),
                                                       g.call_function(aten.unsqueeze.default, (kv_start, 1))))
         positions = g.call_function(aten.clamp_min.default, (positions, 0))
+        self.slots = slots  # (n,) cache slots written this call, shared by every layer's cache_write
         kv_len = None
         if decode:
             kv_len = g.call_function(aten.add.Tensor, (g.call_function(aten.expand.default, (slot, [b])), n))
@@ -1186,8 +1195,8 @@ class _Builder:
         self.specs.append(CacheSpec(node.name, int(kval.shape[1]), int(kval.shape[3]), int(vval.shape[3]),
                                     kval.dtype, float(args["scale"])))
         k_cache, v_cache = self.cache_nodes[2 * index], self.cache_nodes[2 * index + 1]
-        g.call_function(CACHE_WRITE, (k_cache, k, slot))
-        g.call_function(CACHE_WRITE, (v_cache, v, slot))
+        g.call_function(CACHE_WRITE, (k_cache, k, self.slots))
+        g.call_function(CACHE_WRITE, (v_cache, v, self.slots))
         if self.mode == "decode":
             return g.call_function(CACHED_ATTENTION, (q, k_cache, v_cache, kv_start, kv_len, float(args["scale"])))
         return g.call_function(ATTENTION, (q, k, v, key_mask, None, True, float(args["scale"])))
@@ -1220,11 +1229,21 @@ def build_programs(gm: fx.GraphModule, an: Analysis) -> KVPrograms:
                       an.position_limit, notes)
 
 
-def insert_kv_cache(gm: fx.GraphModule) -> KVPrograms:
-    """The whole pass on a captured (attention-rewritten) graph: prove, analyse, build."""
-    ids, _, _ = find_token_input(gm)
-    counts = prove_causal(gm, ids)
-    an = analyze(gm)
+def propagate_meta(program: fx.GraphModule, *inputs: torch.Tensor) -> fx.GraphModule:
+    """Fill meta["val"] on a program's nodes (fake tensors at the shapes of `inputs`), for passes that run
+    after this one (cost, fusion) on a program specialised to one batch bucket."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    FakeTensorProp(program, FakeTensorMode(allow_non_fake_inputs=True)).propagate(*inputs)
+    return program
+
+
+def insert_kv_cache(gm: fx.GraphModule, ctx: PassContext | None = None) -> KVPrograms:
+    """The whole pass on a captured (attention-rewritten) graph: prove causal, analyse, build."""
+    ids, _, _ = find_token_input(gm, ctx, strict=False)
+    counts = prove_causal(gm, ids)  # first: a bidirectional model is refused at its attention node
+    an = analyze(gm, ctx)
     programs = build_programs(gm, an)
     programs.notes.insert(0, f"{counts['attention']} attention nodes, all causal "
                              f"({counts['masks_proven_causal']} causal masks proven and dropped)")
@@ -1233,9 +1252,9 @@ def insert_kv_cache(gm: fx.GraphModule) -> KVPrograms:
 
 def run(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     """Pass interface: proves the model causal and token-local, stores KVPrograms in gm.meta[KV_KEY]."""
-    programs = insert_kv_cache(gm)
+    programs = insert_kv_cache(gm, ctx)
     gm.meta[KV_KEY] = programs
     finish(gm)
     ctx.report.extend(f"kv_cache: {note}" for note in programs.notes)
     return PassResult(True, list(programs.notes), {"attention_cached": len(programs.caches),
-                                                   "position_sources": len(programs.notes) > 1})
+                                                   "position_sources": len(programs.notes) > 2})

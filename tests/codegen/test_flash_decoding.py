@@ -137,6 +137,28 @@ def test_broadcast_query():
     check(q, k, v, kv_len, causal=True, num_splits=3)
 
 
+def test_kv_start_masks_left_padding():
+    """kv_start[b] (left padding): keys below it are masked -- the same as attending over the slice
+    [kv_start, kv_len) alone. A query whose visible keys all lie below kv_start gives 0."""
+    q, k, v = make_inputs(3, 8, 2, 2, 200, 32, torch.float32, seed=8)
+    kv_len = torch.tensor([200, 90, 12], dtype=torch.int32, device=DEVICE)
+    kv_start = torch.tensor([0, 70, 11], dtype=torch.int64, device=DEVICE)
+    out = decode_attention(q, k, v, kv_len, causal=True, num_splits=4, kv_start=kv_start)
+    ref64 = decode_reference(q.double(), k.double(), v.double(), kv_len, causal=True, kv_start=kv_start)
+    eager = []
+    for i in range(3):
+        s0, n = int(kv_start[i]), int(kv_len[i])
+        rows = slice(i, i + 1)
+        alone = decode_reference(q[rows].double(), k[rows, :, s0:n].double(), v[rows, :, s0:n].double(),
+                                 torch.tensor([n - s0]), causal=True)
+        torch.testing.assert_close(ref64[rows], alone)
+        eager.append(eager_decode(q[rows], k[rows, :, s0:n], v[rows, :, s0:n], torch.tensor([n - s0]), causal=True))
+    assert_close_to_reference(out, ref64, torch.cat(eager), torch.float32, "kv_start")
+    assert (out[2, :, 0] == 0).all()  # query at position 10 sees keys <= 10, all below kv_start 11
+    with pytest.raises(ValueError, match="kv_start"):
+        decode_attention(q, k, v, kv_len, kv_start=kv_start.float())
+
+
 def test_reference_semantics():
     """decode_reference: query i sees keys j < kv_len - sq + i + 1, and nothing past kv_len."""
     q, k, v = (t.double().cpu() for t in make_inputs(1, 2, 1, 3, 20, 16, torch.float32, seed=7))

@@ -1,0 +1,90 @@
+"""Load generated kernel sources as Python modules.
+
+Triton's @jit reads a kernel's source through `inspect`, so a generated kernel must live
+in a real file: `load_kernel_module` writes the source to
+`<dump_dir>/<name>_<sha1[:12]>.py` (dump_dir: the argument, else $FXOPT_DUMP_DIR, else
+~/.cache/fxopt) and imports it by path. Modules are cached in-process by the source's
+hash, so identical sources (identical regions) load once.
+
+Triton decides at import time whether @jit functions run on the GPU or in the CPU
+interpreter (TRITON_INTERPRET=1), so the cache key includes that mode: the same source
+imported in both modes gives two modules.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import re
+import sys
+import tempfile
+from pathlib import Path
+from types import ModuleType
+
+_MODULES: dict[tuple[str, bool], ModuleType] = {}
+STATS = {"hits": 0, "loads": 0}
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run in the CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def default_dump_dir() -> Path:
+    env = os.environ.get("FXOPT_DUMP_DIR")
+    return Path(env) if env else Path.home() / ".cache" / "fxopt"
+
+
+def _safe(name: str) -> str:
+    name = re.sub(r"\W", "_", name)
+    return name if name and not name[0].isdigit() else f"k_{name}"
+
+
+def _name_from_source(source: str) -> str:
+    m = re.search(r"^# fxopt fused kernel: (\S+)", source, re.M)
+    return m.group(1) if m else "kernel"
+
+
+def source_path(source: str, dump_dir: Path | str | None = None, *, name: str | None = None) -> Path:
+    """Where `load_kernel_module` writes `source`."""
+    digest = hashlib.sha1(source.encode()).hexdigest()
+    directory = Path(dump_dir) if dump_dir is not None else default_dump_dir()
+    return directory / f"{_safe(name or _name_from_source(source))}_{digest[:12]}.py"
+
+
+def _write(path: Path, source: str) -> None:
+    if path.exists() and path.read_text() == source:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # write-then-rename: a concurrent reader never sees a half-written file
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(source)
+    os.replace(tmp, path)
+
+
+def load_kernel_module(source: str, dump_dir: Path | str | None = None, *, name: str | None = None) -> ModuleType:
+    """Write `source` to the dump dir and import it; cached by content hash (and interpreter mode)."""
+    digest = hashlib.sha1(source.encode()).hexdigest()
+    key = (digest, interpreting())
+    path = source_path(source, dump_dir, name=name)
+    module = _MODULES.get(key)
+    if module is not None:
+        STATS["hits"] += 1
+        if not path.exists():  # the same source asked for in another dump dir
+            _write(path, source)
+        return module
+    _write(path, source)
+    modname = f"fxopt_gen_{path.stem}" + ("_interp" if key[1] else "")
+    spec = importlib.util.spec_from_file_location(modname, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[modname] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(modname, None)
+        raise
+    _MODULES[key] = module
+    STATS["loads"] += 1
+    return module

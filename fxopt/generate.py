@@ -1,0 +1,622 @@
+"""Generation over an automatically inserted KV cache: prefill, decode steps, sampling, the CLI.
+
+    gen = build_generator(model, model.example_inputs(1, 16), max_seq_len=1024, max_batch=8)
+    tokens = gen.generate(input_ids, max_new_tokens=64)                        # greedy
+    tokens = gen.generate(input_ids, 64, temperature=0.8, top_p=0.9, seed=0)  # sampled, reproducible
+    logits = gen.prefill(input_ids, attention_mask)  # left padding: each row's tokens at the right end
+    logits = gen.decode_step(next_ids)               # (b, 1) new tokens -> (b, vocab)
+
+The programs come from passes/kv_cache.py. Static caches [max_batch, kv_heads, max_seq_len, d] per
+attention; the decode step has static shapes: on CUDA it is captured in a CUDA graph once per batch-size
+bucket (1, 2, 4, ..., max_batch) and replayed, the growing length living in a device tensor (`slot`), so
+nothing recompiles or re-captures as the sequence grows. Prefill runs eagerly at any prompt length up to
+max_seq_len. On CPU everything runs eagerly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import inspect
+import json
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from fxopt.passes import kv_cache as kv
+
+
+class GenerationError(ValueError):
+    """Bad generation request (shape, dtype, device, capacity): raised before any state changes."""
+
+
+@dataclass
+class GenerationStats:
+    """Timings of the last generate() call (seconds; CUDA work synchronised at the boundaries)."""
+
+    batch: int = 0
+    prompt_len: int = 0
+    new_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    decode_steps: int = 0
+
+    @property
+    def ms_per_token(self) -> float:
+        """Milliseconds per decode step (one new token for every row)."""
+        return 1e3 * self.decode_s / self.decode_steps if self.decode_steps else float("nan")
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Decode throughput: new tokens per second over all rows."""
+        return self.batch * self.decode_steps / self.decode_s if self.decode_s > 0 else float("nan")
+
+
+def batch_buckets(max_batch: int) -> list[int]:
+    """Batch sizes the decode step is captured at: powers of two below max_batch, and max_batch."""
+    sizes, b = [], 1
+    while b < max_batch:
+        sizes.append(b)
+        b *= 2
+    return sizes + [max_batch]
+
+
+class _DecodeGraph:
+    """The decode step for one batch bucket, captured in a CUDA graph over static buffers."""
+
+    def __init__(self, gen: Generator, bucket: int):
+        self.bucket = bucket
+        self.ids = torch.zeros(bucket, 1, dtype=torch.long, device=gen.device)
+        self.kv_start = torch.zeros(bucket, dtype=torch.long, device=gen.device)
+        self.caches = [c[:bucket] for c in gen.caches]
+        self.program = gen.decode_program(bucket)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.out: torch.Tensor | None = None
+        self.gen = gen
+
+    def _step(self) -> torch.Tensor:
+        return self.program(self.ids, self.gen._slot, self.kv_start, *self.caches)
+
+    def run(self) -> torch.Tensor:
+        if self.graph is None:
+            # Warm up on a side stream (kernel compilation, allocator), then capture. Re-running the step
+            # is idempotent: it rewrites the same K/V at the same slot and reads the same keys.
+            stream = torch.cuda.Stream(device=self.gen.device)
+            stream.wait_stream(torch.cuda.current_stream(self.gen.device))
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    self._step()
+            torch.cuda.current_stream(self.gen.device).wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.gen._graph_pool):
+                self.out = self._step()
+            self.graph = graph
+            self.gen.captures += 1
+        self.graph.replay()
+        return self.out
+
+
+class Generator:
+    """Prefill / decode / generate over static KV caches for a model proven cacheable by passes/kv_cache."""
+
+    def __init__(self, programs: kv.KVPrograms, *, max_seq_len: int, max_batch: int, device: torch.device,
+                 vocab_size: int | None = None, use_cuda_graph: bool | None = None, weight_bytes: int = 0,
+                 fuse_decode: bool | None = None):
+        if max_seq_len < 1 or max_batch < 1:
+            raise GenerationError(f"max_seq_len ({max_seq_len}) and max_batch ({max_batch}) must be >= 1")
+        if programs.position_limit is not None and max_seq_len > programs.position_limit:
+            raise GenerationError(f"max_seq_len={max_seq_len} exceeds the model's position table "
+                                  f"({programs.position_limit} positions)")
+        self.programs = programs
+        self.max_seq_len = max_seq_len
+        self.max_batch = max_batch
+        self.device = torch.device(device)
+        self.vocab_size = vocab_size
+        self.weight_bytes = weight_bytes
+        self.use_cuda_graph = (self.device.type == "cuda") if use_cuda_graph is None else use_cuda_graph
+        # Per batch bucket, the decode program specialised to its static shapes and run through the cost and
+        # fusion passes (generated Triton kernels for the pointwise/norm regions). GPU only by default.
+        self.fuse_decode = self.use_cuda_graph if fuse_decode is None else fuse_decode
+        self._decode_programs: dict[int, torch.fx.GraphModule] = {}
+        self.notes: list[str] = list(programs.notes)
+        self.caches: list[torch.Tensor] = []
+        for spec in programs.caches:
+            for dim in (spec.k_dim, spec.v_dim):
+                self.caches.append(torch.zeros(max_batch, spec.kv_heads, max_seq_len, dim, dtype=spec.dtype,
+                                               device=self.device))
+        self._slot = torch.zeros((), dtype=torch.long, device=self.device)  # next cache slot, device side
+        self._graph_pool = torch.cuda.graph_pool_handle() if self.use_cuda_graph else None
+        self._graphs: dict[int, _DecodeGraph] = {}
+        self.captures = 0  # CUDA-graph captures so far (one per batch bucket used)
+        self.stats = GenerationStats()
+        self.reset()
+
+    # -- state --------------------------------------------------------------------------------------
+    def reset(self) -> None:
+        """Forget the current sequences (the caches are simply overwritten by the next prefill)."""
+        self.batch = 0
+        self.length = 0  # slots filled, same for every row (left padding)
+        self.kv_start = torch.zeros(0, dtype=torch.long, device=self.device)
+
+    @property
+    def cache_bytes(self) -> int:
+        """2 * layers * kv_heads * head_dim * max_seq_len * max_batch * dtype size."""
+        return sum(c.numel() * c.element_size() for c in self.caches)
+
+    def kv_bytes_per_token(self) -> int:
+        """K and V bytes one position of one sequence occupies, summed over layers."""
+        return sum(spec.bytes_per_token() for spec in self.programs.caches)
+
+    def weight_stream_bytes(self, batch: int) -> int:
+        """Bytes of weights one decode step reads: every tensor the decode program uses, once, except tables
+        only indexed by `aten.embedding` (the token embedding), of which just `batch` rows are read."""
+        total = 0
+        program = self.programs.decode
+        for node in program.graph.nodes:
+            if node.op != "get_attr":
+                continue
+            obj = program
+            for part in node.target.split("."):
+                obj = getattr(obj, part)
+            if not isinstance(obj, torch.Tensor):
+                continue
+            lookups = bool(node.users) and all(
+                u.target == torch.ops.aten.embedding.default and u.args[0] is node for u in node.users)
+            total += obj.element_size() * (batch * obj[0].numel() if lookups else obj.numel())
+        return total
+
+    def describe(self) -> str:
+        specs = self.programs.caches
+        heads = sorted({s.kv_heads for s in specs})
+        dims = sorted({s.k_dim for s in specs})
+        dtype = specs[0].dtype if specs else None
+        return (f"KV cache: {len(specs)} layers x 2 x kv_heads {heads} x head_dim {dims} x max_seq_len "
+                f"{self.max_seq_len} x max_batch {self.max_batch} x {dtype} = {self.cache_bytes / 2**20:.1f} MiB")
+
+    def decode_program(self, bucket: int) -> torch.fx.GraphModule:
+        """The decode program for batch `bucket` (fused when fuse_decode; the generic one otherwise or when
+        fusion fails, with a note)."""
+        if not self.fuse_decode:
+            return self.programs.decode
+        if bucket not in self._decode_programs:
+            self._decode_programs[bucket] = self._fused_decode(bucket)
+        return self._decode_programs[bucket]
+
+    def _fused_decode(self, bucket: int) -> torch.fx.GraphModule:
+        from fxopt.passes import cost, fusion
+        from fxopt.passes.infra import PassContext
+
+        generic = self.programs.decode
+        try:
+            program = torch.fx.GraphModule(generic, copy.deepcopy(generic.graph))  # weights shared, not copied
+            ids = torch.zeros(bucket, 1, dtype=torch.long, device=self.device)
+            kv_start = torch.zeros(bucket, dtype=torch.long, device=self.device)
+            kv.propagate_meta(program, ids, self._slot, kv_start, *[c[:bucket] for c in self.caches])
+            ctx = PassContext()
+            cost.run(program, ctx)
+            result = fusion.run(program, ctx)
+            self.notes.append(f"decode program for batch {bucket}: {result.counts.get('regions', 0)} fused regions")
+            return program
+        except Exception as exc:  # noqa: BLE001 - fusion is an optimisation: fall back, say so
+            note = f"decode program for batch {bucket}: fusion failed ({type(exc).__name__}: {exc}); unfused"
+            self.notes.append(note)
+            warnings.warn(note, stacklevel=2)
+            return generic
+
+    # -- checks (all before any state changes) -------------------------------------------------------
+    def _check_ids(self, input_ids: torch.Tensor, what: str) -> None:
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+            shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+            raise GenerationError(f"{what}: input_ids must be a 2-d (batch, seq) tensor, got {shape}")
+        if input_ids.dtype not in (torch.int64, torch.int32):
+            raise GenerationError(f"{what}: input_ids must be int64 token ids, got {input_ids.dtype}")
+        if input_ids.device != self.device:
+            raise GenerationError(f"{what}: input_ids on {input_ids.device}, model on {self.device}")
+        if input_ids.shape[1] == 0:
+            raise GenerationError(f"{what}: empty sequence")
+        if input_ids.shape[0] == 0 or input_ids.shape[0] > self.max_batch:
+            raise GenerationError(f"{what}: batch {input_ids.shape[0]} not in [1, max_batch={self.max_batch}]")
+
+    def _left_padding(self, attention_mask: torch.Tensor | None, input_ids: torch.Tensor) -> torch.Tensor:
+        b, s = input_ids.shape
+        if attention_mask is None:
+            return torch.zeros(b, dtype=torch.long, device=self.device)
+        if attention_mask.shape != input_ids.shape:
+            raise GenerationError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape "
+                                  f"{tuple(input_ids.shape)}")
+        mask = attention_mask.to(device=self.device, dtype=torch.long)
+        if bool(((mask != 0) & (mask != 1)).any()):
+            raise GenerationError("attention_mask must hold 0 (padding) and 1 (token)")
+        pad = s - mask.sum(dim=1)
+        expected = (torch.arange(s, device=self.device)[None, :] >= pad[:, None]).long()
+        if not torch.equal(mask, expected):
+            raise GenerationError("attention_mask must describe left padding: each row's tokens contiguous at the "
+                                  "right end (pad on the left, e.g. tokenizer.padding_side = 'left')")
+        if bool((pad >= s).any()):
+            raise GenerationError("attention_mask has a row with no tokens")
+        return pad
+
+    def _check_capacity(self, new_slots: int, what: str) -> None:
+        if self.length + new_slots > self.max_seq_len:
+            raise GenerationError(f"{what}: {self.length} cached + {new_slots} new positions = "
+                                  f"{self.length + new_slots} exceeds the cache's max_seq_len={self.max_seq_len}; "
+                                  "build the generator with a larger max_seq_len")
+
+    # -- the two programs ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                all_logits: bool = False) -> torch.Tensor:
+        """Run the prompt (b, s), left-padded when `attention_mask` has zeros; fill the caches.
+
+        Returns the logits of the last position, (b, vocab), or of every position (b, s, vocab).
+        """
+        self._check_ids(input_ids, "prefill")
+        b, s = input_ids.shape
+        if s > self.max_seq_len:
+            raise GenerationError(f"prefill: prompt length {s} exceeds the cache's max_seq_len={self.max_seq_len}")
+        pad = self._left_padding(attention_mask, input_ids)
+        input_ids = input_ids.long()
+        key_mask = None
+        if attention_mask is not None and bool((pad > 0).any()):
+            key_mask = torch.arange(s, device=self.device)[None, :] >= pad[:, None]
+        self.reset()
+        self._slot.zero_()
+        caches = [c[:b] for c in self.caches]
+        program = self.programs.prefill if all_logits else self.programs.prefill_last
+        logits = program(input_ids, self._slot, pad, key_mask, *caches)
+        self.batch, self.length, self.kv_start = b, s, pad
+        for graph in self._graphs.values():
+            graph.kv_start.zero_()
+            graph.kv_start[:b].copy_(pad)
+        return logits if all_logits else logits[:, -1]
+
+    @torch.no_grad()
+    def decode_step(self, input_ids: torch.Tensor, *, all_logits: bool = False) -> torch.Tensor:
+        """Feed new tokens (b, n) after the cached ones; returns the last one's logits (b, vocab)
+        (or (b, n, vocab)). n == 1 replays the captured CUDA graph on GPU."""
+        self._check_ids(input_ids, "decode_step")
+        if self.batch == 0:
+            raise GenerationError("decode_step: call prefill first")
+        b, n = input_ids.shape
+        if b != self.batch:
+            raise GenerationError(f"decode_step: batch {b} != the prefilled batch {self.batch}")
+        self._check_capacity(n, "decode_step")
+        logits = self._decode(input_ids.long())
+        return logits.clone() if all_logits else logits[:, -1].clone()
+
+    def _decode(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """One step at the current length; returns (b, n, vocab) (a view of a static buffer on CUDA)."""
+        b, n = input_ids.shape
+        self._slot.fill_(self.length)
+        if self.use_cuda_graph and n == 1:
+            bucket = next(size for size in batch_buckets(self.max_batch) if size >= b)
+            graph = self._graphs.get(bucket)
+            if graph is None:
+                graph = self._graphs[bucket] = _DecodeGraph(self, bucket)
+                graph.kv_start[:b].copy_(self.kv_start)
+            graph.ids[:b].copy_(input_ids)
+            logits = graph.run()[:b]
+        else:
+            caches = [c[:b] for c in self.caches]
+            program = self.decode_program(b) if n == 1 else self.programs.decode
+            logits = program(input_ids, self._slot, self.kv_start, *caches)
+        self.length += n
+        return logits
+
+    @torch.no_grad()
+    def verify(self, logits_fn, input_ids: torch.Tensor, *, prefill_len: int | None = None, rtol: float = 1e-3,
+               atol: float = 1e-3) -> float:
+        """Check the claim dynamically: prefill of a prefix plus step-by-step decode of the rest must give the
+        full forward's logits (`logits_fn(input_ids)`, e.g. the original model). Returns the max abs error;
+        raises GenerationError naming the worst position when beyond atol + rtol * |reference|."""
+        self._check_ids(input_ids, "verify")
+        b, s = input_ids.shape
+        if s < 2:
+            raise GenerationError("verify: needs at least 2 tokens (a prefill and a decode step)")
+        prefill_len = prefill_len or max(1, s // 2)
+        reference = logits_fn(input_ids)
+        reference = getattr(reference, "logits", reference).float()
+        got = [self.prefill(input_ids[:, :prefill_len], all_logits=True).float()]
+        for i in range(prefill_len, s):
+            got.append(self.decode_step(input_ids[:, i:i + 1], all_logits=True).float())
+        err = (torch.cat(got, dim=1) - reference).abs()
+        excess = err - rtol * reference.abs()
+        worst = int(excess.amax(dim=(0, 2)).argmax())
+        if float(excess.max()) > atol:
+            where = "prefill" if worst < prefill_len else "decode step"
+            raise GenerationError(f"verify: the KV-cache programs disagree with the full forward at position {worst} "
+                                  f"({where}): max abs error {float(err[:, worst].max()):.3g}")
+        return float(err.max())
+
+    # -- generation ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, *, attention_mask: torch.Tensor | None = None,
+                 do_sample: bool | None = None, temperature: float | None = None, top_k: int | None = None,
+                 top_p: float | None = None, eos_token_id: int | list[int] | None = None,
+                 pad_token_id: int | None = None, seed: int | None = None) -> torch.Tensor:
+        """Prompt (b, s) -> (b, s + new) token ids: the prompt as given, then the generated tokens.
+
+        Greedy unless sampling is asked for (do_sample=True, or any of temperature / top_k / top_p).
+        A row that emits `eos_token_id` stops: its later tokens are `pad_token_id` (default: the eos id);
+        generation ends when every row has stopped. `seed` makes sampling reproducible.
+        """
+        self._check_ids(input_ids, "generate")
+        if max_new_tokens < 1:
+            raise GenerationError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
+        b, s = input_ids.shape
+        if s + max_new_tokens > self.max_seq_len:
+            raise GenerationError(f"generate: prompt length {s} + max_new_tokens {max_new_tokens} = "
+                                  f"{s + max_new_tokens} exceeds the cache's max_seq_len={self.max_seq_len}; "
+                                  "build the generator with a larger max_seq_len")
+        sampler = Sampler.make(do_sample, temperature, top_k, top_p, seed, self.device)
+        eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or []),
+                           dtype=torch.long, device=self.device)
+        pad_id = pad_token_id if pad_token_id is not None else (int(eos[0]) if eos.numel() else 0)
+        self._left_padding(attention_mask, input_ids)  # validate before the clock starts
+
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        sync()
+        start = time.perf_counter()
+        logits = self.prefill(input_ids, attention_mask)
+        fed = sampler(logits)  # what the next step reads; a finished row keeps feeding valid ids
+        tokens = [fed]
+        finished = torch.isin(fed, eos) if eos.numel() else None
+        sync()
+        mid = time.perf_counter()
+        steps = 0
+        for _ in range(max_new_tokens - 1):
+            if finished is not None and bool(finished.all()):
+                break
+            logits = self._decode(fed[:, None])[:, -1]
+            steps += 1
+            fed = sampler(logits)
+            if finished is None:
+                tokens.append(fed)
+            else:
+                tokens.append(torch.where(finished, torch.full_like(fed, pad_id), fed))
+                finished = finished | torch.isin(fed, eos)
+        sync()
+        end = time.perf_counter()
+        self.stats = GenerationStats(b, s, len(tokens), mid - start, end - mid, steps)
+        return torch.cat([input_ids.long(), torch.stack(tokens, dim=1)], dim=1)
+
+
+@dataclass
+class Sampler:
+    """Greedy argmax, or temperature / top-k / top-p (nucleus) sampling from a seeded generator."""
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    generator: torch.Generator | None = None
+
+    @classmethod
+    def make(cls, do_sample, temperature, top_k, top_p, seed, device) -> Sampler:
+        if do_sample is None:
+            do_sample = any(v is not None for v in (temperature, top_k, top_p))
+        if not do_sample:
+            return cls()
+        temperature = 1.0 if temperature is None else float(temperature)
+        if not temperature > 0:
+            raise GenerationError(f"temperature must be > 0, got {temperature} (use do_sample=False for greedy)")
+        if top_k is not None and top_k < 1:
+            raise GenerationError(f"top_k must be >= 1, got {top_k}")
+        if top_p is not None and not 0 < top_p <= 1:
+            raise GenerationError(f"top_p must be in (0, 1], got {top_p}")
+        generator = torch.Generator(device=device)
+        generator.manual_seed(int(seed) if seed is not None else int(torch.seed() % 2**63))
+        return cls(True, temperature, top_k, top_p, generator)
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        if not self.do_sample:
+            return logits.argmax(dim=-1)
+        return self.sample(logits)
+
+    def filtered_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """Temperature-scaled fp32 logits with everything outside top-k / top-p set to -inf."""
+        logits = logits.float() / self.temperature
+        if self.top_k is not None and self.top_k < logits.shape[-1]:
+            kth = torch.topk(logits, self.top_k, dim=-1).values[..., -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if self.top_p is not None and self.top_p < 1.0:
+            sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+            probs = torch.softmax(sorted_logits, dim=-1)
+            before = torch.cumsum(probs, dim=-1) - probs  # mass strictly above each token
+            drop_sorted = before >= self.top_p  # keeps the smallest prefix reaching top_p (at least one)
+            drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+            logits = logits.masked_fill(drop, float("-inf"))
+        return logits
+
+    def sample(self, logits: torch.Tensor) -> torch.Tensor:
+        probs = torch.softmax(self.filtered_logits(logits), dim=-1)
+        return torch.multinomial(probs, 1, generator=self.generator).squeeze(-1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Building a generator from a model
+# ---------------------------------------------------------------------------------------------------
+
+CAPTURE_BATCH, CAPTURE_SEQ = 2, 8  # >= 2 and distinct, so export keeps both dims symbolic
+
+
+def _token_ids(example_kwargs: dict[str, Any]) -> torch.Tensor:
+    for name in ("input_ids", "ids", "tokens", "idx"):
+        value = example_kwargs.get(name)
+        if isinstance(value, torch.Tensor):
+            return value
+    tensors = [v for v in example_kwargs.values() if isinstance(v, torch.Tensor) and v.dim() == 2
+               and not v.dtype.is_floating_point]
+    if len(tensors) != 1:
+        raise GenerationError(f"build_generator: cannot tell the token-id input among {sorted(example_kwargs)}")
+    return tensors[0]
+
+
+def capture_kwargs(model: torch.nn.Module, example_kwargs: dict[str, Any], device) -> dict[str, Any]:
+    """Inputs to capture at: (CAPTURE_BATCH, CAPTURE_SEQ) so both dims stay symbolic. A model with
+    `example_inputs(batch, seq)` makes its own; otherwise the example's token ids are tiled to that size,
+    an attention mask the forward does not require is dropped (padding is the runtime's job) and one it
+    requires becomes all ones."""
+    if hasattr(model, "example_inputs") and hasattr(model, "dynamic_dims"):
+        return model.example_inputs(CAPTURE_BATCH, CAPTURE_SEQ, device=device)
+    ids = _token_ids(example_kwargs)
+    name = next(k for k, v in example_kwargs.items() if v is ids)
+    flat = ids.reshape(-1)
+    reps = -(-CAPTURE_BATCH * CAPTURE_SEQ // flat.numel())
+    new_ids = flat.repeat(reps)[: CAPTURE_BATCH * CAPTURE_SEQ].reshape(CAPTURE_BATCH, CAPTURE_SEQ)
+    required = {p.name for p in inspect.signature(model.forward).parameters.values()
+                if p.default is inspect.Parameter.empty}
+    out: dict[str, Any] = {}
+    for key, value in example_kwargs.items():
+        if key == name:
+            out[key] = new_ids.to(device=device, dtype=torch.long)
+        elif not isinstance(value, torch.Tensor):
+            out[key] = value
+        elif key in required:
+            out[key] = (torch.ones(CAPTURE_BATCH, CAPTURE_SEQ, dtype=value.dtype, device=device)
+                        if value.dim() == 2 else value)
+    return out
+
+
+def _model_device_dtype(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
+    param = next(model.parameters(), None)
+    if param is None:
+        return torch.device("cpu"), torch.float32
+    return param.device, param.dtype
+
+
+def build_generator(model: torch.nn.Module, example_kwargs: dict[str, Any], *, max_seq_len: int, max_batch: int,
+                    dtype: torch.dtype | None = None, device: torch.device | str | None = None, hw=None,
+                    use_cuda_graph: bool | None = None, fuse_decode: bool | None = None) -> Generator:
+    """Capture `model` (a cache-less causal LM: input_ids -> logits), turn its attentions into fxopt
+    attention nodes, insert the KV cache and return a Generator. The user's model is never modified
+    (a copy is converted when `dtype` / `device` differ from its own).
+
+    Raises kv_cache.KVCacheError, naming the node, when the model cannot take a cache (bidirectional
+    attention, positions mixed outside attention).
+    """
+    from fxopt.capture import capture
+    from fxopt.pipeline import make_context
+
+    model_device, model_dtype = _model_device_dtype(model)
+    device = torch.device(device) if device is not None else model_device
+    dtype = dtype or model_dtype
+    if device != model_device or dtype != model_dtype:
+        model = copy.deepcopy(model).to(device=device, dtype=dtype)
+    model = model.eval()
+    kwargs = capture_kwargs(model, example_kwargs, device)
+    captured = capture(model, kwargs)
+    gm = captured.gm
+    ctx = make_context(captured, hw, None, {"kv_cache": True})
+    try:
+        from fxopt.passes import attention as attention_pass
+    except ImportError:  # pragma: no cover - the attention pass not installed yet: sdpa nodes are normalised
+        attention_pass = None
+    if attention_pass is not None:
+        attention_pass.run(gm, ctx)
+    kv.run(gm, ctx)
+    programs: kv.KVPrograms = gm.meta[kv.KV_KEY]
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    return Generator(programs, max_seq_len=max_seq_len, max_batch=max_batch, device=device, vocab_size=vocab,
+                     use_cuda_graph=use_cuda_graph, weight_bytes=weight_bytes, fuse_decode=fuse_decode)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Bandwidth accounting and the CLI
+# ---------------------------------------------------------------------------------------------------
+
+
+def bytes_per_decode_step(gen: Generator, batch: int, prompt_len: int, new_tokens: int) -> dict[str, float]:
+    """HBM bytes one decode step must read at least: every weight once (embedding tables: the looked-up
+    rows), plus each row's K/V so far (averaged over a generation of `new_tokens` after `prompt_len`)."""
+    mean_len = prompt_len + (new_tokens - 1) / 2
+    kv_bytes = batch * mean_len * gen.kv_bytes_per_token()
+    weights = gen.weight_stream_bytes(batch)
+    return {"weights": float(weights), "kv": float(kv_bytes), "total": float(weights + kv_bytes)}
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from fxopt import zoo
+    from fxopt.cli import DTYPES
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = DTYPES[args.dtype]
+    if device == "cpu" and dtype != torch.float32:
+        print(f"note: {args.dtype} on CPU; use --dtype fp32 for speed", file=sys.stderr)
+    model = zoo.load_model(args.model, device=device, dtype=dtype)
+    example = zoo.example_inputs(model, args.batch, args.prompt_len, device=device)
+    max_seq_len = args.max_seq_len or (args.prompt_len + args.new_tokens)
+    gen = build_generator(model, example, max_seq_len=max_seq_len, max_batch=args.batch)
+    ids = _token_ids(example)
+    for _ in range(args.warmup):
+        gen.generate(ids, min(args.new_tokens, 8))
+    runs = []
+    for _ in range(args.repeat):
+        gen.generate(ids, args.new_tokens, eos_token_id=None)
+        runs.append(gen.stats)
+    stats = sorted(runs, key=lambda st: st.ms_per_token)[len(runs) // 2]
+    moved = bytes_per_decode_step(gen, args.batch, args.prompt_len, args.new_tokens)
+    achieved = moved["total"] / (stats.ms_per_token * 1e-3)
+    copy_bw = None
+    if device.startswith("cuda"):
+        from fxopt.hardware import measure_copy_bandwidth
+
+        copy_bw = measure_copy_bandwidth()
+    result = {
+        "model": args.model, "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
+        "dtype": args.dtype, "batch": args.batch, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+        "prefill_ms": 1e3 * stats.prefill_s, "ms_per_token": stats.ms_per_token,
+        "tokens_per_s": stats.tokens_per_s, "bytes_per_step": moved, "achieved_bytes_per_s": achieved,
+        "copy_bandwidth": copy_bw, "cache_bytes": gen.cache_bytes, "cuda_graph_captures": gen.captures,
+    }
+    print(gen.describe())
+    print(f"{args.model} batch {args.batch}, prompt {args.prompt_len}, {args.new_tokens} new tokens, {args.dtype}, "
+          f"{result['device']}")
+    print(f"  prefill            {result['prefill_ms']:9.2f} ms")
+    print(f"  decode             {stats.ms_per_token:9.3f} ms/token   {stats.tokens_per_s:9.1f} tokens/s")
+    line = (f"  bandwidth          {achieved / 1e9:9.1f} GB/s  (weights {moved['weights'] / 1e9:.3f} GB + KV "
+            f"{moved['kv'] / 1e9:.3f} GB per step)")
+    if copy_bw:
+        line += f" = {100 * achieved / copy_bw:.1f}% of measured copy bandwidth {copy_bw / 1e9:.0f} GB/s"
+    print(line)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(result, fh, indent=2, default=str)
+        print(f"wrote {args.json}", file=sys.stderr)
+    return 0
+
+
+def add_cli(subparsers) -> argparse.ArgumentParser:
+    """Register `fxopt generate MODEL --batch --prompt-len --new-tokens`."""
+    parser = subparsers.add_parser("generate", help="generate over an automatically inserted KV cache; prints "
+                                                    "tokens/s, ms per token and achieved bandwidth")
+    parser.add_argument("model", help="a models/ preset (gpt2-small, llama-1b-like, ...), package.module:factory, "
+                                      "or hf:MODEL_TYPE[,key=value]")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--max-seq-len", type=int, default=None, help="cache capacity (default prompt + new)")
+    parser.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="bf16")
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--json", default=None, help="write the figures to this file")
+    parser.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fxopt")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_cli(sub)
+    args = parser.parse_args(["generate", *(argv if argv is not None else sys.argv[1:])])
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
