@@ -110,6 +110,18 @@ def bench_regions(optimized, args, kwargs, device, copy_bw, hw, compile_regions:
     return rows
 
 
+def top_kernels(fn, n: int = 12) -> str:
+    """The n GPU kernels taking the most time in one call of fn (torch.profiler), as a text table."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=n, max_name_column_width=70)
+
+
 def predicted_forward_ms(optimized, hw) -> float:
     ctx = optimized.program.ctx
     costs = [n.meta[COST_KEY] for n in optimized.gm.graph.nodes if COST_KEY in n.meta]
@@ -118,7 +130,8 @@ def predicted_forward_ms(optimized, hw) -> float:
 
 def bench_model(spec: str, *, batch: int = 8, seq: int = 1024, dtype=torch.bfloat16, attn_impl: str | None = None,
                 device: str | None = None, hw: str = "h100", compile: bool = True, regions: bool = True,
-                cuda_graph: bool = False, **overrides) -> BenchResult:
+                cuda_graph: bool = False, attention: bool = True, profile: bool = False,
+                **overrides) -> BenchResult:
     """Eager vs fxopt vs torch.compile on one model, with the roofline prediction and copy bandwidth."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if attn_impl is not None:
@@ -127,17 +140,19 @@ def bench_model(spec: str, *, batch: int = 8, seq: int = 1024, dtype=torch.bfloa
     inputs = zoo.example_inputs(model, batch, seq, device=device)
     hardware = get_hardware(hw)
     copy_bw = measure_copy_bandwidth() if device.type == "cuda" else None
-    config = {"batch": batch, "seq": seq, "dtype": str(dtype), "attn_impl": attn_impl, "hw": hardware.name,
+    config = {"batch": batch, "seq": seq, "dtype": str(dtype), "attn_impl": attn_impl, "attention_rewrite": attention,
+              "hw": hardware.name,
               "copy_bw_GBs": copy_bw / 1e9 if copy_bw else GPU_ONLY, **overrides}
     result = BenchResult(spec, torch.cuda.get_device_name() if device.type == "cuda" else "cpu", config)
 
     with torch.no_grad():
         start = time.perf_counter()
-        optimized = optimize(model, inputs, hw=hardware)
+        optimized = optimize(model, inputs, hw=hardware, attention=attention)
         fxopt_call = lambda: optimized(**inputs)  # noqa: E731
         fxopt_call()
         _sync(device)
         whole = {"optimize_wall_s": time.perf_counter() - start}
+        whole.update({f"{name}_s": seconds for name, seconds in optimized.program.seconds.items()})
         whole["eager_ms"] = time_ms(lambda: model(**inputs), device)
         whole["fxopt_ms"] = time_ms(fxopt_call, device)
         if cuda_graph and device.type == "cuda":
@@ -150,6 +165,11 @@ def bench_model(spec: str, *, batch: int = 8, seq: int = 1024, dtype=torch.bfloa
             whole["compile_first_call_s"] = time.perf_counter() - start
             whole["compile_ms"] = time_ms(lambda: compiled(**inputs), device)
         whole["predicted_ms"] = predicted_forward_ms(optimized, hardware)
+        if profile and device.type == "cuda":
+            print("== eager ==\n" + top_kernels(lambda: model(**inputs)))
+            print("== fxopt ==\n" + top_kernels(fxopt_call))
+            if compile:
+                print("== torch.compile ==\n" + top_kernels(lambda: compiled(**inputs)))
         whole["speedup_vs_eager"] = whole["eager_ms"] / whole["fxopt_ms"]
         if compile:
             whole["speedup_vs_compile"] = whole["compile_ms"] / whole["fxopt_ms"]
@@ -196,6 +216,8 @@ def add_cli(subparsers) -> None:
     parser.add_argument("--no-regions", action="store_true", help="time only the whole forward")
     parser.add_argument("--cuda-graph", action="store_true", help="also time fxopt replayed from a CUDA graph")
     parser.add_argument("--layers", type=int, default=None, help="override the preset's layer count")
+    parser.add_argument("--no-attention", action="store_true", help="fuse only: leave attention as captured")
+    parser.add_argument("--profile", action="store_true", help="print the top GPU kernels of each variant")
     parser.add_argument("--json")
     parser.add_argument("--decode", action="store_true",
                         help="generation instead: eager recompute, HF caches, HF static+compile and fxopt")
@@ -225,7 +247,8 @@ def _cmd_bench(args) -> int:
         overrides = {}
     result = bench_model(args.model, batch=args.batch, seq=args.seq, dtype=DTYPES[args.dtype],
                          attn_impl=args.attn_impl, hw=args.hw, compile=not args.no_compile,
-                         regions=not args.no_regions, cuda_graph=args.cuda_graph, **overrides)
+                         regions=not args.no_regions, cuda_graph=args.cuda_graph,
+                         attention=not args.no_attention, profile=args.profile, **overrides)
     print(format_result(result))
     if args.json:
         with open(args.json, "w") as f:

@@ -30,6 +30,15 @@ import torch
 from fxopt.passes import kv_cache as kv
 
 
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """cuda and cuda:0 are the same device when cuda:0 is current."""
+    a, b = torch.device(a), torch.device(b)
+    if a.type != b.type:
+        return False
+    current = torch.cuda.current_device() if a.type == "cuda" else 0
+    return (a.index if a.index is not None else current) == (b.index if b.index is not None else current)
+
+
 class GenerationError(ValueError):
     """Bad generation request (shape, dtype, device, capacity): raised before any state changes."""
 
@@ -214,7 +223,7 @@ class Generator:
             raise GenerationError(f"{what}: input_ids must be a 2-d (batch, seq) tensor, got {shape}")
         if input_ids.dtype not in (torch.int64, torch.int32):
             raise GenerationError(f"{what}: input_ids must be int64 token ids, got {input_ids.dtype}")
-        if input_ids.device != self.device:
+        if not _same_device(input_ids.device, self.device):
             raise GenerationError(f"{what}: input_ids on {input_ids.device}, model on {self.device}")
         if input_ids.shape[1] == 0:
             raise GenerationError(f"{what}: empty sequence")
@@ -271,7 +280,8 @@ class Generator:
         self.batch, self.length, self.kv_start = b, s, pad
         for graph in self._graphs.values():
             graph.kv_start.zero_()
-            graph.kv_start[:b].copy_(pad)
+            if graph.kv_start.shape[0] >= b:  # a smaller bucket's graph cannot serve this batch
+                graph.kv_start[:b].copy_(pad)
         return logits if all_logits else logits[:, -1]
 
     @torch.no_grad()

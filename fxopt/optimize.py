@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import time
 from typing import Any
 
 import torch
@@ -75,11 +76,14 @@ def optimize(
         from fxopt.generate import build_generator
 
         return build_generator(model, kwargs, max_seq_len=max_seq_len, max_batch=max_batch, hw=hw, **options)
+    start = time.perf_counter()
     captured = capture(model, kwargs, dynamic_dims, args=args)
+    capture_seconds = time.perf_counter() - start
     ctx = make_context(
         captured, hw, None, {"fuse": fuse, "attention": attention, "dump_dir": dump_dir, **options}
     )
     optimized = OptimizedModule(run_passes(captured, ctx))
+    optimized.program.seconds = {"capture": capture_seconds, **optimized.program.seconds}
     if verify:
         numerics.verify(model, optimized, args, {**kwargs, **captured.fixed_kwargs})
     return optimized

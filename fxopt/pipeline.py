@@ -8,6 +8,7 @@ model + example inputs
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,6 +40,7 @@ class Program:
     gm: fx.GraphModule
     ctx: PassContext
     results: dict[str, PassResult] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)  # wall time of each pass
 
 
 def make_context(
@@ -65,7 +67,9 @@ def run_passes(captured: Captured, ctx: PassContext) -> Program:
     program = Program(captured, captured.gm, ctx)
     for name, run, option in PASSES:
         if option is None or ctx.options.get(option):
+            start = time.perf_counter()
             program.results[name] = run(program.gm, ctx)
+            program.seconds[name] = time.perf_counter() - start
     return program
 
 
