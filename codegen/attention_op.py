@@ -39,20 +39,27 @@ def _kernel_available(t: torch.Tensor) -> bool:
 
 
 def sdpa_fallback(q, k, v, key_padding_mask, attn_bias, causal: bool, scale: float) -> torch.Tensor:
-    """PyTorch SDPA with GQA repeated explicitly: the path for cases the kernels do not cover."""
+    """PyTorch SDPA with GQA repeated explicitly: the path for cases the kernels do not cover.
+
+    Causal is top-left aligned (query i sees keys j <= i), as SDPA's is_causal and the flash kernel
+    with q_offset=0; padding and causal masks are folded into one boolean mask when both are given.
+    """
     groups = q.shape[1] // k.shape[1]
     if groups > 1:
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    mask = attn_bias
+    sq, skv = q.shape[-2], k.shape[-2]
+    keep = None
     if key_padding_mask is not None:
         keep = key_padding_mask[:, None, None, :]  # (b, 1, 1, skv)
-        if causal:
-            sq, skv = q.shape[-2], k.shape[-2]
-            keep = keep & torch.ones(sq, skv, dtype=torch.bool, device=q.device).tril(skv - sq)
-            causal = False
+    if causal and (keep is not None or attn_bias is not None):
+        visible = torch.ones(sq, skv, dtype=torch.bool, device=q.device).tril()
+        keep = visible if keep is None else keep & visible
+        causal = False
+    mask = attn_bias
+    if keep is not None:
         mask = keep if mask is None else mask.masked_fill(~keep, float("-inf"))
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None, scale=scale)
-    if key_padding_mask is not None:  # a row that sees no key is 0, never NaN
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)
+    if keep is not None:  # a row that sees no key is 0, never NaN
         out = torch.nan_to_num(out, nan=0.0)
     return out
 

@@ -81,7 +81,9 @@ def check_flash(q, k, v, *, causal, key_padding_mask=None, q_offset=0, kv_len=No
         out = fa._launch(q, k, v, scale=None, tile=tile, **kwargs)
     ref64 = attention_reference(q.double(), k.double(), v.double(), causal=causal, key_padding_mask=key_mask,
                                 q_offset=q_offset)
-    assert out.is_contiguous()
+    # the output is dense in q's memory order: (b, s, h, d) when q is a head-transposed view
+    dense = out.transpose(1, 2) if q.stride(1) < q.stride(2) else out
+    assert dense.is_contiguous()
     assert_close_to_reference(out, ref64, eager_attention(q, k, v, allowed), q.dtype, what)
     return out
 
