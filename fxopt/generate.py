@@ -501,7 +501,8 @@ def _model_device_dtype(model: torch.nn.Module) -> tuple[torch.device, torch.dty
 
 def build_generator(model: torch.nn.Module, example_kwargs: dict[str, Any], *, max_seq_len: int, max_batch: int,
                     dtype: torch.dtype | None = None, device: torch.device | str | None = None, hw=None,
-                    use_cuda_graph: bool | None = None, fuse_decode: bool | None = None) -> Generator:
+                    use_cuda_graph: bool | None = None, fuse_decode: bool | None = None,
+                    matmul: bool = True) -> Generator:
     """Capture `model` (a cache-less causal LM: input_ids -> logits), turn its attentions into fxopt
     attention nodes, insert the KV cache and return a Generator. The user's model is never modified
     (a copy is converted when `dtype` / `device` differ from its own).
@@ -528,6 +529,10 @@ def build_generator(model: torch.nn.Module, example_kwargs: dict[str, Any], *, m
         attention_pass = None
     if attention_pass is not None:
         attention_pass.run(gm, ctx)
+    if matmul:  # fused sibling linears, padded unaligned weights: the programs below are built from this graph
+        from fxopt.passes import matmul as matmul_pass
+
+        matmul_pass.run(gm, ctx)
     kv.run(gm, ctx)
     programs: kv.KVPrograms = gm.meta[kv.KV_KEY]
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)

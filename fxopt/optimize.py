@@ -56,6 +56,7 @@ def optimize(
     hw=None,
     fuse: bool = True,
     attention: bool = True,
+    matmul: bool = True,
     verify: bool = False,
     dump_dir=None,
     dynamic_dims=None,
@@ -75,12 +76,13 @@ def optimize(
     if kv_cache:
         from fxopt.generate import build_generator
 
-        return build_generator(model, kwargs, max_seq_len=max_seq_len, max_batch=max_batch, hw=hw, **options)
+        return build_generator(model, kwargs, max_seq_len=max_seq_len, max_batch=max_batch, hw=hw, matmul=matmul,
+                               **options)
     start = time.perf_counter()
     captured = capture(model, kwargs, dynamic_dims, args=args)
     capture_seconds = time.perf_counter() - start
     ctx = make_context(
-        captured, hw, None, {"fuse": fuse, "attention": attention, "dump_dir": dump_dir, **options}
+        captured, hw, None, {"fuse": fuse, "attention": attention, "matmul": matmul, "dump_dir": dump_dir, **options}
     )
     optimized = OptimizedModule(run_passes(captured, ctx))
     optimized.program.seconds = {"capture": capture_seconds, **optimized.program.seconds}

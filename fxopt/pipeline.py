@@ -18,7 +18,7 @@ from torch import fx
 
 from fxopt.capture import Captured, capture
 from fxopt.hardware import Hardware, get_hardware
-from fxopt.passes import attention, cost, fusion
+from fxopt.passes import attention, cost, fusion, matmul
 from fxopt.passes.infra import PassContext, PassResult
 
 Pass = Callable[[fx.GraphModule, PassContext], PassResult]
@@ -27,6 +27,7 @@ Pass = Callable[[fx.GraphModule, PassContext], PassResult]
 PASSES: list[tuple[str, Pass, str | None]] = [
     ("cost", cost.run, None),  # FLOPs and bytes per node, symbolic in b, s -> meta["fxopt.cost"]
     ("attention", attention.run, "attention"),  # attention subgraphs -> one fxopt::attention call each
+    ("matmul", matmul.run, "matmul"),  # sibling linears -> one over concatenated weights; unaligned N padded
     ("fusion", fusion.run, "fuse"),  # memory-bound regions -> one generated Triton kernel each
     ("recost", cost.run, None),  # costs of what the rewrites made (fused calls keep theirs)
 ]

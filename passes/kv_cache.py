@@ -1170,6 +1170,9 @@ class _Builder:
         """Logits of the last position only: slice the final projection's input (left padding keeps every
         row's last token at the last slot)."""
         g = self.graph
+        if (node.op == "call_function" and node.target == aten.slice.Tensor and _rank(node) == 3
+                and _norm_dim(node.args[1], 3) == 2 and len(node.args[0].users) == 1):  # padded lm_head (matmul.py)
+            return g.call_function(aten.slice.Tensor, (self._last_only(node.args[0]), *node.args[1:]))
         if (node.op == "call_function" and _packet(node) in (aten.linear, aten.matmul)
                 and self.an.axes.get(node.args[0]) == (1,) and _rank(node.args[0]) == 3):
             x = self.env[node.args[0]]
