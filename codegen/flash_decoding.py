@@ -12,6 +12,10 @@ Chunk boundaries come from host-known sizes (the cache capacity), the live lengt
 tensor read inside the kernels: nothing synchronises with the host and every buffer has a host-known
 shape, so a decode step can be captured once in a CUDA graph and replayed while `kv_len` grows. A chunk
 entirely past kv_len writes max -inf and sum 0 and drops out of the merge.
+
+Non-graph callers pay the host side: decode_attention checks its inputs and derives the launch
+parameters once per signature (_Plan, cached), so a repeated call costs a lookup, two allocations and
+two launches.
 """
 
 from __future__ import annotations
@@ -39,7 +43,8 @@ from fxopt.codegen.flash_attention import (
 
 MAX_DECODE_Q = 16
 MIN_CHUNK = 256  # keys per split at least: below that the merge and launch cost more than they save
-WAVES = 3  # target stage-1 programs per SM
+WAVES = 2  # target stage-1 programs per SM (H200 sweep, B1 32/8 heads 16k bf16, CUDA graph: 1-2 long programs
+# per SM beat 3 and more shorter ones by 5-20%; 2 keeps 8 warps per SM streaming)
 DEFAULT_SM_COUNT = 132  # H100 SXM, assumed when no GPU is present
 
 
@@ -90,9 +95,10 @@ def decode_flops(b, hq, sq, kv_len, d, causal=True):
 def choose_num_splits(batch_heads, max_len, sm_count, *, min_chunk=MIN_CHUNK, waves=WAVES):
     """Chunks per sequence for stage 1 (grid = batch_heads * splits programs).
 
-    Aim for `waves` programs per SM (default 3 = about as many stage-1 programs as an H100 SM keeps
-    resident at d=128, so all chunks stream at once and no short second round trails behind), rounding
-    down so the grid never exceeds that; never cut the key axis into chunks shorter than `min_chunk`."""
+    Aim for `waves` programs per SM (default 2: every chunk streams at once, each program long enough
+    that its pipeline start and the merge of its partials are small next to its stream; more, shorter
+    chunks measured slower), rounding down so the grid never exceeds that; never cut the key axis into
+    chunks shorter than `min_chunk`."""
     batch_heads = max(int(batch_heads), 1)
     by_fill = (waves * int(sm_count)) // batch_heads
     by_length = int(max_len) // min_chunk
@@ -115,13 +121,68 @@ def _device_sm_count(device: torch.device) -> int:
 # --------------------------------------------------------------------------------------------------
 
 
+@triton.jit
+def _decode_merge_kernel(
+    MID, O,
+    stride_ob, stride_oh, stride_om, stride_od,
+    HQ, SQ, NUM_SPLITS, ML_BASE,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    # One program = one output row (b, hq, token): merges its NUM_SPLITS partials with a log-sum-exp
+    # rescale. Reads NUM_SPLITS * (BLOCK_D + 2) fp32 (MID: outputs, MID + ML_BASE: (max, sum) pairs),
+    # writes HEAD_DIM elements of O. When BLOCK_S covers every split (the default split counts) it is one
+    # round of loads; otherwise a max pass, then a rescaled-sum pass, over blocks of BLOCK_S splits.
+    row = tl.program_id(0).to(tl.int64)
+    tok = row % SQ
+    h = (row // SQ) % HQ
+    b = row // (SQ * HQ)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    base = row * NUM_SPLITS
+    ML = MID + ML_BASE
+    if NUM_SPLITS <= BLOCK_S:
+        s_ok = offs_s < NUM_SPLITS
+        m = tl.load(ML + (base + offs_s) * 2, mask=s_ok, other=float("-inf"))
+        l_s = tl.load(ML + (base + offs_s) * 2 + 1, mask=s_ok, other=0.0)
+        o_s = tl.load(MID + (base + offs_s)[:, None] * BLOCK_D + offs_d[None, :], mask=s_ok[:, None], other=0.0)
+        m_all = tl.max(m, 0)
+        m_all = tl.where(m_all == float("-inf"), 0.0, m_all)
+        w = tl.exp2(m - m_all)  # empty chunk: exp2(-inf) = 0
+        l_all = tl.sum(w * l_s, 0)
+        acc = tl.sum(w[:, None] * o_s, 0)
+    else:
+        m_run = tl.full([BLOCK_S], float("-inf"), dtype=tl.float32)
+        for s0 in range(0, NUM_SPLITS, BLOCK_S):
+            s_ok = (s0 + offs_s) < NUM_SPLITS
+            m = tl.load(ML + (base + s0 + offs_s) * 2, mask=s_ok, other=float("-inf"))
+            m_run = tl.maximum(m_run, m)
+        m_all = tl.max(m_run, 0)
+        m_all = tl.where(m_all == float("-inf"), 0.0, m_all)
+        l_run = tl.zeros([BLOCK_S], dtype=tl.float32)
+        acc2 = tl.zeros([BLOCK_S, BLOCK_D], dtype=tl.float32)
+        for s0 in range(0, NUM_SPLITS, BLOCK_S):
+            s_idx = base + s0 + offs_s
+            s_ok = (s0 + offs_s) < NUM_SPLITS
+            m = tl.load(ML + s_idx * 2, mask=s_ok, other=float("-inf"))
+            l_s = tl.load(ML + s_idx * 2 + 1, mask=s_ok, other=0.0)
+            o_s = tl.load(MID + s_idx[:, None] * BLOCK_D + offs_d[None, :], mask=s_ok[:, None], other=0.0)
+            w = tl.exp2(m - m_all)
+            l_run += w * l_s
+            acc2 += w[:, None] * o_s
+        l_all = tl.sum(l_run, 0)
+        acc = tl.sum(acc2, 0)
+    out = acc / tl.where(l_all == 0.0, 1.0, l_all)  # no visible key: 0
+    o_ptrs = O + b * stride_ob + h * stride_oh + tok * stride_om + offs_d * stride_od
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=offs_d < HEAD_DIM)
+
+
 @triton.jit(do_not_specialize=["q_offset"])
 def _decode_split_kernel(
-    Q, K, V, KV_LEN, KV_START, Q_OFF, MID_O, MID_ML,
+    Q, K, V, KV_LEN, KV_START, Q_OFF, MID,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
-    HKV, GROUP, SQ, MAX_LEN, CHUNK, NUM_SPLITS, q_offset, qk_scale,
+    HKV, GROUP, SQ, MAX_LEN, CHUNK, NUM_SPLITS, ML_BASE, q_offset, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, Q_OFF_MODE: tl.constexpr, DOT_PREC: tl.constexpr, HAS_START: tl.constexpr,
 ):
@@ -129,7 +190,7 @@ def _decode_split_kernel(
     # GROUP * SQ query rows (row r = query head hk * GROUP + r // SQ, token r % SQ). Per program:
     #   reads   K, V: min(CHUNK, valid keys of the chunk) * HEAD_DIM elements each (the bulk)
     #           Q: BLOCK_M * HEAD_DIM elements; kv_len[b] (and q_offset[b], kv_start[b]): one scalar each
-    #   writes  partial output BLOCK_M * BLOCK_D fp32 and (max, sum) 2 * BLOCK_M fp32.
+    #   writes  partial output BLOCK_M * BLOCK_D fp32 and (max, sum) 2 * BLOCK_M fp32 into MID.
     pid_s = tl.program_id(0)
     pid_bh = tl.program_id(1)
     pid_r = tl.program_id(2)
@@ -198,59 +259,21 @@ def _decode_split_kernel(
         k_ptrs += BLOCK_N * stride_kn
         v_ptrs += BLOCK_N * stride_vn
 
-    # Partials laid out (row, split, ...) with row = (b * HQ + hq) * SQ + tok.
+    # Partials laid out (row, split, ...) with row = (b * HQ + hq) * SQ + tok: MID holds the
+    # unnormalised outputs, MID + ML_BASE the (max, sum) pairs.
     out_row = ((b64 * HKV * GROUP + hq.to(tl.int64)) * SQ + tok) * NUM_SPLITS + pid_s
-    tl.store(MID_O + out_row[:, None] * BLOCK_D + offs_d[None, :], acc, mask=row_ok[:, None])
-    tl.store(MID_ML + out_row * 2, m_i, mask=row_ok)
-    tl.store(MID_ML + out_row * 2 + 1, l_i, mask=row_ok)
-
-
-@triton.jit
-def _decode_merge_kernel(
-    MID_O, MID_ML, O,
-    stride_ob, stride_oh, stride_om, stride_od,
-    HQ, SQ, NUM_SPLITS,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
-):
-    # One program = one output row (b, hq, token). Reads NUM_SPLITS * (BLOCK_D + 2) fp32 partials,
-    # writes HEAD_DIM elements of O.
-    row = tl.program_id(0).to(tl.int64)
-    tok = row % SQ
-    h = (row // SQ) % HQ
-    b = row // (SQ * HQ)
-    offs_s = tl.arange(0, BLOCK_S)
-    offs_d = tl.arange(0, BLOCK_D)
-    base = row * NUM_SPLITS
-
-    m_run = tl.full([BLOCK_S], float("-inf"), dtype=tl.float32)
-    for s0 in range(0, NUM_SPLITS, BLOCK_S):
-        s_ok = (s0 + offs_s) < NUM_SPLITS
-        m = tl.load(MID_ML + (base + s0 + offs_s) * 2, mask=s_ok, other=float("-inf"))
-        m_run = tl.maximum(m_run, m)
-    m_all = tl.max(m_run, 0)
-    m_all = tl.where(m_all == float("-inf"), 0.0, m_all)
-
-    l_run = tl.zeros([BLOCK_S], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_S, BLOCK_D], dtype=tl.float32)
-    for s0 in range(0, NUM_SPLITS, BLOCK_S):
-        s_idx = base + s0 + offs_s
-        s_ok = (s0 + offs_s) < NUM_SPLITS
-        m = tl.load(MID_ML + s_idx * 2, mask=s_ok, other=float("-inf"))
-        l_s = tl.load(MID_ML + s_idx * 2 + 1, mask=s_ok, other=0.0)
-        o_s = tl.load(MID_O + s_idx[:, None] * BLOCK_D + offs_d[None, :], mask=s_ok[:, None], other=0.0)
-        w = tl.exp2(m - m_all)  # empty chunk: exp2(-inf) = 0
-        l_run += w * l_s
-        acc += w[:, None] * o_s
-    l_all = tl.sum(l_run, 0)
-    out = tl.sum(acc, 0) / tl.where(l_all == 0.0, 1.0, l_all)  # no visible key: 0
-    o_ptrs = O + b * stride_ob + h * stride_oh + tok * stride_om + offs_d * stride_od
-    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=offs_d < HEAD_DIM)
+    tl.store(MID + out_row[:, None] * BLOCK_D + offs_d[None, :], acc, mask=row_ok[:, None])
+    tl.store(MID + ML_BASE + out_row * 2, m_i, mask=row_ok)
+    tl.store(MID + ML_BASE + out_row * 2 + 1, l_i, mask=row_ok)
 
 
 def _decode_tiles(block_d: int, rows: int, elem: int):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) for stage 1: a streaming loop, so fixed heuristics
-    (no autotuning: the first call may be inside a CUDA-graph capture). 64-key tiles of 16-bit K/V are
-    8 KiB-16 KiB per load, three stages deep, so several programs per SM keep enough bytes in flight."""
+    (no autotuning: the first call may be inside a CUDA-graph capture). 16-bit d<=128: 64-key tiles of
+    K and V (16 KiB each), three stages deep; measured on an H200 (B1 32/8 heads 16k keys, graph replay)
+    within 1% of the best of 10 tile/stage/warp combinations at the default split count."""
+    if _TILES_OVERRIDE is not None:
+        return _TILES_OVERRIDE(block_d, rows, elem)
     if _INTERPRET:
         return max(16, min(triton.next_power_of_2(rows), 32)), 16, 4, 1
     if elem == 4:  # fp32: 3xTF32 dots need registers and twice the shared memory per key
@@ -261,6 +284,9 @@ def _decode_tiles(block_d: int, rows: int, elem: int):
     num_warps = 4 if block_m * block_d <= 64 * 128 else 8
     num_stages = 3 if block_d <= 128 else 2
     return block_m, block_n, num_warps, num_stages
+
+
+_TILES_OVERRIDE = None  # benchmarks' sweeps: a function replacing _decode_tiles' heuristics
 
 
 def _check_decode(q, k_cache, v_cache, kv_len, scale, kv_start=None):
@@ -274,6 +300,8 @@ def _check_decode(q, k_cache, v_cache, kv_len, scale, kv_start=None):
         raise ValueError(f"decode_attention: {hq} query heads not a multiple of {k_cache.shape[1]} KV heads")
     if q.dtype not in SUPPORTED_DTYPES or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
         raise ValueError(f"decode_attention: dtypes q {q.dtype}, cache {k_cache.dtype}/{v_cache.dtype}")
+    if k_cache.device != q.device or v_cache.device != q.device:
+        raise ValueError(f"decode_attention: caches on {k_cache.device}/{v_cache.device}, q on {q.device}")
     if d > MAX_HEAD_DIM:
         raise ValueError(f"decode_attention: head dim {d} > {MAX_HEAD_DIM}")
     if sq > MAX_DECODE_Q:
@@ -293,44 +321,36 @@ def _check_decode(q, k_cache, v_cache, kv_len, scale, kv_start=None):
         raise ValueError(f"decode_attention: non-positive scale {scale}")
 
 
-def decode_attention(q, k_cache, v_cache, kv_len, *, scale=None, causal=True, q_offset=None, num_splits=None,
-                     kv_start=None):
-    """Attention of q (b, hq, sq <= 16, d) over keys [kv_start[b], kv_len[b]) of static caches
-    (b, hkv, max_len, d); returns (b, hq, sq, d) contiguous. Semantics of decode_reference.
+def _per_batch(t: torch.Tensor | None, b: int) -> torch.Tensor | None:
+    """A (1,) or (b,) device tensor as a contiguous (b,) one (a view when it already is)."""
+    if t is None:
+        return None
+    if t.dim() == 1 and t.shape[0] == b and t.stride(0) == 1:
+        return t
+    t = t.reshape(-1).expand(b)
+    return t if t.stride(0) == 1 else t.contiguous()
 
-    kv_len is a (b,) int32/int64 device tensor, read only by the kernels (CUDA-graph safe); so is the
-    optional kv_start (left padding: keys below it are masked, and never read). q_offset (int or (b,)
-    tensor) overrides the default causal offset kv_len - sq. num_splits overrides choose_num_splits.
-    On CPU without TRITON_INTERPRET=1 it computes the reference.
-    """
-    _check_decode(q, k_cache, v_cache, kv_len, scale, kv_start)
-    if not _use_kernel(q):
-        return decode_reference(q, k_cache, v_cache, kv_len, scale=scale, causal=causal, q_offset=q_offset,
-                                kv_start=kv_start)
+
+class _Plan:
+    """Everything decode_attention derives from shapes, strides, dtypes and options: computed (and the
+    inputs checked) once per signature, so a repeated call only allocates and launches."""
+
+    __slots__ = ("out_shape", "dtype", "empty", "grid", "ints", "meta", "mid_numel", "merge_grid", "merge_ints",
+                 "merge_meta", "qk_scale")
+
+
+_PLANS: dict = {}
+
+
+def _make_plan(q, k_cache, v_cache, scale, causal, q_off_mode, num_splits, has_start) -> _Plan:
     b, hq, sq, d = q.shape
     hkv, max_len = k_cache.shape[1], k_cache.shape[2]
     group = hq // hkv
-    out = torch.empty((b, hq, sq, d), dtype=q.dtype, device=q.device)
-    if out.numel() == 0:
-        return out
+    plan = _Plan()
+    plan.out_shape, plan.dtype = (b, hq, sq, d), q.dtype
+    plan.empty = b * hq * sq * d == 0
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    if not isinstance(kv_len, torch.Tensor):
-        kv_len = torch.full((b,), int(kv_len), dtype=torch.int32, device=q.device)
-    kv_len = kv_len.reshape(-1).expand(b)
-    if kv_len.stride(0) != 1:
-        kv_len = kv_len.contiguous()
-    if q_offset is None:
-        q_off_mode, q_off_t, q_off_int = 0, kv_len, 0
-    elif isinstance(q_offset, torch.Tensor):
-        q_off_t = q_offset.reshape(-1).expand(b)
-        q_off_t = q_off_t if q_off_t.stride(0) == 1 else q_off_t.contiguous()
-        q_off_mode, q_off_int = 2, 0
-    else:
-        q_off_mode, q_off_t, q_off_int = 1, kv_len, int(q_offset)
-    if kv_start is not None:
-        kv_start = kv_start.reshape(-1).expand(b)
-        kv_start = kv_start if kv_start.stride(0) == 1 else kv_start.contiguous()
-
+    plan.qk_scale = scale * LOG2E
     block_d = _block_d(d)
     rows = group * sq
     block_m, block_n, num_warps, num_stages = _decode_tiles(block_d, rows, q.element_size())
@@ -340,21 +360,85 @@ def decode_attention(q, k_cache, v_cache, kv_len, *, scale=None, causal=True, q_
     num_splits = max(1, min(int(num_splits), triton.cdiv(max(max_len, 1), block_n)))
     chunk = triton.cdiv(triton.cdiv(max(max_len, 1), num_splits), block_n) * block_n
     num_splits = triton.cdiv(max(max_len, 1), chunk)
-
-    mid_o = torch.empty((b * hq * sq, num_splits, block_d), dtype=torch.float32, device=q.device)
-    mid_ml = torch.empty((b * hq * sq, num_splits, 2), dtype=torch.float32, device=q.device)
-    _decode_split_kernel[(num_splits, b * hkv, row_blocks)](
-        q, k_cache, v_cache, kv_len, kv_start if kv_start is not None else kv_len, q_off_t, mid_o, mid_ml,
-        *q.stride(), *k_cache.stride(), *v_cache.stride(),
-        hkv, group, sq, max_len, chunk, num_splits, q_off_int, scale * LOG2E,
-        HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
-        CAUSAL=bool(causal), Q_OFF_MODE=q_off_mode, DOT_PREC=_dot_precision(q.dtype),
-        HAS_START=kv_start is not None,
+    n_rows = b * hq * sq
+    ml_base = n_rows * num_splits * block_d  # MID: partial outputs, then the (max, sum) pairs
+    plan.mid_numel = ml_base + n_rows * num_splits * 2
+    plan.grid = (num_splits, b * hkv, row_blocks)
+    plan.ints = (*q.stride(), *k_cache.stride(), *v_cache.stride(), hkv, group, sq, max_len, chunk, num_splits,
+                 ml_base)
+    plan.meta = dict(
+        HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=bool(causal),
+        Q_OFF_MODE=q_off_mode, DOT_PREC=_dot_precision(q.dtype), HAS_START=has_start,
         num_warps=num_warps, num_stages=num_stages,
     )
+    plan.merge_grid = (n_rows,)
+    plan.merge_ints = (hq * sq * d, sq * d, d, 1, hq, sq, num_splits, ml_base)  # out is contiguous
     block_s = min(triton.next_power_of_2(num_splits), max(1, 4096 // block_d))
-    _decode_merge_kernel[(b * hq * sq,)](
-        mid_o, mid_ml, out, *out.stride(), hq, sq, num_splits,
-        HEAD_DIM=d, BLOCK_D=block_d, BLOCK_S=block_s, num_warps=4 if block_d <= 128 else 8,
+    plan.merge_meta = dict(HEAD_DIM=d, BLOCK_D=block_d, BLOCK_S=block_s, num_warps=4 if block_d <= 128 else 8)
+    return plan
+
+
+def _per_batch(t, b: int):
+    """A (1,) or (b,) device tensor as a contiguous (b,) one (itself when it already is)."""
+    if t is None or (t.dim() == 1 and t.shape[0] == b and t.stride(0) == 1):
+        return t
+    t = t.reshape(-1).expand(b)
+    return t if t.stride(0) == 1 else t.contiguous()
+
+
+def decode_attention(q, k_cache, v_cache, kv_len, *, scale=None, causal=True, q_offset=None, num_splits=None,
+                     kv_start=None):
+    """Attention of q (b, hq, sq <= 16, d) over keys [kv_start[b], kv_len[b]) of static caches
+    (b, hkv, max_len, d); returns (b, hq, sq, d) contiguous. Semantics of decode_reference.
+
+    kv_len is a (b,) int32/int64 device tensor, read only by the kernels (CUDA-graph safe); so is the
+    optional kv_start (left padding: keys below it are masked, and never read). q_offset (int or (b,)
+    tensor) overrides the default causal offset kv_len - sq. num_splits overrides choose_num_splits.
+    On CPU without TRITON_INTERPRET=1 it computes the reference.
+
+    Host cost: the inputs are checked and turned into launch parameters once per signature (shapes,
+    strides, dtypes, devices, options; see _Plan); a repeated call is a dictionary lookup, two
+    allocations (output and one fp32 workspace) and the two launches.
+    """
+    if not _use_kernel(q):
+        _check_decode(q, k_cache, v_cache, kv_len, scale, kv_start)
+        return decode_reference(q, k_cache, v_cache, kv_len, scale=scale, causal=causal, q_offset=q_offset,
+                                kv_start=kv_start)
+    kv_is_tensor = isinstance(kv_len, torch.Tensor)
+    off_is_tensor = isinstance(q_offset, torch.Tensor)
+    q_off_mode = 0 if q_offset is None else (2 if off_is_tensor else 1)
+    start_is_tensor = isinstance(kv_start, torch.Tensor)
+    key = (
+        q.shape, q.stride(), q.dtype, q.device, k_cache.shape, k_cache.stride(), k_cache.dtype, k_cache.device,
+        v_cache.shape, v_cache.stride(), v_cache.dtype, v_cache.device,
+        (kv_len.shape, kv_len.dtype, kv_len.device) if kv_is_tensor else None,
+        (kv_start.shape, kv_start.dtype, kv_start.device) if start_is_tensor else (kv_start is None),
+        (q_offset.shape, q_offset.device) if off_is_tensor else q_off_mode,
+        scale, bool(causal), num_splits,
     )
+    plan = _PLANS.get(key)
+    if plan is None:
+        _check_decode(q, k_cache, v_cache, kv_len, scale, kv_start)
+        plan = _make_plan(q, k_cache, v_cache, scale, causal, q_off_mode, num_splits, kv_start is not None)
+        if len(_PLANS) > 1024:
+            _PLANS.clear()
+        _PLANS[key] = plan
+    out = torch.empty(plan.out_shape, dtype=plan.dtype, device=q.device)
+    if plan.empty:
+        return out
+    b = plan.out_shape[0]
+    if not kv_is_tensor:
+        kv_len = torch.full((b,), int(kv_len), dtype=torch.int32, device=q.device)
+    kv_len = _per_batch(kv_len, b)
+    if q_off_mode == 2:
+        q_off_t, q_off_int = _per_batch(q_offset, b), 0
+    else:
+        q_off_t, q_off_int = kv_len, (0 if q_offset is None else int(q_offset))
+    kv_start = _per_batch(kv_start, b)
+    mid = torch.empty(plan.mid_numel, dtype=torch.float32, device=q.device)
+    _decode_split_kernel[plan.grid](
+        q, k_cache, v_cache, kv_len, kv_len if kv_start is None else kv_start, q_off_t, mid,
+        *plan.ints, q_off_int, plan.qk_scale, **plan.meta,
+    )
+    _decode_merge_kernel[plan.merge_grid](mid, out, *plan.merge_ints, **plan.merge_meta)
     return out

@@ -13,14 +13,18 @@ Two kinds of kernel:
 
 * pointwise (no reduction): the iteration space is the broadcast shape of the inputs.
   A contiguous variant walks linear offsets (inputs of one element are loaded once);
-  a strided variant unravels the linear index over the launcher's collapsed dims and
-  reads every input through its strides (stride 0 = broadcast).
+  when the launcher's collapsed dims are two (a broadcast bias row or column, a transposed
+  operand) a 2-D tiled variant reads every input through its two strides with no
+  per-element index division; otherwise a strided variant unravels the linear index over
+  the collapsed dims and reads every input through its strides (stride 0 = broadcast).
 * row reduction: the iteration space is (rows, N), N the last dim. Pointwise prologue ->
   row reductions (sum, max, min; composites like softmax and layer_norm are lowered to
   them by the op table) -> pointwise epilogue on the reduced values broadcast along the
   row. Rows up to WHOLE_ROW_MAX_N columns live in registers (several rows per program
   for small N); longer rows take one loop over column blocks per dependent stage of
   reductions (recomputing what each reduction reads), then a final pass for outputs.
+  Inputs with no leading dims (a norm's weight and bias) are loaded as one vector per
+  column block (evict_last), not once per row.
 
 Values are computed in fp32 (bool as int1, integers as int32/int64) and cast to each
 output's dtype on store. Outputs are allocated contiguous; an output that varies over
@@ -145,7 +149,8 @@ _RESERVED = set(keyword.kwlist) | {
     # launcher locals and module globals of the generated source
     "bucket", "contiguous", "scalar", "ndim", "sizes", "strides", "index_64", "n_cols", "lead_dims",
     "lead_sizes", "lead_strides", "col_strides", "WHOLE_ROW_MAX_N", "POINTWISE_CONFIGS", "ROW_CONFIGS",
-    "LOOP_CONFIGS", "ValueError",
+    "LOOP_CONFIGS", "ValueError", "inspect", "TILE_CONFIGS", "ROWS_T", "BLOCK_C", "size0_bucket", "pid_c",
+    "pid_r", "AUTOTUNE",
 }
 _DERIVED = ("_ptr", "_row", "_off", "_acc", "_stride_n")
 
@@ -662,6 +667,7 @@ def _indent(lines: list[str], n: int = 1) -> list[str]:
 
 
 _PREAMBLE = '''
+import inspect
 import math
 import os
 
@@ -691,12 +697,29 @@ class _FixedConfig:
         return run
 
 
+def _autotune_options():
+    """Short timing runs (the configs differ by several percent; compile time dominates first calls)
+    and, where this Triton has it, timings cached on disk so another process does not re-tune."""
+    from triton.testing import do_bench
+
+    params = inspect.signature(triton.autotune).parameters
+    options = {}
+    if "do_bench" in params:
+        options["do_bench"] = lambda fn, quantiles: do_bench(fn, warmup=5, rep=25, quantiles=quantiles)
+    elif "warmup" in params:
+        options.update(warmup=5, rep=25)
+    if "cache_results" in params:
+        options["cache_results"] = True
+    return options
+
+
 def autotune(configs, key, prune=None):
     if INTERPRET:  # nothing to time: the (single) interpreter config
         return lambda fn: _FixedConfig(fn, configs[:1], None)
     if not AUTOTUNE:
         return lambda fn: _FixedConfig(fn, configs, prune)
-    return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": prune} if prune else None)
+    return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": prune} if prune else None,
+                           **_autotune_options())
 
 
 def _collapse(shape, strides, max_dims):
@@ -770,11 +793,28 @@ def _pointwise_plan(tensors, max_dims):
     return shape, numel, bucket, contiguous, scalar, ndim, sizes, strides, _needs_int64(numel, expanded)
 
 
+def _prune_tile_configs(configs, named_args, **kwargs):
+    """2-D tiles of ROWS_T x BLOCK_C: BLOCK_C = the inner dim's power-of-2 bucket up to 2048; the rows
+    fill 2048-element tiles on 4 warps or 4096 on 8 (8 or 16 elements per thread)."""
+    c_bucket = named_args.get("size0_bucket", kwargs.get("size0_bucket"))
+    if c_bucket is None:
+        return configs
+    block_c = max(16, min(c_bucket, 2048))
+    keep = [c for c in configs if c.kwargs["BLOCK_C"] == block_c]
+    return keep or configs[:1]
+
+
 if INTERPRET:
     POINTWISE_CONFIGS = [triton.Config({"BLOCK": 256}, num_warps=4)]
+    TILE_CONFIGS = [triton.Config({"ROWS_T": 4, "BLOCK_C": 16}, num_warps=4)]
 else:
     # the first is the default when not autotuning
     POINTWISE_CONFIGS = [triton.Config({"BLOCK": b}, num_warps=w) for b in (2048, 1024, 4096) for w in (8, 4)]
+    # (measured on an H200, 8192 x 4096 bf16 with a broadcast row: 2048-element tiles on 4 warps first)
+    TILE_CONFIGS = [
+        triton.Config({"ROWS_T": max(1, tile // c), "BLOCK_C": c}, num_warps=w)
+        for c in (16, 32, 64, 128, 256, 512, 1024, 2048) for tile, w in ((2048, 4), (4096, 8))
+    ]
 '''
 
 _ROW_PLAN = '''
@@ -791,7 +831,7 @@ def _row_plan(tensors, max_lead):
 
 
 def _prune_row_configs(configs, named_args, **kwargs):
-    """Whole-row tiles of ROWS x BLOCK_N: 2-4K elements (or one long row), 8-32 per thread."""
+    """Whole-row tiles of ROWS x BLOCK_N: 2-8K elements (or one long row), 8-32 per thread."""
     block_n = named_args.get("n_bucket", kwargs.get("n_bucket"))
     if block_n is None:
         return configs
@@ -800,8 +840,9 @@ def _prune_row_configs(configs, named_args, **kwargs):
         rows = c.kwargs["ROWS"]
         tile = rows * block_n
         per_thread = tile // (32 * c.num_warps)
-        fits = tile in (2048, 4096) or (rows == 1 and block_n > 4096) or (rows == 64 and tile < 2048)
-        if fits and 8 <= per_thread <= 32:
+        fits = tile in (2048, 4096, 8192) or (rows == 1 and block_n > 8192) or (rows == 64 and tile < 2048)
+        # big tiles on 16 warps measured slower (H200, 4096-wide rows): at least 16 elements per thread there
+        if fits and (16 if tile >= 4096 else 8) <= per_thread <= 32:
             keep.append(c)
     return keep or [triton.Config({"ROWS": 1}, num_warps=8)]
 
@@ -902,7 +943,34 @@ class _Emitter:
             f"{k}_strided", params, body, 'autotune(POINTWISE_CONFIGS, key=["numel_bucket"])',
             "Any strides (0 = broadcast): dims innermost first, NDIM of them after collapsing.\n" + reads,
         )
-        return contiguous + "\n\n\n" + strided
+
+        # 2-D variant: two collapsed dims (a broadcast row or column, a transposed input): tiles of
+        # ROWS_T x BLOCK_C, no per-element division, inner-dim runs stay vector loads
+        params = [[f"{i.name}_ptr", f"{i.name}_stride0", f"{i.name}_stride1"] for i in ins]
+        params += [scalars, [f"{o.name}_ptr" for o in outs], ["size0", "size1", "size0_bucket", "numel_bucket"]]
+        params += [["INDEX_64: tl.constexpr", "ROWS_T: tl.constexpr", "BLOCK_C: tl.constexpr"]]
+        body = [
+            "pid_c = tl.program_id(0)",
+            "pid_r = tl.program_id(1)",
+            "rows = pid_r * ROWS_T + tl.arange(0, ROWS_T)",
+            "cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)",
+            "if INDEX_64:",
+            "    rows = rows.to(tl.int64)",
+            "    cols = cols.to(tl.int64)",
+            "mask = (rows < size1)[:, None] & (cols < size0)[None, :]",
+            "offs = rows[:, None] * size0 + cols[None, :]",
+        ]
+        body += self._value_lines(needed, lambda v: [self._load_line(
+            v, f"{v.name}_ptr + rows[:, None] * {v.name}_stride1 + cols[None, :] * {v.name}_stride0", "mask")])
+        body += stores
+        tiled = self._kernel(
+            f"{k}_tiled", params, body,
+            'autotune(TILE_CONFIGS, key=["size0_bucket", "numel_bucket"], prune=_prune_tile_configs)',
+            "Two collapsed dims (size0 inner, size1 outer), any strides: ROWS_T x BLOCK_C tiles.\n"
+            + reads.replace("BLOCK elements", "ROWS_T*BLOCK_C elements").replace(
+                "*BLOCK bytes", "*ROWS_T*BLOCK_C bytes"),
+        )
+        return contiguous + "\n\n\n" + strided + "\n\n\n" + tiled
 
     # -- rows
     def _row_params(self, lmax: int) -> list[list[str]]:
@@ -918,6 +986,11 @@ class _Emitter:
         params += [["BLOCK_N: tl.constexpr", "ROWS: tl.constexpr"]]
         return params
 
+    def _row_invariant(self, i: _Input) -> bool:
+        """A full-width input the same for every row (leading dims statically 1 or absent, like a norm's
+        weight): loaded once per column block as a vector, kept in cache (evict_last)."""
+        return i.level == FULL and all(k == 1 for k in _shape_key(i.shape)[:-1])
+
     def _row_head(self, lmax: int) -> list[str]:
         lines = [
             "pid = tl.program_id(0)",
@@ -930,10 +1003,16 @@ class _Emitter:
             "    col_idx = col_idx.to(tl.int64)",
             "# row offset of each input: unravel the row index over the collapsed leading dims",
         ]
-        names = [i.name for i in self.ins]
+        names = [i.name for i in self.ins if not self._row_invariant(i)]
+        if not names:
+            return lines
         return lines + _unravel("rows", "lead_size{}", "{}_stride_r{}", "{}_row", names, "LEAD_DIMS", lmax)
 
     def _row_load(self, v: _Val) -> list[str]:
+        if v.level == FULL and self._row_invariant(v.inp):
+            raw = (f'tl.load({v.name}_ptr + cols * {v.name}_stride_n, mask=col_mask, other=0, '
+                   f'eviction_policy="evict_last")')
+            return [f"{v.name} = {_from_storage(raw, v.inp.dtype)}[None, :]"]
         if v.level == FULL:
             ptr = f"{v.name}_ptr + {v.name}_row[:, None] + cols[None, :] * {v.name}_stride_n"
             return [self._load_line(v, ptr, "mask")]
@@ -1117,11 +1196,18 @@ class _Emitter:
                           ["INDEX_64=index_64"]]
             strided = [[ptr(i), f"*strides[{n}]"] for n, i in enumerate(self.ins)]
             strided += [scalars, out_ptrs, ["numel", "*sizes", "bucket"], ["NDIM=ndim", "INDEX_64=index_64"]]
+            tiled = [[ptr(i), f"strides[{n}][0]", f"strides[{n}][1]"] for n, i in enumerate(self.ins)]
+            tiled += [scalars, out_ptrs, ["sizes[0]", "sizes[1]", "triton.next_power_of_2(sizes[0])", "bucket"],
+                      ["INDEX_64=index_64"]]
             lines += [
                 "    if numel > 0:",
                 '        grid = lambda meta: (triton.cdiv(numel, meta["BLOCK"]),)',
                 "        if contiguous:",
                 *_call(f"{k}_contiguous[grid]", contiguous, 3),
+                "        elif ndim == 2 and sizes[1] <= 65535:  # 2-D tiles (grid y holds the row blocks)",
+                '            grid = lambda meta: (triton.cdiv(sizes[0], meta["BLOCK_C"]), '
+                'triton.cdiv(sizes[1], meta["ROWS_T"]))',
+                *_call(f"{k}_tiled[grid]", tiled, 3),
                 "        else:",
                 *_call(f"{k}_strided[grid]", strided, 3),
             ]
@@ -1156,7 +1242,7 @@ def _call(fn: str, groups: list[list[str]], indent: int) -> list[str]:
 
 def _header(gm: fx.GraphModule, name: str, low: _Lowering, header_lines) -> list[str]:
     kind = {
-        "pointwise": "pointwise (contiguous and strided variants)",
+        "pointwise": "pointwise (contiguous, 2-D tiled and strided variants)",
         "rows": "row reduction over the last dim (whole-row and multi-pass variants)",
         "none": "no kernel (outputs are inputs)",
     }[low.kind]

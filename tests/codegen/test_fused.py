@@ -662,7 +662,8 @@ cases = [
       "loop": dict(ROWS=1, BLOCK_N=2048, INDEX_64=True, LEAD_DIMS=1)}),
     ("aot_chain", chain_e, [torch.randn(8, 8) for _ in range(4)], "*fp32",
      {"contiguous": dict(BLOCK=1024, INDEX_64=False, A_SCALAR=False, B_SCALAR=True, C_SCALAR=False, D_SCALAR=False),
-      "strided": dict(BLOCK=1024, INDEX_64=False, NDIM=2)}),
+      "strided": dict(BLOCK=1024, INDEX_64=False, NDIM=2),
+      "tiled": dict(ROWS_T=2, BLOCK_C=1024, INDEX_64=False)}),
 ]
 for name, fn, args, ptr_type, variants in cases:
     module = compile_region(region_from_fn(fn, *args), name, dump_dir=sys.argv[1]).module
@@ -698,7 +699,7 @@ def test_kernels_compile_for_sm90_without_a_gpu(tmp_path):
     if "SKIP:" in proc.stdout:
         pytest.skip(proc.stdout.strip())
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert proc.stdout.count("compiled") == 4
+    assert proc.stdout.count("compiled") == 5
 
 
 def test_symbolic_sizes_as_values(tmp_path):
@@ -735,3 +736,69 @@ def test_gpu_config_lists_and_defaults(tmp_path, monkeypatch):
         first = kept[0]
         assert first.num_warps in (4, 8, 16) or block_n <= 64, (block_n, first)
     assert scope["LOOP_CONFIGS"][0].kwargs["BLOCK_N"] >= 1024
+
+
+def _spy_variants(module, used):
+    """Wrap the module's kernels so each launch records which variant ran."""
+    for name in dir(module):
+        if name.endswith(("_contiguous", "_strided", "_tiled", "_row", "_loop")):
+            kernel = getattr(module, name)
+
+            class Spy:
+                def __init__(self, kernel, name):
+                    self.kernel, self.name = kernel, name
+
+                def __getitem__(self, grid):
+                    used.append(self.name.rsplit("_", 1)[1])
+                    return self.kernel[grid]
+
+            setattr(module, name, Spy(kernel, name))
+
+
+@pytest.mark.parametrize("case", ["row_bias", "col_bias", "transposed", "3d_strided", "bf16_bias"])
+def test_two_dim_pointwise_takes_tiles(case, tmp_path, monkeypatch):
+    """Inputs that collapse to two dims (a broadcast row or column, a transposed operand) run the
+    2-D tiled kernel (no per-element index division); three dims still take the strided one."""
+
+    def mul_add(x, y):
+        return F.gelu(x * y + 1.0, approximate="tanh")
+
+    args = {
+        "row_bias": [torch.randn(37, 23), torch.randn(23)],
+        "col_bias": [torch.randn(37, 23), torch.randn(37, 1)],
+        "transposed": [torch.randn(23, 37).t(), torch.randn(37, 23)],
+        "3d_strided": [torch.randn(3, 5, 7), torch.randn(5, 1)],
+        "bf16_bias": [torch.randn(37, 23, dtype=torch.bfloat16), torch.randn(23, dtype=torch.bfloat16)],
+    }[case]
+    kernel = compile_region(region_from_fn(mul_add, *args), f"tiles_{case}", dump_dir=tmp_path)
+    used = []
+    for name in list(vars(kernel.module)):
+        if name.startswith(f"tiles_{case}_"):
+            monkeypatch.setattr(kernel.module, name, getattr(kernel.module, name))  # restored after the test
+    _spy_variants(kernel.module, used)
+    (got,) = kernel(*args)
+    assert used == (["strided"] if case == "3d_strided" else ["tiled"])
+    assert_matches(got, mul_add(*args), mul_add(*[upcast(a) for a in args]), case)
+
+
+def test_row_invariant_inputs_load_once_per_column_block(tmp_path):
+    """A norm's weight and bias (no leading dims) are loaded as one vector per column block, kept in
+    cache; per-row inputs and full inputs still go through their row offsets."""
+    src = generate_source(region_from_fn(layer_norm, torch.randn(2, 8), torch.randn(8), torch.randn(8)), "inv")
+    row = src[src.index("def inv_row("):src.index("def inv_loop(")]
+    assert 'tl.load(w_ptr + cols * w_stride_n, mask=col_mask, other=0, eviction_policy="evict_last")' in row
+    assert "w_row" not in row and "b_row" not in row and "x_row = rows * x_stride_r0" in row
+    # a (1, N) weight in a 3-d space is row-invariant too; a (B, 1, N) one is not
+    x = torch.randn(2, 3, 8)
+    region = region_from_fn(lambda x, w, v: torch.softmax(x, -1) * w + v, x, torch.randn(1, 8), torch.randn(2, 1, 8))
+    src = generate_source(region, "m")
+    assert "def m_row(" in src and "w_row" not in src and "v_row" in src
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_softmax_reciprocal_only_for_half_outputs(dtype, tmp_path):
+    """bf16/fp16 softmax multiplies by a per-row reciprocal; fp32 keeps the exact division."""
+    x = torch.randn(6, 40, dtype=dtype)
+    src = generate_source(region_from_fn(lambda x: torch.softmax(x * 0.125, -1), x), "sm")
+    assert ("_inv = 1.0 / " in src) == (dtype != torch.float32)
+    run_check(lambda x: torch.softmax(x * 0.125, -1), x, tmp_path=tmp_path, name=f"sm_{str(dtype)[6:]}")

@@ -2,7 +2,8 @@
 
 The chains of tests/codegen/test_fused.py at the benchmark shapes: (8192, 4096) bf16 for
 the row chains, SwiGLU and GELU, 2**26 fp32 elements for E = D + (A+B)*C; plus strided and
-broadcast layouts, a vocab-sized log_softmax (multi-pass loop), and the int64-offset paths
+broadcast layouts, two-dim pointwise tiles, a vocab-sized log_softmax (multi-pass loop), and the
+int64-offset paths
 (> 2**31 elements; marked slow). Same numerics rule as on CPU (DESIGN.md).
 """
 
@@ -177,6 +178,28 @@ def test_layouts(fn, layout, tmp_path):
     args = [make(i) for i in range(n_full)] + [randn(shape[-1]) for _ in range({chain_e: 0, rmsnorm_residual: 1,
                                                                                  layer_norm: 2}[fn])]
     run_check(fn, *args, tmp_path=tmp_path)
+
+
+def bias_gelu_mul(x, y):
+    return F.gelu(x * y + 1.0, approximate="tanh")
+
+
+@pytest.mark.parametrize("case", ["row_bias", "col_bias", "transposed", "rows_past_grid_y"])
+@pytest.mark.parametrize("autotune", [False, True], ids=["default", "autotuned"])
+def test_two_dim_pointwise_tiles(case, autotune, tmp_path, monkeypatch):
+    """Pointwise regions that collapse to two dims run the 2-D tiled kernel (more than 65535 rows: the
+    strided one), default config and autotuned."""
+    monkeypatch.setenv("FXOPT_FUSED_AUTOTUNE", "1" if autotune else "0")
+    x = randn(*BIG)
+    y = {
+        "row_bias": lambda: randn(BIG[-1]),
+        "col_bias": lambda: randn(BIG[0], 1),
+        "transposed": lambda: randn(BIG[::-1]).t(),
+        "rows_past_grid_y": lambda: randn(48),
+    }[case]()
+    if case == "rows_past_grid_y":
+        x = randn(70001, 48)
+    run_check(bias_gelu_mul, x, y, tmp_path=tmp_path, name=f"tiles_{case}_{autotune}")
 
 
 @pytest.mark.parametrize("rows", [1, 8, 512])
