@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.export import Dim, export
+
 from fxopt.models import (
     PRESETS,
     BertConfig,
@@ -20,7 +22,6 @@ from fxopt.models import (
     param_count,
 )
 from fxopt.models.attention import repeat_kv
-from torch.export import Dim, export
 
 TINY = ["gpt2-tiny", "llama-tiny", "bert-tiny", "transformer-tiny"]
 IMPLS = ["explicit", "sdpa"]

@@ -245,8 +245,10 @@ def test_siblings_with_bias_fused_and_padded():
     assert tuple(weight_of(optimized.gm, fused).shape) == (matmul.aligned_size(57, torch.float32), 32)
     # the pieces slice the padded output directly (no slice of a slice); the unpadded concatenation is not kept
     assert all(u.target == aten.slice.Tensor for u in fused.users)
-    assert sorted(name for name, _ in optimized.gm.named_buffers()) == sorted([fused.args[1].target, fused.args[2].target])
-    assert counts["dropped_weights"] == 2 * 3 + 2  # three weights and biases, then their concatenations
+    buffers = sorted(name for name, _ in optimized.gm.named_buffers())
+    assert buffers == sorted([fused.args[1].target, fused.args[2].target])
+    # three weights and biases, then their concatenations
+    assert counts["dropped_weights"] == 2 * 3 + 2
     with torch.no_grad():
         for got, ref in zip(optimized(x=x), model(x)):
             torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
