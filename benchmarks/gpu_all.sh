@@ -6,6 +6,7 @@ set -uo pipefail
 out=${1:-${OUT:-bench-out}}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
+export FXOPT_AUTOTUNE=${FXOPT_AUTOTUNE:-1}  # kernel suites and models with tuned tiles (results cached by Triton)
 run() {  # run NAME SECONDS CMD...: a benchmark with its own time limit, logged to $out/NAME.log
   local name=$1 limit=$2; shift 2
   echo "== $name: $*"

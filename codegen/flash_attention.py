@@ -389,10 +389,16 @@ def _prune_configs(configs, named_args, **kwargs):
         index = q.device.index
         smem = _max_shared_memory(torch.cuda.current_device() if index is None else index)
     tiles = _fitting_tiles(args["BLOCK_D"], args["SQ"], q.element_size(), smem)
-    if os.environ.get("FXOPT_ATTN_AUTOTUNE", "1") == "0":  # tests: one compile per specialisation
+    if not autotune_enabled("FXOPT_ATTN_AUTOTUNE"):  # one compile per specialisation
         tiles = tiles[:1]
     by_tile = {_tile_of(c): c for c in configs}
     return [by_tile[t] for t in tiles]
+
+
+def autotune_enabled(specific: str) -> bool:
+    """Time every config on first use (FXOPT_AUTOTUNE=1, or the kernel family's own variable), or
+    run the first config that fits: a fast first call (seconds, not a minute of tuning)."""
+    return os.environ.get(specific, os.environ.get("FXOPT_AUTOTUNE", "0")) != "0"
 
 
 def _make_configs():

@@ -153,6 +153,7 @@ def bench_model(spec: str, *, batch: int = 8, seq: int = 1024, dtype=torch.bfloa
         _sync(device)
         whole = {"optimize_wall_s": time.perf_counter() - start}
         whole.update({f"{name}_s": seconds for name, seconds in optimized.program.seconds.items()})
+        result.config["passes"] = {name: r.counts for name, r in optimized.program.results.items() if r.counts}
         whole["eager_ms"] = time_ms(lambda: model(**inputs), device)
         whole["fxopt_ms"] = time_ms(fxopt_call, device)
         if cuda_graph and device.type == "cuda":
