@@ -123,9 +123,11 @@ class WeightMatmul:
 
 def as_weight_matmul(gm: fx.GraphModule, node: fx.Node) -> WeightMatmul | None:
     """linear(x, W[, b]) / mm(x, W') / matmul(x, W') / addmm(b, x, W') with W constant, else None."""
-    if node.op != "call_function" or node.target not in MATMUL_TARGETS or node.kwargs:
+    if node.op != "call_function" or node.target not in MATMUL_TARGETS:
         return None
-    args = list(node.args)
+    args = _positional_args(node)
+    if args is None:
+        return None
     if node.target is LINEAR:
         if len(args) not in (2, 3) or not isinstance(args[0], fx.Node):
             return None
@@ -150,6 +152,18 @@ def as_weight_matmul(gm: fx.GraphModule, node: fx.Node) -> WeightMatmul | None:
     if tensor is None or tensor.dim() != 2:
         return None
     return WeightMatmul(node, x, w, tensor, via is None, via, bias)
+
+
+def _positional_args(node: fx.Node) -> list | None:
+    """The node's arguments as a positional list (a bias=None keyword is dropped), or None if unknown."""
+    if not node.kwargs:
+        return list(node.args)
+    if set(node.kwargs) - {"bias"}:
+        return None
+    args = list(node.args)
+    if node.kwargs.get("bias") is not None:
+        args.append(node.kwargs["bias"])
+    return args
 
 
 def _val(node):
