@@ -178,6 +178,24 @@ def _use_kernel(t: torch.Tensor) -> bool:
 
 
 @triton.jit
+def online_softmax_step(qk, v, acc, l_i, m_i, qk_scale, MAY_BE_EMPTY: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Fold one tile of scores qk (BLOCK_M, BLOCK_N) into the running row max m, row sum l and
+    unnormalised output acc, in base 2. With MAY_BE_EMPTY, a row that has seen no visible key yet
+    (max still -inf) exponentiates against 0 instead, so no -inf - -inf = NaN appears."""
+    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+    if MAY_BE_EMPTY:
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_use = m_new
+    p = tl.exp2(qk * qk_scale - m_use[:, None])
+    alpha = tl.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
+    return acc, l_i, m_new
+
+
+@triton.jit
 def _attn_key_loop(
     acc, l_i, m_i, q, k_ptrs, v_ptrs, pad_ptrs, lo, hi,
     stride_kn, stride_vn, stride_pn, q_pos, kv_end, qk_scale, offs_n, d_ok,
@@ -219,17 +237,9 @@ def _attn_key_loop(
                 pad = tl.load(pad_ptrs)
                 visible = (pad != 0)[None, :]
             qk = tl.where(visible, qk, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            acc, l_i, m_i = online_softmax_step(qk, v, acc, l_i, m_i, qk_scale, True, DOT_PREC)
         else:
-            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-            m_use = m_new
-        p = tl.exp2(qk * qk_scale - m_use[:, None])
-        alpha = tl.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
-        m_i = m_new
+            acc, l_i, m_i = online_softmax_step(qk, v, acc, l_i, m_i, qk_scale, False, DOT_PREC)
         k_ptrs += BLOCK_N * stride_kn
         v_ptrs += BLOCK_N * stride_vn
         if HAS_PAD:

@@ -39,6 +39,7 @@ from fxopt.codegen.flash_attention import (
     _use_kernel,
     attention_flops,
     attention_reference,
+    online_softmax_step,
 )
 
 MAX_DECODE_Q = 16
@@ -248,14 +249,7 @@ def _decode_split_kernel(
         if CAUSAL:
             visible = visible & (cols[None, :] <= q_pos[:, None])
         qk = tl.where(visible, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(qk * qk_scale - m_use[:, None])
-        alpha = tl.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
-        m_i = m_new
+        acc, l_i, m_i = online_softmax_step(qk, v, acc, l_i, m_i, qk_scale, True, DOT_PREC)
         k_ptrs += BLOCK_N * stride_kn
         v_ptrs += BLOCK_N * stride_vn
 
