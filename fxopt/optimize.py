@@ -16,13 +16,17 @@ from fxopt.pipeline import Program, make_context, run_passes
 class OptimizedModule(torch.nn.Module):
     """The optimized graph, called like the original model; `program` holds what the passes did."""
 
-    def __init__(self, program: Program):
+    def __init__(self, program: Program, signature: inspect.Signature | None = None, positional: bool = False):
         super().__init__()
         self.gm = program.gm
         self.program = program
         self.fixed_kwargs = program.captured.fixed_kwargs  # e.g. use_cache=False for HF models
+        self.signature = signature  # the model's: positional calls bind to the captured keyword names
+        self.positional = positional  # captured through forward(*args)
 
     def forward(self, *args, **kwargs):
+        if args and not self.positional and self.signature is not None:
+            args, kwargs = (), dict(self.signature.bind(*args, **kwargs).arguments)
         return self.gm(*args, **{**self.fixed_kwargs, **kwargs})
 
     def report(self) -> str:
@@ -84,7 +88,7 @@ def optimize(
     ctx = make_context(
         captured, hw, None, {"fuse": fuse, "attention": attention, "matmul": matmul, "dump_dir": dump_dir, **options}
     )
-    optimized = OptimizedModule(run_passes(captured, ctx))
+    optimized = OptimizedModule(run_passes(captured, ctx), inspect.signature(model.forward), positional=bool(args))
     optimized.program.seconds = {"capture": capture_seconds, **optimized.program.seconds}
     if verify:
         numerics.verify(model, optimized, args, {**kwargs, **captured.fixed_kwargs})

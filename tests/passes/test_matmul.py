@@ -296,3 +296,28 @@ def test_addmm_and_transposed_weights_padded():
         for got, ref in zip(optimized(x=x), model(x)):
             torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
     assert_untouched(model, before)
+
+
+class FlattenedHead(torch.nn.Module):
+    """A vocab projection written as view -> mm -> view (how some exports spell a 3-D linear)."""
+
+    def __init__(self, d=64, vocab=509):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(vocab, d, generator=torch.Generator().manual_seed(3)))
+
+    def forward(self, x):  # (b, s, d)
+        b, s, d = x.shape
+        flat = x.reshape(b * s, d) @ self.weight.t()  # (b*s, vocab)
+        return flat.view(b, s, -1), flat.view(b, -1)  # the second merges the (padded) vocab dim
+
+
+def test_unaligned_head_behind_views_is_padded_and_a_merging_view_becomes_a_reshape():
+    from fxopt.optimize import optimize
+
+    model = FlattenedHead()
+    x = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(4))
+    optimized = optimize(model, (x,), dynamic_dims={})
+    counts = optimized.program.results["matmul"].counts
+    assert counts.get("pad_n") == 1 and counts.get("view_to_reshape") == 1  # only the merging view copies
+    for got, want in zip(optimized(x), model(x)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
