@@ -4,6 +4,10 @@ model + example inputs
   -> capture    torch.export(strict=False), dynamic dims named by role -> ATen GraphModule
   -> passes     each `run(gm, ctx) -> PassResult`, in the order of PASSES below
   -> runtime    the optimized GraphModule, called like the model
+
+With kv_cache=True the generator (fxopt/generate.py) runs capture -> attention -> matmul, then
+passes/kv_cache.py splits the graph into a prefill and a decode program over static caches, and
+the decode program goes through cost -> fusion per batch bucket before it is captured in a CUDA graph.
 """
 
 from __future__ import annotations
