@@ -150,6 +150,23 @@ def fxopt_attention_cost(ctx: PassContext, node: fx.Node) -> Cost:
     return io_cost(ctx, node, flops, "attention")
 
 
+def cached_attention_cost(ctx: PassContext, node: fx.Node) -> Cost:
+    """fxopt::cached_attention(q, k_cache, v_cache, kv_start, kv_len, scale): new queries over a static cache.
+
+    The live length is a device tensor, so the cost is the bound at a full cache (max_len keys): FLOPs
+    4·b·hq·sq·max_len·d, bytes q + K + V + O once each. Linear in the cache length, as decode should be."""
+    q, k = node.args[0].meta["val"], node.args[1].meta["val"]
+    b, hq, sq, d = ctx.shape(q)
+    max_len = ctx.named(k.shape[2])
+    return io_cost(ctx, node, 4 * b * hq * sq * max_len * d, "attention", note="at a full cache")
+
+
+def cache_write_cost(ctx: PassContext, node: fx.Node) -> Cost:
+    """fxopt::cache_write(cache, new, pos): reads the new rows, writes them into the cache in place."""
+    new = node.args[1].meta["val"]
+    return Cost(ZERO, sympy.expand(nbytes(ctx, new)), sympy.expand(nbytes(ctx, new)), "other", new.dtype)
+
+
 def embedding_cost(ctx: PassContext, node: fx.Node) -> Cost:
     """A gather reads only the rows it looks up, not the whole table."""
     indices, out = node.args[1].meta["val"], node.meta["val"]
@@ -279,6 +296,8 @@ _RULES: dict[object, Callable[[PassContext, fx.Node], Cost]] = {
     },
     _op("scaled_dot_product_attention.default"): sdpa_cost,
     torch.ops.fxopt.attention.default: fxopt_attention_cost,
+    torch.ops.fxopt.cached_attention.default: cached_attention_cost,
+    torch.ops.fxopt.cache_write.default: cache_write_cost,
     _op("embedding.default"): embedding_cost,
     _op("softmax.int"): per_input_element(3, "reduction"),
     _op("_softmax.default"): per_input_element(3, "reduction"),
@@ -353,6 +372,7 @@ _RULES: dict[object, Callable[[PassContext, fx.Node], Cost]] = {
     },
 }
 COST_RULES = {op: rule for op, rule in _RULES.items() if op is not None}
+IN_PLACE_RULES = {torch.ops.fxopt.cache_write.default}
 
 
 def node_cost(ctx: PassContext, node: fx.Node) -> Cost:
@@ -365,9 +385,11 @@ def node_cost(ctx: PassContext, node: fx.Node) -> Cost:
         return node.meta[COST_KEY]  # a fused region: its cost was set when it was formed
     if node.op != "call_function":
         return Cost(ZERO, ZERO, ZERO, "unknown", note=f"unknown cost ({node.op} {node.target})")
+    rule = COST_RULES.get(node.target)
+    if rule is not None and node.target in IN_PLACE_RULES:
+        return rule(ctx, node)  # returns nothing, but moves bytes
     if not tensor_vals(node.meta.get("val")):
         return FREE  # symbolic-int arithmetic and assertions move no tensor data
-    rule = COST_RULES.get(node.target)
     if rule is not None:
         return rule(ctx, node)
     if node.target in BITWISE_OPS or (

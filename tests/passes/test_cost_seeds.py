@@ -113,3 +113,30 @@ def test_prefill_cost_is_quadratic_in_sequence_length():
     s = role_symbol("seq")
     assert sympy.degree(summed.flops, s) == 2
     assert sympy.Poly(summed.flops, s).coeffs()[0].is_positive
+
+
+class FxoptDecodeStep(nn.Module):
+    """The decode step as fxopt's KV-cache pass writes it: cache_write, then cached_attention over the cache."""
+
+    def forward(self, q, k_new, v_new, k_cache, v_cache, pos, kv_start, kv_len):
+        torch.ops.fxopt.cache_write(k_cache, k_new, pos)
+        torch.ops.fxopt.cache_write(v_cache, v_new, pos)
+        return torch.ops.fxopt.cached_attention(q, k_cache, v_cache, kv_start, kv_len, 0.25)
+
+
+def test_fxopt_decode_attention_cost_is_linear_in_cache_length():
+    import fxopt.codegen.attention_op  # noqa: F401 - registers torch.ops.fxopt
+
+    b, h, d, n = 2, 4, 16, 24
+    kwargs = {"q": torch.randn(b, h, 1, d), "k_new": torch.randn(b, h, 1, d), "v_new": torch.randn(b, h, 1, d),
+              "k_cache": torch.randn(b, h, n, d), "v_cache": torch.randn(b, h, n, d),
+              "pos": torch.tensor(5), "kv_start": torch.zeros(b, dtype=torch.long),
+              "kv_len": torch.full((b,), 6, dtype=torch.long)}
+    roles = {"k_cache": {2: "cache"}, "v_cache": {2: "cache"}}
+    summed, ctx = _captured_total(FxoptDecodeStep(), kwargs, roles)
+    cache = role_symbol("cache")
+    assert sympy.degree(summed.flops, cache) == 1
+    assert sympy.expand(summed.flops - 4 * b * h * 1 * cache * d) == 0  # attention over the full cache
+    # fp32: q and the output once (4bhd each), both caches read once (2 * 4bhdn), kv_start/kv_len (2 * 8b),
+    # and each cache write reads and writes its new row (2 * 2 * 4bhd)
+    assert sympy.expand(summed.bytes - (8 * b * h * d * cache + 24 * b * h * d + 16 * b)) == 0
