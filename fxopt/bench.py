@@ -39,22 +39,12 @@ class BenchResult:
                            "regions": self.rows, "forward": self.whole}, indent=2, default=str)
 
 
-TINY_MS = 0.05  # below this a launch is a large part of the time: replay from a CUDA graph instead
-
-
-def time_ms(fn, device: torch.device, *, graph_if_tiny: bool = False) -> float:
-    """Median milliseconds of fn(): do_bench on CUDA (replayed from a CUDA graph when the call is tiny
-    and graph_if_tiny), torch.utils.benchmark on CPU."""
+def time_ms(fn, device: torch.device) -> float:
+    """Median milliseconds of fn(): do_bench on CUDA, torch.utils.benchmark on CPU."""
     if device.type == "cuda":
-        from triton.testing import do_bench, do_bench_cudagraph
+        from triton.testing import do_bench
 
-        ms = do_bench(fn, warmup=50, rep=300, return_mode="median")
-        if graph_if_tiny and ms < TINY_MS:
-            try:
-                ms = do_bench_cudagraph(fn, rep=100, return_mode="median")
-            except Exception:  # noqa: BLE001 - not capturable: keep the launched timing
-                pass
-        return ms
+        return do_bench(fn, warmup=50, rep=300, return_mode="median")
     from torch.utils.benchmark import Timer
 
     return Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=0.5).median * 1e3
@@ -105,8 +95,8 @@ def bench_regions(optimized, args, kwargs, device, copy_bw, hw, compile_regions:
         nbytes = sum(t.numel() * t.element_size() for t in region_inputs if isinstance(t, torch.Tensor))
         nbytes += sum(v.numel() * v.element_size() for v in module.kernel.reference(*region_inputs))
         row = {"region": node.target, "nodes": len(region.nodes), "bytes": nbytes}
-        row["eager_ms"] = time_ms(partial(module.kernel.reference, *region_inputs), device, graph_if_tiny=True)
-        row["fxopt_ms"] = time_ms(partial(module.kernel, *region_inputs), device, graph_if_tiny=True)
+        row["eager_ms"] = time_ms(partial(module.kernel.reference, *region_inputs), device)
+        row["fxopt_ms"] = time_ms(partial(module.kernel, *region_inputs), device)
         if device.type == "cuda":
             if compile_regions:
                 compiled = torch.compile(module.kernel.region, dynamic=False)
