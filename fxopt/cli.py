@@ -1,4 +1,4 @@
-"""The `fxopt` command line: annotate, calibrate (and later bench, explain, generate)."""
+"""The `fxopt` command line: annotate, bench, explain, generate, calibrate."""
 
 from __future__ import annotations
 
