@@ -1,4 +1,4 @@
-"""The attention kernels' GPU path compiles for sm_90 ahead of time (no GPU needed).
+"""The attention kernels' GPU path (prefill and decode split kernels) compiles for sm_90 ahead of time.
 
 The CPU tests run the kernels in Triton's interpreter, which never lowers them; this compiles the real
 thing to PTX in a subprocess (Triton decides interpreter-or-not when it is imported)."""
@@ -18,7 +18,8 @@ from fxopt.codegen import flash_attention as fa, flash_decoding as fd
 
 assert not fa._INTERPRET
 
-POINTERS = {"Q": None, "K": None, "V": None, "O": None, "PAD": "*u8", "KV_LEN": "*i32", "Q_OFF": "*i64"}
+POINTERS = {"Q": None, "K": None, "V": None, "O": None, "PAD": "*u8", "KV_LEN": "*i32", "Q_OFF": "*i64",
+            "KV_START": "*i32", "MID": "*fp32"}
 
 
 def signature(jit, ptr_type):
@@ -47,6 +48,12 @@ for causal in (False, True):
                             HAS_KV_LEN=False, Q_OFF_TENSOR=False, DOT_PREC="tf32", BLOCK_M=128, BLOCK_N=64))
         assert "mma" in c.asm["ptx"]
         print("compiled prefill", causal, pad)
+
+for causal in (False, True):
+    c = compile_variant(fd._decode_split_kernel, dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_M=16, BLOCK_N=64,
+                        CAUSAL=causal, Q_OFF_MODE=0, DOT_PREC="tf32", HAS_START=True))
+    assert "ld.global" in c.asm["ptx"]
+    print("compiled decode", causal)
 """
 
 
@@ -60,3 +67,4 @@ def test_attention_kernels_compile_for_sm90_without_a_gpu(tmp_path):
         pytest.skip(proc.stdout.strip())
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("compiled prefill") == 4
+    assert proc.stdout.count("compiled decode") == 2
