@@ -13,6 +13,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 import sympy  # noqa: E402
+from attention_checks import assert_close_to_reference  # noqa: E402
 
 from fxopt.codegen import flash_decoding as fd  # noqa: E402
 from fxopt.codegen.flash_attention import attention_reference  # noqa: E402
@@ -26,7 +27,6 @@ from fxopt.codegen.flash_decoding import (  # noqa: E402
 
 INTERPRET = fd._INTERPRET  # the mode the kernels were built in (TRITON_INTERPRET at import)
 DEVICE = "cpu" if INTERPRET or not torch.cuda.is_available() else "cuda"
-ATOL = {torch.float16: 1e-3, torch.bfloat16: 8e-3, torch.float32: 1e-5}
 pytestmark = pytest.mark.skipif(DEVICE == "cpu" and not INTERPRET, reason="needs CUDA or TRITON_INTERPRET=1")
 
 
@@ -48,14 +48,6 @@ def eager_decode(q, k, v, kv_len, *, causal, q_offset=None, scale=None):
     return torch.softmax(scores, dim=-1).nan_to_num(0.0) @ v
 
 
-def assert_close_to_reference(out, ref64, eager, dtype, what=""):
-    """out's max error vs the float64 reference <= 2x (3x for fp16/bf16) eager's error + a small floor."""
-    assert out.shape == ref64.shape and out.dtype == dtype
-    assert not torch.isnan(out).any(), f"NaN in output {what}"
-    err = (out.double() - ref64).abs().max().item()
-    eager_err = (eager.double() - ref64).abs().max().item()
-    bound = (2.0 if dtype == torch.float32 else 3.0) * eager_err + ATOL[dtype]
-    assert err <= bound, f"{what}: max error {err:.3g} > {bound:.3g} (eager error {eager_err:.3g})"
 
 
 def make_inputs(b, hq, hkv, sq, max_len, d, dtype, *, layout="bhsd", seed=0):

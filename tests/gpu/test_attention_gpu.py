@@ -5,6 +5,9 @@ Skipped without a GPU (tests/gpu/conftest.py). Tolerance: max error vs float64 <
 (fp16/bf16) the error of unfused eager attention in the input dtype, plus a small floor.
 """
 
+import functools
+
+import attention_checks as checks
 import pytest
 import torch
 
@@ -13,11 +16,13 @@ from fxopt.codegen.flash_attention import attention_reference, flash_attention
 from fxopt.codegen.flash_decoding import decode_attention, decode_reference
 
 DEVICE = "cuda"
+allowed_mask = functools.partial(checks.allowed_mask, device=DEVICE)
+eager_attention = checks.eager_attention
+assert_close_to_reference = checks.assert_close_to_reference
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available() or fa._INTERPRET,
     reason="needs CUDA and compiled kernels (TRITON_INTERPRET=1 at import builds interpreted ones)",
 )
-ATOL = {torch.float16: 1e-3, torch.bfloat16: 8e-3, torch.float32: 1e-5}
 DTYPES = [
     pytest.param(torch.bfloat16, id="bf16"),
     pytest.param(torch.float16, id="fp16"),
@@ -28,34 +33,10 @@ DTYPES = [
 # ------------------------------------------------------------------ helpers
 
 
-def allowed_mask(b, sq, skv, *, causal, key_padding_mask=None, q_offset=0, kv_len=None):
-    allowed = torch.ones((b, sq, skv), dtype=torch.bool, device=DEVICE)
-    cols = torch.arange(skv, device=DEVICE)
-    if key_padding_mask is not None:
-        allowed &= key_padding_mask[:, None, :]
-    if kv_len is not None:
-        allowed &= (cols[None, :] < kv_len.reshape(-1, 1))[:, None, :]
-    if causal:
-        offs = torch.as_tensor(q_offset, device=DEVICE).reshape(-1, 1)
-        allowed &= cols[None, None, :] <= (offs + torch.arange(sq, device=DEVICE)[None, :])[:, :, None]
-    return allowed
 
 
-def eager_attention(q, k, v, allowed, scale=None):
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    group = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
-    scores = ((q @ k.transpose(-1, -2)) * scale).masked_fill(~allowed[:, None], float("-inf"))
-    return torch.softmax(scores, dim=-1).nan_to_num(0.0) @ v
 
 
-def assert_close_to_reference(out, ref64, eager, dtype, what=""):
-    assert out.shape == ref64.shape and out.dtype == dtype
-    assert not torch.isnan(out).any(), f"NaN in output {what}"
-    err = (out.double() - ref64).abs().max().item()
-    eager_err = (eager.double() - ref64).abs().max().item()
-    bound = (2.0 if dtype == torch.float32 else 3.0) * eager_err + ATOL[dtype]
-    assert err <= bound, f"{what}: max error {err:.3g} > {bound:.3g} (eager error {eager_err:.3g})"
 
 
 def randn(*shape, dtype, gen, layout="bhsd"):
