@@ -20,6 +20,17 @@ import sys  # noqa: E402
 
 import pytest  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from fused_chains import (  # noqa: E402
+    casts,
+    chain_e,
+    gelu_exact,
+    gelu_tanh,
+    layer_norm,
+    rms_norm_op,
+    rmsnorm_residual,
+    softmax_scale_mask,
+    swiglu,
+)
 
 from fxopt.codegen import loader, ops  # noqa: E402
 from fxopt.codegen.fused import (  # noqa: E402
@@ -131,46 +142,17 @@ def make_mask(shape, layout, gen=None):
 # ----------------------------------------------------------------------------- chains
 
 
-def chain_e(a, b, c, d):
-    return d + (a + b) * c
 
 
-def rmsnorm_residual(x, r, w):
-    h = x + r
-    return h, h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6) * w
 
-
-def rms_norm_op(x, r, w):
-    h = x + r
-    return h, F.rms_norm(h, (h.shape[-1],), w, 1e-6)
-
-
-def layer_norm(x, w, b):
-    return F.layer_norm(x, (x.shape[-1],), w, b, 1e-5)
-
-
-def softmax_scale_mask(x, mask):
-    return torch.softmax((x * 0.125).masked_fill(mask, float("-inf")), dim=-1)
 
 
 def log_softmax(x):
     return F.log_softmax(x, dim=-1)
 
 
-def swiglu(a, b):
-    return F.silu(a) * b
 
 
-def gelu_tanh(x, bias):
-    return F.gelu(x + bias, approximate="tanh")
-
-
-def gelu_exact(x):
-    return F.gelu(x)
-
-
-def casts(x, y):
-    return (x.float() * y.float() + 1.0).to(x.dtype)
 
 
 def row_reductions(x):
