@@ -492,6 +492,7 @@ def test_generated_source_is_valid_python_for_every_chain():
         args = chain_inputs(kinds, (2, 8), torch.float16, "contiguous")
         src = generate_source(region_from_fn(fn, *args), name)
         compile(src, name, "exec")
+        assert "@triton.jit" in src and "def launch(" in src, name
 
 
 def test_outputs_smaller_than_the_iteration_space(tmp_path):
