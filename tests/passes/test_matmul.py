@@ -321,3 +321,24 @@ def test_unaligned_head_behind_views_is_padded_and_a_merging_view_becomes_a_resh
     assert counts.get("pad_n") == 1 and counts.get("view_to_reshape") == 1  # only the merging view copies
     for got, want in zip(optimized(x), model(x)):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(5, 16), (2, 3, 16), (2, 3, 4, 16)])
+def test_linear_value_from_shapes_matches_linear(shape):
+    """The pass's shape-built linear value (no fake kernel run, see _linear_val) equals what aten.linear returns:
+    shape, strides and dtype, for a symbolic batch too."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    x, w = torch.randn(shape), torch.randn(24, 16)
+    real = torch.nn.functional.linear(x, w)
+    built = matmul._linear_val(x, w)
+    assert (built.shape, built.stride(), built.dtype) == (real.shape, real.stride(), real.dtype)
+
+    mode = FakeTensorMode(shape_env=ShapeEnv())
+    fx_ = mode.from_tensor(x)  # dynamic dims: symbolic sizes
+    with mode:
+        fw = torch.empty(24, 16)
+        sym = matmul._linear_val(fx_, fw)
+    assert len(sym.shape) == len(shape) and int(sym.shape[-1]) == 24
+    assert [int(d) for d in sym.shape] == list(real.shape)
