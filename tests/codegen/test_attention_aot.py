@@ -19,7 +19,7 @@ from fxopt.codegen import flash_attention as fa, flash_decoding as fd
 assert not fa._INTERPRET
 
 POINTERS = {"Q": None, "K": None, "V": None, "O": None, "PAD": "*u8", "KV_LEN": "*i32", "Q_OFF": "*i64",
-            "KV_START": "*i32", "MID": "*fp32"}
+            "KV_START": "*i32", "MID": "*fp32", "COUNTERS": "*i32"}
 
 
 def signature(jit, ptr_type):
@@ -51,8 +51,11 @@ for causal in (False, True):
 
 for causal in (False, True):
     c = compile_variant(fd._decode_split_kernel, dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_M=16, BLOCK_N=64,
-                        CAUSAL=causal, Q_OFF_MODE=0, DOT_PREC="tf32", HAS_START=True))
-    assert "ld.global" in c.asm["ptx"]
+                        CAUSAL=causal, Q_OFF_MODE=0, DOT_PREC="tf32", HAS_START=True, FUSED_MERGE=causal,
+                        BLOCK_S=32))
+    ptx = c.asm["ptx"]
+    assert "ld.global" in ptx
+    assert ("atom.global" in ptx and "ld.global.cg" in ptx) == causal  # the fused merge: arrival count, L2 loads
     print("compiled decode", causal)
 """
 

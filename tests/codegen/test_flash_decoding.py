@@ -211,6 +211,22 @@ def test_merge_block_loop():
     check(q, k, v, kv_len, causal=True, num_splits=40)
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-merge", "merge-kernel"])
+def test_merge_in_split_kernel_or_separate(monkeypatch, fused):
+    """Stage 2 in the split kernel's last-arriving program (FUSED_MERGE) or as its own kernel: both match the
+    reference, with several row blocks per KV head (8 query heads x 16 tokens) and splits past kv_len; the
+    arrival counters are back at zero after every call, so repeated calls (CUDA-graph replays) stay right."""
+    monkeypatch.setattr(fd, "FUSED_MERGE", fused)
+    monkeypatch.setattr(fd, "_PLANS", {})
+    q, k, v = make_inputs(2, 8, 1, 16, 300, 64, torch.float32, seed=13)
+    kv_len = torch.tensor([300, 40], dtype=torch.int32, device=DEVICE)
+    for lens in ([300, 40], [123, 299]):
+        kv_len.copy_(torch.tensor(lens))
+        check(q, k, v, kv_len, causal=True, num_splits=6, what=f"fused={fused} lens={lens}")
+        if fused:
+            assert int(fd._arrival_counters(q.device, 1).abs().sum()) == 0
+
+
 def test_cost_formulas():
     assert decode_flops(1, 32, 1, 16384, 128, causal=False) == 4 * 32 * 16384 * 128
     kv_bytes = 2 * 8 * 16384 * 128 * 2
