@@ -9,6 +9,13 @@ one Python module holding Triton kernels and a launcher `launch(*inputs)`;
 `FusedKernel` that dispatches CUDA tensors to Triton, CPU tensors under TRITON_INTERPRET=1
 to the Triton interpreter, and other CPU tensors to the region itself (the reference).
 
+A model repeats a few region structures once per layer, so the code is generated from the
+region's structure alone (`generate_kernel`: inputs in0, in1, ... by position, values named
+after their ops, kernels named `fused_<first ops>_<hash of the code>`). Only the comment
+header (node names, predicted bytes and FLOPs) is per region. The loader keys modules by the
+code below the header, so every copy of a structure shares one module, one set of @jit
+functions and one Triton compile, while each region still gets its own dump file.
+
 Two kinds of kernel:
 
 * pointwise (no reduction): the iteration space is the broadcast shape of the inputs.
@@ -38,6 +45,8 @@ fusion pass can leave that region to PyTorch.
 
 from __future__ import annotations
 
+import builtins
+import hashlib
 import inspect
 import keyword
 import re
@@ -71,7 +80,10 @@ from fxopt.codegen.ops import (
     unsupported_reason,
 )
 
-__all__ = ["FusedKernel", "UnsupportedRegion", "compile_region", "generate_source", "region_from_fn"]
+__all__ = [
+    "FusedKernel", "GeneratedKernel", "UnsupportedRegion", "compile_region", "generate_kernel", "generate_source",
+    "region_from_fn",
+]
 
 SCALAR, ROW, FULL = 0, 1, 2  # how far a value varies: not at all, per row, per element
 
@@ -140,7 +152,8 @@ class _Output:
     result: str = ""  # launcher expression returned (the buffer, or a view of it)
 
 
-_RESERVED = set(keyword.kwlist) | {
+# keywords and builtins (op stems like pow or round must not shadow them), then generated names
+_RESERVED = set(keyword.kwlist) | set(dir(builtins)) | {
     "tl", "triton", "torch", "math", "os", "float", "int", "range", "min", "max", "abs", "sum", "len",
     "pid", "offs", "mask", "rows", "row_mask", "cols", "col_mask", "col_idx", "col_start", "numel",
     "numel_bucket", "n_bucket", "n_rows", "N", "rem", "idx", "out_offs", "launch", "shape", "lead",
@@ -155,8 +168,12 @@ _RESERVED = set(keyword.kwlist) | {
 _DERIVED = ("_ptr", "_row", "_off", "_acc", "_stride_n")
 
 
+# Every kernel's @triton.jit functions are named `fused_<ops>_<hash>_<variant>`: no variable may start so.
+_KERNEL_PREFIX = "fused_"
+
+
 class _Namer:
-    """Unique identifiers for generated code, derived from node names."""
+    """Unique identifiers for generated code, derived from canonical stems (see `_canonical_stems`)."""
 
     def __init__(self, reserved=()):
         self.used: set[str] = set(_RESERVED) | set(reserved)
@@ -168,7 +185,7 @@ class _Namer:
 
     def fresh(self, base: str) -> str:
         base = re.sub(r"\W", "_", base) or "v"
-        if base[0].isdigit():
+        if base[0].isdigit() or base.startswith(_KERNEL_PREFIX):
             base = "v_" + base
         name, i = base, 1
         while self._taken(name) or re.fullmatch(r"(idx|rem|size|lead_size)\d+", name):
@@ -234,13 +251,38 @@ def _describe(v) -> str:
     return type(v).__name__ if v is not None else ""
 
 
-class _Lowering:
-    """Walks a region graph once: inputs, launcher-side views, kernel values, outputs."""
+def _op_stem(target) -> str:
+    """An op's short name as an identifier stem: aten.add.Tensor -> add, aten._softmax -> softmax."""
+    name = getattr(target, "_opname", None) or getattr(target, "__name__", None) or "v"
+    return re.sub(r"\W", "_", name).strip("_") or "v"
 
-    def __init__(self, gm: fx.GraphModule, kernel_name: str = "fused"):
+
+def _canonical_stems(gm: fx.GraphModule) -> dict[fx.Node, str]:
+    """Variable-name stems that depend on the region's structure, never on its node names.
+
+    Placeholders are in0, in1, ... by position; computed nodes take their op's name (the namer
+    numbers repeats in graph order). Two copies of one structure (a norm in every layer) so give
+    byte-identical kernel code, which lets them share one module and one Triton compile.
+    """
+    stems, n_inputs = {}, 0
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            stems[node], n_inputs = f"in{n_inputs}", n_inputs + 1
+        elif node.op == "call_function":
+            stems[node] = _op_stem(node.target)
+    return stems
+
+
+class _Lowering:
+    """Walks a region graph once: inputs, launcher-side views, kernel values, outputs.
+
+    Generated names come from `_canonical_stems`; node names appear only in error messages.
+    """
+
+    def __init__(self, gm: fx.GraphModule):
         self.gm = gm
-        # kernel function names are module globals the launcher must not shadow
-        self.names = _Namer(f"{kernel_name}_{v}" for v in ("contiguous", "strided", "row", "loop"))
+        self.stems = _canonical_stems(gm)
+        self.names = _Namer()
         self.placeholders: list[_Input] = []
         self.scalar_sources: list[_Input] = []  # scalar placeholders, then sizes the launcher computes
         self.tensor_sources: list[_Input] = []  # placeholders and views, in graph order
@@ -281,7 +323,7 @@ class _Lowering:
 
     def _placeholder(self, node: fx.Node):
         v = node.meta.get("val")
-        name = self.names.fresh(node.name)
+        name = self.names.fresh(self.stems[node])
         if isinstance(v, torch.Tensor):
             if v.dtype not in SUPPORTED_DTYPES:
                 raise UnsupportedRegion(f"{node.name}: input dtype {v.dtype}")
@@ -312,7 +354,7 @@ class _Lowering:
 
     def _view(self, node: fx.Node):
         v = node.meta["val"]
-        name = self.names.fresh(node.name)
+        name = self.names.fresh(self.stems[node])
         args = [self._py(a) for a in node.args] + [f"{k}={self._py(a)}" for k, a in node.kwargs.items()]
         code = f"{name} = torch.ops.{node.target}({', '.join(args)})"
         inp = _Input(name, node, True, v.dtype, _level(v.shape), tuple(v.shape))
@@ -334,10 +376,10 @@ class _Lowering:
         if out_key == in_key or (expand and not v.dropped and _broadcastable(in_key, out_key)):
             self.env[node] = v
         elif v.dropped and out_key == in_key + (1,):
-            self.env[node] = self.new_val(name=self.names.fresh(node.name), level=v.level, ctype=v.ctype,
+            self.env[node] = self.new_val(name=self.names.fresh(self.stems[node]), level=v.level, ctype=v.ctype,
                                           kind="expr", expr=v.name, deps=(v,), origin=node)
         elif not v.dropped and v.level < FULL and in_key[-1:] == (1,) and out_key == in_key[:-1]:
-            self.env[node] = self.new_val(name=self.names.fresh(node.name), level=v.level, ctype=v.ctype,
+            self.env[node] = self.new_val(name=self.names.fresh(self.stems[node]), level=v.level, ctype=v.ctype,
                                           kind="expr", expr=v.name, deps=(v,), origin=node, dropped=True)
         else:
             raise UnsupportedRegion(f"{node.name} ({node.target}): re-indexes a computed value {in_key} -> {out_key}")
@@ -398,7 +440,7 @@ class _Lowering:
         v = node.meta.get("val")
         if not isinstance(v, (int, float, torch.SymInt, torch.SymFloat)) or isinstance(v, bool):
             raise UnsupportedRegion(f"{node.name} ({node.target}) is not supported in a fused region")
-        name = self.names.fresh(node.name)
+        name = self.names.fresh(self.stems.get(node, "size"))
         inp = _Input(name, node, False, ctype="fp32" if isinstance(v, (float, torch.SymFloat)) else "i64",
                      level=SCALAR)
         self.views.append((inp, f"{name} = {self._py(v)}"))
@@ -446,7 +488,7 @@ class _Lowering:
             return
         level = max((d.level for d in deps), default=SCALAR)
         self.env[node] = self.new_val(
-            name=self.names.fresh(node.name), level=level, ctype=out_type, kind="expr", expr=expr,
+            name=self.names.fresh(self.stems[node]), level=level, ctype=out_type, kind="expr", expr=expr,
             deps=tuple(deps), origin=node, dropped=_dropped(deps, node),
         )
 
@@ -474,7 +516,7 @@ class _Lowering:
             elif isinstance(x, _Val):
                 if x.level == SCALAR:
                     raise UnsupportedRegion(f"output {n.name} depends on no tensor input")
-                out = _Output(self.names.fresh(f"{n.name}_out"), n, v.dtype, val=x)
+                out = _Output(self.names.fresh(f"{self.stems.get(n, 'v')}_out"), n, v.dtype, val=x)
             else:
                 raise UnsupportedRegion(f"output {n.name} is not computed by the region")
             by_node[n] = out
@@ -557,7 +599,8 @@ class _Builder:
         self.low, self.node = low, node
 
     def _name(self, suffix):
-        return self.low.names.fresh(f"{self.node.name}_{suffix}" if suffix else self.node.name)
+        stem = self.low.stems[self.node]
+        return self.low.names.fresh(f"{stem}_{suffix}" if suffix else stem)
 
     def input(self, arg):
         if arg is None:
@@ -1166,7 +1209,7 @@ class _Emitter:
         low, k = self.low, self.k
         params = [p.name for p in low.placeholders]
         outs = low.outputs
-        doc = "Run the fused region: returns (" + ", ".join(o.node.name for o in outs) + ("," if len(outs) == 1 else "")
+        doc = "Run the fused region: returns (" + ", ".join(o.name for o in outs) + ("," if len(outs) == 1 else "")
         lines = [f"def launch({', '.join(params)}):", f'    """{doc})."""']
         lines += [f"    {code}" for _, code in low.views]
         ret = "(" + ", ".join(o.result for o in outs) + ("," if len(outs) == 1 else "") + ")"
@@ -1241,17 +1284,23 @@ def _call(fn: str, groups: list[list[str]], indent: int) -> list[str]:
     return [f"{pad}{fn}("] + [f"{pad}    {', '.join(g)}," for g in groups if g] + [f"{pad})"]
 
 
-def _header(gm: fx.GraphModule, name: str, low: _Lowering, header_lines) -> list[str]:
+def _header(gm: fx.GraphModule, region_name: str, kernel: GeneratedKernel, header_lines) -> list[str]:
+    """The region's own comment header: its graph nodes (original names), the kernel variable each
+    became, and the caller's lines (predicted bytes and FLOPs). Not part of the shared code."""
+    low = kernel.low
     kind = {
         "pointwise": "pointwise (contiguous, 2-D tiled and strided variants)",
         "rows": "row reduction over the last dim (whole-row and multi-pass variants)",
         "none": "no kernel (outputs are inputs)",
     }[low.kind]
     lines = [
-        f"# fxopt fused kernel: {name}",
+        f"# fxopt fused kernel: {kernel.name}",
+        f"# region: {region_name}",
         "# Generated by fxopt.codegen.fused from a torch.fx region. Do not edit: regenerated from the graph.",
+        "# The code below this header depends only on the region's structure (ops, constants, dtypes, ranks):",
+        "# every region with this code shares one loaded module (and one Triton compile) of this kernel.",
         f"# kind: {kind}",
-        "# region nodes:",
+        "# region nodes (graph node, op, value, kernel variable):",
     ]
     rows = []
     for n in gm.graph.nodes:
@@ -1263,10 +1312,12 @@ def _header(gm: fx.GraphModule, name: str, low: _Lowering, header_lines) -> list
             args = ", ".join(_arg_str(a) for a in n.args)
             kw = ", ".join(f"{k}={_arg_str(v)}" for k, v in n.kwargs.items())
             what = f"{n.target}({args}{', ' if args and kw else ''}{kw})"
-        rows.append((n.name, what, _describe(n.meta.get("val"))))
+        var = low.env.get(n)
+        rows.append((n.name, what, _describe(n.meta.get("val")), var.name if var is not None else ""))
     w0 = max((len(r[0]) for r in rows), default=0)
     w1 = min(60, max((len(r[1]) for r in rows), default=0))
-    lines += [f"#   {a.ljust(w0)}  {b.ljust(w1)}  {c}".rstrip() for a, b, c in rows]
+    w2 = max((len(r[2]) for r in rows), default=0)
+    lines += [f"#   {a.ljust(w0)}  {b.ljust(w1)}  {c.ljust(w2)}  {d}".rstrip() for a, b, c, d in rows]
     lines.append("# outputs: " + ", ".join(o.node.name for o in low.outputs))
     lines += [f"# {part}".rstrip() for h in header_lines for part in str(h).splitlines()]
     return lines
@@ -1287,12 +1338,10 @@ def _safe_name(name: str) -> str:
     return name if not name[0].isdigit() else "k_" + name
 
 
-def generate_source(region: fx.GraphModule, name: str, *, header_lines=()) -> str:
-    """Triton source for `region`: kernels plus `launch(*inputs) -> tuple[Tensor, ...]`."""
-    kname = _safe_name(name)
-    low = _Lowering(region, kname)
+def _module_code(low: _Lowering, kname: str) -> str:
+    """The generated module minus its header: preamble, plan helpers, kernels named `kname_*`, launcher."""
     em = _Emitter(low, kname)
-    parts = ["\n".join(_header(region, kname, low, header_lines)), _PREAMBLE.rstrip()]
+    parts = [_PREAMBLE.rstrip()]
     if low.kind == "pointwise":
         parts.append(_POINTWISE_PLAN.strip("\n"))
     elif low.kind == "rows":
@@ -1307,18 +1356,75 @@ def generate_source(region: fx.GraphModule, name: str, *, header_lines=()) -> st
     return "\n\n\n".join(p.strip("\n") for p in parts) + "\n"
 
 
+_CASTS = {"to_copy", "to", "type_as"}
+
+
+def _op_summary(gm: fx.GraphModule, limit: int = 3) -> str:
+    """The first `limit` distinct computing ops of a region (casts and copies aside), for a readable
+    kernel name."""
+    stems = []
+    for node in gm.graph.nodes:
+        quiet = node.target in NOOPS or node.target in LAYOUT or node.target in IDENTITY
+        computes = isinstance(node.meta.get("val"), torch.Tensor) and not quiet
+        if node.op == "call_function" and computes and _op_stem(node.target) not in _CASTS:
+            stem = _op_stem(node.target)
+            if stem not in stems:
+                stems.append(stem)
+    return "_".join(stems[:limit]) or "views"
+
+
+@dataclass(frozen=True)
+class GeneratedKernel:
+    """A region's kernel module without the per-region header.
+
+    `code` depends only on the region's structure (canonical variable names), and `name`, the
+    prefix of its @triton.jit functions (what profilers show), is `fused_<first ops>_<hash of the
+    code>`: regions that differ in anything baked into the code (a constant, a dtype, a rank) get
+    different code and so a different name and module.
+    """
+
+    name: str
+    code: str
+    low: _Lowering = field(repr=False, compare=False)
+
+
+def generate_kernel(region: fx.GraphModule) -> GeneratedKernel:
+    """The canonical kernel code of `region` (raises UnsupportedRegion naming the node it cannot emit)."""
+    low = _Lowering(region)
+    # the code with a neutral kernel name identifies the structure; the real name carries its hash
+    digest = hashlib.sha1(_module_code(low, _KERNEL_PREFIX.rstrip("_")).encode()).hexdigest()[:8]
+    name = f"{_KERNEL_PREFIX}{_op_summary(region)}_{digest}"
+    return GeneratedKernel(name, _module_code(low, name), low)
+
+
+def _with_header(region: fx.GraphModule, name: str, kernel: GeneratedKernel, header_lines) -> str:
+    return "\n".join(_header(region, _safe_name(name), kernel, header_lines)) + "\n\n\n" + kernel.code
+
+
+def generate_source(region: fx.GraphModule, name: str, *, header_lines=()) -> str:
+    """Triton source for `region`: a header naming its nodes (`name` is the region's), then the
+    canonical kernel code (kernels plus `launch(*inputs) -> tuple[Tensor, ...]`)."""
+    return _with_header(region, name, generate_kernel(region), header_lines)
+
+
 # ----------------------------------------------------------------------------- runtime wrapper
 
 
 @dataclass(eq=False)
 class FusedKernel:
-    """A compiled region: call it like the region (CUDA -> Triton, CPU -> interpreter or reference)."""
+    """A compiled region: call it like the region (CUDA -> Triton, CPU -> interpreter or reference).
+
+    `name` is the shared kernel's (its @triton.jit functions are `<name>_<variant>`), `region_name`
+    the region's; `path` is this region's own dump file. The module may have been imported from
+    another region's file with the same code (see loader.load_kernel_module).
+    """
 
     name: str
     source: str = field(repr=False)
     path: Path
     region: fx.GraphModule = field(repr=False)
     dump_dir: Path | None = field(default=None, repr=False)
+    region_name: str = ""
     _modules: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -1327,7 +1433,8 @@ class FusedKernel:
         mode = loader.interpreting()
         mod = self._modules.get(mode)
         if mod is None:
-            mod = self._modules[mode] = loader.load_kernel_module(self.source, self.dump_dir, name=self.name)
+            file_name = self.region_name or self.name
+            mod = self._modules[mode] = loader.load_kernel_module(self.source, self.dump_dir, name=file_name)
         return mod
 
     def reference(self, *inputs) -> tuple:
@@ -1345,13 +1452,19 @@ class FusedKernel:
 
 
 def compile_region(region: fx.GraphModule, name: str, *, dump_dir=None, header_lines=()) -> FusedKernel:
-    """Generate, write and load the kernel module of `region`."""
-    source = generate_source(region, name, header_lines=header_lines)
-    kname = _safe_name(name)
-    path = loader.source_path(source, dump_dir, name=kname)
-    kernel = FusedKernel(kname, source, path, region, Path(dump_dir) if dump_dir is not None else None)
-    kernel.module  # noqa: B018 - write and import now, so errors surface at compile time
-    return kernel
+    """Generate, write and load the kernel module of `region` (`name`: the region's, for its dump file).
+
+    Regions of one structure share the module: the first one's file is imported, the others
+    write their own dump file (their header, the same code) and reuse it.
+    """
+    kernel = generate_kernel(region)
+    source = _with_header(region, name, kernel, header_lines)
+    region_name = _safe_name(name)
+    path = loader.source_path(source, dump_dir, name=region_name)
+    dump = Path(dump_dir) if dump_dir is not None else None
+    compiled = FusedKernel(kernel.name, source, path, region, dump, region_name=region_name)
+    compiled.module  # noqa: B018 - write and import now, so errors surface at compile time
+    return compiled
 
 
 # ----------------------------------------------------------------------------- building regions

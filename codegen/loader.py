@@ -3,14 +3,18 @@
 Triton's @jit reads a kernel's source through `inspect`, so a generated kernel must live
 in a real file: `load_kernel_module` writes the source to
 `<dump_dir>/<name>_<sha1[:12]>.py` (dump_dir: the argument, else $FXOPT_DUMP_DIR, else
-~/.cache/fxopt) and imports it by path. Modules are cached in-process by the source's
-hash, so identical sources (identical regions) load once.
+~/.cache/fxopt) and imports it by path.
+
+A generated source is a header of comment lines (the region it came from: node names,
+predicted bytes) followed by the code. Modules are cached in-process by the hash of the
+code alone, so regions of one structure (one per layer) share a module, and with it one
+set of @jit functions, one Triton compile and one autotune cache: the first region's file
+is imported, every later one only writes its own file (its header, the same code).
 
 Triton decides at import time whether @jit functions run on the GPU or in the CPU
-interpreter (TRITON_INTERPRET=1), so the cache key includes that mode: the same source
+interpreter (TRITON_INTERPRET=1), so the cache key includes that mode: the same code
 imported in both modes gives two modules.
 """
-
 from __future__ import annotations
 
 import hashlib
@@ -46,11 +50,21 @@ def _name_from_source(source: str) -> str:
     return m.group(1) if m else "kernel"
 
 
+def code_of(source: str) -> str:
+    """`source` without its header (the leading comment lines): what identifies the module."""
+    lines = source.splitlines(keepends=True)
+    start = next((i for i, line in enumerate(lines) if not line.startswith("#")), len(lines))
+    return "".join(lines[start:])
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha1(text.encode()).hexdigest()
+
+
 def source_path(source: str, dump_dir: Path | str | None = None, *, name: str | None = None) -> Path:
-    """Where `load_kernel_module` writes `source`."""
-    digest = hashlib.sha1(source.encode()).hexdigest()
+    """Where `load_kernel_module` writes `source` (named by the whole source: each header its own file)."""
     directory = Path(dump_dir) if dump_dir is not None else default_dump_dir()
-    return directory / f"{_safe(name or _name_from_source(source))}_{digest[:12]}.py"
+    return directory / f"{_safe(name or _name_from_source(source))}_{_digest(source)[:12]}.py"
 
 
 def _write(path: Path, source: str) -> None:
@@ -64,19 +78,7 @@ def _write(path: Path, source: str) -> None:
     os.replace(tmp, path)
 
 
-def load_kernel_module(source: str, dump_dir: Path | str | None = None, *, name: str | None = None) -> ModuleType:
-    """Write `source` to the dump dir and import it; cached by content hash (and interpreter mode)."""
-    digest = hashlib.sha1(source.encode()).hexdigest()
-    key = (digest, interpreting())
-    path = source_path(source, dump_dir, name=name)
-    module = _MODULES.get(key)
-    if module is not None:
-        STATS["hits"] += 1
-        if not path.exists():  # the same source asked for in another dump dir
-            _write(path, source)
-        return module
-    _write(path, source)
-    modname = f"fxopt_gen_{path.stem}" + ("_interp" if key[1] else "")
+def _import(path: Path, modname: str) -> ModuleType:
     spec = importlib.util.spec_from_file_location(modname, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[modname] = module
@@ -85,6 +87,20 @@ def load_kernel_module(source: str, dump_dir: Path | str | None = None, *, name:
     except BaseException:
         sys.modules.pop(modname, None)
         raise
+    return module
+
+
+def load_kernel_module(source: str, dump_dir: Path | str | None = None, *, name: str | None = None) -> ModuleType:
+    """Write `source` to the dump dir and import it, or reuse the module already imported for the
+    same code (header aside) in this interpreter mode; the file is written either way."""
+    key = (_digest(code_of(source)), interpreting())
+    path = source_path(source, dump_dir, name=name)
+    _write(path, source)
+    module = _MODULES.get(key)
+    if module is not None:
+        STATS["hits"] += 1
+        return module
+    module = _import(path, f"fxopt_gen_{path.stem}" + ("_interp" if key[1] else ""))
     _MODULES[key] = module
     STATS["loads"] += 1
     return module

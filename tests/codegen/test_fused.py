@@ -37,6 +37,7 @@ from fxopt.codegen.fused import (  # noqa: E402
     FusedKernel,
     UnsupportedRegion,
     compile_region,
+    generate_kernel,
     generate_source,
     region_from_fn,
 )
@@ -340,7 +341,9 @@ def test_scalar_placeholder(tmp_path):
     mul.args = (mul.args[0], scale)
     region.recompile()
     kernel = compile_region(region, "scalar_arg", dump_dir=tmp_path)
-    assert "scale" in kernel.source.split("def launch")[1].splitlines()[0]
+    launch = kernel.source.split("def launch")[1]
+    assert launch.splitlines()[0] == "(in0, in1):"  # x, then the scale (inputs are named by position)
+    assert "in1" in launch.split("[grid](")[1]  # passed on to the kernel
     x = torch.randn(3, 10)
     for s in (0.5, 2.0):
         (got,) = kernel(x, s)
@@ -644,15 +647,17 @@ cases = [
      {"row": dict(ROWS=1, BLOCK_N=4096, INDEX_64=False, LEAD_DIMS=1),
       "loop": dict(ROWS=1, BLOCK_N=2048, INDEX_64=True, LEAD_DIMS=1)}),
     ("aot_chain", chain_e, [torch.randn(8, 8) for _ in range(4)], "*fp32",
-     {"contiguous": dict(BLOCK=1024, INDEX_64=False, A_SCALAR=False, B_SCALAR=True, C_SCALAR=False, D_SCALAR=False),
+     {"contiguous": dict(BLOCK=1024, INDEX_64=False, IN0_SCALAR=False, IN1_SCALAR=True, IN2_SCALAR=False,
+                         IN3_SCALAR=False),
       "strided": dict(BLOCK=1024, INDEX_64=False, NDIM=2),
       "tiled": dict(ROWS_T=2, BLOCK_C=1024, INDEX_64=False)}),
 ]
 for name, fn, args, ptr_type, variants in cases:
-    module = compile_region(region_from_fn(fn, *args), name, dump_dir=sys.argv[1]).module
+    kernel = compile_region(region_from_fn(fn, *args), name, dump_dir=sys.argv[1])
+    module = kernel.module
     assert not module.INTERPRET
     for suffix, constexprs in variants.items():
-        jit = getattr(module, f"{name}_{suffix}")
+        jit = getattr(module, f"{kernel.name}_{suffix}")
         while not isinstance(jit, triton.runtime.jit.JITFunction):
             jit = jit.fn
         sig = {p.name: "constexpr" if p.is_constexpr else (ptr_type if p.name.endswith("_ptr") else "i32")
@@ -702,13 +707,14 @@ def test_symbolic_sizes_as_values(tmp_path):
 def test_gpu_config_lists_and_defaults(tmp_path, monkeypatch):
     """The GPU configs (read without a GPU): every row width keeps configs, and the default
     (first kept, used when FXOPT_FUSED_AUTOTUNE=0) is a sensible tile."""
-    src = generate_source(region_from_fn(layer_norm, torch.randn(2, 8), torch.randn(8), torch.randn(8)), "cfg")
+    region = region_from_fn(layer_norm, torch.randn(2, 8), torch.randn(8), torch.randn(8))
+    src = generate_source(region, "cfg")
     src += "\n# variant for this test\n"  # its own module-cache entry
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     monkeypatch.setenv("FXOPT_FUSED_AUTOTUNE", "0")
     scope = vars(loader.load_kernel_module(src, tmp_path))  # decorates only: nothing is compiled
     assert not scope["INTERPRET"] and not scope["AUTOTUNE"]
-    assert isinstance(scope["cfg_row"], scope["_FixedConfig"])
+    assert isinstance(scope[f"{generate_kernel(region).name}_row"], scope["_FixedConfig"])
     prune, configs = scope["_prune_row_configs"], scope["ROW_CONFIGS"]
     for block_n in [16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192]:
         kept = prune(configs, {"n_bucket": block_n})
@@ -756,7 +762,7 @@ def test_two_dim_pointwise_takes_tiles(case, tmp_path, monkeypatch):
     kernel = compile_region(region_from_fn(mul_add, *args), f"tiles_{case}", dump_dir=tmp_path)
     used = []
     for name in list(vars(kernel.module)):
-        if name.startswith(f"tiles_{case}_"):
+        if name.startswith(f"{kernel.name}_"):
             monkeypatch.setattr(kernel.module, name, getattr(kernel.module, name))  # restored after the test
     _spy_variants(kernel.module, used)
     (got,) = kernel(*args)
@@ -767,15 +773,17 @@ def test_two_dim_pointwise_takes_tiles(case, tmp_path, monkeypatch):
 def test_row_invariant_inputs_load_once_per_column_block(tmp_path):
     """A norm's weight and bias (no leading dims) are loaded as one vector per column block, kept in
     cache; per-row inputs and full inputs still go through their row offsets."""
-    src = generate_source(region_from_fn(layer_norm, torch.randn(2, 8), torch.randn(8), torch.randn(8)), "inv")
-    row = src[src.index("def inv_row("):src.index("def inv_loop(")]
-    assert 'tl.load(w_ptr + cols * w_stride_n, mask=col_mask, other=0, eviction_policy="evict_last")' in row
-    assert "w_row" not in row and "b_row" not in row and "x_row = rows * x_stride_r0" in row
+    region = region_from_fn(layer_norm, torch.randn(2, 8), torch.randn(8), torch.randn(8))
+    name, src = generate_kernel(region).name, generate_source(region, "inv")
+    row = src[src.index(f"def {name}_row("):src.index(f"def {name}_loop(")]
+    # inputs are named by position: x -> in0, w -> in1, b -> in2
+    assert 'tl.load(in1_ptr + cols * in1_stride_n, mask=col_mask, other=0, eviction_policy="evict_last")' in row
+    assert "in1_row" not in row and "in2_row" not in row and "in0_row = rows * in0_stride_r0" in row
     # a (1, N) weight in a 3-d space is row-invariant too; a (B, 1, N) one is not
     x = torch.randn(2, 3, 8)
     region = region_from_fn(lambda x, w, v: torch.softmax(x, -1) * w + v, x, torch.randn(1, 8), torch.randn(2, 1, 8))
     src = generate_source(region, "m")
-    assert "def m_row(" in src and "w_row" not in src and "v_row" in src
+    assert f"def {generate_kernel(region).name}_row(" in src and "in1_row" not in src and "in2_row" in src
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
