@@ -21,6 +21,6 @@ for model in gpt2-medium llama-1b-like; do
   run "${model}_explicit_fuse_only" 120 fxopt bench "$model" --attn-impl explicit --no-attention --batch 8 \
       --seq 1024 --dtype bf16 --no-regions --json "$out/${model}_explicit.json"
 done
-run decode 240 fxopt bench llama-1b-like --decode --configs "${DECODE_CONFIGS:-1x512x256}" --json "$out/decode.json"
+run decode 420 fxopt bench llama-1b-like --decode --configs "${DECODE_CONFIGS:-1x512x256,8x512x256,1x8192x256}" --json "$out/decode.json"
 echo "== summary"
 grep -h -E "whole forward|^(E=|RMSNorm|LayerNorm|softmax|SwiGLU|GELU)|TFLOP/s|GB/s vs|x512\+|x8192\+" "$out"/*.log

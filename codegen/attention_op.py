@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from fxopt.codegen import flash_attention as prefill
 from fxopt.codegen import flash_decoding as decode
+from fxopt.codegen import rope as _rope  # noqa: F401 - fxopt::rope and rope_cache_write exist wherever these do
 
 DECODE_MAX_QUERIES = 16
 

@@ -7,7 +7,7 @@ model + example inputs
 
 With kv_cache=True the generator (fxopt/generate.py) runs capture -> attention -> matmul, then
 passes/kv_cache.py splits the graph into a prefill and a decode program over static caches, and
-the decode program goes through cost -> fusion per batch bucket before it is captured in a CUDA graph.
+the decode program goes through cost -> rope -> fusion per batch bucket before it is captured in a CUDA graph.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from torch import fx
 
 from fxopt.capture import Captured, capture
 from fxopt.hardware import Hardware, get_hardware
-from fxopt.passes import attention, cost, fusion, matmul
+from fxopt.passes import attention, cost, fusion, matmul, rope
 from fxopt.passes.infra import PassContext, PassResult
 
 Pass = Callable[[fx.GraphModule, PassContext], PassResult]
@@ -32,6 +32,7 @@ PASSES: list[tuple[str, Pass, str | None]] = [
     ("cost", cost.run, None),  # FLOPs and bytes per node, symbolic in b, s -> meta["fxopt.cost"]
     ("attention", attention.run, "attention"),  # attention subgraphs -> one fxopt::attention call each
     ("matmul", matmul.run, "matmul"),  # sibling linears -> one over concatenated weights; unaligned N padded
+    ("rope", rope.run, "fuse"),  # x*cos + rotate_half(x)*sin -> one fxopt::rope kernel (slice/neg/cat do not fuse)
     ("fusion", fusion.run, "fuse"),  # memory-bound regions -> one generated Triton kernel each
     ("recost", cost.run, None),  # costs of what the rewrites made (fused calls keep theirs)
 ]

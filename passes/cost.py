@@ -20,6 +20,7 @@ import torch
 from torch import fx
 
 from fxopt.codegen import attention_op  # noqa: F401 - registers torch.ops.fxopt.attention
+from fxopt.codegen import rope as rope_op  # noqa: F401 - registers torch.ops.fxopt.rope, rope_cache_write
 from fxopt.codegen.flash_attention import attention_flops
 from fxopt.hardware import Hardware
 from fxopt.passes.infra import PassContext, PassResult
@@ -167,6 +168,35 @@ def cache_write_cost(ctx: PassContext, node: fx.Node) -> Cost:
     return Cost(ZERO, sympy.expand(nbytes(ctx, new)), sympy.expand(nbytes(ctx, new)), "other", new.dtype)
 
 
+def distinct_bytes(ctx: PassContext, val: torch.Tensor) -> sympy.Expr:
+    """Bytes of the distinct elements a view reaches: a broadcast (stride-0) dim is read once."""
+    sizes = [ctx.named(n) for n, st in zip(val.shape, val.stride()) if not (isinstance(st, int) and st == 0)]
+    return sympy.Mul(*sizes) * val.element_size() if sizes else sympy.Integer(val.element_size())
+
+
+def _rope_read(ctx: PassContext, tables: list[fx.Node]) -> sympy.Expr:
+    """x, cos and sin read once each (the same node twice is read once), broadcast tables at their own size."""
+    return sum((distinct_bytes(ctx, n.meta["val"]) for n in dict.fromkeys(tables)), ZERO)
+
+
+def rope_cost(ctx: PassContext, node: fx.Node) -> Cost:
+    """fxopt::rope(x, cos, sin): one pass -- x, cos, sin read once, the output written once; 3 FLOPs per
+    output element (two products and a sum; the negation is free)."""
+    out = node.meta["val"]
+    read = _rope_read(ctx, list(node.args[:3]))
+    return Cost(sympy.expand(3 * numel(ctx, out)), sympy.expand(read), sympy.expand(nbytes(ctx, out)),
+                "pointwise", node.args[0].meta["val"].dtype)
+
+
+def rope_cache_write_cost(ctx: PassContext, node: fx.Node) -> Cost:
+    """fxopt::rope_cache_write(cache, x, cos, sin, pos): rope's reads (and pos), x's elements written into the
+    cache in place at the cache's dtype; 3 FLOPs per element."""
+    cache, x = node.args[0].meta["val"], node.args[1].meta["val"]
+    read = _rope_read(ctx, list(node.args[1:4])) + distinct_bytes(ctx, node.args[4].meta["val"])
+    written = numel(ctx, x) * cache.element_size()
+    return Cost(sympy.expand(3 * numel(ctx, x)), sympy.expand(read), sympy.expand(written), "pointwise", x.dtype)
+
+
 def embedding_cost(ctx: PassContext, node: fx.Node) -> Cost:
     """A gather reads only the rows it looks up, not the whole table."""
     indices, out = node.args[1].meta["val"], node.meta["val"]
@@ -298,6 +328,8 @@ _RULES: dict[object, Callable[[PassContext, fx.Node], Cost]] = {
     torch.ops.fxopt.attention.default: fxopt_attention_cost,
     torch.ops.fxopt.cached_attention.default: cached_attention_cost,
     torch.ops.fxopt.cache_write.default: cache_write_cost,
+    torch.ops.fxopt.rope.default: rope_cost,
+    torch.ops.fxopt.rope_cache_write.default: rope_cache_write_cost,
     _op("embedding.default"): embedding_cost,
     _op("softmax.int"): per_input_element(3, "reduction"),
     _op("_softmax.default"): per_input_element(3, "reduction"),
@@ -372,7 +404,7 @@ _RULES: dict[object, Callable[[PassContext, fx.Node], Cost]] = {
     },
 }
 COST_RULES = {op: rule for op, rule in _RULES.items() if op is not None}
-IN_PLACE_RULES = {torch.ops.fxopt.cache_write.default}
+IN_PLACE_RULES = {torch.ops.fxopt.cache_write.default, torch.ops.fxopt.rope_cache_write.default}
 
 
 def node_cost(ctx: PassContext, node: fx.Node) -> Cost:

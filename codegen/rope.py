@@ -1,0 +1,359 @@
+"""Rotary position embedding (RoPE) as one kernel: what passes/rope.py puts into graphs.
+
+    fxopt::rope(x, cos, sin) -> out
+        out = x * cos + rotate_half(x) * sin, rotate_half(x) = cat(-x[..., h:], x[..., :h]), h = d / 2.
+    fxopt::rope_cache_write(cache, x, cos, sin, pos)
+        cache[:, :, pos:pos + n] = rope(x, cos, sin), in place (fxopt::cache_write's semantics).
+
+As traced, one RoPE is three or four kernels (neg, cat, a fused multiply-add) and extra passes over q
+and k; here it is one pass: each program reads x's two halves and the matching cos/sin elements,
+computes in fp32 and writes both halves of the output.
+
+x: any rank >= 2, any strides (q/k are usually head-transposed views (b, s, h, d) -> (b, h, s, d) of a
+projection's output). cos, sin: anything that broadcasts to x without changing its shape, e.g. (s, d),
+(b, 1, s, d), or the decode program's per-row tables (b, 1, n, d); broadcast dims are read through
+stride 0, never materialised.
+
+Output dtype: PyTorch's result type of the traced expression, promote(result_type(x, cos),
+result_type(x, sin)) -- bf16 x with fp32 tables gives fp32, as in eager. Output layout: torch.empty_like(x)
+(x's dim order, dense), which for the usual transposed view is eager's own layout for `x * cos + ...`,
+and keeps attention's output in (b, s, h, d) order so the head merge after it stays a view. The fake
+implementation allocates the same way, so meta["val"] strides equal the real ones.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+from fxopt.codegen.flash_attention import autotune_enabled
+
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 1024
+LEAD_DIMS = 4  # leading dims the kernel unravels a row index over (after collapsing)
+TARGET_ELEMENTS = 4096  # output elements per program (both halves): enough bytes in flight per SM
+MIN_PROGRAMS = 132  # split small launches (decode) over at least this many programs (an H100's SMs)
+
+
+# --------------------------------------------------------------------------------------------------
+# Reference, dtype and layout (shared by the op, its fake implementation and the tests)
+# --------------------------------------------------------------------------------------------------
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """(x1, x2) -> (-x2, x1) on the two halves of the last dim (HF's convention)."""
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The traced expression itself, in eager PyTorch (eager's dtype, eager's layout)."""
+    return x * cos + rotate_half(x) * sin
+
+
+def result_dtype(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.dtype:
+    """dtype of `x * cos + rotate_half(x) * sin` in eager: each product by PyTorch's result_type (a
+    0-dim table does not promote x), their sum by plain promotion (both have x's rank)."""
+    return torch.promote_types(torch.result_type(x, cos), torch.result_type(x, sin))
+
+
+def new_output(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The op's output buffer: x's shape and dim order, dense. Real and fake implementations both
+    allocate here, so their strides agree."""
+    return torch.empty_like(x, dtype=dtype)
+
+
+def check_inputs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """ValueError unless x has rank >= 2 and an even last dim and cos/sin broadcast to x's shape."""
+    if x.dim() < 2:
+        raise ValueError(f"rope: x must have rank >= 2, got shape {tuple(x.shape)}")
+    if x.shape[-1] % 2:
+        raise ValueError(f"rope: the last dim of x must be even, got {x.shape[-1]}")
+    for name, table in (("cos", cos), ("sin", sin)):
+        if table.dim() > x.dim() or not all(
+            _broadcasts(t, n) for t, n in zip(reversed(table.shape), reversed(x.shape))
+        ):
+            raise ValueError(f"rope: {name} of shape {tuple(table.shape)} does not broadcast to x's "
+                             f"{tuple(x.shape)} without changing it")
+
+
+def _broadcasts(size, target) -> bool:
+    """size is 1 or equal to target, decided without guards on symbolic sizes (the fake impl runs on them)."""
+    return statically_known_true(size == 1) or statically_known_true(size == target)
+
+
+def _kernel_available(t: torch.Tensor) -> bool:
+    """The kernel on CUDA; on CPU only with FXOPT_INTERPRET_OPS=1 under TRITON_INTERPRET=1 (as the
+    attention ops: the optimized model on CPU is a reference run)."""
+    if t.is_cuda:
+        return True
+    return (os.environ.get("FXOPT_INTERPRET_OPS", "0") == "1"
+            and os.environ.get("TRITON_INTERPRET", "0") == "1")
+
+
+# --------------------------------------------------------------------------------------------------
+# Kernel
+# --------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _rope_kernel(
+    X, COS, SIN, OUT, SLOTS,
+    n_rows, size1, size2, size3,
+    sx0, sx1, sx2, sx3, sxd,
+    sc0, sc1, sc2, sc3, scd,
+    ss0, ss1, ss2, ss3, ssd,
+    so0, so1, so2, so3, sod,
+    rows_bucket,  # autotune key only
+    HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr,
+    HAS_SLOTS: tl.constexpr, INDEX_64: tl.constexpr,
+):
+    # One program = BLOCK_R rows of 2 * HALF elements. Per row it reads 2 * HALF elements of x, cos and
+    # sin (cos/sin rows shared by the heads are stride-0 re-reads, served from cache) and writes
+    # 2 * HALF elements of OUT: out1 = x1 * c1 - x2 * s1, out2 = x2 * c2 + x1 * s2, in fp32.
+    # A row index unravels over four leading dims (size0 implied); with HAS_SLOTS the innermost one is
+    # the token axis and OUT's position along it is SLOTS[i3] (a KV-cache write at device-side slots).
+    pid = tl.program_id(0)
+    if INDEX_64:
+        pid = pid.to(tl.int64)
+    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < n_rows
+    i3 = rows % size3
+    rest = rows // size3
+    i2 = rest % size2
+    rest = rest // size2
+    i1 = rest % size1
+    i0 = rest // size1
+    x_row = i0 * sx0 + i1 * sx1 + i2 * sx2 + i3 * sx3
+    c_row = i0 * sc0 + i1 * sc1 + i2 * sc2 + i3 * sc3
+    s_row = i0 * ss0 + i1 * ss1 + i2 * ss2 + i3 * ss3
+    if HAS_SLOTS:
+        slot = tl.load(SLOTS + i3, mask=row_ok, other=0).to(tl.int64)
+        o_row = i0.to(tl.int64) * so0 + i1.to(tl.int64) * so1 + i2.to(tl.int64) * so2 + slot * so3
+    else:
+        o_row = i0 * so0 + i1 * so1 + i2 * so2 + i3 * so3
+
+    cols = tl.arange(0, BLOCK_H)
+    mask = row_ok[:, None] & (cols < HALF)[None, :]
+    lo, hi = cols[None, :], (cols + HALF)[None, :]
+    x1 = tl.load(X + x_row[:, None] + lo * sxd, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(X + x_row[:, None] + hi * sxd, mask=mask, other=0.0).to(tl.float32)
+    c1 = tl.load(COS + c_row[:, None] + lo * scd, mask=mask, other=0.0).to(tl.float32)
+    c2 = tl.load(COS + c_row[:, None] + hi * scd, mask=mask, other=0.0).to(tl.float32)
+    s1 = tl.load(SIN + s_row[:, None] + lo * ssd, mask=mask, other=0.0).to(tl.float32)
+    s2 = tl.load(SIN + s_row[:, None] + hi * ssd, mask=mask, other=0.0).to(tl.float32)
+    out1 = x1 * c1 - x2 * s1
+    out2 = x2 * c2 + x1 * s2
+    out_ty = OUT.dtype.element_ty
+    tl.store(OUT + o_row[:, None] + lo * sod, out1.to(out_ty), mask=mask)
+    tl.store(OUT + o_row[:, None] + hi * sod, out2.to(out_ty), mask=mask)
+
+
+def _block_h(half: int) -> int:
+    return triton.next_power_of_2(max(int(half), 1))
+
+
+def _rows_bucket(n_rows: int) -> int:
+    return min(triton.next_power_of_2(max(int(n_rows), 1)), 1 << 20)
+
+
+def default_config(half: int, n_rows: int) -> tuple[int, int]:
+    """(BLOCK_R, num_warps): about TARGET_ELEMENTS outputs per program, fewer rows when that would leave
+    a small launch (a decode step's q or k) on fewer than MIN_PROGRAMS programs; 8 to 16 outputs per thread
+    (at most 8 warps)."""
+    block_h = _block_h(half)
+    block_r = max(1, TARGET_ELEMENTS // (2 * block_h))
+    block_r = min(block_r, max(1, triton.next_power_of_2(triton.cdiv(n_rows, MIN_PROGRAMS))))
+    block_r = min(block_r, 64)
+    num_warps = min(8, max(1, 2 * block_r * block_h // 256))
+    return block_r, num_warps
+
+
+def _make_configs() -> list[triton.Config]:
+    return [triton.Config({"BLOCK_R": r}, num_warps=w) for r in (1, 2, 4, 8, 16, 32, 64) for w in (1, 2, 4, 8)]
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    """The heuristic's config, or (FXOPT_ROPE_AUTOTUNE=1 / FXOPT_AUTOTUNE=1) every config whose tile
+    gives each thread 2 to 64 outputs and does not exceed the rows."""
+    args = {**named_args, **kwargs}
+    half, rows = args["HALF"], args["rows_bucket"]
+    chosen = default_config(half, rows)
+    if not autotune_enabled("FXOPT_ROPE_AUTOTUNE"):
+        return [c for c in configs if (c.kwargs["BLOCK_R"], c.num_warps) == chosen]
+    block_h = _block_h(half)
+
+    def fits(c):
+        per_thread = 2 * c.kwargs["BLOCK_R"] * block_h / (32 * c.num_warps)
+        return 2 <= per_thread <= 64 and c.kwargs["BLOCK_R"] <= rows
+    return [c for c in configs if fits(c) or (c.kwargs["BLOCK_R"], c.num_warps) == chosen]
+
+
+_rope_kernel_tuned = triton.autotune(
+    configs=_make_configs(), key=["HALF", "rows_bucket"], prune_configs_by={"early_config_prune": _prune_configs},
+)(_rope_kernel)
+
+
+# --------------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------------
+
+
+def collapse_rows(shape, strides: list[list[int]]) -> list[tuple[int, list[int]]]:
+    """The leading dims of `shape` (all but the last) as (size, per-tensor strides), outermost first:
+    size-1 dims dropped, neighbours merged where every tensor steps through them as one dim."""
+    merged: list[tuple[int, list[int]]] = []
+    for i, n in enumerate(shape[:-1]):
+        if n == 1:
+            continue
+        st = [s[i] for s in strides]
+        if merged and all(p == s * n for p, s in zip(merged[-1][1], st)):
+            merged[-1] = (merged[-1][0] * n, st)
+        else:
+            merged.append((n, st))
+    return merged
+
+
+def _needs_int64(tensors: list[torch.Tensor], slots_len: int = 0) -> bool:
+    """Any element offset (or row count) reaching 2^31 - 1 forces int64 index math."""
+    reach = max(sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride())) for t in tensors)
+    return max(reach, tensors[0].numel(), slots_len) >= 2**31 - 1
+
+
+def kernel_unsupported(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out_dtype: torch.dtype) -> str | None:
+    """Why the kernel cannot run these inputs (the op then computes the reference), or None."""
+    try:
+        check_inputs(x, cos, sin)
+    except ValueError as exc:
+        return str(exc)
+    for name, t in (("x", x), ("cos", cos), ("sin", sin)):
+        if t.dtype not in KERNEL_DTYPES:
+            return f"{name} is {t.dtype}"
+        if t.device != x.device:
+            return f"{name} is on {t.device}, x on {x.device}"
+    if out_dtype not in KERNEL_DTYPES:
+        return f"output dtype {out_dtype}"
+    if x.shape[-1] > MAX_HEAD_DIM:
+        return f"head dim {x.shape[-1]} > {MAX_HEAD_DIM}"
+    return None
+
+
+def _launch(x, cos, sin, out, lead, slots=None, config=None) -> None:
+    """Launch over `lead` = up to LEAD_DIMS (size, [x, cos, sin, out strides]) leading dims; tensors
+    already broadcast to x's shape. `config` = (BLOCK_R, num_warps) bypasses the autotuner (tests)."""
+    pad = [(1, [0, 0, 0, 0])] * (LEAD_DIMS - len(lead))
+    dims = pad + list(lead)
+    sizes = [n for n, _ in dims]
+    n_rows = 1
+    for n in sizes:
+        n_rows *= n
+    if n_rows == 0 or x.shape[-1] == 0:
+        return
+    # per tensor: its strides along the four leading dims, then along the last (head) dim
+    per_tensor = [[st[t] for _, st in dims] + [[x, cos, sin, out][t].stride(-1)] for t in range(4)]
+    half = x.shape[-1] // 2
+    slots_len = slots.numel() if slots is not None else 0
+    index_64 = _needs_int64([x, cos, sin, out], slots_len) or n_rows >= 2**31 - 1
+    args = (x, cos, sin, out, slots if slots is not None else x, n_rows, *sizes[1:],
+            *per_tensor[0], *per_tensor[1], *per_tensor[2], *per_tensor[3], _rows_bucket(n_rows))
+    meta = dict(HALF=half, BLOCK_H=_block_h(half), HAS_SLOTS=slots is not None, INDEX_64=index_64)
+    if config is None:
+        _rope_kernel_tuned[lambda m: (triton.cdiv(n_rows, m["BLOCK_R"]),)](*args, **meta)
+    else:
+        block_r, num_warps = config
+        _rope_kernel[(triton.cdiv(n_rows, block_r),)](*args, **meta, BLOCK_R=block_r, num_warps=num_warps)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, config: tuple[int, int] | None = None
+         ) -> torch.Tensor:
+    """The kernel's launcher: out = x * cos + rotate_half(x) * sin in result_dtype, laid out by new_output.
+    Inputs the kernel does not cover (fp64, mixed devices, more than LEAD_DIMS leading dims that do not
+    collapse) get the reference, written into the same layout."""
+    dtype = result_dtype(x, cos, sin)
+    out = new_output(x, dtype)
+    reason = kernel_unsupported(x, cos, sin, dtype)
+    cos_b, sin_b = cos.expand(x.shape), sin.expand(x.shape)
+    lead = collapse_rows(x.shape, [x.stride(), cos_b.stride(), sin_b.stride(), out.stride()])
+    if reason is not None or len(lead) > LEAD_DIMS:
+        torch.add(x * cos, rotate_half(x) * sin, out=out)
+        return out
+    _launch(x, cos_b, sin_b, out, lead, config=config)
+    return out
+
+
+def cache_slots(pos: torch.Tensor, n: int) -> torch.Tensor:
+    """fxopt::cache_write's slot indices: pos itself when it is the (n,) slots, else pos + arange(n)."""
+    return pos if pos.dim() == 1 else pos + torch.arange(n, device=pos.device)
+
+
+def cache_write_unsupported(cache: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                            pos: torch.Tensor) -> str | None:
+    """Why rope_cache_write cannot run as one kernel (the op then writes the reference), or None."""
+    if x.dim() != 4 or cache.dim() != 4:
+        return f"x {tuple(x.shape)} and cache {tuple(cache.shape)} must be (b, h, n, d) and (b, h, L, d)"
+    if cache.shape[:2] != x.shape[:2] or cache.shape[3] != x.shape[3]:
+        return f"x {tuple(x.shape)} does not fit cache {tuple(cache.shape)}"
+    if pos.dim() > 1 or (pos.dim() == 1 and pos.numel() != x.shape[2]) or pos.device != x.device:
+        return f"pos of shape {tuple(pos.shape)} on {pos.device}"
+    if cache.device != x.device:
+        return f"cache on {cache.device}, x on {x.device}"
+    return kernel_unsupported(x, cos, sin, cache.dtype)
+
+
+def rope_cache_write(cache: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                     pos: torch.Tensor, *, config: tuple[int, int] | None = None) -> None:
+    """cache[:, :, slots] = rope(x, cos, sin) cast to cache's dtype, slots = cache_slots(pos, n), in one
+    kernel: the rotated rows go straight into the cache, never through a temporary."""
+    if cache_write_unsupported(cache, x, cos, sin, pos) is not None:
+        cache.index_copy_(2, cache_slots(pos, x.shape[2]), rope_reference(x, cos, sin).to(cache.dtype))
+        return
+    b, h, n, _ = x.shape
+    slots = cache_slots(pos, n)
+    cos_b, sin_b = cos.expand(x.shape), sin.expand(x.shape)
+    lead = [(b, [x.stride(0), cos_b.stride(0), sin_b.stride(0), cache.stride(0)]),
+            (h, [x.stride(1), cos_b.stride(1), sin_b.stride(1), cache.stride(1)]),
+            (n, [x.stride(2), cos_b.stride(2), sin_b.stride(2), cache.stride(2)])]
+    _launch(x, cos_b, sin_b, cache, lead, slots=slots, config=config)
+
+
+# --------------------------------------------------------------------------------------------------
+# The ops
+# --------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("fxopt::rope", mutates_args=())
+def rope_op(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    check_inputs(x, cos, sin)
+    if _kernel_available(x):
+        return rope(x, cos, sin)
+    out = new_output(x, result_dtype(x, cos, sin))
+    torch.add(x * cos, rotate_half(x) * sin, out=out)  # the reference, in the kernel's layout
+    return out
+
+
+@rope_op.register_fake
+def _(x, cos, sin):
+    check_inputs(x, cos, sin)
+    return new_output(x, result_dtype(x, cos, sin))
+
+
+@torch.library.custom_op("fxopt::rope_cache_write", mutates_args=("cache",))
+def rope_cache_write_op(cache: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                        pos: torch.Tensor) -> None:
+    """fxopt::cache_write(cache, fxopt::rope(x, cos, sin), pos) as one kernel (pos: a 0-dim start or the
+    (n,) slot indices, device-side: graph-capturable)."""
+    check_inputs(x, cos, sin)
+    if _kernel_available(x):
+        rope_cache_write(cache, x, cos, sin, pos)
+        return
+    cache.index_copy_(2, cache_slots(pos, x.shape[2]), rope_reference(x, cos, sin).to(cache.dtype))
+
+
+@rope_cache_write_op.register_fake
+def _(cache, x, cos, sin, pos):
+    check_inputs(x, cos, sin)
+    return None

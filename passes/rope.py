@@ -1,0 +1,306 @@
+"""RoPE pass: the traced rotary position embedding -> one fxopt::rope call (codegen/rope.py).
+
+As traced, `x * cos + rotate_half(x) * sin` is two slices, a neg, a cat, two muls and an add: the fusion
+codegen cannot fuse slice/neg/cat, so each application runs three or four kernels (more HBM passes over q
+and k in prefill, a string of ~2 us launches per layer in decode). Two rules, rows of RULES:
+
+  rope              add(mul(x, cos), mul(rotate_half(x), sin)), rotate_half(x) = cat([neg(x[..., h:]),
+                    x[..., :h]], -1), h = d / 2 -> fxopt::rope(x, cos, sin). Either operand order of the add and
+                    of each mul; slice bounds None/0 and INT_MAX/d; dim -1 or rank - 1; the negation as
+                    aten.neg or a multiply by -1. cos/sin must broadcast to x without changing its shape, and the
+                    intermediates must have no other users (else nothing is saved). A near-match is left with
+                    a note saying why (e.g. halves swapped without the negation: not rotate_half).
+  rope_cache_write  fxopt::cache_write(cache, fxopt::rope(x, cos, sin), pos), the rope read only by the write
+                    (K in a decode program) -> fxopt::rope_cache_write(cache, x, cos, sin, pos): the rotated
+                    rows go straight into the static cache.
+
+The new node's meta["val"] comes from the op's fake implementation (x's dim order, dense, eager's dtype);
+when its strides differ from the add's, the layout ops downstream are re-run over them and the match is
+left if one of them (a view) fails. Results change only by rounding: the kernel computes in fp32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+from fxopt.codegen import rope as rope_codegen
+from fxopt.passes import cost as cost_pass
+from fxopt.passes.infra import PassContext, PassResult, finish
+from fxopt.passes.matmul import Rewriter
+
+aten = torch.ops.aten
+ADD, MUL, NEG, CAT, SLICE = aten.add.Tensor, aten.mul.Tensor, aten.neg.default, aten.cat.default, aten.slice.Tensor
+ROPE = torch.ops.fxopt.rope.default
+ROPE_CACHE_WRITE = torch.ops.fxopt.rope_cache_write.default
+CACHE_WRITE = torch.ops.fxopt.cache_write.default
+
+
+# ------------------------------------------------------------------------------------------ reading the graph
+def _is(node, target) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target is target
+
+
+def _val(node):
+    return node.meta.get("val") if isinstance(node, fx.Node) else None
+
+
+def _bound(value, d: int, default: int) -> int | None:
+    """A slice bound as Python clamps it to [0, d] (negative counts from the end), None if not constant."""
+    if value is None:
+        return default
+    if not isinstance(value, int):
+        return None
+    return min(max(value + d if value < 0 else value, 0), d)
+
+
+def _last_dim_slice(node) -> tuple[fx.Node, int, int] | None:
+    """(source, start, end) for slice(source, last dim, start, end, step 1) with constant bounds, normalised to
+    [0, d] (None/INT_MAX -> d, negative from the end); else None."""
+    if not _is(node, SLICE) or not isinstance(_val(node.args[0]), torch.Tensor):
+        return None
+    src, val = node.args[0], _val(node.args[0])
+    given = dict(zip(("dim", "start", "end", "step"), node.args[1:]), **node.kwargs)
+    dim, step, d = given.get("dim", 0), given.get("step", 1), val.shape[-1]
+    if not isinstance(d, int) or not isinstance(dim, int) or dim % val.dim() != val.dim() - 1 or step != 1:
+        return None
+    start, end = _bound(given.get("start"), d, 0), _bound(given.get("end"), d, d)
+    if start is None or end is None:
+        return None
+    return src, start, end
+
+
+def _negated(node) -> tuple[fx.Node, fx.Node] | None:
+    """(operand, the negation node) for neg(a), mul(a, -1) or mul(-1, a); else None."""
+    if _is(node, NEG):
+        return node.args[0], node
+    if _is(node, MUL) and len(node.args) == 2:
+        a, b = node.args
+        if isinstance(b, (int, float)) and b == -1 and isinstance(a, fx.Node):
+            return a, node
+        if isinstance(a, (int, float)) and a == -1 and isinstance(b, fx.Node):
+            return b, node
+    return None
+
+
+def _other(mul: fx.Node, operand) -> Any:
+    """The other operand of a two-operand mul, or None when `operand` is not one of them."""
+    a, b = mul.args[:2]
+    return b if a is operand else a if b is operand else None
+
+
+# ------------------------------------------------------------------------------------------ rule: rope
+@dataclass
+class Reading:
+    """One way to read add(direct, rotated): direct = x * cos, rotated = cat(...) * sin."""
+
+    direct: fx.Node
+    rotated: fx.Node
+    cat: fx.Node
+    sin: Any
+    x: fx.Node | None = None
+    cos: Any = None
+    inner: list[fx.Node] = field(default_factory=list)  # nodes that go when the match is rewritten
+
+
+@dataclass
+class RopeMatch:
+    add: fx.Node
+    readings: list[Reading]
+    chosen: Reading | None = None
+    vals: dict[fx.Node, Any] = field(default_factory=dict)  # downstream layout values (new strides)
+
+
+def rope_candidates(gm: fx.GraphModule) -> list[RopeMatch]:
+    """Every add of two muls where one mul reads a cat: the shape of x * cos + rotate_half(x) * sin."""
+    out = []
+    for node in gm.graph.nodes:
+        if not _is(node, ADD) or len(node.args) != 2 or node.kwargs.get("alpha", 1) != 1:
+            continue
+        readings = []
+        for direct, rotated in (node.args, node.args[::-1]):
+            if not (_is(direct, MUL) and _is(rotated, MUL) and len(rotated.args) == 2):
+                continue
+            for cat, sin in (rotated.args, rotated.args[::-1]):
+                if _is(cat, CAT):
+                    readings.append(Reading(direct, rotated, cat, sin))
+        if readings:
+            out.append(RopeMatch(node, readings))
+    return out
+
+
+def _read_rotation(r: Reading) -> str | None:
+    """Fill r.x / r.cos / r.inner when r.cat is rotate_half(x) and r.direct multiplies x; else why not."""
+    parts = r.cat.args[0]
+    dim = r.cat.args[1] if len(r.cat.args) > 1 else r.cat.kwargs.get("dim", 0)
+    rank = _val(r.cat).dim() if isinstance(_val(r.cat), torch.Tensor) else 0
+    if not isinstance(parts, (list, tuple)) or len(parts) != 2 or not rank or dim % rank != rank - 1:
+        return "the cat is not of two halves along the last dim"
+    first, second = parts
+    neg = _negated(first)
+    if neg is None:
+        if _last_dim_slice(first) is not None:
+            return "the halves are swapped without negating the first: not rotate_half"
+        return "the first half of the cat is not a negated slice"
+    upper, lower = _last_dim_slice(neg[0]), _last_dim_slice(second)
+    if upper is None or lower is None or upper[0] is not lower[0]:
+        return "the cat's halves are not last-dim slices of one tensor"
+    x, d = upper[0], _val(upper[0]).shape[-1]
+    if d % 2 or upper[1:] != (d // 2, d) or lower[1:] != (0, d // 2):
+        return f"the slices {lower[1:]} and {upper[1:]} are not the halves (0, {d // 2}) and ({d // 2}, {d})"
+    cos = _other(r.direct, x)
+    if cos is None:
+        return f"`{r.direct.name}` does not multiply the rotated tensor `{x.name}`"
+    r.x, r.cos = x, cos
+    r.inner = [r.direct, r.rotated, r.cat, neg[1]]
+    return None
+
+
+def _check_tables(r: Reading) -> str | None:
+    for name, table in (("cos", r.cos), ("sin", r.sin)):
+        val = _val(table)
+        if not isinstance(val, torch.Tensor):
+            return f"{name} is not a tensor"
+        if not val.is_floating_point():
+            return f"{name} is {val.dtype}"
+    if not _val(r.x).is_floating_point():
+        return f"x is {_val(r.x).dtype}"
+    try:
+        rope_codegen.check_inputs(_val(r.x), _val(r.cos), _val(r.sin))
+    except ValueError as exc:
+        return f"cos/sin not broadcastable to x: {exc}"
+    return None
+
+
+def _only_used_by(node: fx.Node, user: fx.Node) -> bool:
+    return set(node.users) == {user}
+
+
+def check_rope(rw: Rewriter, m: RopeMatch) -> str | None:
+    """A reading that parses as rope, whose intermediates nothing else reads and whose fake value stands in
+    for the add's (same shape and dtype; downstream views still valid over its strides)."""
+    reasons = []
+    for r in m.readings:
+        reason = _read_rotation(r) or _check_tables(r)
+        if reason is None:
+            m.chosen = r
+            break
+        reasons.append(reason)
+    if m.chosen is None:
+        return reasons[0]
+    r = m.chosen
+    for node, user in ((r.direct, m.add), (r.rotated, m.add), (r.cat, r.rotated), (r.inner[3], r.cat)):
+        if not _only_used_by(node, user):
+            return f"`{node.name}` is also used outside the rotation"
+    old = _val(m.add)
+    try:
+        new = rw.fake_run(ROPE, (r.x, r.cos, r.sin))
+    except Exception as exc:  # noqa: BLE001 - the op cannot stand in: leave the match
+        return f"fake run failed: {type(exc).__name__}: {exc}"
+    if new.dtype != old.dtype or new.dim() != old.dim() or not all(
+            statically_known_true(a == b) for a, b in zip(new.shape, old.shape)):
+        return f"fxopt::rope gives {tuple(new.shape)} {new.dtype}, the add {tuple(old.shape)} {old.dtype}"
+    if not all(statically_known_true(a == b) for a, b in zip(new.stride(), old.stride())):
+        vals = rw.downstream_vals({m.add: new})
+        if isinstance(vals, str):
+            return vals
+        m.vals = vals
+    return None
+
+
+def rewrite_rope(rw: Rewriter, m: RopeMatch) -> None:
+    r = m.chosen
+    with rw.gm.graph.inserting_before(m.add):
+        node = rw.call(ROPE, (r.x, r.cos, r.sin), m.add)
+    m.add.replace_all_uses_with(node)
+    rw.apply_vals(m.vals)
+    rw.gm.graph.erase_node(m.add)
+    slices = list(r.cat.args[0][1:]) + [r.inner[3].all_input_nodes[0]]
+    rw.drop_if_unused(*r.inner, *slices)
+
+
+# ------------------------------------------------------------------------------------------ rule: rope_cache_write
+@dataclass
+class CacheWriteMatch:
+    write: fx.Node
+    rope: fx.Node
+
+
+def cache_write_candidates(gm: fx.GraphModule) -> list[CacheWriteMatch]:
+    """fxopt::cache_write nodes whose new rows come straight from a fxopt::rope."""
+    return [CacheWriteMatch(n, n.args[1]) for n in gm.graph.nodes if _is(n, CACHE_WRITE) and _is(n.args[1], ROPE)]
+
+
+def check_cache_write(rw: Rewriter, m: CacheWriteMatch) -> str | None:
+    if not _only_used_by(m.rope, m.write):
+        return f"`{m.rope.name}` is also read elsewhere (e.g. by attention over the fresh K)"
+    if len(m.write.args) != 3 or m.write.kwargs or len(m.rope.args) != 3 or m.rope.kwargs:
+        return "unexpected arguments"
+    return None
+
+
+def rewrite_cache_write(rw: Rewriter, m: CacheWriteMatch) -> None:
+    cache, _, pos = m.write.args
+    x, cos, sin = m.rope.args
+    with rw.gm.graph.inserting_before(m.write):
+        node = rw.gm.graph.call_function(ROPE_CACHE_WRITE, (cache, x, cos, sin, pos))
+    node.meta["val"] = None
+    for key in ("nn_module_stack", "stack_trace"):
+        if key in m.write.meta:
+            node.meta[key] = m.write.meta[key]
+    if rw.costed:
+        node.meta[cost_pass.COST_KEY] = cost_pass.node_cost(rw.ctx, node)
+    rw.gm.graph.erase_node(m.write)
+    rw.gm.graph.erase_node(m.rope)
+
+
+# ------------------------------------------------------------------------------------------ the table
+@dataclass(frozen=True)
+class Rule:
+    """pattern: the graph -> candidate matches; check: a match -> the reason to leave it (None: rewrite it);
+    rewrite: does it. Rules run in order, each over the graph the previous ones left."""
+
+    name: str
+    pattern: Callable[[fx.GraphModule], list]
+    check: Callable[[Rewriter, Any], str | None]
+    rewrite: Callable[[Rewriter, Any], None]
+
+
+RULES: tuple[Rule, ...] = (
+    Rule("rope", rope_candidates, check_rope, rewrite_rope),
+    Rule("rope_cache_write", cache_write_candidates, check_cache_write, rewrite_cache_write),
+)
+
+
+def _describe(match) -> str:
+    return match.add.name if isinstance(match, RopeMatch) else match.write.name
+
+
+def run(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+    """Apply RULES; counts per rule (matches rewritten); a note per near-match left."""
+    from torch._guards import detect_fake_mode
+
+    vals = [n.meta.get("val") for n in gm.graph.nodes]
+    fake_mode = detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
+    if fake_mode is None:
+        return PassResult(False, ["rope: the graph has no fake meta['val'] (propagate it first); unchanged"])
+    rw = Rewriter(gm, ctx, fake_mode)
+    for rule in RULES:
+        rw.counts.setdefault(rule.name, 0)
+        for match in rule.pattern(gm):
+            reason = rule.check(rw, match)
+            if reason is not None:
+                rw.notes.append(f"{rule.name}: left {_describe(match)}: {reason}")
+                continue
+            rule.rewrite(rw, match)
+            rw.count(rule.name)
+    changed = any(rw.counts.get(rule.name) for rule in RULES)
+    if changed:
+        finish(gm)
+    ctx.report.extend(f"rope: {note}" for note in rw.notes)
+    return PassResult(changed, rw.notes, rw.counts)

@@ -1,0 +1,262 @@
+"""fxopt::rope and fxopt::rope_cache_write: the Triton kernel (interpreted on CPU) against a float64 reference.
+
+Tolerance: fxopt.numerics' rule -- the kernel's error against the fp64 reference may be at most 2x (3x for
+fp16/bf16) eager-in-that-dtype's error against it. The op's fake implementation must report exactly the
+real output's shape, strides and dtype; the dtype is eager's for the traced expression.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from fxopt.codegen import rope as R
+from fxopt.numerics import within_tolerance
+
+B, S, H = 2, 7, 3  # odd s: the row blocks end in masked tails
+
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
+                                reason="needs the Triton interpreter or a GPU")
+
+
+def _device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def make_x(layout: str, d: int, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
+    """(b, h, s, d): 'contiguous', or 'transposed' -- a (b, s, h, d) projection output viewed head-first."""
+    gen = torch.Generator().manual_seed(seed)
+    if layout == "contiguous":
+        x = torch.randn(B, H, S, d, generator=gen)
+    else:
+        x = torch.randn(B, S, H, d, generator=gen).transpose(1, 2)
+    return x.to(device=_device(), dtype=dtype)
+
+
+def make_tables(shape: str, d: int, dtype: torch.dtype, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random (not constant) cos/sin shaped (s, d) or (b, 1, s, d)."""
+    gen = torch.Generator().manual_seed(seed)
+    size = (S, d) if shape == "sd" else (B, 1, S, d)
+    cos, sin = torch.randn(size, generator=gen), torch.randn(size, generator=gen)
+    return cos.to(device=_device(), dtype=dtype), sin.to(device=_device(), dtype=dtype)
+
+
+def fp64(x, cos, sin) -> torch.Tensor:
+    return R.rope_reference(x.double(), cos.double(), sin.double())
+
+
+def assert_within_rule(out: torch.Tensor, x, cos, sin) -> None:
+    eager = R.rope_reference(x, cos, sin)
+    assert out.dtype == eager.dtype and out.shape == eager.shape
+    ok, error, allowed = within_tolerance(out, eager, fp64(x, cos, sin))
+    assert ok, f"error {error:.3g} > allowed {allowed:.3g}"
+
+
+# --------------------------------------------------------------------------------------------- the kernel
+@pytest.mark.parametrize("d", [64, 80, 128])
+@pytest.mark.parametrize("tables", ["sd", "b1sd"])
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_kernel_matches_fp64_reference(dtype, layout, tables, d):
+    x = make_x(layout, d, dtype)
+    cos, sin = make_tables(tables, d, dtype)
+    out = R.rope(x, cos, sin)
+    assert R.kernel_unsupported(x, cos, sin, out.dtype) is None  # the kernel ran, not the fallback
+    assert_within_rule(out, x, cos, sin)
+    assert out.stride() == torch.empty_like(x).stride()  # x's dim order, dense
+
+
+@pytest.mark.parametrize("config", [(1, 1), (4, 2), (16, 4)])
+def test_kernel_tiles_and_masked_tails(config):
+    """Row blocks that do not divide b*h*s, and a head dim (80) padded to a 64-wide half block."""
+    x = make_x("transposed", 80, torch.float32)
+    cos, sin = make_tables("b1sd", 80, torch.float32)
+    assert_within_rule(R.rope(x, cos, sin, config=config), x, cos, sin)
+
+
+def test_kernel_strided_tables_and_rank3():
+    """cos/sin as strided views (a slice of a wider table, an expanded row), x of rank 3 with a strided
+    last dim: every operand goes through its own strides."""
+    gen = torch.Generator().manual_seed(3)
+    d = 64
+    x = torch.randn(S, 5, 2 * d, generator=gen)[..., ::2].transpose(0, 1).to(_device())  # (5, s, d), stride 2
+    wide = torch.randn(S, 2 * d, generator=gen).to(_device())
+    cos = wide[:, :d]  # row stride 2d
+    sin = torch.randn(1, d, generator=gen).to(_device()).expand(S, d)  # stride 0 rows
+    out = R.rope(x, cos, sin)
+    assert_within_rule(out, x, cos, sin)
+
+
+@pytest.mark.parametrize("x_dtype, table_dtype", [(torch.bfloat16, torch.float32), (torch.float32, torch.float16),
+                                                  (torch.float16, torch.bfloat16)])
+def test_mixed_dtypes_follow_eager_promotion(x_dtype, table_dtype):
+    """bf16 x with fp32 tables is fp32 in eager (x * cos promotes): so is the kernel's output."""
+    x = make_x("transposed", 64, x_dtype)
+    cos, sin = make_tables("sd", 64, table_dtype)
+    out = R.rope(x, cos, sin)
+    assert out.dtype == (x * cos).dtype == torch.promote_types(x_dtype, table_dtype)
+    assert_within_rule(out, x, cos, sin)
+
+
+def test_zero_dim_tables_do_not_promote():
+    x = make_x("contiguous", 64, torch.bfloat16)
+    cos, sin = torch.tensor(0.3, device=x.device), torch.tensor(-0.7, device=x.device)  # fp32, 0-dim
+    out = R.rope(x, cos, sin)
+    assert out.dtype == R.rope_reference(x, cos, sin).dtype == torch.bfloat16
+    assert_within_rule(out, x, cos, sin)
+
+
+def test_collapse_rows():
+    x = torch.empty(2, 3, 5, 8)
+    assert R.collapse_rows(x.shape, [x.stride()]) == [(30, [8])]  # contiguous: one row dim
+    t = torch.empty(2, 5, 3, 8).transpose(1, 2)
+    cos = torch.empty(5, 8).expand(2, 3, 5, 8)
+    lead = R.collapse_rows(t.shape, [t.stride(), cos.stride()])
+    assert [n for n, _ in lead] == [2, 3, 5]  # heads and positions swapped in memory: nothing merges
+    one = torch.empty(1, 3, 1, 8)
+    assert R.collapse_rows(one.shape, [one.stride()]) == [(3, [8])]  # size-1 dims dropped
+
+
+def test_int64_indexing_decided_by_reach():
+    small = torch.empty(4, 8, device="meta")
+    big_rows = torch.empty_strided((2, 8), (2**31, 1), device="meta")  # the second row starts past 2^31
+    assert not R._needs_int64([small])
+    assert R._needs_int64([small, big_rows])
+
+
+# --------------------------------------------------------------------------------------------- rope_cache_write
+@pytest.mark.parametrize("pos_kind", ["start", "slots"])
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
+def test_cache_write_kernel_matches_reference(pos_kind, cache_dtype):
+    d, n, L = 80, 3, 16
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(B, n, H, d, generator=gen).transpose(1, 2).to(_device())  # (b, h, n, d), transposed view
+    cos, sin = (torch.randn(B, 1, n, d, generator=gen).to(_device()) for _ in range(2))
+    cache = torch.randn(B, H, L, d, generator=gen).to(device=_device(), dtype=cache_dtype)
+    pos = torch.tensor(6, device=x.device)
+    if pos_kind == "slots":
+        pos = pos + torch.arange(n, device=x.device)
+    expected = cache.clone()
+    expected[:, :, 6:6 + n] = R.rope_reference(x, cos, sin).to(cache_dtype)
+    R.rope_cache_write(cache, x, cos, sin, pos)
+    assert R.cache_write_unsupported(cache, x, cos, sin, pos) is None
+    untouched = torch.ones(L, dtype=torch.bool)
+    untouched[6:6 + n] = False
+    assert torch.equal(cache[:, :, untouched], expected[:, :, untouched])  # other slots exactly as they were
+    written = cache[:, :, 6:6 + n]
+    eager = expected[:, :, 6:6 + n]
+    ok, error, allowed = within_tolerance(written, eager, fp64(x, cos, sin))
+    assert ok, f"error {error:.3g} > allowed {allowed:.3g}"
+
+
+def test_cache_write_op_on_a_batch_slice_of_the_cache():
+    """The generator passes caches[:b] of a max_batch cache: the rows beyond b stay untouched."""
+    d, n = 64, 1
+    gen = torch.Generator().manual_seed(6)
+    full = torch.randn(3, H, 8, d, generator=gen).to(_device())
+    before = full.clone()
+    x = torch.randn(2, H, n, d, generator=gen).to(_device())
+    cos, sin = (torch.randn(2, 1, n, d, generator=gen).to(_device()) for _ in range(2))
+    torch.ops.fxopt.rope_cache_write(full[:2], x, cos, sin, torch.tensor([4], device=x.device))
+    assert torch.equal(full[2], before[2])
+    torch.testing.assert_close(full[:2, :, 4:5], R.rope_reference(x, cos, sin))
+
+
+# --------------------------------------------------------------------------------------------- the op and its fake
+CASES = {
+    "contiguous_fp32": (lambda: make_x("contiguous", 64, torch.float32), "sd", torch.float32),
+    "transposed_bf16": (lambda: make_x("transposed", 64, torch.bfloat16), "b1sd", torch.bfloat16),
+    "transposed_bf16_fp32_tables": (lambda: make_x("transposed", 80, torch.bfloat16), "sd", torch.float32),
+    "rank3_permuted": (lambda: torch.randn(S, 4, 64).permute(1, 0, 2).to(_device()), "sd", torch.float32),
+    "expanded_x": (lambda: torch.randn(1, 1, S, 64).to(_device()).expand(B, H, S, 64), "b1sd", torch.float32),
+}
+
+
+@pytest.mark.parametrize("interpret_ops", [False, True])
+@pytest.mark.parametrize("case", list(CASES))
+def test_fake_matches_real_layout_and_dtype(case, interpret_ops, monkeypatch):
+    """meta['val'] must be exact: the fake's shape, strides and dtype equal the real output's, whether the
+    op runs the kernel (FXOPT_INTERPRET_OPS=1) or the CPU reference."""
+    monkeypatch.setenv("FXOPT_INTERPRET_OPS", "1" if interpret_ops else "0")
+    make, tables, table_dtype = CASES[case]
+    x = make()
+    d = x.shape[-1]
+    cos, sin = make_tables(tables, d, table_dtype)
+    real = torch.ops.fxopt.rope(x, cos, sin)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fake = torch.ops.fxopt.rope(mode.from_tensor(x), mode.from_tensor(cos), mode.from_tensor(sin))
+    assert (tuple(fake.shape), fake.stride(), fake.dtype) == (tuple(real.shape), real.stride(), real.dtype)
+    assert real.dtype == R.rope_reference(x, cos, sin).dtype
+    assert_within_rule(real, x, cos, sin)
+
+
+def test_op_refuses_bad_inputs():
+    x = make_x("contiguous", 64, torch.float32)
+    cos, sin = make_tables("sd", 64, torch.float32)
+    with pytest.raises(ValueError, match="even"):
+        torch.ops.fxopt.rope(x[..., :63], cos[..., :63], sin[..., :63])
+    with pytest.raises(ValueError, match="broadcast"):
+        torch.ops.fxopt.rope(x[:, :1], torch.randn(B, H, S, 64, device=x.device), sin)  # would grow x
+
+
+def test_decode_sized_launch_spreads_rows():
+    """A decode step's q (32 heads x 1 token) runs on many small programs, a prefill on big tiles."""
+    block_r, _ = R.default_config(64, 32)
+    assert block_r == 1
+    block_r, warps = R.default_config(64, 1 << 16)
+    assert block_r * 2 * 64 >= 2048 and warps >= 4
+
+
+# --------------------------------------------------------------------------------------------- sm_90 compile
+_AOT_SCRIPT = r"""
+import sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from fxopt.codegen import rope as R
+
+def signature(ptr, slots):
+    out = {}
+    for p in R._rope_kernel.params:
+        if p.is_constexpr:
+            out[p.name] = "constexpr"
+        elif p.name in ("X", "COS", "SIN", "OUT"):
+            out[p.name] = ptr
+        elif p.name == "SLOTS":
+            out[p.name] = "*i64" if slots else ptr
+        else:
+            out[p.name] = "i32"
+    return out
+
+for ptr in ("*bf16", "*fp32"):
+    for slots in (False, True):
+        for index_64 in (False, True):
+            constexprs = dict(HALF=40, BLOCK_H=64, BLOCK_R=16, HAS_SLOTS=slots, INDEX_64=index_64)
+            sig = signature(ptr, slots)
+            sig.update({k: "constexpr" for k in constexprs})
+            try:
+                src = ASTSource(R._rope_kernel, sig, constexprs=constexprs)
+            except TypeError:
+                print("SKIP: ASTSource takes another signature format")
+                sys.exit(0)
+            k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+            assert "st.global" in k.asm["ptx"]
+            print("compiled rope", ptr, slots, index_64)
+"""
+
+
+def test_rope_kernel_compiles_for_sm90_without_a_gpu(tmp_path):
+    pytest.importorskip("triton.backends.nvidia")
+    script = tmp_path / "aot_rope.py"
+    script.write_text(_AOT_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
+    if "SKIP:" in proc.stdout:
+        pytest.skip(proc.stdout.strip())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("compiled rope") == 8
