@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 
 import torch
 import triton
@@ -126,15 +127,13 @@ def _device_sm_count(device: torch.device) -> int:
 def _merge_row(MID, ML, base, offs_d, NUM_SPLITS, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
     # One output row from its NUM_SPLITS partials (unnormalised outputs at MID, (max, sum) pairs at ML),
     # log-sum-exp rescaled. One round of loads when BLOCK_S covers every split (the default split counts);
-    # otherwise a max pass, then a rescaled-sum pass, over blocks of BLOCK_S splits. Loads bypass L1 (.cg):
-    # with the fused merge the partials were written by other programs moments ago.
+    # otherwise a max pass, then a rescaled-sum pass, over blocks of BLOCK_S splits.
     offs_s = tl.arange(0, BLOCK_S)
     if NUM_SPLITS <= BLOCK_S:
         s_ok = offs_s < NUM_SPLITS
-        m = tl.load(ML + (base + offs_s) * 2, mask=s_ok, other=float("-inf"), cache_modifier=".cg")
-        l_s = tl.load(ML + (base + offs_s) * 2 + 1, mask=s_ok, other=0.0, cache_modifier=".cg")
-        o_s = tl.load(MID + (base + offs_s)[:, None] * BLOCK_D + offs_d[None, :], mask=s_ok[:, None], other=0.0,
-                      cache_modifier=".cg")
+        m = tl.load(ML + (base + offs_s) * 2, mask=s_ok, other=float("-inf"))
+        l_s = tl.load(ML + (base + offs_s) * 2 + 1, mask=s_ok, other=0.0)
+        o_s = tl.load(MID + (base + offs_s)[:, None] * BLOCK_D + offs_d[None, :], mask=s_ok[:, None], other=0.0)
         m_all = tl.max(m, 0)
         m_all = tl.where(m_all == float("-inf"), 0.0, m_all)
         w = tl.exp2(m - m_all)  # empty chunk: exp2(-inf) = 0
@@ -144,7 +143,7 @@ def _merge_row(MID, ML, base, offs_d, NUM_SPLITS, BLOCK_S: tl.constexpr, BLOCK_D
         m_run = tl.full([BLOCK_S], float("-inf"), dtype=tl.float32)
         for s0 in range(0, NUM_SPLITS, BLOCK_S):
             s_ok = (s0 + offs_s) < NUM_SPLITS
-            m = tl.load(ML + (base + s0 + offs_s) * 2, mask=s_ok, other=float("-inf"), cache_modifier=".cg")
+            m = tl.load(ML + (base + s0 + offs_s) * 2, mask=s_ok, other=float("-inf"))
             m_run = tl.maximum(m_run, m)
         m_all = tl.max(m_run, 0)
         m_all = tl.where(m_all == float("-inf"), 0.0, m_all)
@@ -153,10 +152,9 @@ def _merge_row(MID, ML, base, offs_d, NUM_SPLITS, BLOCK_S: tl.constexpr, BLOCK_D
         for s0 in range(0, NUM_SPLITS, BLOCK_S):
             s_idx = base + s0 + offs_s
             s_ok = (s0 + offs_s) < NUM_SPLITS
-            m = tl.load(ML + s_idx * 2, mask=s_ok, other=float("-inf"), cache_modifier=".cg")
-            l_s = tl.load(ML + s_idx * 2 + 1, mask=s_ok, other=0.0, cache_modifier=".cg")
-            o_s = tl.load(MID + s_idx[:, None] * BLOCK_D + offs_d[None, :], mask=s_ok[:, None], other=0.0,
-                          cache_modifier=".cg")
+            m = tl.load(ML + s_idx * 2, mask=s_ok, other=float("-inf"))
+            l_s = tl.load(ML + s_idx * 2 + 1, mask=s_ok, other=0.0)
+            o_s = tl.load(MID + s_idx[:, None] * BLOCK_D + offs_d[None, :], mask=s_ok[:, None], other=0.0)
             w = tl.exp2(m - m_all)
             l_run += w * l_s
             acc2 += w[:, None] * o_s
@@ -194,7 +192,7 @@ def _decode_split_kernel(
     HKV, GROUP, SQ, MAX_LEN, CHUNK, NUM_SPLITS, ML_BASE, q_offset, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, Q_OFF_MODE: tl.constexpr, DOT_PREC: tl.constexpr, HAS_START: tl.constexpr,
-    FUSED_MERGE: tl.constexpr, BLOCK_S: tl.constexpr,
+    FUSED_MERGE: tl.constexpr,
 ):
     # One program = one chunk of CHUNK keys of one (batch, KV head), for BLOCK_M of the group's
     # GROUP * SQ query rows (row r = query head hk * GROUP + r // SQ, token r % SQ). Per program:
@@ -277,15 +275,28 @@ def _decode_split_kernel(
         tl.debug_barrier()  # every thread's partial stores precede the (cumulative) release below
         arrived = tl.atomic_add(counter, 1, sem="acq_rel")
         if arrived == NUM_SPLITS - 1:
-            for i in range(0, BLOCK_M):
-                r = pid_r * BLOCK_M + i
-                if r < GROUP * SQ:
-                    hq_r = (hk * GROUP + r // SQ).to(tl.int64)
-                    tok_r = r % SQ
-                    base = ((b64 * HKV * GROUP + hq_r) * SQ + tok_r) * NUM_SPLITS
-                    out = _merge_row(MID, MID + ML_BASE, base, offs_d, NUM_SPLITS, BLOCK_S, BLOCK_D)
-                    o_ptrs = O + b64 * stride_ob + hq_r * stride_oh + tok_r * stride_om + offs_d * stride_od
-                    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=d_ok)
+            # all rows of the block at once, one split per step (independent loads: the loop pipelines)
+            part = ((b64 * HKV * GROUP + hq.to(tl.int64)) * SQ + tok) * NUM_SPLITS  # (BLOCK_M,) first partial
+            m_run = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+            l_run = tl.zeros([BLOCK_M], dtype=tl.float32)
+            o_run = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+            for split in range(0, NUM_SPLITS):
+                m_s = tl.load(MID + ML_BASE + (part + split) * 2, mask=row_ok, other=float("-inf"),
+                              cache_modifier=".cg")
+                l_s = tl.load(MID + ML_BASE + (part + split) * 2 + 1, mask=row_ok, other=0.0, cache_modifier=".cg")
+                o_s = tl.load(MID + (part + split)[:, None] * BLOCK_D + offs_d[None, :], mask=row_ok[:, None],
+                              other=0.0, cache_modifier=".cg")
+                m_new = tl.maximum(m_run, m_s)
+                m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing visible yet: weights 0, not NaN
+                alpha = tl.exp2(m_run - m_ref)
+                beta = tl.exp2(m_s - m_ref)
+                l_run = l_run * alpha + l_s * beta
+                o_run = o_run * alpha[:, None] + o_s * beta[:, None]
+                m_run = m_new
+            o_run = o_run / tl.where(l_run == 0.0, 1.0, l_run)[:, None]  # no visible key: 0
+            o_ptrs = (O + b64 * stride_ob + hq.to(tl.int64)[:, None] * stride_oh + tok[:, None] * stride_om
+                      + offs_d[None, :] * stride_od)
+            tl.store(o_ptrs, o_run.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
             tl.atomic_xchg(counter, 0)
 
 
@@ -365,7 +376,7 @@ _PLANS: dict = {}
 
 # Stage 2 runs in the split kernel's last-arriving program (one launch per call instead of two: ~1.5 us less
 # per decode attention in CUDA-graph replay). False: the separate merge kernel (kept for comparison).
-FUSED_MERGE = True
+FUSED_MERGE = os.environ.get("FXOPT_DECODE_FUSED_MERGE", "1") != "0"
 
 # Arrival counters of the fused merge, int32 zeros per device. The kernel leaves them at zero, so they are
 # allocated once (outside any graph capture: the first call is the warm-up) and never cleared; a buffer that had
@@ -418,7 +429,7 @@ def _make_plan(q, k_cache, v_cache, scale, causal, q_off_mode, num_splits, has_s
     plan.meta = dict(
         HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=bool(causal),
         Q_OFF_MODE=q_off_mode, DOT_PREC=_dot_precision(q.dtype), HAS_START=has_start,
-        FUSED_MERGE=FUSED_MERGE, BLOCK_S=block_s, num_warps=num_warps, num_stages=num_stages,
+        FUSED_MERGE=FUSED_MERGE, num_warps=num_warps, num_stages=num_stages,
     )
     plan.merge_grid = (n_rows,)
     plan.merge_ints = (*out_strides, hq, sq, num_splits, ml_base)

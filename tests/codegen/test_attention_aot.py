@@ -51,8 +51,7 @@ for causal in (False, True):
 
 for causal in (False, True):
     c = compile_variant(fd._decode_split_kernel, dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_M=16, BLOCK_N=64,
-                        CAUSAL=causal, Q_OFF_MODE=0, DOT_PREC="tf32", HAS_START=True, FUSED_MERGE=causal,
-                        BLOCK_S=32))
+                        CAUSAL=causal, Q_OFF_MODE=0, DOT_PREC="tf32", HAS_START=True, FUSED_MERGE=causal))
     ptx = c.asm["ptx"]
     assert "ld.global" in ptx
     assert ("atom.global" in ptx and "ld.global.cg" in ptx) == causal  # the fused merge: arrival count, L2 loads
