@@ -374,9 +374,13 @@ class _Plan:
 
 _PLANS: dict = {}
 
-# Stage 2 runs in the split kernel's last-arriving program (one launch per call instead of two: ~1.5 us less
-# per decode attention in CUDA-graph replay). False: the separate merge kernel (kept for comparison).
+# Stage 2 runs in the split kernel's last-arriving program when there are few splits (one launch per call
+# instead of two); with many, the last program's serial walk over the splits costs more than a second launch.
+# H200, CUDA-graph replay, 2026-11-21: llama-1b-like decode step at 513 keys (3 splits) 0.966 -> 0.935 ms;
+# B1 32/8 heads 16k keys (33 splits) 21.8 us with the merge kernel, 29 us fused. FUSED_MERGE False (or
+# FXOPT_DECODE_FUSED_MERGE=0): always the separate merge kernel.
 FUSED_MERGE = os.environ.get("FXOPT_DECODE_FUSED_MERGE", "1") != "0"
+FUSED_MERGE_MAX_SPLITS = 8
 
 # Arrival counters of the fused merge, int32 zeros per device. The kernel leaves them at zero, so they are
 # allocated once (outside any graph capture: the first call is the warm-up) and never cleared; a buffer that had
@@ -424,7 +428,7 @@ def _make_plan(q, k_cache, v_cache, scale, causal, q_off_mode, num_splits, has_s
     plan.ints = (*q.stride(), *k_cache.stride(), *v_cache.stride(), *out_strides, hkv, group, sq, max_len, chunk,
                  num_splits, ml_base)
     block_s = min(triton.next_power_of_2(num_splits), max(1, 4096 // block_d))
-    plan.fused_merge = FUSED_MERGE
+    plan.fused_merge = FUSED_MERGE and num_splits <= FUSED_MERGE_MAX_SPLITS
     plan.counters = b * hkv * row_blocks
     plan.meta = dict(
         HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=bool(causal),

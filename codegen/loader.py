@@ -90,17 +90,27 @@ def _import(path: Path, modname: str) -> ModuleType:
     return module
 
 
+# Environment settings a generated module reads when it is imported (whether it autotunes): a module
+# imported under other values is not the same module.
+IMPORT_TIME_ENV = ("FXOPT_FUSED_AUTOTUNE", "FXOPT_AUTOTUNE")
+
+
+def _import_time_settings() -> tuple:
+    return tuple(os.environ.get(name) for name in IMPORT_TIME_ENV)
+
+
 def load_kernel_module(source: str, dump_dir: Path | str | None = None, *, name: str | None = None) -> ModuleType:
     """Write `source` to the dump dir and import it, or reuse the module already imported for the
     same code (header aside) in this interpreter mode; the file is written either way."""
-    key = (_digest(code_of(source)), interpreting())
+    key = (_digest(code_of(source)), interpreting(), _import_time_settings())
     path = source_path(source, dump_dir, name=name)
     _write(path, source)
     module = _MODULES.get(key)
     if module is not None:
         STATS["hits"] += 1
         return module
-    module = _import(path, f"fxopt_gen_{path.stem}" + ("_interp" if key[1] else ""))
+    suffix = ("_interp" if key[1] else "") + "".join(f"_{v}" for v in key[2] if v is not None)
+    module = _import(path, f"fxopt_gen_{path.stem}" + re.sub(r"\W", "_", suffix))
     _MODULES[key] = module
     STATS["loads"] += 1
     return module

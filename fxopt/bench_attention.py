@@ -201,7 +201,7 @@ def bench_decode(results, copy_bw, quick, *, hq, hkv, n, label, sweep=False):
              "copy bandwidth", "GB/s", fxopt_ms=graph_ms)
         two_launch_ms = _without_fused_merge(lambda: _do_bench_graph(lambda: decode_attention(q, k, v, kv_len)))
         if two_launch_ms is not None:
-            print(f"  the same with the merge as a second kernel (FUSED_MERGE off): {two_launch_ms * 1e3:.1f} us = "
+            print(f"  the same, the merge always a second kernel (FUSED_MERGE off): {two_launch_ms * 1e3:.1f} us = "
                   f"{100 * nbytes / (two_launch_ms * 1e-3) / copy_bw:.1f}% of copy")
     if sweep:  # how the split count chosen by choose_num_splits compares with its neighbours
         sms = _device_sm_count(q.device)

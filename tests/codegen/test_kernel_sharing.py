@@ -139,3 +139,18 @@ def test_transformer_layers_share_kernels(tmp_path):
     for kernel in kernels:
         assert header_node_names(kernel.source) == [n.name for n in kernel.region.graph.nodes if n.op != "output"]
     torch.testing.assert_close(optimized(**inputs), model(**inputs), rtol=1e-4, atol=1e-4)
+
+
+def test_autotune_setting_gives_its_own_module(tmp_path, monkeypatch):
+    """A module reads FXOPT_FUSED_AUTOTUNE when imported: the same code asked for under another setting is
+    imported again (a module without tuning must not be handed to a caller who asked for it)."""
+    x, r, w = norm_inputs(rows=3, cols=5)
+    region = region_from_fn(scaled_rmsnorm, x, r, w, 1e-6, 0.5)
+    monkeypatch.delenv("FXOPT_FUSED_AUTOTUNE", raising=False)
+    monkeypatch.delenv("FXOPT_AUTOTUNE", raising=False)
+    plain = compile_region(region, "plain", dump_dir=tmp_path)
+    monkeypatch.setenv("FXOPT_FUSED_AUTOTUNE", "1")
+    tuned = compile_region(region, "tuned", dump_dir=tmp_path)
+    assert plain.module is not tuned.module
+    assert not plain.module.AUTOTUNE and tuned.module.AUTOTUNE
+    assert compile_region(region, "tuned_again", dump_dir=tmp_path).module is tuned.module
