@@ -433,7 +433,7 @@ def _make_plan(q, k_cache, v_cache, scale, causal, q_off_mode, num_splits, has_s
     plan.meta = dict(
         HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=bool(causal),
         Q_OFF_MODE=q_off_mode, DOT_PREC=_dot_precision(q.dtype), HAS_START=has_start,
-        FUSED_MERGE=FUSED_MERGE, num_warps=num_warps, num_stages=num_stages,
+        FUSED_MERGE=plan.fused_merge, num_warps=num_warps, num_stages=num_stages,
     )
     plan.merge_grid = (n_rows,)
     plan.merge_ints = (*out_strides, hq, sq, num_splits, ml_base)
