@@ -524,24 +524,35 @@ def _describe(match) -> str:
     return match.m.node.name
 
 
-def run(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-    """Apply RULES; counts per rule (matches rewritten) plus fused_linears, k_unaligned, dropped_weights."""
+def apply_rules(gm: fx.GraphModule, ctx: PassContext, rules: tuple[Rule, ...], describe, label: str
+                ) -> tuple[Rewriter | None, list[str]]:
+    """Run a table of rules in order over gm (shared by the matmul and rope passes): each rule's matches are
+    checked, rewritten or left with a note "<rule>: left <match>: <reason>"; counts per rule in rw.counts.
+    Returns (None, [why]) when the graph has no fake values to rewrite with."""
     from torch._guards import detect_fake_mode
 
     vals = [n.meta.get("val") for n in gm.graph.nodes]
     fake_mode = detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
     if fake_mode is None:
-        return PassResult(False, ["matmul: the graph has no fake meta['val'] (propagate it first); unchanged"])
+        return None, [f"{label}: the graph has no fake meta['val'] (propagate it first); unchanged"]
     rw = Rewriter(gm, ctx, fake_mode)
-    for rule in RULES:
+    for rule in rules:
         rw.counts.setdefault(rule.name, 0)
         for match in rule.pattern(gm):
             reason = rule.check(rw, match)
             if reason is not None:
-                rw.notes.append(f"{rule.name}: left {_describe(match)}: {reason}")
+                rw.notes.append(f"{rule.name}: left {describe(match)}: {reason}")
                 continue
             rule.rewrite(rw, match)
             rw.count(rule.name)
+    return rw, rw.notes
+
+
+def run(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+    """Apply RULES; counts per rule (matches rewritten) plus fused_linears, k_unaligned, dropped_weights."""
+    rw, notes = apply_rules(gm, ctx, RULES, _describe, "matmul")
+    if rw is None:
+        return PassResult(False, notes)
     rw.counts["dropped_weights"] = rw.drop_unread_attributes()
     changed = any(rw.counts.get(rule.name) for rule in RULES)
     if changed:

@@ -21,7 +21,6 @@ left if one of them (a view) fails. Results change only by rounding: the kernel 
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,7 +31,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from fxopt.codegen import rope as rope_codegen
 from fxopt.passes import cost as cost_pass
 from fxopt.passes.infra import PassContext, PassResult, finish
-from fxopt.passes.matmul import Rewriter
+from fxopt.passes.matmul import Rewriter, Rule, apply_rules
 
 aten = torch.ops.aten
 ADD, MUL, NEG, CAT, SLICE = aten.add.Tensor, aten.mul.Tensor, aten.neg.default, aten.cat.default, aten.slice.Tensor
@@ -260,17 +259,6 @@ def rewrite_cache_write(rw: Rewriter, m: CacheWriteMatch) -> None:
 
 
 # ------------------------------------------------------------------------------------------ the table
-@dataclass(frozen=True)
-class Rule:
-    """pattern: the graph -> candidate matches; check: a match -> the reason to leave it (None: rewrite it);
-    rewrite: does it. Rules run in order, each over the graph the previous ones left."""
-
-    name: str
-    pattern: Callable[[fx.GraphModule], list]
-    check: Callable[[Rewriter, Any], str | None]
-    rewrite: Callable[[Rewriter, Any], None]
-
-
 RULES: tuple[Rule, ...] = (
     Rule("rope", rope_candidates, check_rope, rewrite_rope),
     Rule("rope_cache_write", cache_write_candidates, check_cache_write, rewrite_cache_write),
@@ -283,22 +271,9 @@ def _describe(match) -> str:
 
 def run(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     """Apply RULES; counts per rule (matches rewritten); a note per near-match left."""
-    from torch._guards import detect_fake_mode
-
-    vals = [n.meta.get("val") for n in gm.graph.nodes]
-    fake_mode = detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
-    if fake_mode is None:
-        return PassResult(False, ["rope: the graph has no fake meta['val'] (propagate it first); unchanged"])
-    rw = Rewriter(gm, ctx, fake_mode)
-    for rule in RULES:
-        rw.counts.setdefault(rule.name, 0)
-        for match in rule.pattern(gm):
-            reason = rule.check(rw, match)
-            if reason is not None:
-                rw.notes.append(f"{rule.name}: left {_describe(match)}: {reason}")
-                continue
-            rule.rewrite(rw, match)
-            rw.count(rule.name)
+    rw, notes = apply_rules(gm, ctx, RULES, _describe, "rope")
+    if rw is None:
+        return PassResult(False, notes)
     changed = any(rw.counts.get(rule.name) for rule in RULES)
     if changed:
         finish(gm)
