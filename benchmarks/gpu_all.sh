@@ -32,5 +32,5 @@ if [[ $part == all || $part == decode ]]; then
       --json "$out/decode.json"
 fi
 echo "== summary"
-grep -h -E "whole forward|^(E=|RMSNorm|LayerNorm|softmax|SwiGLU|GELU)|TFLOP/s|GB/s vs|FUSED_MERGE|x512\+|x8192\+" \
+grep -h -E "whole forward|^(E=|RMSNorm|LayerNorm|softmax|SwiGLU|GELU)|TFLOP/s|GB/s vs|PDL off|x512\+|x8192\+" \
     "$out"/*.log

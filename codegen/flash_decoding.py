@@ -6,7 +6,9 @@ work is pure streaming of the cache. So the cache's key axis is cut into `num_sp
   stage 1  grid (num_splits, b * hkv[, row blocks]): one program reads one chunk of one KV head once and
            serves every query head of its GQA group and every new token, stacked as the M rows of a
            tl.dot. It writes the chunk's partial row max, row sum of exp and unnormalised output (fp32).
-  stage 2  grid (b * hq * sq): merges the chunks' partials with a log-sum-exp rescale.
+  stage 2  grid (b * hq * sq): merges the chunks' partials with a log-sum-exp rescale. On sm_90+ it is
+           launched with programmatic dependent launch: stage 1 lets it launch at once, and it waits in
+           griddepcontrol.wait until stage 1 has finished, so its launch hides behind stage 1's tail.
 
 Chunk boundaries come from host-known sizes (the cache capacity), the live length `kv_len` is a device
 tensor read inside the kernels: nothing synchronises with the host and every buffer has a host-known
@@ -44,7 +46,9 @@ from fxopt.codegen.flash_attention import (
 )
 
 MAX_DECODE_Q = 16
-MIN_CHUNK = 256  # keys per split at least: below that the merge and launch cost more than they save
+# Keys per split at least. Short caches want many short chunks: H200, CUDA graph, B1 32/8 heads d64, 768-key cache
+# (513 valid): 3 splits 5.7 us, 6 splits 4.4 us, 12 splits 3.8 us (2026-11-21, merge kernel launched early).
+MIN_CHUNK = 64
 WAVES = 2  # target stage-1 programs per SM (H200 sweep, B1 32/8 heads 16k bf16, CUDA graph: 1-2 long programs
 # per SM beat 3 and more shorter ones by 5-20%; 2 keeps 8 warps per SM streaming)
 DEFAULT_SM_COUNT = 132  # H100 SXM, assumed when no GPU is present
@@ -168,10 +172,12 @@ def _decode_merge_kernel(
     MID, O,
     stride_ob, stride_oh, stride_om, stride_od,
     HQ, SQ, NUM_SPLITS, ML_BASE,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, WAIT_PRIMARY: tl.constexpr,
 ):
-    # Stage 2 as its own launch (FUSED_MERGE off): one program = one output row (b, hq, token). Reads
+    # Stage 2: one program = one output row (b, hq, token). Reads
     # NUM_SPLITS * (BLOCK_D + 2) fp32, writes HEAD_DIM elements of O.
+    if WAIT_PRIMARY:  # launched early (programmatic dependent launch): wait until the partials are written
+        tl.extra.cuda.gdc_wait()
     row = tl.program_id(0).to(tl.int64)
     tok = row % SQ
     h = (row // SQ) % HQ
@@ -184,21 +190,22 @@ def _decode_merge_kernel(
 
 @triton.jit(do_not_specialize=["q_offset"])
 def _decode_split_kernel(
-    Q, K, V, KV_LEN, KV_START, Q_OFF, MID, O, COUNTERS,
+    Q, K, V, KV_LEN, KV_START, Q_OFF, MID,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_ob, stride_oh, stride_om, stride_od,
     HKV, GROUP, SQ, MAX_LEN, CHUNK, NUM_SPLITS, ML_BASE, q_offset, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, Q_OFF_MODE: tl.constexpr, DOT_PREC: tl.constexpr, HAS_START: tl.constexpr,
-    FUSED_MERGE: tl.constexpr,
+    LAUNCH_DEPENDENTS: tl.constexpr,
 ):
     # One program = one chunk of CHUNK keys of one (batch, KV head), for BLOCK_M of the group's
     # GROUP * SQ query rows (row r = query head hk * GROUP + r // SQ, token r % SQ). Per program:
     #   reads   K, V: min(CHUNK, valid keys of the chunk) * HEAD_DIM elements each (the bulk)
     #           Q: BLOCK_M * HEAD_DIM elements; kv_len[b] (and q_offset[b], kv_start[b]): one scalar each
     #   writes  partial output BLOCK_M * BLOCK_D fp32 and (max, sum) 2 * BLOCK_M fp32 into MID.
+    if LAUNCH_DEPENDENTS:  # let the merge kernel launch now; it waits (gdc_wait) for this grid to finish
+        tl.extra.cuda.gdc_launch_dependents()
     pid_s = tl.program_id(0)
     pid_bh = tl.program_id(1)
     pid_r = tl.program_id(2)
@@ -267,37 +274,6 @@ def _decode_split_kernel(
     tl.store(MID + ML_BASE + out_row * 2, m_i, mask=row_ok)
     tl.store(MID + ML_BASE + out_row * 2 + 1, l_i, mask=row_ok)
 
-    if FUSED_MERGE:
-        # Stage 2 without a second launch: the chunk's programs of this (b, KV head, row block) count
-        # themselves in; the last to arrive (acq_rel: every partial is visible to it) merges the block's
-        # rows into O (b, hq, sq, d) and resets the counter, so the next launch / graph replay starts at 0.
-        counter = COUNTERS + pid_bh * tl.num_programs(2) + pid_r
-        tl.debug_barrier()  # every thread's partial stores precede the (cumulative) release below
-        arrived = tl.atomic_add(counter, 1, sem="acq_rel")
-        if arrived == NUM_SPLITS - 1:
-            # all rows of the block at once, one split per step (independent loads: the loop pipelines)
-            part = ((b64 * HKV * GROUP + hq.to(tl.int64)) * SQ + tok) * NUM_SPLITS  # (BLOCK_M,) first partial
-            m_run = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-            l_run = tl.zeros([BLOCK_M], dtype=tl.float32)
-            o_run = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-            for split in range(0, NUM_SPLITS):
-                m_s = tl.load(MID + ML_BASE + (part + split) * 2, mask=row_ok, other=float("-inf"),
-                              cache_modifier=".cg")
-                l_s = tl.load(MID + ML_BASE + (part + split) * 2 + 1, mask=row_ok, other=0.0, cache_modifier=".cg")
-                o_s = tl.load(MID + (part + split)[:, None] * BLOCK_D + offs_d[None, :], mask=row_ok[:, None],
-                              other=0.0, cache_modifier=".cg")
-                m_new = tl.maximum(m_run, m_s)
-                m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing visible yet: weights 0, not NaN
-                alpha = tl.exp2(m_run - m_ref)
-                beta = tl.exp2(m_s - m_ref)
-                l_run = l_run * alpha + l_s * beta
-                o_run = o_run * alpha[:, None] + o_s * beta[:, None]
-                m_run = m_new
-            o_run = o_run / tl.where(l_run == 0.0, 1.0, l_run)[:, None]  # no visible key: 0
-            o_ptrs = (O + b64 * stride_ob + hq.to(tl.int64)[:, None] * stride_oh + tok[:, None] * stride_om
-                      + offs_d[None, :] * stride_od)
-            tl.store(o_ptrs, o_run.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
-            tl.atomic_xchg(counter, 0)
 
 
 def _decode_tiles(block_d: int, rows: int, elem: int):
@@ -369,37 +345,25 @@ class _Plan:
     inputs checked) once per signature, so a repeated call only allocates and launches."""
 
     __slots__ = ("out_shape", "dtype", "empty", "grid", "ints", "meta", "mid_numel", "merge_grid", "merge_ints",
-                 "merge_meta", "qk_scale", "fused_merge", "counters")
+                 "merge_meta", "qk_scale")
 
 
 _PLANS: dict = {}
 
-# Stage 2 runs in the split kernel's last-arriving program when there are few splits (one launch per call
-# instead of two); with many, the last program's serial walk over the splits costs more than a second launch.
-# H200, CUDA-graph replay, 2026-11-21: llama-1b-like decode step at 513 keys (3 splits) 0.966 -> 0.935 ms;
-# B1 32/8 heads 16k keys (33 splits) 21.8 us with the merge kernel, 29 us fused. FUSED_MERGE False (or
-# FXOPT_DECODE_FUSED_MERGE=0): always the separate merge kernel.
-FUSED_MERGE = os.environ.get("FXOPT_DECODE_FUSED_MERGE", "1") != "0"
-FUSED_MERGE_MAX_SPLITS = 8
-
-# Arrival counters of the fused merge, int32 zeros per device. The kernel leaves them at zero, so they are
-# allocated once (outside any graph capture: the first call is the warm-up) and never cleared; a buffer that had
-# to grow is kept alive (retired), because a captured CUDA graph may still point at it. Launches run one after
-# another on a stream; two decode attentions running concurrently on different streams of one device would
-# share counters, which FUSED_MERGE = False avoids.
-_COUNTERS: dict = {}
-_RETIRED: list = []
+# The separate merge kernel is launched with programmatic dependent launch on Hopper and later (sm_90+): its
+# launch overlaps the split kernel's tail instead of following it. FXOPT_PDL=0 turns it off.
+PDL = os.environ.get("FXOPT_PDL", "1") != "0"
 
 
-def _arrival_counters(device: torch.device, n: int) -> torch.Tensor:
-    key = torch.device(device.type, device.index if device.index is not None else torch.cuda.current_device()) \
-        if device.type == "cuda" else device
-    buf = _COUNTERS.get(key)
-    if buf is None or buf.numel() < n:
-        if buf is not None:
-            _RETIRED.append(buf)
-        buf = _COUNTERS[key] = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
-    return buf
+@functools.cache
+def _supports_pdl(device_index: int) -> bool:
+    return not _INTERPRET and torch.cuda.get_device_capability(device_index)[0] >= 9
+
+
+def _use_pdl(device: torch.device) -> bool:
+    if not PDL or device.type != "cuda":
+        return False
+    return _supports_pdl(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def _make_plan(q, k_cache, v_cache, scale, causal, q_off_mode, num_splits, has_start) -> _Plan:
@@ -425,19 +389,21 @@ def _make_plan(q, k_cache, v_cache, scale, causal, q_off_mode, num_splits, has_s
     plan.mid_numel = ml_base + n_rows * num_splits * 2
     plan.grid = (num_splits, b * hkv, row_blocks)
     out_strides = (hq * sq * d, sq * d, d, 1)  # out is contiguous
-    plan.ints = (*q.stride(), *k_cache.stride(), *v_cache.stride(), *out_strides, hkv, group, sq, max_len, chunk,
+    plan.ints = (*q.stride(), *k_cache.stride(), *v_cache.stride(), hkv, group, sq, max_len, chunk,
                  num_splits, ml_base)
     block_s = min(triton.next_power_of_2(num_splits), max(1, 4096 // block_d))
-    plan.fused_merge = FUSED_MERGE and num_splits <= FUSED_MERGE_MAX_SPLITS
-    plan.counters = b * hkv * row_blocks
+    pdl = _use_pdl(q.device)
     plan.meta = dict(
         HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=bool(causal),
         Q_OFF_MODE=q_off_mode, DOT_PREC=_dot_precision(q.dtype), HAS_START=has_start,
-        FUSED_MERGE=plan.fused_merge, num_warps=num_warps, num_stages=num_stages,
+        LAUNCH_DEPENDENTS=pdl, num_warps=num_warps, num_stages=num_stages,
     )
     plan.merge_grid = (n_rows,)
     plan.merge_ints = (*out_strides, hq, sq, num_splits, ml_base)
-    plan.merge_meta = dict(HEAD_DIM=d, BLOCK_D=block_d, BLOCK_S=block_s, num_warps=4 if block_d <= 128 else 8)
+    plan.merge_meta = dict(HEAD_DIM=d, BLOCK_D=block_d, BLOCK_S=block_s, WAIT_PRIMARY=pdl,
+                           num_warps=4 if block_d <= 128 else 8)
+    if pdl:
+        plan.merge_meta["launch_pdl"] = True
     return plan
 
 
@@ -499,11 +465,9 @@ def decode_attention(q, k_cache, v_cache, kv_len, *, scale=None, causal=True, q_
         q_off_t, q_off_int = kv_len, (0 if q_offset is None else int(q_offset))
     kv_start = _per_batch(kv_start, b)
     mid = torch.empty(plan.mid_numel, dtype=torch.float32, device=q.device)
-    counters = _arrival_counters(q.device, plan.counters) if plan.fused_merge else mid
     _decode_split_kernel[plan.grid](
-        q, k_cache, v_cache, kv_len, kv_len if kv_start is None else kv_start, q_off_t, mid, out, counters,
+        q, k_cache, v_cache, kv_len, kv_len if kv_start is None else kv_start, q_off_t, mid,
         *plan.ints, q_off_int, plan.qk_scale, **plan.meta,
     )
-    if not plan.fused_merge:
-        _decode_merge_kernel[plan.merge_grid](mid, out, *plan.merge_ints, **plan.merge_meta)
+    _decode_merge_kernel[plan.merge_grid](mid, out, *plan.merge_ints, **plan.merge_meta)
     return out

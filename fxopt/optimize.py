@@ -53,6 +53,21 @@ def split_inputs(model: torch.nn.Module, example_inputs) -> tuple[tuple, dict[st
     return (), dict(inspect.signature(model.forward).bind(*example_inputs).arguments)
 
 
+def _precompile(optimized: OptimizedModule, args: tuple, kwargs: dict) -> bool:
+    """Compile all of the program's Triton kernels at once (a dry call, see codegen/precompile.py) so the
+    first real call does not compile them one by one. Only on CUDA inputs and without autotuning."""
+    from torch.utils import _pytree as pytree
+
+    from fxopt.codegen import precompile
+
+    tensors = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+    if not tensors or not all(t.is_cuda for t in tensors) or precompile.autotuning() or not precompile.available():
+        return False
+    with torch.no_grad(), precompile.compile_in_parallel():
+        optimized(*args, **kwargs)
+    return True
+
+
 def optimize(
     model: torch.nn.Module,
     example_inputs,
@@ -90,6 +105,9 @@ def optimize(
     )
     optimized = OptimizedModule(run_passes(captured, ctx), inspect.signature(model.forward), positional=bool(args))
     optimized.program.seconds = {"capture": capture_seconds, **optimized.program.seconds}
+    start = time.perf_counter()
+    if _precompile(optimized, args, kwargs):
+        optimized.program.seconds["precompile"] = time.perf_counter() - start
     if verify:
         numerics.verify(model, optimized, args, {**kwargs, **captured.fixed_kwargs})
     return optimized

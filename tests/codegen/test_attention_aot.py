@@ -19,7 +19,7 @@ from fxopt.codegen import flash_attention as fa, flash_decoding as fd
 assert not fa._INTERPRET
 
 POINTERS = {"Q": None, "K": None, "V": None, "O": None, "PAD": "*u8", "KV_LEN": "*i32", "Q_OFF": "*i64",
-            "KV_START": "*i32", "MID": "*fp32", "COUNTERS": "*i32"}
+            "KV_START": "*i32", "MID": "*fp32"}
 
 
 def signature(jit, ptr_type):
@@ -49,13 +49,18 @@ for causal in (False, True):
         assert "mma" in c.asm["ptx"]
         print("compiled prefill", causal, pad)
 
-for causal in (False, True):
+for causal, pdl in ((False, True), (True, False)):
     c = compile_variant(fd._decode_split_kernel, dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_M=16, BLOCK_N=64,
-                        CAUSAL=causal, Q_OFF_MODE=0, DOT_PREC="tf32", HAS_START=True, FUSED_MERGE=causal))
+                        CAUSAL=causal, Q_OFF_MODE=0, DOT_PREC="tf32", HAS_START=True, LAUNCH_DEPENDENTS=pdl))
     ptx = c.asm["ptx"]
     assert "ld.global" in ptx
-    assert ("atom.global" in ptx and "ld.global.cg" in ptx) == causal  # the fused merge: arrival count, L2 loads
-    print("compiled decode", causal)
+    assert ("griddepcontrol.launch_dependents" in ptx) == pdl  # lets the merge kernel launch early
+    print("compiled decode", causal, pdl)
+
+for pdl in (False, True):
+    c = compile_variant(fd._decode_merge_kernel, dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_S=64, WAIT_PRIMARY=pdl))
+    assert ("griddepcontrol.wait" in c.asm["ptx"]) == pdl
+    print("compiled merge", pdl)
 """
 
 
@@ -70,3 +75,4 @@ def test_attention_kernels_compile_for_sm90_without_a_gpu(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("compiled prefill") == 4
     assert proc.stdout.count("compiled decode") == 2
+    assert proc.stdout.count("compiled merge") == 2
