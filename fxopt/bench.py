@@ -61,14 +61,12 @@ def time_interleaved(fns: dict[str, Any], device: torch.device, rounds: int = 5)
         return {name: time_ms(fn, device) for name, fn in fns.items()}
     from triton.testing import do_bench
 
-    names = list(fns)
-    samples: dict[str, list[float]] = {name: [] for name in names}
-    for name in names:  # warm-up outside the rounds
-        do_bench(fns[name], warmup=25, rep=50, return_mode="median")
-    for r in range(rounds):
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            samples[name].append(do_bench(fns[name], warmup=10, rep=100, return_mode="median"))
-    return {name: statistics.median(values) for name, values in samples.items()}
+    from fxopt.bench_fused import interleaved_runs
+
+    for fn in fns.values():  # warm-up outside the rounds
+        do_bench(fn, warmup=25, rep=50, return_mode="median")
+    runs = interleaved_runs(fns, rounds, lambda fn: do_bench(fn, warmup=10, rep=100, return_mode="median"))
+    return {name: statistics.median(values) for name, values in runs.items()}
 
 
 def cuda_graphed(fn):

@@ -125,15 +125,23 @@ def _time(fn, args) -> float:
 ROUNDS = 3  # fxopt and torch.compile timed in alternating order, ROUNDS times each
 
 
+def interleaved_runs(fns: dict[str, Callable[[], object]], rounds: int, time_one) -> dict[str, list[float]]:
+    """`rounds` timings of each fn by time_one, every round visiting all fns in a rotated order (the first
+    goes first, then the second, ...), so clock and thermal drift within the run lands on all of them."""
+    names = list(fns)
+    runs: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        first = r % len(names)
+        for name in names[first:] + names[:first]:
+            runs[name].append(time_one(fns[name]))
+    return runs
+
+
 def _time_pair(fx, peer, args) -> tuple[float, float, list[float], list[float]]:
-    """Medians over ROUNDS alternating do_bench runs (fxopt first, then the peer first, ...), so clock
-    and thermal drift within the run lands on both; returns (fx ms, peer ms, fx runs, peer runs)."""
-    fx_runs, peer_runs = [], []
-    for r in range(ROUNDS):
-        order = ((fx, fx_runs), (peer, peer_runs)) if r % 2 == 0 else ((peer, peer_runs), (fx, fx_runs))
-        for fn, runs in order:
-            runs.append(_time(fn, args))
-    return statistics.median(fx_runs), statistics.median(peer_runs), fx_runs, peer_runs
+    """Medians over ROUNDS alternating do_bench runs (fxopt first, then the peer first, ...); returns
+    (fx ms, peer ms, fx runs, peer runs)."""
+    runs = interleaved_runs({"fx": fx, "peer": peer}, ROUNDS, lambda fn: _time(fn, args))
+    return statistics.median(runs["fx"]), statistics.median(runs["peer"]), runs["fx"], runs["peer"]
 
 
 def _first_call_s(fn, args) -> float:
