@@ -57,9 +57,14 @@ def compile_in_parallel(max_workers: int | None = None):
             jit_cls.run = launch
 
 
-AUTOTUNE_VARIABLES = ("FXOPT_AUTOTUNE", "FXOPT_ATTN_AUTOTUNE", "FXOPT_ROPE_AUTOTUNE", "FXOPT_FUSED_AUTOTUNE")
+# Each kernel family's own switch; FXOPT_AUTOTUNE turns on every family whose own variable is unset.
+AUTOTUNE_FAMILIES = ("FXOPT_ATTN_AUTOTUNE", "FXOPT_ROPE_AUTOTUNE", "FXOPT_FUSED_AUTOTUNE")
+AUTOTUNE_VARIABLES = ("FXOPT_AUTOTUNE", *AUTOTUNE_FAMILIES)
 
 
 def autotuning() -> bool:
-    """Whether any kernel family times its configs on first use (then no dry run: see the module doc)."""
-    return any(os.environ.get(name, "0") != "0" for name in AUTOTUNE_VARIABLES)
+    """Whether any kernel family times its configs on first use (then no dry run: see the module doc), by
+    the families' own rule (flash_attention.autotune_enabled)."""
+    from fxopt.codegen.flash_attention import autotune_enabled
+
+    return any(autotune_enabled(family) for family in AUTOTUNE_FAMILIES)

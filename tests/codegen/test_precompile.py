@@ -31,3 +31,12 @@ def test_any_autotune_variable_turns_the_dry_call_off(monkeypatch, variable):
 def test_fxopt_precompile_0_disables(monkeypatch):
     monkeypatch.setenv("FXOPT_PRECOMPILE", "0")
     assert not precompile.available()
+
+
+def test_a_family_switched_off_overrides_the_global_switch(monkeypatch):
+    for name in precompile.AUTOTUNE_VARIABLES:
+        monkeypatch.setenv(name, "0")
+    monkeypatch.setenv("FXOPT_AUTOTUNE", "1")
+    assert not precompile.autotuning()  # every family's own variable says 0
+    monkeypatch.setenv("FXOPT_ROPE_AUTOTUNE", "1")
+    assert precompile.autotuning()
