@@ -1,19 +1,11 @@
 """The attention kernels' GPU path (prefill and decode split kernels) compiles for sm_90 ahead of time.
 
 The CPU tests run the kernels in Triton's interpreter, which never lowers them; this compiles the real
-thing to PTX in a subprocess (Triton decides interpreter-or-not when it is imported)."""
+thing to PTX (tests/aot_sm90.py)."""
 
-import os
-import subprocess
-import sys
-
-import pytest
+from aot_sm90 import run_script
 
 _AOT_SCRIPT = r"""
-import sys
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 from fxopt.codegen import flash_attention as fa, flash_decoding as fd
 
 assert not fa._INTERPRET
@@ -32,15 +24,7 @@ def signature(jit, ptr_type):
     return {p.name: kind(p) for p in jit.params}
 
 def compile_variant(jit, constexprs, ptr_type="*bf16"):
-    sig = signature(jit, ptr_type)
-    for name in constexprs:
-        sig[name] = "constexpr"
-    try:
-        src = ASTSource(jit, sig, constexprs=constexprs)
-    except TypeError:
-        print("SKIP: ASTSource takes another signature format")
-        sys.exit(0)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8, "num_stages": 3})
+    return compile_sm90(jit, signature(jit, ptr_type), constexprs, num_warps=8, num_stages=3)
 
 for causal in (False, True):
     for pad in (False, True):
@@ -65,14 +49,7 @@ for pdl in (False, True):
 
 
 def test_attention_kernels_compile_for_sm90_without_a_gpu(tmp_path):
-    pytest.importorskip("triton.backends.nvidia")
-    script = tmp_path / "aot_attention.py"
-    script.write_text(_AOT_SCRIPT)
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
-    if "SKIP:" in proc.stdout:
-        pytest.skip(proc.stdout.strip())
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("compiled prefill") == 4
-    assert proc.stdout.count("compiled decode") == 2
-    assert proc.stdout.count("compiled merge") == 2
+    out = run_script(tmp_path, "aot_attention", _AOT_SCRIPT)
+    assert out.count("compiled prefill") == 4
+    assert out.count("compiled decode") == 2
+    assert out.count("compiled merge") == 2
