@@ -5,7 +5,9 @@ call, one after the other, each when it is first launched. `compile_in_parallel`
 program in which a Triton launch that would compile submits the compile to a thread pool (Triton's
 AsyncCompileMode) and launches nothing; leaving the block waits for every compile. The real first call
 then finds every kernel compiled. Triton's compiler spends most of its time outside the GIL (MLIR/LLVM
-passes, ptxas), so the compiles overlap.
+passes, ptxas), so the compiles overlap. After the compiles, each kernel is also loaded on the same pool:
+that builds its C launcher (a gcc run per distinct kernel signature, ~0.15 s each with a cold cache) and
+loads its module on the GPU, which the first real call would otherwise do one kernel at a time.
 
 The dry call's outputs are garbage (no Triton kernel ran); only shapes flow. It is only for programs
 whose control flow does not depend on tensor values, as captured graphs are. Autotuned kernels must not
@@ -50,11 +52,54 @@ def compile_in_parallel(max_workers: int | None = None):
 
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fxopt-compile") as pool:
         jit_cls.run = compile_only
+        mode = mode_cls(pool)
         try:
-            with mode_cls(pool):
+            with mode:
                 yield True
         finally:
             jit_cls.run = launch
+        compiled = [future.kernel for future in mode.future_kernels.values() if future.kernel is not None]
+        _load_all(pool, compiled, _current_cuda_device())
+
+
+def _load_all(pool, kernels, device) -> None:
+    """Load kernels on the pool: first one per launcher signature (each builds that launcher; kernels with
+    the same argument types share one), then the rest, which find their launcher in Triton's cache."""
+    by_launcher = {}
+    for kernel in kernels:
+        by_launcher.setdefault(_launcher_key(kernel), []).append(kernel)
+    load = _load_on(device)
+    list(pool.map(load, [group[0] for group in by_launcher.values()]))
+    list(pool.map(load, [kernel for group in by_launcher.values() for kernel in group[1:]]))
+
+
+def _launcher_key(kernel):
+    """What Triton's launcher source is generated from: argument types and constant values."""
+    src = getattr(kernel, "src", None)
+    if src is None or not hasattr(src, "signature"):
+        return id(kernel)
+    constants = getattr(src, "constants", {})
+    return repr(sorted(src.signature.items(), key=str)), repr(sorted(constants.items(), key=str))
+
+
+def _current_cuda_device():
+    import torch
+
+    return torch.cuda.current_device() if torch.cuda.is_available() else None
+
+
+def _load_on(device):
+    """Build a compiled kernel's launcher and load it on `device` (what Triton does at its first launch)."""
+    import torch
+
+    def load(kernel):
+        init_handles = getattr(kernel, "_init_handles", None)  # Triton's (private) lazy loader
+        if init_handles is None or device is None:
+            return
+        with torch.cuda.device(device):
+            init_handles()
+
+    return load
 
 
 # Each kernel family's own switch; FXOPT_AUTOTUNE turns on every family whose own variable is unset.

@@ -98,7 +98,7 @@ def optimize(
         return build_generator(model, kwargs, max_seq_len=max_seq_len, max_batch=max_batch, hw=hw, matmul=matmul,
                                **options)
     start = time.perf_counter()
-    captured = capture(model, kwargs, dynamic_dims, args=args)
+    captured = capture(model, kwargs, dynamic_dims, args=args, source_lines=False)  # errors here name nodes
     capture_seconds = time.perf_counter() - start
     ctx = make_context(
         captured, hw, None, {"fuse": fuse, "attention": attention, "matmul": matmul, "dump_dir": dump_dir, **options}

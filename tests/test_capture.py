@@ -69,3 +69,20 @@ def test_meta_device_capture_needs_no_weights():
     model = models.build("llama-70b-like", device="meta", n_layers=1)
     captured = capture(model, model.example_inputs(2, 16, device="meta"))
     assert any(n.op == "call_function" for n in captured.gm.graph.nodes)
+
+
+def test_source_lines_off_leaves_the_same_graph_without_stack_traces():
+    model = models.build("gpt2-tiny")
+    kwargs = zoo.example_inputs(model, 2, 8)
+    with_lines = capture(model, kwargs).gm.graph
+    without = capture(model, kwargs, source_lines=False).gm.graph
+
+    def ops(graph):
+        return [(n.op, str(n.target)) for n in graph.nodes]
+
+    assert ops(without) == ops(with_lines)
+    traced = [n for n in with_lines.nodes if n.op == "call_function"]
+    assert sum("gpt.py" in (n.meta.get("stack_trace") or "") for n in traced) > len(traced) // 2
+    assert not any("gpt.py" in (n.meta.get("stack_trace") or "") for n in without.nodes)
+    again = capture(model, kwargs).gm.graph  # the switch is restored: traces are recorded again
+    assert any("gpt.py" in (n.meta.get("stack_trace") or "") for n in again.nodes)

@@ -793,3 +793,37 @@ def test_softmax_reciprocal_only_for_half_outputs(dtype, tmp_path):
     src = generate_source(region_from_fn(lambda x: torch.softmax(x * 0.125, -1), x), "sm")
     assert ("_inv = 1.0 / " in src) == (dtype != torch.float32)
     run_check(lambda x: torch.softmax(x * 0.125, -1), x, tmp_path=tmp_path, name=f"sm_{str(dtype)[6:]}")
+
+
+def test_default_row_tile_moves_about_32_kb_per_program(tmp_path):
+    """Without autotuning the first config the row pruner keeps runs: ROWS chosen from the bytes a
+    column of a row moves (LayerNorm: x in, y out, weight and bias broadcast = 4 bytes in bf16;
+    RMSNorm + residual: x, r in, sum and normed out = 8 bytes)."""
+    import triton
+
+    x = torch.randn(8, 4096, dtype=torch.bfloat16)
+    w, b = torch.randn(4096, dtype=torch.bfloat16), torch.randn(4096, dtype=torch.bfloat16)
+    ln = compile_region(region_from_fn(layer_norm, x, w, b), "ln_tile", dump_dir=tmp_path).module
+    rms = compile_region(region_from_fn(rmsnorm_residual, x, x.clone(), w), "rms_tile", dump_dir=tmp_path).module
+    assert (ln.ROW_BYTES_PER_COLUMN, rms.ROW_BYTES_PER_COLUMN) == (4, 8)
+    configs = [triton.Config({"ROWS": r}, num_warps=w) for r in (1, 2, 4, 8) for w in (8, 4, 16)]
+    first = {m.ROW_BYTES_PER_COLUMN: m._prune_row_configs(configs, {"n_bucket": 4096})[0] for m in (ln, rms)}
+    assert first[4].kwargs["ROWS"] * 4096 * 4 == 32 * 1024
+    assert first[8].kwargs["ROWS"] * 4096 * 8 == 32 * 1024
+    short_rows = ln._prune_row_configs(configs, {"n_bucket": 1024})[0]  # 4 KB a row -> 8 rows
+    assert short_rows.kwargs["ROWS"] == 8
+
+
+def test_default_pointwise_block_loads_32_bytes_per_thread(tmp_path):
+    import triton
+
+    configs = [triton.Config({"BLOCK": b}, num_warps=w) for b in (2048, 1024, 4096) for w in (8, 4)]
+    bf16 = [torch.randn(64, 64, dtype=torch.bfloat16) for _ in range(2)]
+    swiglu_mod = compile_region(region_from_fn(swiglu, *bf16), "sw_block", dump_dir=tmp_path).module
+    chain_mod = compile_region(region_from_fn(chain_e, *[torch.randn(64, 64)] * 4), "e_block",
+                               dump_dir=tmp_path).module
+    assert (swiglu_mod.ELEMENT_BYTES, chain_mod.ELEMENT_BYTES) == (2, 4)
+    for mod in (swiglu_mod, chain_mod):
+        first = mod._prune_pointwise_configs(configs, {})[0]
+        assert first.kwargs["BLOCK"] * mod.ELEMENT_BYTES / (32 * first.num_warps) == 32
+        assert len(mod._prune_pointwise_configs(configs, {})) == len(configs)  # autotuning still sees all

@@ -1,5 +1,5 @@
 """optimize() compiles a program's Triton kernels in one parallel dry call (codegen/precompile.py): after it,
-the first real call compiles nothing, and its outputs still match eager within DESIGN.md's tolerance
+the first real call compiles and loads nothing, and its outputs still match eager within DESIGN.md's tolerance
 (skipped without a GPU)."""
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ def test_first_call_after_optimize_compiles_nothing(monkeypatch, name):
     monkeypatch.delenv("FXOPT_PRECOMPILE", raising=False)
     if not precompile.available():
         pytest.skip("this Triton has no AsyncCompileMode")
+    from triton.compiler.compiler import CompiledKernel
     from triton.runtime.jit import JITFunction
 
     torch.manual_seed(0)
@@ -38,14 +39,26 @@ def test_first_call_after_optimize_compiles_nothing(monkeypatch, name):
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(JITFunction, "_do_compile", counting)
+    loads = []
+    init_handles = CompiledKernel._init_handles
+
+    def counting_loads(self):
+        if self.module is None:  # not loaded yet: builds the launcher and loads the module now
+            loads.append(self.name)
+        return init_handles(self)
+
+    monkeypatch.setattr(CompiledKernel, "_init_handles", counting_loads)
     optimized = fxopt.optimize(model, {"input_ids": ids})
     assert "precompile" in optimized.program.seconds
     assert compiles, "the dry call compiled no Triton kernel"  # fused regions and attention: several
+    assert loads, "the kernels were not loaded after the dry call"
     compiles.clear()
+    loads.clear()
     with torch.no_grad():
         out = optimized(input_ids=ids)
         eager = model(input_ids=ids)
         reference = float64_copy(model)(input_ids=ids)
     assert compiles == []
+    assert loads == []  # launchers built and modules loaded on the pool, not one by one here
     ok, error, allowed = within_tolerance(out, eager, reference)
     assert ok, f"error {error:.3g} > allowed {allowed:.3g}"
