@@ -20,6 +20,7 @@ import torch
 from torch import fx
 
 from fxopt.codegen import attention_op  # noqa: F401 - registers torch.ops.fxopt.attention
+from fxopt.codegen import gemv as gemv_op  # noqa: F401 - registers torch.ops.fxopt.gemv
 from fxopt.codegen import rope as rope_op  # noqa: F401 - registers torch.ops.fxopt.rope, rope_cache_write
 from fxopt.codegen.flash_attention import attention_flops
 from fxopt.hardware import Hardware
@@ -322,6 +323,7 @@ _RULES: dict[object, Callable[[PassContext, fx.Node], Cost]] = {
             _op("linear.default"),
             _op("addmm.default"),
             _op("baddbmm.default"),
+            torch.ops.fxopt.gemv.default,  # linear(x, W, b) for one row
         )
     },
     _op("scaled_dot_product_attention.default"): sdpa_cost,

@@ -26,6 +26,7 @@ own). Results change only by float rounding (the same dot products, computed by 
 from __future__ import annotations
 
 import heapq
+import math
 import operator
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -518,7 +519,57 @@ RULES: tuple[Rule, ...] = (
 )
 
 
+# ------------------------------------------------------------------------------------------ decode: one-row GEMVs
+def one_row_linears(gm: fx.GraphModule) -> list[WeightMatmul]:
+    """linear(x, W[, b]) with W a constant (N, K) and x a single row of static size: decode at batch 1."""
+    matches = []
+    for node in gm.graph.nodes:
+        m = as_weight_matmul(gm, node)
+        x = _val(m.x) if m is not None else None
+        if m is not None and node.target is LINEAR and isinstance(x, torch.Tensor) and x.dim() >= 1:
+            rows = x.shape[:-1]
+            if all(isinstance(d, int) for d in rows) and math.prod(rows) == 1:
+                matches.append(m)
+    return matches
+
+
+def check_gemv(rw: Rewriter, m: WeightMatmul) -> str | None:
+    from fxopt.codegen import gemv
+
+    bias = fetch(rw.gm, m.bias.target) if isinstance(m.bias, fx.Node) and m.bias.op == "get_attr" else None
+    if m.bias is not None and bias is None:
+        return "bias is computed, not a constant"
+    return gemv.supports(_val(m.x), m.tensor, bias)
+
+
+def to_gemv(rw: Rewriter, m: WeightMatmul) -> None:
+    from fxopt.codegen import gemv  # noqa: F401 - registers fxopt::gemv
+
+    with rw.gm.graph.inserting_before(m.node):
+        node = rw.call(torch.ops.fxopt.gemv.default, (m.x, m.weight, m.bias), like=m.node)
+    m.node.replace_all_uses_with(node)
+    rw.gm.graph.erase_node(m.node)
+
+
+DECODE_RULES: tuple[Rule, ...] = (
+    Rule("gemv", one_row_linears, check_gemv, to_gemv),  # cuBLAS GEMV -> fxopt's (codegen/gemv.py)
+)
+
+
+def run_decode(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+    """The rules for a static one-token decode program (after `run`): counts per rule."""
+    rw, notes = apply_rules(gm, ctx, DECODE_RULES, _describe, "matmul")
+    if rw is None:
+        return PassResult(False, notes)
+    changed = any(rw.counts.get(rule.name) for rule in DECODE_RULES)
+    if changed:
+        finish(gm)
+    return PassResult(changed, rw.notes, rw.counts)
+
+
 def _describe(match) -> str:
+    if isinstance(match, WeightMatmul):
+        return match.node.name
     if isinstance(match, SiblingGroup):
         return "+".join(m.node.name for m in match.members)
     return match.m.node.name

@@ -320,3 +320,23 @@ def test_bench_decode_smoke_on_cpu(capsys):
     assert all(r["tokens_per_s"] > 0 and r["match"] == 1.0 for r in rows.values())
     assert rows["hf-static-compile"]["ratio_vs_ref"] == 1.0
     assert "fxopt" in capsys.readouterr().out
+
+
+def test_batch_one_decode_program_runs_its_linears_as_gemvs(llama):
+    """At batch 1 every linear of the decode program (q/k/v and gate/up already fused, o, down, lm_head)
+    becomes one fxopt::gemv; at batch 2 none does. Tokens are unchanged (the op is F.linear on CPU)."""
+    model = models.build("llama-tiny", n_layers=2)
+    plain = build_generator(model, model.example_inputs(1, 8), max_seq_len=24, max_batch=2)
+    fused = Generator(plain.programs, max_seq_len=24, max_batch=2, device=torch.device("cpu"), fuse_decode=True)
+
+    def count(program, target):
+        return sum(n.op == "call_function" and n.target == target for n in program.graph.nodes)
+
+    linears = count(plain.programs.decode, torch.ops.aten.linear.default)
+    assert linears == 2 * 4 + 1  # per layer: qkv, o, gate+up, down; then the lm_head
+    one = fused.decode_program(1)
+    assert count(one, torch.ops.fxopt.gemv.default) == linears
+    assert count(one, torch.ops.aten.linear.default) == 0
+    assert count(fused.decode_program(2), torch.ops.fxopt.gemv.default) == 0
+    ids = model.example_inputs(1, 6, seed=3)["input_ids"]
+    assert torch.equal(fused.generate(ids, 8), plain.generate(ids, 8))
