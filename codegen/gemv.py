@@ -55,11 +55,12 @@ def _gemv_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, N, K, stride_wn,
 
 
 def default_config(n: int, k: int) -> triton.Config:
-    """4 rows of W per program, in chunks of up to 2048 columns on 4 warps: 16 KB of bf16 W per load step,
-    the best or within 3 % of it at every llama-1b-like size in the sweep of benchmarks/gemv_sizes.py."""
+    """2 rows of W per program in 1024-column chunks up to K = 4096, 4 rows in 2048-column chunks beyond, on
+    4 warps: the tuned pick (or within 1 %) at every llama-1b-like size (H200, 2026-11-21, gemv_sizes.py)."""
     if _INTERPRET:
         return triton.Config({"BLOCK_N": 4, "BLOCK_K": 32}, num_warps=4)
-    return triton.Config({"BLOCK_N": 4, "BLOCK_K": min(2048, triton.next_power_of_2(k))}, num_warps=4)
+    block_n, block_k = (2, 1024) if k <= 4096 else (4, 2048)
+    return triton.Config({"BLOCK_N": block_n, "BLOCK_K": min(block_k, triton.next_power_of_2(k))}, num_warps=4)
 
 
 def tuning_configs(n: int, k: int) -> list[triton.Config]:
