@@ -52,12 +52,12 @@ def time_size(n: int, k: int, copies: int, dtype) -> tuple[dict[str, float], str
         return graph_us(lambda: [launch(w) for w in weights]) / len(weights)
 
     timed = {"cublas": per_call(lambda w: F.linear(x, w)),
-             "default": per_call(lambda w: gemv._launch(x_row, w, None, y, gemv.default_config(n, k)))}
+             "default": per_call(lambda w: gemv._launch(x_row, w, y, gemv.default_config(n, k)))}
     tuning = []
     for config in gemv.tuning_configs(n, k):
-        gemv._launch(x_row, weights[0], None, y, config)
+        gemv._launch(x_row, weights[0], y, config)
         assert (y.double() - reference).abs().max() < 0.05, config
-        tuning.append((per_call(lambda w, c=config: gemv._launch(x_row, w, None, y, c)), str(config)))
+        tuning.append((per_call(lambda w, c=config: gemv._launch(x_row, w, y, c)), str(config)))
     timed["tuned"], best = min(tuning)
     return timed, best
 

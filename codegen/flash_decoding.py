@@ -177,6 +177,7 @@ def _decode_merge_kernel(
     # Stage 2: one program = one output row (b, hq, token). Reads
     # NUM_SPLITS * (BLOCK_D + 2) fp32, writes HEAD_DIM elements of O.
     if WAIT_PRIMARY:  # launched early (programmatic dependent launch): wait until the partials are written
+        tl.extra.cuda.gdc_launch_dependents()  # and let the next kernel (a GEMV) start streaming its weights
         tl.extra.cuda.gdc_wait()
     row = tl.program_id(0).to(tl.int64)
     tok = row % SQ

@@ -127,6 +127,13 @@ def matmul_cost(ctx: PassContext, node: fx.Node) -> Cost:
     return io_cost(ctx, node, 2 * numel(ctx, out) * k, "matmul")
 
 
+def gemv_cost(ctx: PassContext, node: fx.Node) -> Cost:
+    """fxopt::gemv: 2·(rows of W)·K for the product (with glu W holds gate and up rows: twice the outputs);
+    its folded norm, SwiGLU and residual add are O(K + N) and not counted. Bytes: every input and the output."""
+    weight = node.args[1].meta["val"]
+    return io_cost(ctx, node, 2 * ctx.named(weight.shape[0]) * ctx.named(weight.shape[1]), "matmul")
+
+
 def sdpa_cost(ctx: PassContext, node: fx.Node) -> Cost:
     """4·b·h·sq·skv·d for QKᵀ and PV, halved when causal."""
     q, k = node.args[0].meta["val"], node.args[1].meta["val"]
@@ -323,9 +330,9 @@ _RULES: dict[object, Callable[[PassContext, fx.Node], Cost]] = {
             _op("linear.default"),
             _op("addmm.default"),
             _op("baddbmm.default"),
-            torch.ops.fxopt.gemv.default,  # linear(x, W, b) for one row
         )
     },
+    torch.ops.fxopt.gemv.default: gemv_cost,
     _op("scaled_dot_product_attention.default"): sdpa_cost,
     torch.ops.fxopt.attention.default: fxopt_attention_cost,
     torch.ops.fxopt.cached_attention.default: cached_attention_cost,

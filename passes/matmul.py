@@ -542,17 +542,193 @@ def check_gemv(rw: Rewriter, m: WeightMatmul) -> str | None:
     return gemv.supports(_val(m.x), m.tensor, bias)
 
 
+# fxopt::gemv's arguments, by position
+G_X, G_W, G_BIAS, G_RES, G_NORM_W, G_EPS, G_GLU = range(7)
+CASTS = (aten.to.dtype, aten._to_copy.default)
+
+
 def to_gemv(rw: Rewriter, m: WeightMatmul) -> None:
     from fxopt.codegen import gemv  # noqa: F401 - registers fxopt::gemv
 
     with rw.gm.graph.inserting_before(m.node):
-        node = rw.call(torch.ops.fxopt.gemv.default, (m.x, m.weight, m.bias), like=m.node)
+        node = rw.call(torch.ops.fxopt.gemv.default, (m.x, m.weight, m.bias, None, None, 0.0, False), like=m.node)
     m.node.replace_all_uses_with(node)
     rw.gm.graph.erase_node(m.node)
 
 
+def _gemvs(gm: fx.GraphModule) -> list[fx.Node]:
+    target = getattr(getattr(torch.ops, "fxopt", None), "gemv", None)
+    return [n for n in gm.graph.nodes if target is not None and n.op == "call_function"
+            and n.target == torch.ops.fxopt.gemv.default]
+
+
+def _set_gemv_args(rw: Rewriter, node: fx.Node, changes: dict[int, Any]) -> None:
+    """Change some of a gemv node's arguments (position -> value) and recompute its fake value."""
+    args = list(node.args)
+    for index, value in changes.items():
+        args[index] = value
+    node.args = tuple(args)
+    node.meta["val"] = rw.fake_run(node.target, node.args)
+    if rw.costed:
+        node.meta[cost_pass.COST_KEY] = cost_pass.node_cost(rw.ctx, node)
+
+
+def _only_user(node: fx.Node) -> fx.Node | None:
+    return next(iter(node.users)) if len(node.users) == 1 else None
+
+
+@dataclass
+class GluMatch:
+    gemv: fx.Node
+    nodes: list[fx.Node]  # slice(gate), slice(up), silu, mul: replaced by the gemv's output
+
+
+def swiglu_after_gemv(gm: fx.GraphModule) -> list[GluMatch]:
+    """gemv(x, [W_gate; W_up]) -> silu(out[..., :F]) * out[..., F:2F] (what fuse_siblings leaves of an MLP)."""
+    matches = []
+    for g in _gemvs(gm):
+        halves = sorted((_last_dim_slice_of(u, g) or (-1, -1), u.name, u) for u in g.users)
+        n = _val(g).shape[-1]
+        if g.args[G_GLU] or len(halves) != 2 or [h[0] for h in halves] != [(0, n // 2), (n // 2, n)]:
+            continue
+        gate, up = halves[0][2], halves[1][2]
+        silu = _only_user(gate)
+        mul = _only_user(silu) if silu is not None and silu.target is aten.silu.default else None
+        if mul is not None and mul.target is aten.mul.Tensor and set(mul.args) == {silu, up} and len(up.users) == 1:
+            matches.append(GluMatch(g, [gate, up, silu, mul]))
+    return matches
+
+
+def check_glu(rw: Rewriter, m: GluMatch) -> str | None:
+    if m.gemv.args[G_BIAS] is not None or m.gemv.args[G_RES] is not None:
+        return "the gate/up projection has a bias or an epilogue already"
+    return None
+
+
+def fold_glu(rw: Rewriter, m: GluMatch) -> None:
+    *_, mul = m.nodes
+    _set_gemv_args(rw, m.gemv, {G_GLU: True})
+    mul.replace_all_uses_with(m.gemv)
+    for node in reversed(m.nodes):
+        rw.gm.graph.erase_node(node)
+
+
+@dataclass
+class ResidualMatch:
+    gemv: fx.Node
+    add: fx.Node
+    residual: fx.Node
+
+
+def residual_add_after_gemv(gm: fx.GraphModule) -> list[ResidualMatch]:
+    """residual + gemv(...) (either order) where the add is the gemv's only user."""
+    matches = []
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    for g in _gemvs(gm):
+        add = _only_user(g)
+        if add is None or add.target is not aten.add.Tensor or len(add.args) != 2 or add.kwargs:
+            continue
+        other = add.args[1] if add.args[0] is g else add.args[0]
+        if isinstance(other, fx.Node) and other is not g and order[other] < order[g]:
+            matches.append(ResidualMatch(g, add, other))
+    return matches
+
+
+def check_residual(rw: Rewriter, m: ResidualMatch) -> str | None:
+    out, res = _val(m.add), _val(m.residual)
+    if m.gemv.args[G_RES] is not None or not isinstance(res, torch.Tensor):
+        return "no tensor residual"
+    if res.shape != out.shape or res.dtype != out.dtype or out.dtype != _val(m.gemv).dtype:
+        return "the residual is broadcast or of another dtype"
+    return None
+
+
+def fold_residual(rw: Rewriter, m: ResidualMatch) -> None:
+    _set_gemv_args(rw, m.gemv, {G_RES: m.residual})
+    m.add.replace_all_uses_with(m.gemv)
+    rw.gm.graph.erase_node(m.add)
+
+
+@dataclass
+class NormMatch:
+    gemv: fx.Node
+    source: fx.Node  # the normalised row h
+    weight: fx.Node  # get_attr of the norm's weight
+    eps: float
+    chain: list[fx.Node]  # weight * cast(h * rsqrt(mean(h^2) + eps)), users first
+
+
+def _cast_source(node, dtype=None):
+    """node's input when node is a dtype cast (to / _to_copy), optionally only to `dtype`; else None."""
+    if not isinstance(node, fx.Node) or node.target not in CASTS:
+        return None
+    target = node.args[1] if len(node.args) > 1 else node.kwargs.get("dtype")
+    return node.args[0] if dtype is None or target == dtype else None
+
+
+def _other(node: fx.Node, one) -> Any:
+    a, b = node.args[:2]
+    return b if a is one else a if b is one else None
+
+
+def match_rms_norm(gm: fx.GraphModule, x: fx.Node) -> tuple | None:
+    """(h, weight node, eps, chain) when x = weight * cast(hf * rsqrt(mean(hf^2, -1, keepdim) + eps)), hf = h
+    or h cast to fp32 (LlamaRMSNorm, as models/llama.py and HF write it); else None."""
+    if x.target is not aten.mul.Tensor or len(x.args) != 2:
+        return None
+    weight = next((a for a in x.args if _const(gm, a) is not None and _const(gm, a).dim() == 1), None)
+    if weight is None:
+        return None
+    t = _other(x, weight)
+    u = _cast_source(t) or t
+    if not isinstance(u, fx.Node) or u.target is not aten.mul.Tensor:
+        return None
+    rsqrt = next((a for a in u.args if isinstance(a, fx.Node) and a.target is aten.rsqrt.default), None)
+    hf = _other(u, rsqrt) if rsqrt is not None else None
+    add = rsqrt.args[0] if rsqrt is not None else None
+    if not isinstance(hf, fx.Node) or not isinstance(add, fx.Node) or add.target is not aten.add.Tensor:
+        return None
+    mean, eps = add.args[:2] if isinstance(add.args[0], fx.Node) else add.args[1::-1]
+    if not isinstance(eps, float) or not isinstance(mean, fx.Node) or mean.target is not aten.mean.dim:
+        return None
+    rank = _val(hf).dim()
+    if [d % rank for d in mean.args[1]] != [rank - 1] or not (mean.args[2:3] == (True,) or mean.kwargs.get("keepdim")):
+        return None
+    pow_ = mean.args[0]
+    if not isinstance(pow_, fx.Node) or pow_.target is not aten.pow.Tensor_Scalar or pow_.args != (hf, 2):
+        return None
+    h = _cast_source(hf, torch.float32) or hf
+    chain = [x] + ([t] if t is not u else []) + [u, rsqrt, add, mean, pow_] + ([hf] if h is not hf else [])
+    return h, weight, eps, chain
+
+
+def rms_norm_before_gemv(gm: fx.GraphModule) -> list[NormMatch]:
+    matches = []
+    for g in _gemvs(gm):
+        x = g.args[G_X]
+        found = match_rms_norm(gm, x) if isinstance(x, fx.Node) and g.args[G_NORM_W] is None else None
+        if found is not None:
+            matches.append(NormMatch(g, *found))
+    return matches
+
+
+def check_norm(rw: Rewriter, m: NormMatch) -> str | None:
+    h, x, w = _val(m.source), _val(m.gemv.args[G_X]), _const(rw.gm, m.weight)
+    if not isinstance(h, torch.Tensor) or h.dtype != x.dtype or h.shape != x.shape or w.dtype != x.dtype:
+        return "the norm changes the dtype or shape"
+    return None
+
+
+def fold_norm(rw: Rewriter, m: NormMatch) -> None:
+    _set_gemv_args(rw, m.gemv, {G_X: m.source, G_NORM_W: m.weight, G_EPS: m.eps})
+    rw.drop_if_unused(*m.chain)
+
+
 DECODE_RULES: tuple[Rule, ...] = (
     Rule("gemv", one_row_linears, check_gemv, to_gemv),  # cuBLAS GEMV -> fxopt's (codegen/gemv.py)
+    Rule("gemv_swiglu", swiglu_after_gemv, check_glu, fold_glu),  # silu(gate) * up: the GEMV's epilogue
+    Rule("gemv_residual", residual_add_after_gemv, check_residual, fold_residual),  # + residual: epilogue
+    Rule("gemv_rms_norm", rms_norm_before_gemv, check_norm, fold_norm),  # RMSNorm of x: prologue
 )
 
 
@@ -570,6 +746,8 @@ def run_decode(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
 def _describe(match) -> str:
     if isinstance(match, WeightMatmul):
         return match.node.name
+    if isinstance(match, (GluMatch, ResidualMatch, NormMatch)):
+        return match.gemv.name
     if isinstance(match, SiblingGroup):
         return "+".join(m.node.name for m in match.members)
     return match.m.node.name

@@ -324,7 +324,8 @@ def test_bench_decode_smoke_on_cpu(capsys):
 
 def test_batch_one_decode_program_runs_its_linears_as_gemvs(llama):
     """At batch 1 every linear of the decode program (q/k/v and gate/up already fused, o, down, lm_head)
-    becomes one fxopt::gemv; at batch 2 none does. Tokens are unchanged (the op is F.linear on CPU)."""
+    becomes one fxopt::gemv, which also takes in the RMSNorms before it, the SwiGLU product and the residual
+    adds after it; at batch 2 none does. Tokens are unchanged (on CPU the op runs the same eager ops)."""
     model = models.build("llama-tiny", n_layers=2)
     plain = build_generator(model, model.example_inputs(1, 8), max_seq_len=24, max_batch=2)
     fused = Generator(plain.programs, max_seq_len=24, max_batch=2, device=torch.device("cpu"), fuse_decode=True)
@@ -337,6 +338,14 @@ def test_batch_one_decode_program_runs_its_linears_as_gemvs(llama):
     one = fused.decode_program(1)
     assert count(one, torch.ops.fxopt.gemv.default) == linears
     assert count(one, torch.ops.aten.linear.default) == 0
+    gemvs = [n for n in one.graph.nodes if n.target == torch.ops.fxopt.gemv.default]
+    assert sum(n.args[4] is not None for n in gemvs) == 2 * 2 + 1  # norms: before q/k/v, gate/up, lm_head
+    assert sum(n.args[6] for n in gemvs) == 2  # SwiGLU into gate/up
+    assert sum(n.args[3] is not None for n in gemvs) == 2 * 2  # residual adds after o and down
+    for op in (torch.ops.aten.silu.default, torch.ops.aten.rsqrt.default, torch.ops.aten.pow.Tensor_Scalar):
+        assert count(one, op) == 0
+    regions = [n for n in one.graph.nodes if n.op == "call_module"]
+    assert not [r for r in regions if any(a in gemvs for a in r.args)], "no fused region is left after a GEMV"
     assert count(fused.decode_program(2), torch.ops.fxopt.gemv.default) == 0
     ids = model.example_inputs(1, 6, seed=3)["input_ids"]
     assert torch.equal(fused.generate(ids, 8), plain.generate(ids, 8))

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fxopt.codegen import gemv  # registers fxopt::gemv
 from fxopt.numerics import within_tolerance
 
 
@@ -20,5 +21,27 @@ def test_gemv_at_decode_sizes(dtype, n, k, bias):
     out = torch.ops.fxopt.gemv(x, w, b)
     eager = F.linear(x, w, b)
     reference = F.linear(x.double(), w.double(), None if b is None else b.double())
+    ok, error, allowed = within_tolerance(out, eager, reference)
+    assert ok, f"error {error:.3g} > allowed {allowed:.3g}"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("n_out, k, norm, glu, residual", [(3072, 2048, True, False, False),
+                                                          (2048, 2048, False, False, True),
+                                                          (5632, 2048, True, True, False),
+                                                          (2048, 5632, False, False, True),
+                                                          (32000, 2048, True, False, False)])
+def test_folded_norm_swiglu_residual_at_llama_sizes(dtype, n_out, k, norm, glu, residual):
+    gen = torch.Generator(device="cuda").manual_seed(n_out + k)
+    x = torch.randn(1, 1, k, device="cuda", generator=gen).to(dtype)
+    w = (torch.randn(2 * n_out if glu else n_out, k, device="cuda", generator=gen) / k**0.5).to(dtype)
+    res = torch.randn(1, 1, n_out, device="cuda", generator=gen).to(dtype) if residual else None
+    g = (1 + 0.1 * torch.randn(k, device="cuda", generator=gen)).to(dtype) if norm else None
+    out = torch.ops.fxopt.gemv(x, w, None, res, g, 1e-5, glu)
+    ep = gemv.Epilogue(residual=res, norm_weight=g, eps=1e-5, glu=glu)
+    eager = gemv.gemv_reference(x, w, None, ep)
+    as64 = lambda t: None if t is None else t.double()  # noqa: E731
+    reference = gemv.gemv_reference(x.double(), w.double(), None,
+                                    gemv.Epilogue(residual=as64(res), norm_weight=as64(g), eps=1e-5, glu=glu))
     ok, error, allowed = within_tolerance(out, eager, reference)
     assert ok, f"error {error:.3g} > allowed {allowed:.3g}"
