@@ -617,27 +617,40 @@ def fold_glu(rw: Rewriter, m: GluMatch) -> None:
 class ResidualMatch:
     gemv: fx.Node
     add: fx.Node
-    residual: fx.Node
+
+    @property
+    def residual(self):
+        """The add's other operand, read when used: an earlier rewrite may have replaced it."""
+        a, b = self.add.args[:2]
+        return b if a is self.gemv else a
 
 
 def residual_add_after_gemv(gm: fx.GraphModule) -> list[ResidualMatch]:
     """residual + gemv(...) (either order) where the add is the gemv's only user."""
     matches = []
-    order = {n: i for i, n in enumerate(gm.graph.nodes)}
     for g in _gemvs(gm):
         add = _only_user(g)
-        if add is None or add.target is not aten.add.Tensor or len(add.args) != 2 or add.kwargs:
-            continue
-        other = add.args[1] if add.args[0] is g else add.args[0]
-        if isinstance(other, fx.Node) and other is not g and order[other] < order[g]:
-            matches.append(ResidualMatch(g, add, other))
+        if add is not None and add.target is aten.add.Tensor and len(add.args) == 2 and not add.kwargs:
+            matches.append(ResidualMatch(g, add))
     return matches
 
 
+def _defined_before(graph: fx.Graph, first: fx.Node, second: fx.Node) -> bool:
+    for node in graph.nodes:
+        if node is first:
+            return True
+        if node is second:
+            return False
+    return False
+
+
 def check_residual(rw: Rewriter, m: ResidualMatch) -> str | None:
-    out, res = _val(m.add), _val(m.residual)
-    if m.gemv.args[G_RES] is not None or not isinstance(res, torch.Tensor):
+    residual = m.residual
+    if m.gemv.args[G_RES] is not None or not isinstance(residual, fx.Node) or residual is m.gemv:
         return "no tensor residual"
+    out, res = _val(m.add), _val(residual)
+    if not isinstance(res, torch.Tensor) or not _defined_before(rw.gm.graph, residual, m.gemv):
+        return "the residual is computed after the GEMV"
     if res.shape != out.shape or res.dtype != out.dtype or out.dtype != _val(m.gemv).dtype:
         return "the residual is broadcast or of another dtype"
     return None
