@@ -207,6 +207,7 @@ def _decode_split_kernel(
     #   writes  partial output BLOCK_M * BLOCK_D fp32 and (max, sum) 2 * BLOCK_M fp32 into MID.
     if LAUNCH_DEPENDENTS:  # let the merge kernel launch now; it waits (gdc_wait) for this grid to finish
         tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()  # and this one is launched early too: wait for the kernels before it
     pid_s = tl.program_id(0)
     pid_bh = tl.program_id(1)
     pid_r = tl.program_id(2)
@@ -399,6 +400,8 @@ def _make_plan(q, k_cache, v_cache, scale, causal, q_off_mode, num_splits, has_s
         Q_OFF_MODE=q_off_mode, DOT_PREC=_dot_precision(q.dtype), HAS_START=has_start,
         LAUNCH_DEPENDENTS=pdl, num_warps=num_warps, num_stages=num_stages,
     )
+    if pdl:
+        plan.meta["launch_pdl"] = True
     plan.merge_grid = (n_rows,)
     plan.merge_ints = (*out_strides, hq, sq, num_splits, ml_base)
     plan.merge_meta = dict(HEAD_DIM=d, BLOCK_D=block_d, BLOCK_S=block_s, WAIT_PRIMARY=pdl,

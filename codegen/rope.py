@@ -110,13 +110,16 @@ def _rope_kernel(
     so0, so1, so2, so3, sod,
     rows_bucket,  # autotune key only
     HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr,
-    HAS_SLOTS: tl.constexpr, INDEX_64: tl.constexpr,
+    HAS_SLOTS: tl.constexpr, INDEX_64: tl.constexpr, PDL: tl.constexpr,
 ):
     # One program = BLOCK_R rows of 2 * HALF elements. Per row it reads 2 * HALF elements of x, cos and
     # sin (cos/sin rows shared by the heads are stride-0 re-reads, served from cache) and writes
     # 2 * HALF elements of OUT: out1 = x1 * c1 - x2 * s1, out2 = x2 * c2 + x1 * s2, in fp32.
     # A row index unravels over four leading dims (size0 implied); with HAS_SLOTS the innermost one is
     # the token axis and OUT's position along it is SLOTS[i3] (a KV-cache write at device-side slots).
+    if PDL:  # launched early (programmatic dependent launch): let the next kernel launch, wait for x
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     pid = tl.program_id(0)
     if INDEX_64:
         pid = pid.to(tl.int64)
@@ -242,6 +245,14 @@ def kernel_unsupported(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ou
     return None
 
 
+def use_pdl(device: torch.device) -> bool:
+    """Launch with programmatic dependent launch (sm_90+, FXOPT_PDL != 0): in a decode step RoPE follows the
+    q/k/v GEMV, which lets it launch before it ends."""
+    from fxopt.codegen.flash_decoding import _use_pdl
+
+    return _use_pdl(device)
+
+
 def _launch(x, cos, sin, out, lead, slots=None, config=None) -> None:
     """Launch over `lead` = up to LEAD_DIMS (size, [x, cos, sin, out strides]) leading dims; tensors
     already broadcast to x's shape. `config` = (BLOCK_R, num_warps) bypasses the autotuner (tests)."""
@@ -260,7 +271,9 @@ def _launch(x, cos, sin, out, lead, slots=None, config=None) -> None:
     index_64 = _needs_int64([x, cos, sin, out], slots_len) or n_rows >= 2**31 - 1
     args = (x, cos, sin, out, slots if slots is not None else x, n_rows, *sizes[1:],
             *per_tensor[0], *per_tensor[1], *per_tensor[2], *per_tensor[3], _rows_bucket(n_rows))
-    meta = dict(HALF=half, BLOCK_H=_block_h(half), HAS_SLOTS=slots is not None, INDEX_64=index_64)
+    pdl = use_pdl(x.device)
+    meta = dict(HALF=half, BLOCK_H=_block_h(half), HAS_SLOTS=slots is not None, INDEX_64=index_64, PDL=pdl,
+                **({"launch_pdl": True} if pdl else {}))
     if config is None:
         _rope_kernel_tuned[lambda m: (triton.cdiv(n_rows, m["BLOCK_R"]),)](*args, **meta)
     else:

@@ -231,9 +231,11 @@ def signature(ptr, slots):
 for ptr in ("*bf16", "*fp32"):
     for slots in (False, True):
         for index_64 in (False, True):
-            constexprs = dict(HALF=40, BLOCK_H=64, BLOCK_R=16, HAS_SLOTS=slots, INDEX_64=index_64)
+            constexprs = dict(HALF=40, BLOCK_H=64, BLOCK_R=16, HAS_SLOTS=slots, INDEX_64=index_64,
+                              PDL=index_64)  # the PDL variant too (griddepcontrol.* before the loads)
             k = compile_sm90(R._rope_kernel, signature(ptr, slots), constexprs, num_warps=4)
             assert "st.global" in k.asm["ptx"]
+            assert ("griddepcontrol.wait" in k.asm["ptx"]) == index_64
             print("compiled rope", ptr, slots, index_64)
 """
 
