@@ -7,7 +7,8 @@ model + example inputs
 
 With kv_cache=True the generator (fxopt/generate.py) runs capture -> attention -> matmul, then
 passes/kv_cache.py splits the graph into a prefill and a decode program over static caches, and
-the decode program goes through cost -> rope -> fusion per batch bucket before it is captured in a CUDA graph.
+the decode program goes through cost -> matmul.run_decode (batch 1: GEMVs with the norms, SwiGLU and residual
+adds folded in) -> rope -> fusion per batch bucket before it is captured in a CUDA graph.
 """
 
 from __future__ import annotations

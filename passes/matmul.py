@@ -747,13 +747,7 @@ DECODE_RULES: tuple[Rule, ...] = (
 
 def run_decode(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     """The rules for a static one-token decode program (after `run`): counts per rule."""
-    rw, notes = apply_rules(gm, ctx, DECODE_RULES, _describe, "matmul")
-    if rw is None:
-        return PassResult(False, notes)
-    changed = any(rw.counts.get(rule.name) for rule in DECODE_RULES)
-    if changed:
-        finish(gm)
-    return PassResult(changed, rw.notes, rw.counts)
+    return run_rules(gm, ctx, DECODE_RULES, _describe, "matmul")[0]
 
 
 def _describe(match) -> str:
@@ -790,14 +784,23 @@ def apply_rules(gm: fx.GraphModule, ctx: PassContext, rules: tuple[Rule, ...], d
     return rw, rw.notes
 
 
-def run(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-    """Apply RULES; counts per rule (matches rewritten) plus fused_linears, k_unaligned, dropped_weights."""
-    rw, notes = apply_rules(gm, ctx, RULES, _describe, "matmul")
+def run_rules(gm: fx.GraphModule, ctx: PassContext, rules: tuple[Rule, ...], describe, label: str
+              ) -> tuple[PassResult, Rewriter | None]:
+    """apply_rules, then the graph finished if anything changed and the notes in ctx.report (shared by the
+    matmul and rope passes); returns the result and the rewriter (None when nothing could be rewritten)."""
+    rw, notes = apply_rules(gm, ctx, rules, describe, label)
     if rw is None:
-        return PassResult(False, notes)
-    rw.counts["dropped_weights"] = rw.drop_unread_attributes()
-    changed = any(rw.counts.get(rule.name) for rule in RULES)
+        return PassResult(False, notes), None
+    changed = any(rw.counts.get(rule.name) for rule in rules)
     if changed:
         finish(gm)
-    ctx.report.extend(f"matmul: {note}" for note in rw.notes)
-    return PassResult(changed, rw.notes, rw.counts)
+    ctx.report.extend(f"{label}: {note}" for note in rw.notes)
+    return PassResult(changed, rw.notes, rw.counts), rw
+
+
+def run(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+    """Apply RULES; counts per rule (matches rewritten) plus fused_linears, k_unaligned, dropped_weights."""
+    result, rw = run_rules(gm, ctx, RULES, _describe, "matmul")
+    if rw is not None:
+        rw.counts["dropped_weights"] = rw.drop_unread_attributes()
+    return result

@@ -30,8 +30,8 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from fxopt.codegen import rope as rope_codegen
 from fxopt.passes import cost as cost_pass
-from fxopt.passes.infra import PassContext, PassResult, finish
-from fxopt.passes.matmul import Rewriter, Rule, apply_rules
+from fxopt.passes.infra import PassContext, PassResult
+from fxopt.passes.matmul import Rewriter, Rule, run_rules
 
 aten = torch.ops.aten
 ADD, MUL, NEG, CAT, SLICE = aten.add.Tensor, aten.mul.Tensor, aten.neg.default, aten.cat.default, aten.slice.Tensor
@@ -271,11 +271,4 @@ def _describe(match) -> str:
 
 def run(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     """Apply RULES; counts per rule (matches rewritten); a note per near-match left."""
-    rw, notes = apply_rules(gm, ctx, RULES, _describe, "rope")
-    if rw is None:
-        return PassResult(False, notes)
-    changed = any(rw.counts.get(rule.name) for rule in RULES)
-    if changed:
-        finish(gm)
-    ctx.report.extend(f"rope: {note}" for note in rw.notes)
-    return PassResult(changed, rw.notes, rw.counts)
+    return run_rules(gm, ctx, RULES, _describe, "rope")[0]
