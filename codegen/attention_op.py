@@ -127,11 +127,14 @@ def cache_write(cache: torch.Tensor, new: torch.Tensor, pos: torch.Tensor) -> No
     """cache[:, :, pos:pos + n] = new, with pos a 0-dim device tensor (no host sync: graph-capturable).
 
     pos may also be the (n,) slot indices themselves (pos + arange(n), computed once per step and shared
-    by every layer's writes): then the write is a single index_copy_ kernel.
+    by every layer's writes): then the write is a single kernel (rope.slot_copy; index_copy_ on CPU).
     """
     n = new.shape[2]
     index = pos if pos.dim() == 1 else pos + torch.arange(n, device=cache.device)  # (n,)
-    cache.index_copy_(2, index, new.to(cache.dtype))
+    if _rope._kernel_available(cache):
+        _rope.slot_copy(cache, new, index)  # one Triton kernel (in the decode step's PDL chain on Hopper)
+    else:
+        cache.index_copy_(2, index, new.to(cache.dtype))
 
 
 @cache_write.register_fake

@@ -370,3 +370,60 @@ def rope_cache_write_op(cache: torch.Tensor, x: torch.Tensor, cos: torch.Tensor,
 def _(cache, x, cos, sin, pos):
     check_inputs(x, cos, sin)
     return None
+
+
+# --------------------------------------------------------------------------------------------------
+# The V cache write: cache[:, :, slots] = x, no rotation. PyTorch's index_copy_ does it too, but as the one
+# kernel of a decode layer outside the chain of programmatically dependent launches (see _launch).
+# --------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _slot_copy_kernel(
+    X, OUT, SLOTS, n_rows, size1, size2,
+    sx0, sx1, sx2, sxd, so0, so1, so2, sod,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, PDL: tl.constexpr,
+):
+    # One program = BLOCK_R rows (b, h, i) of D elements: reads X[b, h, i, :], writes OUT[b, h, SLOTS[i], :].
+    if PDL:  # launched early (programmatic dependent launch): let the next kernel launch, wait for x
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)  # (BLOCK_R,)
+    row_ok = rows < n_rows
+    i2 = rows % size2
+    rest = rows // size2
+    i1 = rest % size1
+    i0 = rest // size1
+    slot = tl.load(SLOTS + i2, mask=row_ok, other=0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_D)  # (BLOCK_D,)
+    mask = row_ok[:, None] & (cols < D)[None, :]
+    x = tl.load(X + (i0 * sx0 + i1 * sx1 + i2 * sx2)[:, None] + cols[None, :] * sxd, mask=mask)
+    out = OUT + (i0 * so0 + i1 * so1 + slot * so2)[:, None] + cols[None, :] * sod
+    tl.store(out, x.to(OUT.dtype.element_ty), mask=mask)
+
+
+def slot_copy_unsupported(cache: torch.Tensor, x: torch.Tensor, slots: torch.Tensor) -> str | None:
+    if x.dim() != 4 or cache.dim() != 4 or cache.shape[:2] != x.shape[:2] or cache.shape[3] != x.shape[3]:
+        return f"x {tuple(x.shape)} does not fit cache {tuple(cache.shape)}"
+    if slots.dim() != 1 or slots.numel() != x.shape[2] or len({cache.device, x.device, slots.device}) != 1:
+        return "slots are not the (n,) indices on the cache's device"
+    if cache.dtype not in KERNEL_DTYPES or x.dtype not in KERNEL_DTYPES or x.shape[3] > MAX_HEAD_DIM:
+        return "dtypes or head dim"
+    return None
+
+
+def slot_copy(cache: torch.Tensor, x: torch.Tensor, slots: torch.Tensor) -> None:
+    """cache[:, :, slots] = x (b, h, n, d), cast to the cache's dtype, in one kernel (x may be strided)."""
+    if slot_copy_unsupported(cache, x, slots) is not None:
+        cache.index_copy_(2, slots, x.to(cache.dtype))
+        return
+    b, h, n, d = x.shape
+    n_rows = b * h * n
+    if n_rows == 0:
+        return
+    block_d = triton.next_power_of_2(d)
+    block_r = max(1, 4096 // block_d)
+    pdl = use_pdl(x.device)
+    _slot_copy_kernel[(triton.cdiv(n_rows, block_r),)](
+        x, cache, slots, n_rows, h, n, *x.stride(), *cache.stride(),
+        D=d, BLOCK_D=block_d, BLOCK_R=block_r, PDL=pdl, num_warps=4, **({"launch_pdl": True} if pdl else {}))

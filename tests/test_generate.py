@@ -7,6 +7,8 @@ row's prompt run alone.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -351,3 +353,19 @@ def test_batch_one_decode_program_runs_its_linears_as_gemvs(llama, dtype):
     ids = model.example_inputs(1, 6, seed=3)["input_ids"]
     assert torch.equal(fused.generate(ids, 8), plain.generate(ids, 8))
     assert not any("fusion failed" in note for note in fused.notes), fused.notes
+
+
+def test_decode_kernels_interpreted_match_full_recompute(monkeypatch):
+    """The batch-1 decode step run through the interpreted kernels themselves (FXOPT_INTERPRET_OPS=1: the
+    GEMVs with their folded norm / SwiGLU / residual, RoPE with its cache write, the V cache write and
+    Flash-Decoding) gives full recompute's greedy tokens."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("interpreter test (tests/gpu runs the kernels on the GPU)")
+    monkeypatch.setenv("FXOPT_INTERPRET_OPS", "1")
+    model = models.build("llama-tiny", n_layers=1)
+    plain = build_generator(model, model.example_inputs(1, 8), max_seq_len=32, max_batch=1)
+    fused = Generator(plain.programs, max_seq_len=32, max_batch=1, device=torch.device("cpu"), fuse_decode=True)
+    assert sum(n.target == torch.ops.fxopt.gemv.default for n in fused.decode_program(1).graph.nodes) == 5
+    ids = model.example_inputs(1, 7, seed=11)["input_ids"]
+    logits_fn = lambda x: model(input_ids=x)  # noqa: E731
+    assert torch.equal(fused.generate(ids, 12), recompute(logits_fn, ids, 12))

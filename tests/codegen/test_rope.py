@@ -237,8 +237,27 @@ for ptr in ("*bf16", "*fp32"):
             assert "st.global" in k.asm["ptx"]
             assert ("griddepcontrol.wait" in k.asm["ptx"]) == index_64
             print("compiled rope", ptr, slots, index_64)
+
+copy_sig = {p.name: ("*i64" if p.name == "SLOTS" else "*bf16" if p.name in ("X", "OUT") else "i32")
+            for p in R._slot_copy_kernel.params if not p.is_constexpr}
+k = compile_sm90(R._slot_copy_kernel, copy_sig, dict(D=128, BLOCK_D=128, BLOCK_R=32, PDL=True), num_warps=4)
+assert "griddepcontrol.wait" in k.asm["ptx"] and "st.global" in k.asm["ptx"]
+print("compiled slot copy")
 """
 
 
 def test_rope_kernel_compiles_for_sm90_without_a_gpu(tmp_path):
-    assert run_script(tmp_path, "aot_rope", _AOT_SCRIPT).count("compiled rope") == 8
+    out = run_script(tmp_path, "aot_rope", _AOT_SCRIPT)
+    assert out.count("compiled rope") == 8 and "compiled slot copy" in out
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
+def test_slot_copy_writes_strided_rows_at_the_slots(cache_dtype):
+    """The V cache write: cache[:, :, slots] = x for a head-first view of a projection, against index_copy_."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 3, 3, 24, generator=gen).transpose(1, 2).to(_device(), cache_dtype)  # (b, h, n, d) view
+    cache = torch.randn(2, 3, 10, 24, generator=gen).to(device=_device(), dtype=cache_dtype)
+    slots = torch.tensor([7, 2, 4], device=_device())
+    expected = cache.clone().index_copy_(2, slots, x.to(cache_dtype))
+    R.slot_copy(cache, x, slots)
+    assert torch.equal(cache, expected)
