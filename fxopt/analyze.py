@@ -48,8 +48,9 @@ def analyze(
 ) -> Analysis:
     """Annotate every node of `model` with FLOPs, bytes, intensity and roofline bound at (batch, seq).
 
-    With `fuse`, the regions the fusion pass would form are outlined (nodes keep their own rows;
-    each region reports its bytes before and after fusion), without compiling anything. With
+    With `fuse`, RoPE becomes fxopt's kernel call (as in `optimize`) and the regions the fusion pass would
+    form are outlined (nodes keep their own rows; each region reports its bytes before and after fusion),
+    without compiling anything. With
     `attention`, attention subgraphs are rewritten to fxopt's kernels first, and the report lists
     each one's bytes before and after.
     """
@@ -59,7 +60,7 @@ def analyze(
     if example_kwargs is None:
         example_kwargs = zoo.example_inputs(model, CAPTURE_SIZES["batch"], min(CAPTURE_SIZES["seq"], seq))
     sizes = {"batch": batch, "seq": seq, "src_seq": seq}
-    program = compile_model(model, example_kwargs, hw=hw, sizes=sizes, attention=attention)
+    program = compile_model(model, example_kwargs, hw=hw, sizes=sizes, attention=attention, rope=fuse)
     if fuse:
         fusion.plan_regions(program.gm, program.ctx)
     report = build_report(program, name=name, dtype=dtype, params=_param_count(model))

@@ -101,7 +101,8 @@ def optimize(
     captured = capture(model, kwargs, dynamic_dims, args=args, source_lines=False)  # errors here name nodes
     capture_seconds = time.perf_counter() - start
     ctx = make_context(
-        captured, hw, None, {"fuse": fuse, "attention": attention, "matmul": matmul, "dump_dir": dump_dir, **options}
+        captured, hw, None, {"fuse": fuse, "rope": fuse, "attention": attention, "matmul": matmul, "dump_dir": dump_dir,
+         **options}
     )
     optimized = OptimizedModule(run_passes(captured, ctx), inspect.signature(model.forward), positional=bool(args))
     optimized.program.seconds = {"capture": capture_seconds, **optimized.program.seconds}

@@ -33,7 +33,7 @@ PASSES: list[tuple[str, Pass, str | None]] = [
     ("cost", cost.run, None),  # FLOPs and bytes per node, symbolic in b, s -> meta["fxopt.cost"]
     ("attention", attention.run, "attention"),  # attention subgraphs -> one fxopt::attention call each
     ("matmul", matmul.run, "matmul"),  # sibling linears -> one over concatenated weights; unaligned N padded
-    ("rope", rope.run, "fuse"),  # x*cos + rotate_half(x)*sin -> one fxopt::rope kernel (slice/neg/cat do not fuse)
+    ("rope", rope.run, "rope"),  # x*cos + rotate_half(x)*sin -> one fxopt::rope kernel (slice/neg/cat do not fuse)
     ("fusion", fusion.run, "fuse"),  # memory-bound regions -> one generated Triton kernel each
     ("recost", cost.run, None),  # costs of what the rewrites made (fused calls keep theirs)
 ]

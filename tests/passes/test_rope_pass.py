@@ -79,7 +79,22 @@ def assert_matches_eager(model, optimized, kwargs, logits=lambda out: out) -> No
 def test_pipeline_runs_rope_between_matmul_and_fusion():
     names = [name for name, _, _ in PASSES]
     assert names.index("matmul") < names.index("rope") == names.index("fusion") - 1
-    assert dict((name, option) for name, _, option in PASSES)["rope"] == "fuse"
+    assert dict((name, option) for name, _, option in PASSES)["rope"] == "rope"
+
+
+def test_optimize_and_analyze_both_run_rope_when_fusing():
+    """optimize(fuse=...) and analyze(fuse=...) switch the rope pass with fusion, so `fxopt annotate` shows
+    the graph optimize runs (analyze compiles nothing: it runs on the meta device)."""
+    from fxopt.analyze import analyze
+
+    model = models.build("llama-tiny")
+    kwargs = model.example_inputs(2, 9)
+    assert optimize(model, kwargs, fuse=False).program.results.get("rope") is None
+    assert optimize(model, kwargs).program.results["rope"].counts["rope"] == 2 * model.config.n_layers
+    for fuse in (True, False):
+        program = analyze("llama-tiny", batch=2, seq=16, fuse=fuse).program
+        ropes = [n for n in program.gm.graph.nodes if n.target == torch.ops.fxopt.rope.default]
+        assert len(ropes) == (2 * model.config.n_layers if fuse else 0)
 
 
 @pytest.mark.parametrize("attn_impl, dtype", [("sdpa", torch.float32), ("explicit", torch.float32),
