@@ -553,6 +553,15 @@ def roofline_axes(report: dict) -> RooflineAxes:
     return RooflineAxes(x_min, x_max, y_min, y_max)
 
 
+def _log_ticks(lo: float, hi: float):
+    """(value, is_decade) for 1..9 x 10^d within [lo, hi] (a little slack at both ends)."""
+    for d in range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1):
+        for m in range(1, 10):
+            v = m * 10.0**d
+            if lo * 0.999 <= v <= hi * 1.001:
+                yield v, m == 1
+
+
 def _ai_tick(v: float) -> str:
     if v >= 1000:
         return f"{v / 1000:g}k"
@@ -603,31 +612,23 @@ def roofline_svg(report: dict) -> str:
     # grid and ticks: decades labelled, 2..9 as minor ticks
     g = ['<g class="grid" stroke="#e6e6e6" stroke-width="1">']
     t = ['<g class="ticks" fill="#333" font-size="12">']
-    for d in range(math.floor(math.log10(ax.x_min)), math.ceil(math.log10(ax.x_max)) + 1):
-        for m in range(1, 10):
-            v = m * 10.0**d
-            if not (ax.x_min * 0.999 <= v <= ax.x_max * 1.001):
-                continue
-            px = _p(ax.x(v))
-            if m == 1:
-                g.append(f'<line x1="{px}" y1="{y0}" x2="{px}" y2="{y1}"/>')
-                t.append(f'<line x1="{px}" y1="{y1}" x2="{px}" y2="{y1 + 6}" stroke="#333"/>')
-                t.append(f'<text x="{px}" y="{y1 + 21}" text-anchor="middle">{_ai_tick(v)}</text>')
-            else:
-                t.append(f'<line x1="{px}" y1="{y1}" x2="{px}" y2="{y1 + 3}" stroke="#666"/>')
-    for d in range(math.floor(math.log10(ax.y_min)), math.ceil(math.log10(ax.y_max)) + 1):
-        for m in range(1, 10):
-            v = m * 10.0**d
-            if not (ax.y_min * 0.999 <= v <= ax.y_max * 1.001):
-                continue
-            py = _p(ax.y(v))
-            if m == 1:
-                g.append(f'<line x1="{x0}" y1="{py}" x2="{x1}" y2="{py}"/>')
-                t.append(f'<line x1="{x0 - 6}" y1="{py}" x2="{x0}" y2="{py}" stroke="#333"/>')
-                t.append(f'<text x="{x0 - 9}" y="{py}" text-anchor="end" dominant-baseline="middle">'
-                         f'{_rate_tick(v)}</text>')
-            else:
-                t.append(f'<line x1="{x0 - 3}" y1="{py}" x2="{x0}" y2="{py}" stroke="#666"/>')
+    for v, major in _log_ticks(ax.x_min, ax.x_max):
+        px = _p(ax.x(v))
+        if major:
+            g.append(f'<line x1="{px}" y1="{y0}" x2="{px}" y2="{y1}"/>')
+            t.append(f'<line x1="{px}" y1="{y1}" x2="{px}" y2="{y1 + 6}" stroke="#333"/>')
+            t.append(f'<text x="{px}" y="{y1 + 21}" text-anchor="middle">{_ai_tick(v)}</text>')
+        else:
+            t.append(f'<line x1="{px}" y1="{y1}" x2="{px}" y2="{y1 + 3}" stroke="#666"/>')
+    for v, major in _log_ticks(ax.y_min, ax.y_max):
+        py = _p(ax.y(v))
+        if major:
+            g.append(f'<line x1="{x0}" y1="{py}" x2="{x1}" y2="{py}"/>')
+            t.append(f'<line x1="{x0 - 6}" y1="{py}" x2="{x0}" y2="{py}" stroke="#333"/>')
+            t.append(f'<text x="{x0 - 9}" y="{py}" text-anchor="end" dominant-baseline="middle">'
+                     f'{_rate_tick(v)}</text>')
+        else:
+            t.append(f'<line x1="{x0 - 3}" y1="{py}" x2="{x0}" y2="{py}" stroke="#666"/>')
     g.append("</g>")
     t.append("</g>")
     o.extend(g)
