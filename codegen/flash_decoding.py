@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 
 import torch
 import triton
@@ -44,6 +43,7 @@ from fxopt.codegen.flash_attention import (
     attention_reference,
     online_softmax_step,
 )
+from fxopt.codegen.pdl import launch_options, use_pdl
 
 MAX_DECODE_Q = 16
 # Keys per split at least. Short caches want many short chunks: H200, CUDA graph, B1 32/8 heads d64, 768-key cache
@@ -352,20 +352,8 @@ class _Plan:
 
 _PLANS: dict = {}
 
-# The separate merge kernel is launched with programmatic dependent launch on Hopper and later (sm_90+): its
-# launch overlaps the split kernel's tail instead of following it. FXOPT_PDL=0 turns it off.
-PDL = os.environ.get("FXOPT_PDL", "1") != "0"
-
-
-@functools.cache
-def _supports_pdl(device_index: int) -> bool:
-    return not _INTERPRET and torch.cuda.get_device_capability(device_index)[0] >= 9
-
-
-def _use_pdl(device: torch.device) -> bool:
-    if not PDL or device.type != "cuda":
-        return False
-    return _supports_pdl(device.index if device.index is not None else torch.cuda.current_device())
+# The split and merge kernels are launched with programmatic dependent launch on Hopper and later (sm_90+,
+# codegen/pdl.py): the merge kernel's launch overlaps the split kernel's tail instead of following it.
 
 
 def _make_plan(q, k_cache, v_cache, scale, causal, q_off_mode, num_splits, has_start) -> _Plan:
@@ -394,20 +382,18 @@ def _make_plan(q, k_cache, v_cache, scale, causal, q_off_mode, num_splits, has_s
     plan.ints = (*q.stride(), *k_cache.stride(), *v_cache.stride(), hkv, group, sq, max_len, chunk,
                  num_splits, ml_base)
     block_s = min(triton.next_power_of_2(num_splits), max(1, 4096 // block_d))
-    pdl = _use_pdl(q.device)
+    pdl = use_pdl(q.device)
     plan.meta = dict(
         HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=bool(causal),
         Q_OFF_MODE=q_off_mode, DOT_PREC=_dot_precision(q.dtype), HAS_START=has_start,
         LAUNCH_DEPENDENTS=pdl, num_warps=num_warps, num_stages=num_stages,
     )
-    if pdl:
-        plan.meta["launch_pdl"] = True
+    plan.meta.update(launch_options(pdl))
     plan.merge_grid = (n_rows,)
     plan.merge_ints = (*out_strides, hq, sq, num_splits, ml_base)
     plan.merge_meta = dict(HEAD_DIM=d, BLOCK_D=block_d, BLOCK_S=block_s, WAIT_PRIMARY=pdl,
                            num_warps=4 if block_d <= 128 else 8)
-    if pdl:
-        plan.merge_meta["launch_pdl"] = True
+    plan.merge_meta.update(launch_options(pdl))
     return plan
 
 

@@ -21,7 +21,6 @@ launched with programmatic dependent launch: it starts streaming its weights whi
 
 from __future__ import annotations
 
-import functools
 import os
 from dataclasses import dataclass
 
@@ -31,6 +30,7 @@ import triton
 import triton.language as tl
 
 from fxopt.codegen.flash_attention import autotune_enabled
+from fxopt.codegen.pdl import launch_options, use_pdl
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -157,32 +157,18 @@ class Epilogue:
 
 _TUNED: dict[tuple, triton.Config] = {}
 
-# Programmatic dependent launch (sm_90+): each GEMV launches before the previous kernel ends, requests its
-# first chunk of weights, then waits for its input; FXOPT_PDL=0 turns it off (as for Flash-Decoding's merge).
-PDL = os.environ.get("FXOPT_PDL", "1") != "0"
-
-
-@functools.cache
-def _supports_pdl(device_index: int) -> bool:
-    return torch.cuda.get_device_capability(device_index)[0] >= 9
-
-
-def _use_pdl(device: torch.device) -> bool:
-    if not PDL or _INTERPRET or device.type != "cuda":
-        return False
-    return _supports_pdl(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def _launch(x, w, y, config, ep: Epilogue = Epilogue()) -> None:
     n_out, k = y.numel(), w.shape[1]
     block_n, block_k = config.kwargs["BLOCK_N"], config.kwargs["BLOCK_K"]
-    pdl = _use_pdl(x.device)
+    pdl = use_pdl(x.device)  # weights stream while the previous kernel ends (codegen/pdl.py)
     _gemv_kernel[(triton.cdiv(n_out, block_n),)](
         x, w, _or(ep.bias, y), _or(ep.residual, y), _or(ep.norm_weight, y), y, n_out, k, w.stride(0),
         n_out if ep.glu else 0, ep.eps,
         HAS_BIAS=ep.bias is not None, RESIDUAL=ep.residual is not None, NORM=ep.norm_weight is not None,
         GLU=ep.glu, PDL=pdl, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0,
-        num_warps=config.num_warps, **({"launch_pdl": True} if pdl else {}))
+        num_warps=config.num_warps, **launch_options(pdl))
 
 
 def _or(tensor, placeholder):

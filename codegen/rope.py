@@ -31,6 +31,7 @@ import triton.language as tl
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from fxopt.codegen.flash_attention import autotune_enabled
+from fxopt.codegen.pdl import launch_options, use_pdl
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 1024
@@ -245,14 +246,6 @@ def kernel_unsupported(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ou
     return None
 
 
-def use_pdl(device: torch.device) -> bool:
-    """Launch with programmatic dependent launch (sm_90+, FXOPT_PDL != 0): in a decode step RoPE follows the
-    q/k/v GEMV, which lets it launch before it ends."""
-    from fxopt.codegen.flash_decoding import _use_pdl
-
-    return _use_pdl(device)
-
-
 def _launch(x, cos, sin, out, lead, slots=None, config=None) -> None:
     """Launch over `lead` = up to LEAD_DIMS (size, [x, cos, sin, out strides]) leading dims; tensors
     already broadcast to x's shape. `config` = (BLOCK_R, num_warps) bypasses the autotuner (tests)."""
@@ -273,7 +266,7 @@ def _launch(x, cos, sin, out, lead, slots=None, config=None) -> None:
             *per_tensor[0], *per_tensor[1], *per_tensor[2], *per_tensor[3], _rows_bucket(n_rows))
     pdl = use_pdl(x.device)
     meta = dict(HALF=half, BLOCK_H=_block_h(half), HAS_SLOTS=slots is not None, INDEX_64=index_64, PDL=pdl,
-                **({"launch_pdl": True} if pdl else {}))
+                **launch_options(pdl))
     if config is None:
         _rope_kernel_tuned[lambda m: (triton.cdiv(n_rows, m["BLOCK_R"]),)](*args, **meta)
     else:
@@ -426,4 +419,4 @@ def slot_copy(cache: torch.Tensor, x: torch.Tensor, slots: torch.Tensor) -> None
     pdl = use_pdl(x.device)
     _slot_copy_kernel[(triton.cdiv(n_rows, block_r),)](
         x, cache, slots, n_rows, h, n, *x.stride(), *cache.stride(),
-        D=d, BLOCK_D=block_d, BLOCK_R=block_r, PDL=pdl, num_warps=4, **({"launch_pdl": True} if pdl else {}))
+        D=d, BLOCK_D=block_d, BLOCK_R=block_r, PDL=pdl, num_warps=4, **launch_options(pdl))

@@ -154,13 +154,14 @@ def _without_pdl(fn):
     """fn() with flash_decoding's merge kernel launched after the split kernel ends, not early (programmatic
     dependent launch off; fresh launch plans), then the default restored."""
     from fxopt.codegen import flash_decoding as fd
+    from fxopt.codegen import pdl
 
-    saved, fd.PDL = fd.PDL, False
+    saved, pdl.ENABLED = pdl.ENABLED, False
     fd._PLANS.clear()
     try:
         return fn()
     finally:
-        fd.PDL = saved
+        pdl.ENABLED = saved
         fd._PLANS.clear()
 
 
