@@ -144,8 +144,8 @@ def tuning_configs(n: int, k: int) -> list[triton.Config]:
 
 
 @dataclass(frozen=True)
-class Epilogue:
-    """What the kernel folds around the product: RMSNorm of x (with weight norm_weight) before it, the
+class Folded:
+    """What the kernel folds around the product: a bias, RMSNorm of x (times norm_weight) before it, the
     gate/up SwiGLU product (W holds the gate rows, then as many up rows) and a residual add after it."""
 
     bias: torch.Tensor | None = None
@@ -158,8 +158,7 @@ class Epilogue:
 _TUNED: dict[tuple, triton.Config] = {}
 
 
-
-def _launch(x, w, y, config, ep: Epilogue = Epilogue()) -> None:
+def _launch(x, w, y, config, ep: Folded = Folded()) -> None:
     n_out, k = y.numel(), w.shape[1]
     block_n, block_k = config.kwargs["BLOCK_N"], config.kwargs["BLOCK_K"]
     pdl = use_pdl(x.device)  # weights stream while the previous kernel ends (codegen/pdl.py)
@@ -175,7 +174,7 @@ def _or(tensor, placeholder):
     return tensor if tensor is not None else placeholder
 
 
-def _config_for(x, w, y, ep: Epilogue) -> triton.Config:
+def _config_for(x, w, y, ep: Folded) -> triton.Config:
     n, k = w.shape
     if not autotune_enabled("FXOPT_GEMV_AUTOTUNE") or _INTERPRET:
         return default_config(n, k, ep.glu)
@@ -193,7 +192,7 @@ def _is_vector(t: torch.Tensor | None, size: int, dtype: torch.dtype) -> bool:
     return t is None or (t.numel() == size and t.dtype == dtype and t.is_contiguous())
 
 
-def supports(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, ep: Epilogue = Epilogue()
+def supports(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, ep: Folded = Folded()
              ) -> str | None:
     """None when the kernel covers the call, else why not."""
     if x.numel() != x.shape[-1]:
@@ -214,10 +213,10 @@ def supports(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
     return None
 
 
-def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, ep: Epilogue | None = None
+def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, ep: Folded | None = None
          ) -> torch.Tensor:
     """x @ w.T (+ bias), with `ep`'s prologue / epilogues, through the kernel (x: one row of K)."""
-    ep = Epilogue(bias=bias) if ep is None else Epilogue(bias, ep.residual, ep.norm_weight, ep.eps, ep.glu)
+    ep = Folded(bias=bias) if ep is None else Folded(bias, ep.residual, ep.norm_weight, ep.eps, ep.glu)
     n_out = w.shape[0] // 2 if ep.glu else w.shape[0]
     x_row = x.reshape(-1).contiguous()  # (K,)
     y = torch.empty(n_out, device=x.device, dtype=x.dtype)  # (N,)
@@ -225,7 +224,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, ep:
     return y.reshape(*x.shape[:-1], n_out)
 
 
-def gemv_reference(x, w, bias=None, ep: Epilogue = Epilogue()) -> torch.Tensor:
+def gemv_reference(x, w, bias=None, ep: Folded = Folded()) -> torch.Tensor:
     """The eager ops the fused kernel replaces, in their order and dtypes (LlamaRMSNorm, linear, SwiGLU, +)."""
     if ep.norm_weight is not None:
         xf = x.to(torch.promote_types(x.dtype, torch.float32))
@@ -248,7 +247,7 @@ def _kernel_available(x: torch.Tensor) -> bool:
 def gemv_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
             residual: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None, eps: float = 0.0,
             glu: bool = False) -> torch.Tensor:
-    ep = Epilogue(bias, residual, norm_weight, eps, glu)
+    ep = Folded(bias, residual, norm_weight, eps, glu)
     if _kernel_available(x) and supports(x, weight, bias, ep) is None:
         return gemv(x, weight, bias, ep)
     return gemv_reference(x, weight, bias, ep)

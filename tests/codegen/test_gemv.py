@@ -59,9 +59,9 @@ def test_op_on_cpu_is_linear():
     assert torch.equal(torch.ops.fxopt.gemv(x, w, b), F.linear(x, w, b))
 
 
-def _float64(ep: gemv.Epilogue) -> gemv.Epilogue:
+def _float64(ep: gemv.Folded) -> gemv.Folded:
     as64 = lambda t: None if t is None else t.double()  # noqa: E731
-    return gemv.Epilogue(as64(ep.bias), as64(ep.residual), as64(ep.norm_weight), ep.eps, ep.glu)
+    return gemv.Folded(as64(ep.bias), as64(ep.residual), as64(ep.norm_weight), ep.eps, ep.glu)
 
 
 @interpreted
@@ -76,7 +76,7 @@ def test_prologue_and_epilogues_match_the_eager_ops(dtype, norm, glu, residual):
     n_w = 2 * n_out if glu else n_out
     x = torch.randn(1, 1, k, generator=gen).mul(3).to(dtype)
     w = (torch.randn(n_w, k, generator=gen) / k**0.5).to(dtype)
-    ep = gemv.Epilogue(residual=torch.randn(1, 1, n_out, generator=gen).to(dtype) if residual else None,
+    ep = gemv.Folded(residual=torch.randn(1, 1, n_out, generator=gen).to(dtype) if residual else None,
                        norm_weight=(1 + 0.1 * torch.randn(k, generator=gen)).to(dtype) if norm else None,
                        eps=1e-5, glu=glu)
     out = gemv.gemv(x, w, None, ep)
@@ -98,7 +98,7 @@ def test_reference_is_the_llama_spelling():
     x, w, res = torch.randn(1, 16), torch.randn(12, 16), torch.randn(1, 6)
     y = F.linear(norm(x), w)
     expected = res + F.silu(y[..., :6]) * y[..., 6:]
-    got = gemv.gemv_reference(x, w, None, gemv.Epilogue(residual=res, norm_weight=norm.weight, eps=1e-6, glu=True))
+    got = gemv.gemv_reference(x, w, None, gemv.Folded(residual=res, norm_weight=norm.weight, eps=1e-6, glu=True))
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 

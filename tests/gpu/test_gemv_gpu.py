@@ -38,10 +38,10 @@ def test_folded_norm_swiglu_residual_at_llama_sizes(dtype, n_out, k, norm, glu, 
     res = torch.randn(1, 1, n_out, device="cuda", generator=gen).to(dtype) if residual else None
     g = (1 + 0.1 * torch.randn(k, device="cuda", generator=gen)).to(dtype) if norm else None
     out = torch.ops.fxopt.gemv(x, w, None, res, g, 1e-5, glu)
-    ep = gemv.Epilogue(residual=res, norm_weight=g, eps=1e-5, glu=glu)
+    ep = gemv.Folded(residual=res, norm_weight=g, eps=1e-5, glu=glu)
     eager = gemv.gemv_reference(x, w, None, ep)
     as64 = lambda t: None if t is None else t.double()  # noqa: E731
     reference = gemv.gemv_reference(x.double(), w.double(), None,
-                                    gemv.Epilogue(residual=as64(res), norm_weight=as64(g), eps=1e-5, glu=glu))
+                                    gemv.Folded(residual=as64(res), norm_weight=as64(g), eps=1e-5, glu=glu))
     ok, error, allowed = within_tolerance(out, eager, reference)
     assert ok, f"error {error:.3g} > allowed {allowed:.3g}"
