@@ -2,8 +2,19 @@
 
 import os
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("FXOPT_DUMP_DIR", os.path.join(os.environ.get("TMPDIR", "/tmp"), "fxopt-test-dump"))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny graphs: one intra-op thread avoids oversubscription (CI boxes have 2 shared cores). Modules use it
+    with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

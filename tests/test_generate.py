@@ -19,13 +19,7 @@ NEW = 64  # new tokens per greedy comparison
 PROMPT_A, PROMPT_B = 8, 5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # These graphs are tiny: one thread avoids oversubscription (CI boxes have 2 cores, shared).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def prompts(vocab: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:

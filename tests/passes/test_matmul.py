@@ -22,12 +22,7 @@ MATMULS = (aten.linear.default, aten.mm.default, aten.addmm.default, aten.matmul
 NEW = 24
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def matmul_nodes(gm: fx.GraphModule) -> list[fx.Node]:

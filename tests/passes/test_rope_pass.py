@@ -24,12 +24,7 @@ HF_LLAMA = ("hf:llama,num_hidden_layers=2,hidden_size=64,intermediate_size=128,n
             "num_key_value_heads=2,vocab_size=512")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def count(gm: fx.GraphModule, target) -> int:
