@@ -18,25 +18,20 @@ caches (b, hkv, max_len, d). kv_start / kv_len are (b,) device int tensors: row 
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 
 from fxopt.codegen import flash_attention as prefill
 from fxopt.codegen import flash_decoding as decode
 from fxopt.codegen import rope as _rope  # noqa: F401 - fxopt::rope and rope_cache_write exist wherever these do
+from fxopt.codegen.loader import ops_use_kernels
 
 DECODE_MAX_QUERIES = 16
 
 
 def _kernel_available(t: torch.Tensor) -> bool:
-    """Kernels on CUDA tensors. On CPU the ops run the plain-PyTorch references (the optimized model on CPU
-    is a reference run), even under TRITON_INTERPRET=1 -- kernel tests call the kernels directly; set
-    FXOPT_INTERPRET_OPS=1 as well to route the ops themselves through the interpreted kernels."""
-    if t.is_cuda:
-        return True
-    return os.environ.get("FXOPT_INTERPRET_OPS", "0") == "1" and prefill._use_kernel(t)
+    """loader.ops_use_kernels, and the prefill kernel's own interpreter check."""
+    return t.is_cuda or (ops_use_kernels(t) and prefill._use_kernel(t))
 
 
 def sdpa_fallback(q, k, v, key_padding_mask, attn_bias, causal: bool, scale: float) -> torch.Tensor:
@@ -131,7 +126,7 @@ def cache_write(cache: torch.Tensor, new: torch.Tensor, pos: torch.Tensor) -> No
     """
     n = new.shape[2]
     index = pos if pos.dim() == 1 else pos + torch.arange(n, device=cache.device)  # (n,)
-    if _rope._kernel_available(cache):
+    if ops_use_kernels(cache):
         _rope.slot_copy(cache, new, index)  # one Triton kernel (in the decode step's PDL chain on Hopper)
     else:
         cache.index_copy_(2, index, new.to(cache.dtype))

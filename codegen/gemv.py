@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from fxopt.codegen.flash_attention import autotune_enabled
+from fxopt.codegen.loader import ops_use_kernels
 from fxopt.codegen.pdl import launch_options, use_pdl
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
@@ -239,16 +240,12 @@ def gemv_reference(x, w, bias=None, ep: Folded = Folded()) -> torch.Tensor:
     return y
 
 
-def _kernel_available(x: torch.Tensor) -> bool:
-    return x.is_cuda or (_INTERPRET and os.environ.get("FXOPT_INTERPRET_OPS", "0") == "1")
-
-
 @torch.library.custom_op("fxopt::gemv", mutates_args=())
 def gemv_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
             residual: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None, eps: float = 0.0,
             glu: bool = False) -> torch.Tensor:
     ep = Folded(bias, residual, norm_weight, eps, glu)
-    if _kernel_available(x) and supports(x, weight, bias, ep) is None:
+    if ops_use_kernels(x) and supports(x, weight, bias, ep) is None:
         return gemv(x, weight, bias, ep)
     return gemv_reference(x, weight, bias, ep)
 

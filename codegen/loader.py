@@ -35,6 +35,13 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
+def ops_use_kernels(t) -> bool:
+    """Whether fxopt's custom ops run their Triton kernels on `t`: always on CUDA; on CPU only with
+    FXOPT_INTERPRET_OPS=1 under TRITON_INTERPRET=1 (otherwise the optimized model on CPU is a reference run
+    of plain PyTorch; kernel tests call the kernels directly)."""
+    return t.is_cuda or (interpreting() and os.environ.get("FXOPT_INTERPRET_OPS", "0") == "1")
+
+
 def default_dump_dir() -> Path:
     env = os.environ.get("FXOPT_DUMP_DIR")
     return Path(env) if env else Path.home() / ".cache" / "fxopt"

@@ -23,14 +23,13 @@ implementation allocates the same way, so meta["val"] strides equal the real one
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from fxopt.codegen.flash_attention import autotune_enabled
+from fxopt.codegen.loader import ops_use_kernels
 from fxopt.codegen.pdl import launch_options, use_pdl
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -85,15 +84,6 @@ def check_inputs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
 def _broadcasts(size, target) -> bool:
     """size is 1 or equal to target, decided without guards on symbolic sizes (the fake impl runs on them)."""
     return statically_known_true(size == 1) or statically_known_true(size == target)
-
-
-def _kernel_available(t: torch.Tensor) -> bool:
-    """The kernel on CUDA; on CPU only with FXOPT_INTERPRET_OPS=1 under TRITON_INTERPRET=1 (as the
-    attention ops: the optimized model on CPU is a reference run)."""
-    if t.is_cuda:
-        return True
-    return (os.environ.get("FXOPT_INTERPRET_OPS", "0") == "1"
-            and os.environ.get("TRITON_INTERPRET", "0") == "1")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -334,7 +324,7 @@ def rope_cache_write(cache: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, si
 @torch.library.custom_op("fxopt::rope", mutates_args=())
 def rope_op(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     check_inputs(x, cos, sin)
-    if _kernel_available(x):
+    if ops_use_kernels(x):
         return rope(x, cos, sin)
     out = new_output(x, result_dtype(x, cos, sin))
     torch.add(x * cos, rotate_half(x) * sin, out=out)  # the reference, in the kernel's layout
@@ -353,7 +343,7 @@ def rope_cache_write_op(cache: torch.Tensor, x: torch.Tensor, cos: torch.Tensor,
     """fxopt::cache_write(cache, fxopt::rope(x, cos, sin), pos) as one kernel (pos: a 0-dim start or the
     (n,) slot indices, device-side: graph-capturable)."""
     check_inputs(x, cos, sin)
-    if _kernel_available(x):
+    if ops_use_kernels(x):
         rope_cache_write(cache, x, cos, sin, pos)
         return
     cache.index_copy_(2, cache_slots(pos, x.shape[2]), rope_reference(x, cos, sin).to(cache.dtype))
