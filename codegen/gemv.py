@@ -14,8 +14,12 @@ these sizes, and a split would need a second pass or atomics.
         x (..., K) with one row. Optional prologue: RMSNorm of x times norm_weight. Optional epilogues:
         silu(gate) * up over W's two halves (glu), then + residual. On CPU: the same eager ops.
 
-The decode pass (passes/matmul.DECODE_RULES) folds a layer's norms, SwiGLU product and residual adds into its
-GEMVs, so a Llama layer's decode step is 4 GEMVs, RoPE, the cache writes and attention. On Hopper each GEMV is
+    fxopt::gemv_qkv(x, weight, bias?, norm_weight?, eps, cos?, sin?, k_cache, v_cache, pos) -> q
+        the attention input projection of a decode step: the GEMV, then the split into heads, RoPE on q and k
+        and the writes of k and v into the caches at slot pos, in the same kernel (see below).
+
+The decode pass (passes/matmul.DECODE_RULES) folds a layer's norms, SwiGLU product, residual adds, RoPE and
+cache writes into its GEMVs, so a Llama layer's decode step is 4 GEMVs and attention's 2 kernels. On Hopper each GEMV is
 launched with programmatic dependent launch: it starts streaming its weights while the previous kernel ends.
 """
 
@@ -84,20 +88,15 @@ def _load_x(x_ptr, g_ptr, k, K, rstd, NORM: tl.constexpr, EVEN_K: tl.constexpr):
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, bias_ptr, res_ptr, g_ptr, y_ptr, N, K, stride_wn, up_row, eps,
-                 HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr, NORM: tl.constexpr, GLU: tl.constexpr,
-                 PDL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
-    # One program: BLOCK_N outputs (BLOCK_N rows of W; with GLU also the BLOCK_N "up" rows up_row further).
-    # Reads those rows of W once (the bulk), x (and g) from L2, writes BLOCK_N outputs.
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
-    row_ok = rows < N
+def _products(x_ptr, g_ptr, w_rows, u_rows, row_ok, K, eps,
+              NORM: tl.constexpr, PAIRED: tl.constexpr, PDL: tl.constexpr, BLOCK_K: tl.constexpr,
+              EVEN_K: tl.constexpr):
+    """(W[rows] · x, W[u_rows] · x) in fp32 for one program's rows, x RMSNorm'd first with NORM; the second
+    is the first again unless PAIRED. The bulk of the kernel: W's rows are read once, x from L2."""
     cols = tl.arange(0, BLOCK_K)  # (BLOCK_K,)
-    w_rows = w_ptr + rows.to(tl.int64)[:, None] * stride_wn  # (BLOCK_N, 1)
-    u_rows = w_rows + up_row.to(tl.int64) * stride_wn
     # W is a constant: its first chunk is requested before waiting for the kernel that produces x
     w = _load_w(w_rows, cols, row_ok, K, EVEN_K)  # (BLOCK_N, BLOCK_K)
-    if GLU:
+    if PAIRED:
         u = _load_w(u_rows, cols, row_ok, K, EVEN_K)
     if PDL:  # launched early (programmatic dependent launch): let the next kernel launch, wait for x
         tl.extra.cuda.gdc_launch_dependents()
@@ -107,20 +106,39 @@ def _gemv_kernel(x_ptr, w_ptr, bias_ptr, res_ptr, g_ptr, y_ptr, N, K, stride_wn,
         rstd = _rms_rstd(x_ptr, K, eps, BLOCK_K)
     x = _load_x(x_ptr, g_ptr, cols, K, rstd, NORM, EVEN_K)
     acc = w.to(tl.float32) * x[None, :]  # (BLOCK_N, BLOCK_K)
-    if GLU:
+    acc_u = acc
+    if PAIRED:
         acc_u = u.to(tl.float32) * x[None, :]
     for k0 in range(BLOCK_K, K, BLOCK_K):
         k = k0 + cols
         x = _load_x(x_ptr, g_ptr, k, K, rstd, NORM, EVEN_K)
         acc += _load_w(w_rows, k, row_ok, K, EVEN_K).to(tl.float32) * x[None, :]
-        if GLU:
+        if PAIRED:
             acc_u += _load_w(u_rows, k, row_ok, K, EVEN_K).to(tl.float32) * x[None, :]
     y = tl.sum(acc, axis=1)  # (BLOCK_N,)
+    y_u = y
+    if PAIRED:
+        y_u = tl.sum(acc_u, axis=1)
+    return y, y_u
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, bias_ptr, res_ptr, g_ptr, y_ptr, N, K, stride_wn, up_row, eps,
+                 HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr, NORM: tl.constexpr, GLU: tl.constexpr,
+                 PDL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+    # One program: BLOCK_N outputs (BLOCK_N rows of W; with GLU also the BLOCK_N "up" rows up_row further).
+    # Reads those rows of W once (the bulk), x (and g) from L2, writes BLOCK_N outputs.
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
+    row_ok = rows < N
+    w_rows = w_ptr + rows.to(tl.int64)[:, None] * stride_wn  # (BLOCK_N, 1)
+    u_rows = w_rows + up_row.to(tl.int64) * stride_wn
+    y, up = _products(x_ptr, g_ptr, w_rows, u_rows, row_ok, K, eps, NORM, GLU, PDL, BLOCK_K, EVEN_K)
     if HAS_BIAS:
         y += tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
     y = _round(y, y_ptr)
     if GLU:  # silu(gate) * up, each rounded as eager's bf16 tensors are
-        up = _round(tl.sum(acc_u, axis=1), y_ptr)
+        up = _round(up, y_ptr)
         y = _round(_round(y * tl.sigmoid(y), y_ptr) * up, y_ptr)
     if RESIDUAL:
         y += tl.load(res_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
@@ -253,3 +271,152 @@ def gemv_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
 @gemv_op.register_fake
 def _(x, weight, bias, residual=None, norm_weight=None, eps=0.0, glu=False):
     return x.new_empty(x.shape[:-1] + (weight.shape[0] // 2 if glu else weight.shape[0],))
+
+
+# --------------------------------------------------------------------------------------------------
+# The attention block's input projection, with what follows it in a decode step folded in:
+#
+#     fxopt::gemv_qkv(x, weight, bias?, norm_weight?, eps, cos?, sin?, k_cache, v_cache, pos) -> q
+#         y = gemv(x, [W_q; W_k; W_v]) with the RMSNorm prologue; q, k, v = y split into heads of d;
+#         q, k rotated by RoPE (cos, sin: the step's one row of d) when given;
+#         k_cache[:, :, pos] = k and v_cache[:, :, pos] = v in place; returns q (1, q_heads, 1, d).
+#
+# Traced, that is a GEMV, three slices, three head transposes, RoPE on q, RoPE + cache write on k and the
+# cache write of v: four kernels per layer and a round trip of q/k/v through HBM. Here each program owns
+# pairs of W's rows (j, j + d/2) of one head, the two halves RoPE mixes, so it can rotate them itself.
+# Heads and head_dim come from the caches: (b, kv_heads, max_len, d); q_heads = rows / d - 2 * kv_heads.
+# --------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _gemv_qkv_kernel(x_ptr, w_ptr, bias_ptr, g_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, pos_ptr,
+                     K, stride_wn, eps, q_heads, kv_heads, s_cos, s_sin, s_kh, s_ks, s_kd, s_vh, s_vs, s_vd,
+                     HAS_BIAS: tl.constexpr, NORM: tl.constexpr, ROPE: tl.constexpr, PDL: tl.constexpr,
+                     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     EVEN_K: tl.constexpr):
+    # One program: BLOCK_N row pairs (lo = head * d + j, hi = lo + d / 2) of W, i.e. 2 * BLOCK_N outputs.
+    HALF: tl.constexpr = HEAD_DIM // 2
+    pairs = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
+    heads = q_heads + 2 * kv_heads
+    pair_ok = pairs < heads * HALF
+    head = pairs // HALF
+    j = pairs % HALF  # column within the head's first half
+    lo = head * HEAD_DIM + j  # (BLOCK_N,) rows of W
+    w_lo = w_ptr + lo.to(tl.int64)[:, None] * stride_wn  # (BLOCK_N, 1)
+    w_hi = w_lo + HALF * stride_wn
+    y_lo, y_hi = _products(x_ptr, g_ptr, w_lo, w_hi, pair_ok, K, eps, NORM, True, PDL, BLOCK_K, EVEN_K)
+    if HAS_BIAS:
+        y_lo += tl.load(bias_ptr + lo, mask=pair_ok, other=0.0).to(tl.float32)
+        y_hi += tl.load(bias_ptr + lo + HALF, mask=pair_ok, other=0.0).to(tl.float32)
+    y_lo = _round(y_lo, x_ptr)  # the projection's output, as eager's tensor holds it
+    y_hi = _round(y_hi, x_ptr)
+    is_q = head < q_heads
+    is_k = (head >= q_heads) & (head < q_heads + kv_heads)
+    if ROPE:  # q and k: (lo, hi) -> (lo * cos_j - hi * sin_j, hi * cos_(j+h) + lo * sin_(j+h)), fp32
+        c1 = tl.load(cos_ptr + j * s_cos).to(tl.float32)
+        c2 = tl.load(cos_ptr + (j + HALF) * s_cos).to(tl.float32)
+        s1 = tl.load(sin_ptr + j * s_sin).to(tl.float32)
+        s2 = tl.load(sin_ptr + (j + HALF) * s_sin).to(tl.float32)
+        rotate = is_q | is_k
+        y_lo, y_hi = tl.where(rotate, y_lo * c1 - y_hi * s1, y_lo), tl.where(rotate, y_hi * c2 + y_lo * s2, y_hi)
+    q_out = q_ptr + head * HEAD_DIM + j  # q: (1, q_heads, 1, d), dense
+    tl.store(q_out, y_lo.to(q_ptr.dtype.element_ty), mask=pair_ok & is_q)
+    tl.store(q_out + HALF, y_hi.to(q_ptr.dtype.element_ty), mask=pair_ok & is_q)
+    slot = tl.load(pos_ptr).to(tl.int64)
+    k_out = k_ptr + (head - q_heads).to(tl.int64) * s_kh + slot * s_ks + j * s_kd
+    tl.store(k_out, y_lo.to(k_ptr.dtype.element_ty), mask=pair_ok & is_k)
+    tl.store(k_out + HALF * s_kd, y_hi.to(k_ptr.dtype.element_ty), mask=pair_ok & is_k)
+    is_v = (head >= q_heads + kv_heads) & pair_ok
+    v_out = v_ptr + (head - q_heads - kv_heads).to(tl.int64) * s_vh + slot * s_vs + j * s_vd
+    tl.store(v_out, y_lo.to(v_ptr.dtype.element_ty), mask=is_v)
+    tl.store(v_out + HALF * s_vd, y_hi.to(v_ptr.dtype.element_ty), mask=is_v)
+
+
+def qkv_heads(weight: torch.Tensor, k_cache: torch.Tensor) -> tuple[int, int, int]:
+    """(q_heads, kv_heads, head_dim) of a fused [W_q; W_k; W_v] next to its (b, kv_heads, max_len, d) cache."""
+    kv_heads, head_dim = k_cache.shape[1], k_cache.shape[3]
+    return weight.shape[0] // head_dim - 2 * kv_heads, kv_heads, head_dim
+
+
+def q_dtype(x: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None) -> torch.dtype:
+    """q's dtype as eager gives it: the projection's, promoted by RoPE's tables (codegen/rope.result_dtype)."""
+    if cos is None:
+        return x.dtype
+    return torch.promote_types(torch.promote_types(x.dtype, cos.dtype), sin.dtype)
+
+
+def supports_qkv(x, weight, bias, ep: Folded, cos, sin, k_cache, v_cache, pos) -> str | None:
+    """None when gemv_qkv's kernel covers the call, else why not (the op then runs the reference)."""
+    reason = supports(x, weight, bias, ep)
+    if reason is not None or ep.glu or ep.residual is not None:
+        return reason or "a GLU or residual epilogue"
+    q_heads, kv_heads, d = qkv_heads(weight, k_cache)
+    if d % 2 or weight.shape[0] != (q_heads + 2 * kv_heads) * d or q_heads < 1:
+        return f"{weight.shape[0]} rows are not q, k and v heads of {d}"
+    if v_cache.shape[1] != kv_heads or v_cache.shape[3] != d or k_cache.shape[0] != 1 or v_cache.shape[0] != 1:
+        return "the caches are not one sequence of the same heads"
+    if pos.numel() != 1 or pos.dtype not in (torch.int32, torch.int64):
+        return "pos is not one integer slot"
+    tables = [] if cos is None else [cos, sin]
+    if any(t.numel() != d or t.dtype not in DTYPES for t in tables) or (cos is None) != (sin is None):
+        return "cos and sin are not one row of d"
+    if len({t.device for t in (x, weight, k_cache, v_cache, pos, *tables)}) != 1:
+        return "tensors on several devices"
+    if k_cache.dtype not in DTYPES or v_cache.dtype not in DTYPES:
+        return "cache dtypes"
+    return None
+
+
+def gemv_qkv_reference(x, weight, bias, ep: Folded, cos, sin, k_cache, v_cache, pos) -> torch.Tensor:
+    """The eager ops the kernel replaces: the GEMV, the head split, RoPE on q and k, the two cache writes."""
+    from fxopt.codegen.rope import cache_slots, rope_reference
+
+    q_heads, kv_heads, d = qkv_heads(weight, k_cache)
+    y = gemv_reference(x, weight, bias, ep)  # (1, 1, rows)
+    q, k, v = (t.reshape(1, 1, -1, d).transpose(1, 2)  # (1, heads, 1, d)
+               for t in y.split([q_heads * d, kv_heads * d, kv_heads * d], dim=-1))
+    if cos is not None:
+        q, k = rope_reference(q, cos, sin), rope_reference(k, cos, sin)
+    slots = cache_slots(pos.reshape(-1), 1)
+    k_cache.index_copy_(2, slots, k.to(k_cache.dtype))
+    v_cache.index_copy_(2, slots, v.to(v_cache.dtype))
+    return q.contiguous()
+
+
+def gemv_qkv(x, weight, bias, ep: Folded, cos, sin, k_cache, v_cache, pos) -> torch.Tensor:
+    """The kernel's launcher (inputs already checked by supports_qkv)."""
+    q_heads, kv_heads, d = qkv_heads(weight, k_cache)
+    x_row = x.reshape(-1).contiguous()  # (K,)
+    q = torch.empty(1, q_heads, 1, d, device=x.device, dtype=q_dtype(x, cos, sin))
+    n, k = weight.shape
+    config = default_config(n, k, glu=True)  # a program reads two rows of W per pair, as with GLU
+    block_n, block_k = config.kwargs["BLOCK_N"], config.kwargs["BLOCK_K"]
+    rope = cos is not None
+    cos_row = cos.reshape(-1) if rope else x_row
+    sin_row = sin.reshape(-1) if rope else x_row
+    pdl = use_pdl(x.device)
+    _gemv_qkv_kernel[(triton.cdiv(n // 2, block_n),)](
+        x_row, weight, _or(bias, x_row), _or(ep.norm_weight, x_row), cos_row, sin_row, q, k_cache, v_cache, pos,
+        k, weight.stride(0), ep.eps, q_heads, kv_heads, cos_row.stride(0), sin_row.stride(0),
+        k_cache.stride(1), k_cache.stride(2), k_cache.stride(3), v_cache.stride(1), v_cache.stride(2),
+        v_cache.stride(3),
+        HAS_BIAS=bias is not None, NORM=ep.norm_weight is not None, ROPE=rope, PDL=pdl, HEAD_DIM=d,
+        BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0, num_warps=config.num_warps,
+        **launch_options(pdl))
+    return q
+
+
+@torch.library.custom_op("fxopt::gemv_qkv", mutates_args=("k_cache", "v_cache"))
+def gemv_qkv_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, norm_weight: torch.Tensor | None,
+                eps: float, cos: torch.Tensor | None, sin: torch.Tensor | None, k_cache: torch.Tensor,
+                v_cache: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    ep = Folded(norm_weight=norm_weight, eps=eps)
+    if ops_use_kernels(x) and supports_qkv(x, weight, bias, ep, cos, sin, k_cache, v_cache, pos) is None:
+        return gemv_qkv(x, weight, bias, ep, cos, sin, k_cache, v_cache, pos)
+    return gemv_qkv_reference(x, weight, bias, ep, cos, sin, k_cache, v_cache, pos)
+
+
+@gemv_qkv_op.register_fake
+def _(x, weight, bias, norm_weight, eps, cos, sin, k_cache, v_cache, pos):
+    q_heads, _, d = qkv_heads(weight, k_cache)
+    return x.new_empty((1, q_heads, 1, d), dtype=q_dtype(x, cos, sin))

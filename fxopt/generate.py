@@ -207,12 +207,16 @@ class Generator:
             kv.propagate_meta(program, ids, self._slot, kv_start, *[c[:bucket] for c in self.caches])
             ctx = PassContext()
             cost.run(program, ctx)
-            gemvs = matmul.run_decode(program, ctx)  # batch 1: each linear a one-row GEMV (codegen/gemv.py)
-            roped = rope.run(program, ctx)  # RoPE (and K's rotate + cache write) as one kernel each, first:
-            result = fusion.run(program, ctx)  # fusion cannot fuse the slice/neg/cat of rotate_half
+            roped = rope.run(program, ctx)  # RoPE (and K's rotate + cache write) as one kernel each, before
+            # fusion, which cannot fuse the slice/neg/cat of rotate_half
+            gemvs = matmul.run_decode(program, ctx)  # batch 1: each linear a one-row GEMV (codegen/gemv.py),
+            # norms, SwiGLU, residual adds and the q/k/v head split, RoPE and cache writes folded into them
+            result = fusion.run(program, ctx)
             self.notes.append(f"decode program for batch {bucket}: {roped.counts.get('rope', 0)} rope kernels "
                               f"({roped.counts.get('rope_cache_write', 0)} writing K into the cache), "
-                              f"{result.counts.get('regions', 0)} fused regions, {gemvs.counts.get('gemv', 0)} GEMVs")
+                              f"{result.counts.get('regions', 0)} fused regions, {gemvs.counts.get('gemv', 0)} GEMVs "
+                              f"({gemvs.counts.get('gemv_qkv', 0)} with the q/k/v heads, RoPE and cache writes "
+                              "folded in)")
             return program
         except Exception as exc:  # noqa: BLE001 - fusion is an optimisation: fall back, say so
             note = f"decode program for batch {bucket}: fusion failed ({type(exc).__name__}: {exc}); unfused"

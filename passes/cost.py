@@ -134,6 +134,20 @@ def gemv_cost(ctx: PassContext, node: fx.Node) -> Cost:
     return io_cost(ctx, node, 2 * ctx.named(weight.shape[0]) * ctx.named(weight.shape[1]), "matmul")
 
 
+def gemv_qkv_cost(ctx: PassContext, node: fx.Node) -> Cost:
+    """fxopt::gemv_qkv: the GEMV's 2·rows·K FLOPs; bytes: x, W, bias, norm weight, the RoPE row and pos read,
+    q written and one new row of K and of V written into the caches (never the whole cache)."""
+    x, weight, bias, norm_w, _, cos, sin, k_cache, v_cache, pos = node.args
+    read = sum((distinct_bytes(ctx, a.meta["val"]) for a in (x, weight, bias, norm_w, cos, sin, pos)
+                if isinstance(a, fx.Node)), ZERO)
+    q = node.meta["val"]
+    kv_rows = sum(c.meta["val"].shape[1] * c.meta["val"].shape[3] * c.meta["val"].element_size()
+                  for c in (k_cache, v_cache))
+    flops = 2 * ctx.named(weight.meta["val"].shape[0]) * ctx.named(weight.meta["val"].shape[1])
+    return Cost(sympy.expand(flops), sympy.expand(read), sympy.expand(nbytes(ctx, q) + kv_rows), "matmul",
+                weight.meta["val"].dtype)
+
+
 def sdpa_cost(ctx: PassContext, node: fx.Node) -> Cost:
     """4·b·h·sq·skv·d for QKᵀ and PV, halved when causal."""
     q, k = node.args[0].meta["val"], node.args[1].meta["val"]
@@ -333,6 +347,7 @@ _RULES: dict[object, Callable[[PassContext, fx.Node], Cost]] = {
         )
     },
     torch.ops.fxopt.gemv.default: gemv_cost,
+    torch.ops.fxopt.gemv_qkv.default: gemv_qkv_cost,
     _op("scaled_dot_product_attention.default"): sdpa_cost,
     torch.ops.fxopt.attention.default: fxopt_attention_cost,
     torch.ops.fxopt.cached_attention.default: cached_attention_cost,

@@ -16,6 +16,10 @@ Two rewrites of matmuls whose weight is a constant of the GraphModule (a `get_at
                  the padded copy. K is never padded: that would need a copy of the activation at every call, so a
                  weight with an unaligned K is left alone and counted (`k_unaligned`).
 
+DECODE_RULES rewrite a static batch-1 decode program (after the rope pass): each constant-weight linear becomes
+fxopt::gemv (codegen/gemv.py), and the RMSNorm before it, the SwiGLU product and residual add after it, and for
+the q/k/v projection the head split, RoPE and K/V cache writes (fxopt::gemv_qkv) are folded into that kernel.
+
 A rewrite whose outputs become strided views is refused when a downstream view (`aten.view`) can no longer be
 taken over the new strides; the check re-runs every layout op downstream of the rewritten outputs under the
 graph's FakeTensorMode, and those nodes' meta["val"] take the new strides. New tensors are registered as
@@ -45,6 +49,9 @@ MAX_PAD_OVERHEAD = 1 / 64  # pad to PREFERRED_ALIGN only when it adds at most th
 INT_MAX = 2**63 - 1
 
 LINEAR = aten.linear.default
+ROPE = torch.ops.fxopt.rope.default  # registered by the cost pass's imports (codegen/rope.py, attention_op.py)
+ROPE_CACHE_WRITE = torch.ops.fxopt.rope_cache_write.default
+CACHE_WRITE = torch.ops.fxopt.cache_write.default
 SLICE = aten.slice.Tensor
 MATMUL_TARGETS = (aten.linear.default, aten.mm.default, aten.matmul.default, aten.addmm.default)
 TRANSPOSES = (aten.t.default, aten.transpose.int, aten.permute.default, aten.numpy_T.default)
@@ -737,11 +744,145 @@ def fold_norm(rw: Rewriter, m: NormMatch) -> None:
     rw.drop_if_unused(*m.chain)
 
 
+# ------------------------------------------------------------------------------------------ decode: q/k/v heads
+@dataclass
+class HeadsMatch:
+    gemv: fx.Node  # the fused [W_q; W_k; W_v] GEMV
+    heads: list[fx.Node]  # q, k, v split into heads, (b, heads, 1, d): the transposes of split_heads
+    splits: list[fx.Node]  # their slices and views, users first
+    q: fx.Node  # what attention reads as q: fxopt::rope of q's heads, or those heads
+    writes: list[fx.Node]  # k's fxopt::(rope_)cache_write, then v's fxopt::cache_write
+
+
+def _split_heads(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
+    """(view, transpose) when node's only user views it as (b, s, heads, d) and that view's only user swaps the
+    token and head dims: split_heads as models/ and HF write it."""
+    view = _only_user(node)
+    if view is None or view.target not in (aten.view.default, aten.reshape.default, aten._unsafe_view.default):
+        return None
+    heads = _only_user(view)
+    if heads is None or heads.target is not aten.transpose.int or not isinstance(_val(heads), torch.Tensor):
+        return None
+    rank = _val(heads).dim()
+    if rank != 4 or sorted(d % rank for d in heads.args[1:3]) != [1, 2]:
+        return None
+    return view, heads
+
+
+SPLITS = (aten.split.Tensor, aten.split_with_sizes.default)
+
+
+def _three_parts(g: fx.Node) -> list[fx.Node] | None:
+    """g's output cut along its last dim into three consecutive pieces, in order: three slices (what
+    fuse_siblings leaves) or the getitems of one split (GPT-2's c_attn(x).split(d, dim=2))."""
+    n = _val(g).shape[-1]
+    if len(g.users) == 1 and next(iter(g.users)).target in SPLITS:
+        split = next(iter(g.users))
+        dim = split.args[2] if len(split.args) > 2 else split.kwargs.get("dim", 0)
+        items = {u.args[1]: u for u in split.users if u.target is operator.getitem}
+        if dim % _val(g).dim() != _val(g).dim() - 1 or len(split.users) != 3 or sorted(items) != [0, 1, 2]:
+            return None
+        return [items[i] for i in range(3)]
+    parts = sorted(((_last_dim_slice_of(u, g) or (-1, -1)), u.name, u) for u in g.users)
+    bounds = [b for (start, end), _, _ in parts for b in (start, min(end, n))]
+    if len(parts) != 3 or bounds != [0, bounds[1], bounds[1], bounds[3], bounds[3], n]:
+        return None
+    return [node for _, _, node in parts]
+
+
+def qkv_heads_after_gemv(gm: fx.GraphModule) -> list[HeadsMatch]:
+    """gemv -> three last-dim slices covering it -> split_heads each -> q: attention (through fxopt::rope or
+    not), k: fxopt::(rope_)cache_write, v: fxopt::cache_write. What the kv_cache, rope and fuse_siblings
+    rewrites leave of a decode step's attention input."""
+    matches = []
+    for g in _gemvs(gm):
+        parts = _three_parts(g)
+        split = [_split_heads(node) for node in parts or ()]
+        if not split or any(s is None for s in split):
+            continue
+        heads = [s[1] for s in split]
+        rope = _only_user(heads[0])
+        q = rope if rope is not None and rope.target is ROPE and rope.args[0] is heads[0] else heads[0]
+        writes = [_only_user(heads[1]), _only_user(heads[2])]
+        if writes[0] is None or writes[0].target not in (ROPE_CACHE_WRITE, CACHE_WRITE) or writes[1] is None \
+                or writes[1].target is not CACHE_WRITE or any(w.args[1] is not h for w, h in zip(writes, heads[1:])):
+            continue
+        splits = [s[0] for s in split] + parts + [u for u in g.users if u.target in SPLITS]
+        matches.append(HeadsMatch(g, heads, splits, q, writes))
+    return matches
+
+
+def _same_value(a, b) -> bool:
+    """a and b compute the same thing: the same node, or the same op over the same values (the rope pass leaves
+    q's and k's copies of `unsqueeze(cos, 1)`)."""
+    if a is b:
+        return True
+    if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)) or a.op != "call_function" or b.op != a.op:
+        return False
+    return (a.target is b.target and len(a.args) == len(b.args) and a.kwargs == b.kwargs
+            and all(_same_value(x, y) for x, y in zip(a.args, b.args)))
+
+
+def _qkv_args(m: HeadsMatch) -> tuple:
+    """fxopt::gemv_qkv's arguments: x, weight, bias, norm_weight, eps (the GEMV's), cos, sin, caches, pos."""
+    g, (k_write, v_write) = m.gemv, m.writes
+    cos, sin = (m.q.args[1], m.q.args[2]) if m.q is not m.heads[0] else (None, None)
+    return (g.args[G_X], g.args[G_W], g.args[G_BIAS], g.args[G_NORM_W], g.args[G_EPS], cos, sin,
+            k_write.args[0], v_write.args[0], k_write.args[-1])
+
+
+def _consumers(m: HeadsMatch) -> list[fx.Node]:
+    """The nodes the fused op must precede: the writes, and q's rope or else q's readers."""
+    return m.writes + ([m.q] if m.q is not m.heads[0] else list(m.heads[0].users))
+
+
+def check_qkv(rw: Rewriter, m: HeadsMatch) -> str | None:
+    from fxopt.codegen import gemv
+
+    g, (k_write, v_write) = m.gemv, m.writes
+    if g.args[G_GLU] or g.args[G_RES] is not None:
+        return "the projection has an epilogue already"
+    if k_write.args[-1] is not v_write.args[-1]:
+        return "k and v are written at different positions"
+    rotated = k_write.target is ROPE_CACHE_WRITE
+    if rotated != (m.q is not m.heads[0]):
+        return "RoPE on only one of q and k"
+    if rotated and not all(_same_value(a, b) for a, b in zip(m.q.args[1:3], k_write.args[2:4])):
+        return "q and k are rotated by different tables"
+    x, w, bias, norm_w, eps, cos, sin, k_cache, v_cache, pos = args = _qkv_args(m)
+    vals = [_val(a) if isinstance(a, fx.Node) else a for a in args]
+    q_heads, kv_heads, d = gemv.qkv_heads(vals[1], vals[7])
+    if [tuple(_val(h).shape) for h in m.heads] != [(1, q_heads, 1, d), (1, kv_heads, 1, d), (1, kv_heads, 1, d)]:
+        return "the head split does not match the caches' heads and head dim"
+    reason = gemv.supports_qkv(vals[0], vals[1], vals[2], gemv.Folded(norm_weight=vals[3], eps=eps), *vals[5:])
+    if reason is not None:
+        return reason
+    order = {node: i for i, node in enumerate(rw.gm.graph.nodes)}
+    first = min(order[c] for c in _consumers(m))
+    if any(isinstance(a, fx.Node) and order[a] >= first for a in args):
+        return "an input is computed after q, k or v is first used"
+    return None
+
+
+def fold_qkv(rw: Rewriter, m: HeadsMatch) -> None:
+    from fxopt.codegen import gemv  # noqa: F401 - registers fxopt::gemv_qkv
+
+    order = {node: i for i, node in enumerate(rw.gm.graph.nodes)}
+    first = min(_consumers(m), key=order.__getitem__)
+    with rw.gm.graph.inserting_before(first):
+        node = rw.call(torch.ops.fxopt.gemv_qkv.default, _qkv_args(m), like=m.gemv)
+    m.q.replace_all_uses_with(node)
+    k_tables = list(m.writes[0].args[2:4]) if m.writes[0].target is ROPE_CACHE_WRITE else []
+    rw.drop_if_unused(*m.writes, m.q, *m.heads, *m.splits, m.gemv, *k_tables)
+
+
 DECODE_RULES: tuple[Rule, ...] = (
     Rule("gemv", one_row_linears, check_gemv, to_gemv),  # cuBLAS GEMV -> fxopt's (codegen/gemv.py)
     Rule("gemv_swiglu", swiglu_after_gemv, check_glu, fold_glu),  # silu(gate) * up: the GEMV's epilogue
     Rule("gemv_residual", residual_add_after_gemv, check_residual, fold_residual),  # + residual: epilogue
     Rule("gemv_rms_norm", rms_norm_before_gemv, check_norm, fold_norm),  # RMSNorm of x: prologue
+    # split into heads, RoPE on q and k, K/V cache writes: the q/k/v GEMV's epilogue (after passes/rope.py)
+    Rule("gemv_qkv", qkv_heads_after_gemv, check_qkv, fold_qkv),
 )
 
 
@@ -753,7 +894,7 @@ def run_decode(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
 def _describe(match) -> str:
     if isinstance(match, WeightMatmul):
         return match.node.name
-    if isinstance(match, (GluMatch, ResidualMatch, NormMatch)):
+    if isinstance(match, (GluMatch, ResidualMatch, NormMatch, HeadsMatch)):
         return match.gemv.name
     if isinstance(match, SiblingGroup):
         return "+".join(m.node.name for m in match.members)

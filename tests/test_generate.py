@@ -321,8 +321,9 @@ def test_bench_decode_smoke_on_cpu(capsys):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_batch_one_decode_program_runs_its_linears_as_gemvs(llama, dtype):
     """At batch 1 every linear of the decode program (q/k/v and gate/up already fused, o, down, lm_head)
-    becomes one fxopt::gemv, which also takes in the RMSNorms before it, the SwiGLU product and the residual
-    adds after it; at batch 2 none does. Tokens are unchanged (on CPU the op runs the same eager ops)."""
+    becomes one GEMV, which also takes in the RMSNorms before it, the SwiGLU product and the residual adds
+    after it; the q/k/v one (fxopt::gemv_qkv) also splits heads, applies RoPE and writes K and V into the
+    caches. At batch 2 none does. Tokens are unchanged (on CPU the ops run the same eager ops)."""
     model = models.build("llama-tiny", n_layers=2, dtype=dtype)  # bf16: the residual adds are not casts
     plain = build_generator(model, model.example_inputs(1, 8), max_seq_len=24, max_batch=2)
     fused = Generator(plain.programs, max_seq_len=24, max_batch=2, device=torch.device("cpu"), fuse_decode=True)
@@ -333,33 +334,41 @@ def test_batch_one_decode_program_runs_its_linears_as_gemvs(llama, dtype):
     linears = count(plain.programs.decode, torch.ops.aten.linear.default)
     assert linears == 2 * 4 + 1  # per layer: qkv, o, gate+up, down; then the lm_head
     one = fused.decode_program(1)
-    assert count(one, torch.ops.fxopt.gemv.default) == linears
+    assert count(one, torch.ops.fxopt.gemv_qkv.default) == 2
+    assert count(one, torch.ops.fxopt.gemv.default) == linears - 2
     assert count(one, torch.ops.aten.linear.default) == 0
+    for op in (torch.ops.fxopt.rope.default, torch.ops.fxopt.rope_cache_write.default,
+               torch.ops.fxopt.cache_write.default):
+        assert count(one, op) == 0
+    qkv = [n for n in one.graph.nodes if n.target == torch.ops.fxopt.gemv_qkv.default]
+    assert all(n.args[3] is not None and n.args[5] is not None for n in qkv)  # RMSNorm and RoPE folded in
     gemvs = [n for n in one.graph.nodes if n.target == torch.ops.fxopt.gemv.default]
-    assert sum(n.args[4] is not None for n in gemvs) == 2 * 2 + 1  # norms: before q/k/v, gate/up, lm_head
+    assert sum(n.args[4] is not None for n in gemvs) == 2 + 1  # norms: before gate/up, lm_head
     assert sum(n.args[6] for n in gemvs) == 2  # SwiGLU into gate/up
     assert sum(n.args[3] is not None for n in gemvs) == 2 * 2  # residual adds after o and down
     for op in (torch.ops.aten.silu.default, torch.ops.aten.rsqrt.default, torch.ops.aten.pow.Tensor_Scalar):
         assert count(one, op) == 0
     regions = [n for n in one.graph.nodes if n.op == "call_module"]
-    assert not [r for r in regions if any(a in gemvs for a in r.args)], "no fused region is left after a GEMV"
+    assert not [r for r in regions if any(a in gemvs + qkv for a in r.args)], "no fused region after a GEMV"
     assert count(fused.decode_program(2), torch.ops.fxopt.gemv.default) == 0
     ids = model.example_inputs(1, 6, seed=3)["input_ids"]
     assert torch.equal(fused.generate(ids, 8), plain.generate(ids, 8))
     assert not any("fusion failed" in note for note in fused.notes), fused.notes
 
 
-def test_decode_kernels_interpreted_match_full_recompute(monkeypatch):
+@pytest.mark.parametrize("name", ["llama-tiny", "gpt2-tiny"])
+def test_decode_kernels_interpreted_match_full_recompute(monkeypatch, name):
     """The batch-1 decode step run through the interpreted kernels themselves (FXOPT_INTERPRET_OPS=1: the
-    GEMVs with their folded norm / SwiGLU / residual, RoPE with its cache write, the V cache write and
-    Flash-Decoding) gives full recompute's greedy tokens."""
+    GEMVs with their folded norm / SwiGLU / residual, the q/k/v GEMV with its head split, RoPE and cache writes,
+    and Flash-Decoding) gives full recompute's greedy tokens."""
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("interpreter test (tests/gpu runs the kernels on the GPU)")
     monkeypatch.setenv("FXOPT_INTERPRET_OPS", "1")
-    model = models.build("llama-tiny", n_layers=1)
+    model = models.build(name, n_layers=1)
     plain = build_generator(model, model.example_inputs(1, 8), max_seq_len=32, max_batch=1)
     fused = Generator(plain.programs, max_seq_len=32, max_batch=1, device=torch.device("cpu"), fuse_decode=True)
-    assert sum(n.target == torch.ops.fxopt.gemv.default for n in fused.decode_program(1).graph.nodes) == 5
+    targets = [n.target for n in fused.decode_program(1).graph.nodes]
+    assert targets.count(torch.ops.fxopt.gemv.default) == 4 and targets.count(torch.ops.fxopt.gemv_qkv.default) == 1
     ids = model.example_inputs(1, 7, seed=11)["input_ids"]
     logits_fn = lambda x: model(input_ids=x)  # noqa: E731
     assert torch.equal(fused.generate(ids, 12), recompute(logits_fn, ids, 12))

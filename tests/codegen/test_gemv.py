@@ -129,3 +129,124 @@ def test_gemv_kernel_compiles_for_sm90_without_a_gpu(tmp_path):
     from aot_sm90 import run_script
 
     assert run_script(tmp_path, "aot_gemv", _AOT_SCRIPT).count("compiled gemv") == 6
+
+
+# --------------------------------------------------------------------------------------------------
+# fxopt::gemv_qkv: the q/k/v projection with its head split, RoPE and both cache writes
+# --------------------------------------------------------------------------------------------------
+def _qkv_case(dtype, *, q_heads=4, kv_heads=2, d=16, k=40, norm=True, rope=True, bias=False, slot=5, seed=0):
+    """Inputs of one decode step: x (1, 1, K), [W_q; W_k; W_v], tables for one position, caches holding
+    random earlier rows (so a write to the wrong slot shows)."""
+    from fxopt.models.llama import rope_tables
+
+    gen = torch.Generator().manual_seed(seed)
+    n = (q_heads + 2 * kv_heads) * d
+    x = torch.randn(1, 1, k, generator=gen).mul(2).to(dtype)
+    w = (torch.randn(n, k, generator=gen) / k**0.5).to(dtype)
+    b = torch.randn(n, generator=gen).to(dtype) if bias else None
+    ep = gemv.Folded(norm_weight=(1 + 0.1 * torch.randn(k, generator=gen)).to(dtype) if norm else None, eps=1e-5)
+    cos, sin = (t[slot].reshape(1, 1, 1, d).to(dtype) for t in rope_tables(slot + 1, d, 10000.0)) if rope \
+        else (None, None)
+    caches = [torch.randn(1, kv_heads, 12, d, generator=gen).to(dtype) for _ in range(2)]
+    return x, w, b, ep, cos, sin, caches, torch.tensor([slot])
+
+
+def _qkv_eager(x, w, b, ep, cos, sin, caches, pos, *, n_heads, n_kv_heads):
+    """models/llama.py's spelling of the same step: linear, split_heads, apply_rope, cache[:, :, pos] = ..."""
+    from fxopt.models.llama import apply_rope
+
+    y = F.linear(gemv.gemv_reference(x, torch.eye(x.shape[-1], dtype=x.dtype), None, ep) if ep.norm_weight
+                 is not None else x, w, b)
+    d = caches[0].shape[-1]
+    q, k, v = (t.view(1, 1, -1, d).transpose(1, 2) for t in y.split([n_heads * d, n_kv_heads * d, n_kv_heads * d], -1))
+    if cos is not None:
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    k_cache, v_cache = (c.clone() for c in caches)
+    k_cache[:, :, pos] = k.to(k_cache.dtype)
+    v_cache[:, :, pos] = v.to(v_cache.dtype)
+    return q, k_cache, v_cache
+
+
+def test_qkv_reference_is_the_llama_spelling():
+    """gemv_qkv_reference (the op's CPU path) is the chain it replaces, written as models/llama.py does."""
+    x, w, b, ep, cos, sin, caches, pos = _qkv_case(torch.float32, norm=False, bias=True)
+    q_eager, k_eager, v_eager = _qkv_eager(x, w, b, ep, cos, sin, caches, pos, n_heads=4, n_kv_heads=2)
+    k_cache, v_cache = (c.clone() for c in caches)
+    q = gemv.gemv_qkv_reference(x, w, b, ep, cos, sin, k_cache, v_cache, pos)
+    torch.testing.assert_close(q, q_eager, rtol=0, atol=0)
+    torch.testing.assert_close(k_cache, k_eager, rtol=0, atol=0)
+    torch.testing.assert_close(v_cache, v_eager, rtol=0, atol=0)
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("norm, rope, bias, heads", [(True, True, False, (4, 2)), (False, True, True, (2, 2)),
+                                                     (True, False, True, (6, 1)), (False, False, False, (1, 1))])
+def test_qkv_kernel_matches_the_eager_chain(dtype, norm, rope, bias, heads):
+    """The kernel's q and caches against the eager chain in float64: only slot `pos` of each cache changes,
+    to within eager's own rounding (GQA head counts, K not a multiple of the tile, with and without RoPE)."""
+    q_heads, kv_heads = heads
+    case = _qkv_case(dtype, q_heads=q_heads, kv_heads=kv_heads, norm=norm, rope=rope, bias=bias, seed=q_heads)
+    x, w, b, ep, cos, sin, caches, pos = case
+    assert gemv.supports_qkv(x, w, b, ep, cos, sin, *caches, pos) is None
+    k_cache, v_cache = (c.clone() for c in caches)
+    q = gemv.gemv_qkv(x, w, b, ep, cos, sin, k_cache, v_cache, pos)
+    as64 = lambda t: None if t is None else t.double()  # noqa: E731
+    eager = _qkv_eager(x, w, b, ep, cos, sin, caches, pos, n_heads=q_heads, n_kv_heads=kv_heads)
+    exact = _qkv_eager(x.double(), w.double(), as64(b), _float64(ep), as64(cos), as64(sin),
+                       [c.double() for c in caches], pos, n_heads=q_heads, n_kv_heads=kv_heads)
+    slot = int(pos)
+    for got, ours, ref in zip((q, k_cache, v_cache), eager, exact):
+        assert got.shape == ours.shape and got.dtype == ours.dtype
+        if got is not q:  # every other slot is untouched
+            keep = [i for i in range(got.shape[2]) if i != slot]
+            assert torch.equal(got[:, :, keep], ours[:, :, keep])
+            got, ours, ref = got[:, :, slot], ours[:, :, slot], ref[:, :, slot]
+        error = (got.double() - ref).abs().max().item()
+        eager_error = (ours.double() - ref).abs().max().item()
+        assert error <= FACTOR[dtype] * eager_error + 1e-5, (error, eager_error)
+
+
+def test_qkv_supports_names_what_the_kernel_does_not_cover():
+    x, w, b, ep, cos, sin, caches, pos = _qkv_case(torch.float32)
+    assert gemv.supports_qkv(x, w, b, ep, cos, sin, *caches, pos) is None
+    assert "heads" in gemv.supports_qkv(x, w[:-8], b, ep, cos, sin, *caches, pos)
+    assert gemv.supports_qkv(x, w, b, ep, cos, sin, *caches, torch.tensor([1, 2])) == "pos is not one integer slot"
+    two_rows = [torch.cat([c, c]) for c in caches]
+    assert "one sequence" in gemv.supports_qkv(x, w, b, ep, cos, sin, *two_rows, pos)
+    assert "one row of d" in gemv.supports_qkv(x, w, b, ep, cos.expand(1, 1, 2, 16), sin, *caches, pos)
+
+
+def test_qkv_op_on_cpu_writes_the_caches_and_returns_q():
+    x, w, b, ep, cos, sin, caches, pos = _qkv_case(torch.float32)
+    k_cache, v_cache = (c.clone() for c in caches)
+    q = torch.ops.fxopt.gemv_qkv(x, w, b, ep.norm_weight, ep.eps, cos, sin, k_cache, v_cache, pos)
+    q_eager, k_eager, v_eager = _qkv_eager(x, w, b, ep, cos, sin, caches, pos, n_heads=4, n_kv_heads=2)
+    torch.testing.assert_close(q, q_eager)
+    torch.testing.assert_close(k_cache, k_eager)
+    torch.testing.assert_close(v_cache, v_eager)
+
+
+_AOT_QKV_SCRIPT = r"""
+from fxopt.codegen import gemv as G
+
+ints = {"K": "i32", "stride_wn": "i32", "eps": "fp32", "q_heads": "i32", "kv_heads": "i32", "s_cos": "i32",
+        "s_sin": "i32", "s_kh": "i32", "s_ks": "i32", "s_kd": "i32", "s_vh": "i32", "s_vs": "i32", "s_vd": "i32"}
+for ptr in ("*bf16", "*fp32"):
+    signature = {p.name: ints.get(p.name, "*i64" if p.name == "pos_ptr" else ptr)
+                 for p in G._gemv_qkv_kernel.params if not p.is_constexpr}
+    for norm, rope, pdl in ((True, True, True), (False, False, False)):
+        constexprs = dict(HAS_BIAS=False, NORM=norm, ROPE=rope, PDL=pdl, HEAD_DIM=64, BLOCK_N=1, BLOCK_K=1024,
+                          EVEN_K=True)
+        ptx = compile_sm90(G._gemv_qkv_kernel, signature, constexprs, num_warps=4).asm["ptx"]
+        assert ("griddepcontrol.wait" in ptx) == pdl
+        if pdl:  # the weights' first chunk is requested before waiting for the previous kernel
+            assert ptx.index("ld.global") < ptx.index("griddepcontrol.wait"), "weight loads after the wait"
+        print("compiled gemv_qkv", ptr, norm, rope, pdl)
+"""
+
+
+def test_gemv_qkv_kernel_compiles_for_sm90_without_a_gpu(tmp_path):
+    from aot_sm90 import run_script
+
+    assert run_script(tmp_path, "aot_gemv_qkv", _AOT_QKV_SCRIPT).count("compiled gemv_qkv") == 4

@@ -337,3 +337,73 @@ def test_linear_value_from_shapes_matches_linear(shape):
         sym = matmul._linear_val(fx_, fw)
     assert len(sym.shape) == len(shape) and int(sym.shape[-1]) == 24
     assert [int(d) for d in sym.shape] == list(real.shape)
+
+
+# ------------------------------------------------------------------------------------------ decode: gemv_qkv
+QKV = torch.ops.fxopt.gemv_qkv.default
+
+
+def _decode_program_before_qkv_fold(name: str, batch: int = 1):
+    """A preset's batch-`batch` decode program after the rope pass and every decode rule except gemv_qkv."""
+    from fxopt.generate import Generator
+    from fxopt.passes import kv_cache as kv
+    from fxopt.passes import rope
+    from fxopt.passes.infra import PassContext
+
+    model = models.build(name, n_layers=2)
+    gen = build_generator(model, model.example_inputs(1, 8), max_seq_len=24, max_batch=batch)
+    gen = Generator(gen.programs, max_seq_len=24, max_batch=batch, device=torch.device("cpu"))
+    program = fx.GraphModule(gen.programs.decode, gen.programs.decode.graph.__deepcopy__())
+    ids = torch.zeros(batch, 1, dtype=torch.long)
+    kv.propagate_meta(program, ids, gen._slot, torch.zeros(batch, dtype=torch.long), *gen.caches)
+    ctx = PassContext()
+    rope.run(program, ctx)
+    rules = tuple(r for r in matmul.DECODE_RULES if r.name != "gemv_qkv")
+    matmul.run_rules(program, ctx, rules, matmul._describe, "matmul")
+    return program
+
+
+@pytest.mark.parametrize("name, rotated", [("llama-tiny", True), ("gpt2-tiny", False)])
+def test_qkv_fold_matches_each_layer(name, rotated):
+    """Every layer's q/k/v GEMV matches (Llama: slices + RoPE; GPT-2: split, no RoPE) and passes the checks
+    (tests/test_generate.py runs the folded programs against full recompute)."""
+    program = _decode_program_before_qkv_fold(name)
+    matches = matmul.qkv_heads_after_gemv(program)
+    assert len(matches) == 2
+    assert all((m.q is not m.heads[0]) == rotated for m in matches)
+    assert [matmul.check_qkv(_rewriter(program), m) for m in matches] == [None, None]
+
+
+def _rewriter(program):
+    from torch._guards import detect_fake_mode
+
+    from fxopt.passes.infra import PassContext
+
+    fake = detect_fake_mode([n.meta["val"] for n in program.graph.nodes if isinstance(n.meta.get("val"), torch.Tensor)])
+    return matmul.Rewriter(program, PassContext(), fake)
+
+
+def test_qkv_fold_refuses_writes_at_other_positions_or_other_tables():
+    """The checks name why a near-match stays unfolded: V written at another position than K, K rotated by
+    another table than q."""
+    program = _decode_program_before_qkv_fold("llama-tiny")
+    rw = _rewriter(program)
+    m = matmul.qkv_heads_after_gemv(program)[0]
+    k_write, v_write = m.writes
+    pos = v_write.args[2]
+    with program.graph.inserting_before(v_write):
+        other = program.graph.call_function(torch.ops.aten.add.Tensor, (pos, 1))
+    other.meta["val"] = pos.meta["val"]
+    v_write.update_arg(2, other)
+    assert matmul.check_qkv(rw, m) == "k and v are written at different positions"
+    v_write.update_arg(2, pos)
+    cos, sin = k_write.args[2:4]
+    k_write.update_arg(2, sin)  # k rotated by (sin, sin): not q's tables
+    assert matmul.check_qkv(rw, m) == "q and k are rotated by different tables"
+    k_write.update_arg(2, cos)
+    assert matmul.check_qkv(rw, m) is None
+
+
+def test_qkv_fold_not_applied_at_batch_two():
+    program = _decode_program_before_qkv_fold("llama-tiny", batch=2)
+    assert matmul.qkv_heads_after_gemv(program) == []  # no GEMVs at batch 2

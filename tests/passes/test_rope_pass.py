@@ -276,19 +276,26 @@ def test_fused_decode_program_ropes_and_writes_k_in_one_node():
     assert torch.equal(out[0, 3:], recompute(model, short, new)[0])
     assert torch.equal(out[1], recompute(model, ids, new)[0])
 
-    for bucket in (1, 2):
-        program = gen.decode_program(bucket)
-        assert count(program, ROPE) == n_layers  # q
-        assert count(program, ROPE_CACHE_WRITE) == n_layers  # k, written straight into its cache
-        assert count(program, torch.ops.fxopt.cache_write.default) == n_layers  # v
-        assert rotate_half_leftovers(program) == []
-        writes = [n for n in program.graph.nodes if n.target is ROPE_CACHE_WRITE]
-        assert all(cost.COST_KEY in n.meta and n.meta[cost.COST_KEY].kind != "unknown" for n in writes)
+    program = gen.decode_program(2)
+    assert count(program, ROPE) == n_layers  # q
+    assert count(program, ROPE_CACHE_WRITE) == n_layers  # k, written straight into its cache
+    assert count(program, torch.ops.fxopt.cache_write.default) == n_layers  # v
+    assert rotate_half_leftovers(program) == []
+    writes = [n for n in program.graph.nodes if n.target is ROPE_CACHE_WRITE]
+    assert all(cost.COST_KEY in n.meta and n.meta[cost.COST_KEY].kind != "unknown" for n in writes)
+    # batch 1: both ropes and both cache writes go into the q/k/v GEMV's epilogue (passes/matmul.py)
+    program = gen.decode_program(1)
+    assert count(program, torch.ops.fxopt.gemv_qkv.default) == n_layers
+    assert count(program, ROPE) == count(program, ROPE_CACHE_WRITE) == 0
+    assert rotate_half_leftovers(program) == []
+    folded = [n for n in program.graph.nodes if n.target is torch.ops.fxopt.gemv_qkv.default]
+    assert all(n.meta[cost.COST_KEY].kind == "matmul" for n in folded)
     assert any("rope kernels" in note for note in gen.notes), gen.notes
 
 
 def test_fused_decode_through_interpreted_kernels(monkeypatch):
-    """The same decode program with the ops routed through the Triton kernels (interpreted): same tokens."""
+    """The batch-2 decode program (batch 1 folds RoPE into the q/k/v GEMV) with the ops routed through the
+    Triton kernels (interpreted): same tokens as full recompute."""
     import os
 
     if os.environ.get("TRITON_INTERPRET") != "1":
@@ -296,9 +303,9 @@ def test_fused_decode_through_interpreted_kernels(monkeypatch):
     monkeypatch.setenv("FXOPT_INTERPRET_OPS", "1")
     torch.manual_seed(0)
     model = models.build("llama-tiny", n_layers=1).eval()
-    plain = build_generator(model, model.example_inputs(1, 8), max_seq_len=16, max_batch=1)
-    gen = Generator(plain.programs, max_seq_len=16, max_batch=1, device=torch.device("cpu"), fuse_decode=True,
+    plain = build_generator(model, model.example_inputs(1, 8), max_seq_len=16, max_batch=2)
+    gen = Generator(plain.programs, max_seq_len=16, max_batch=2, device=torch.device("cpu"), fuse_decode=True,
                     use_cuda_graph=False)
-    ids = model.example_inputs(1, 5, seed=5)["input_ids"]
+    ids = model.example_inputs(2, 5, seed=5)["input_ids"]
     assert torch.equal(gen.generate(ids, 4), recompute(model, ids, 4))
-    assert count(gen.decode_program(1), ROPE_CACHE_WRITE) == 1
+    assert count(gen.decode_program(2), ROPE_CACHE_WRITE) == 1
