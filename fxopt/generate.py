@@ -75,12 +75,17 @@ def batch_buckets(max_batch: int) -> list[int]:
 
 
 class _DecodeGraph:
-    """The decode step for one batch bucket, captured in a CUDA graph over static buffers."""
+    """The decode step for one batch bucket, captured in a CUDA graph over static buffers.
+
+    Besides the step itself the graph takes the greedy pick of each row (`next_ids`), feeds it back as the next
+    step's input, records it in `history` at its position and advances the slot: greedy generation is then one
+    replay per token with nothing in between, no host op and no sync."""
 
     def __init__(self, gen: Generator, bucket: int):
         self.bucket = bucket
         self.ids = torch.zeros(bucket, 1, dtype=torch.long, device=gen.device)
         self.kv_start = torch.zeros(bucket, dtype=torch.long, device=gen.device)
+        self.history = torch.zeros(bucket, gen.max_seq_len + 1, dtype=torch.long, device=gen.device)
         self.caches = [c[:bucket] for c in gen.caches]
         self.program = gen.decode_program(bucket)
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -88,18 +93,30 @@ class _DecodeGraph:
         self.gen = gen
 
     def _step(self) -> torch.Tensor:
-        return self.program(self.ids, self.gen._slot, self.kv_start, *self.caches)
+        slot = self.gen._slot
+        logits = self.program(self.ids, slot, self.kv_start, *self.caches)  # (bucket, 1, vocab)
+        next_ids = logits[:, -1].argmax(dim=-1)  # (bucket,)
+        self.ids.copy_(next_ids[:, None])
+        slot.add_(1)
+        self.history.index_copy_(1, slot.reshape(1), next_ids[:, None])
+        return logits
 
     def run(self) -> torch.Tensor:
+        """One step at the device-side slot (which it advances); returns the static logits buffer."""
         if self.graph is None:
-            # Warm up on a side stream (kernel compilation, allocator), then capture. Re-running the step
-            # is idempotent: it rewrites the same K/V at the same slot and reads the same keys.
+            # Warm up on a side stream (kernel compilation, allocator), then capture. Re-running the step at
+            # the same slot is idempotent: it rewrites the same K/V there and reads the same keys.
+            slot, ids = self.gen._slot.clone(), self.ids.clone()
             stream = torch.cuda.Stream(device=self.gen.device)
             stream.wait_stream(torch.cuda.current_stream(self.gen.device))
             with torch.cuda.stream(stream):
                 for _ in range(2):
+                    self.gen._slot.copy_(slot)
+                    self.ids.copy_(ids)
                     self._step()
             torch.cuda.current_stream(self.gen.device).wait_stream(stream)
+            self.gen._slot.copy_(slot)
+            self.ids.copy_(ids)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.gen._graph_pool):
                 self.out = self._step()
@@ -138,6 +155,7 @@ class Generator:
                 self.caches.append(torch.zeros(max_batch, spec.kv_heads, max_seq_len, dim, dtype=spec.dtype,
                                                device=self.device))
         self._slot = torch.zeros((), dtype=torch.long, device=self.device)  # next cache slot, device side
+        self._slot_holds = 0  # what _slot holds (graph replays advance it on the device)
         self._graph_pool = torch.cuda.graph_pool_handle() if self.use_cuda_graph else None
         self._graphs: dict[int, _DecodeGraph] = {}
         self.captures = 0  # CUDA-graph captures so far (one per batch bucket used)
@@ -281,7 +299,7 @@ class Generator:
         if attention_mask is not None and bool((pad > 0).any()):
             key_mask = torch.arange(s, device=self.device)[None, :] >= pad[:, None]
         self.reset()
-        self._slot.zero_()
+        self._set_slot(0)
         caches = [c[:b] for c in self.caches]
         program = self.programs.prefill if all_logits else self.programs.prefill_last
         logits = program(input_ids, self._slot, pad, key_mask, *caches)
@@ -306,24 +324,50 @@ class Generator:
         logits = self._decode(input_ids.long())
         return logits.clone() if all_logits else logits[:, -1].clone()
 
+    def _set_slot(self, value: int) -> None:
+        if self._slot_holds != value:
+            self._slot.fill_(value)
+            self._slot_holds = value
+
+    def _graph(self, b: int) -> _DecodeGraph:
+        """The CUDA-graphed step of the smallest batch bucket that holds b rows."""
+        bucket = next(size for size in batch_buckets(self.max_batch) if size >= b)
+        graph = self._graphs.get(bucket)
+        if graph is None:
+            graph = self._graphs[bucket] = _DecodeGraph(self, bucket)
+            graph.kv_start[:b].copy_(self.kv_start)
+        return graph
+
     def _decode(self, input_ids: torch.Tensor) -> torch.Tensor:
         """One step at the current length; returns (b, n, vocab) (a view of a static buffer on CUDA)."""
         b, n = input_ids.shape
-        self._slot.fill_(self.length)
+        self._set_slot(self.length)
         if self.use_cuda_graph and n == 1:
-            bucket = next(size for size in batch_buckets(self.max_batch) if size >= b)
-            graph = self._graphs.get(bucket)
-            if graph is None:
-                graph = self._graphs[bucket] = _DecodeGraph(self, bucket)
-                graph.kv_start[:b].copy_(self.kv_start)
+            graph = self._graph(b)
             graph.ids[:b].copy_(input_ids)
             logits = graph.run()[:b]
+            self._slot_holds += 1  # the graph advanced it
         else:
             caches = [c[:b] for c in self.caches]
             program = self.decode_program(b) if n == 1 else self.programs.decode
             logits = program(input_ids, self._slot, self.kv_start, *caches)
         self.length += n
         return logits
+
+    def _greedy_replays(self, first: torch.Tensor, steps: int) -> torch.Tensor:
+        """`steps` greedy tokens after `first` (b,), each one graph replay that feeds itself: (b, steps)."""
+        b = first.shape[0]
+        if steps == 0:
+            return first.new_empty(b, 0)
+        self._set_slot(self.length)
+        graph = self._graph(b)
+        graph.ids[:b].copy_(first[:, None])
+        for _ in range(steps):
+            graph.run()
+        start = self.length + 1  # history[:, p] is the token picked for position p
+        self.length += steps
+        self._slot_holds = self.length
+        return graph.history[:b, start:start + steps].clone()
 
     @torch.no_grad()
     def verify(self, logits_fn, input_ids: torch.Tensor, *, prefill_len: int | None = None, rtol: float = 1e-3,
@@ -381,27 +425,37 @@ class Generator:
         start = time.perf_counter()
         logits = self.prefill(input_ids, attention_mask)
         fed = sampler(logits)  # what the next step reads; a finished row keeps feeding valid ids
-        tokens = [fed]
         finished = torch.isin(fed, eos) if eos.numel() else None
         sync()
         mid = time.perf_counter()
-        steps = 0
-        for _ in range(max_new_tokens - 1):
+        if self.use_cuda_graph and not sampler.do_sample and finished is None:
+            # greedy with no stop token: every later token comes from graph replays alone, no host op between
+            steps = max_new_tokens - 1
+            new = torch.cat([fed[:, None], self._greedy_replays(fed, steps)], dim=1)
+        else:
+            steps, new = self._decode_loop(fed, max_new_tokens - 1, sampler, finished, eos, pad_id)
+        sync()
+        end = time.perf_counter()
+        self.stats = GenerationStats(b, s, new.shape[1], mid - start, end - mid, steps)
+        return torch.cat([input_ids.long(), new], dim=1)
+
+    def _decode_loop(self, fed, steps, sampler, finished, eos, pad_id) -> tuple[int, torch.Tensor]:
+        """Up to `steps` tokens after `fed`, one decode step and one host-side pick each, stopping when every
+        row has emitted eos (`finished`): (steps taken, (b, 1 + tokens) with `fed` first)."""
+        tokens = [fed]
+        taken = 0
+        for _ in range(steps):
             if finished is not None and bool(finished.all()):
                 break
             logits = self._decode(fed[:, None])[:, -1]
-            steps += 1
+            taken += 1
             fed = sampler(logits)
             if finished is None:
                 tokens.append(fed)
             else:
                 tokens.append(torch.where(finished, torch.full_like(fed, pad_id), fed))
                 finished = finished | torch.isin(fed, eos)
-        sync()
-        end = time.perf_counter()
-        self.stats = GenerationStats(b, s, len(tokens), mid - start, end - mid, steps)
-        return torch.cat([input_ids.long(), torch.stack(tokens, dim=1)], dim=1)
-
+        return taken, torch.stack(tokens, dim=1)
 
 @dataclass
 class Sampler:

@@ -77,6 +77,24 @@ def test_graph_replay_equals_eager_decode():
         nxt = g.argmax(-1)[:, None]
 
 
+@torch.no_grad()
+@pytest.mark.parametrize("batch", [1, 3])
+def test_greedy_replays_equal_the_host_loop(batch):
+    """Greedy generate() without a stop token runs replays that feed themselves (argmax, slot and history in
+    the graph); with a stop token that never comes (-1) it picks on the host each step: same tokens. Then
+    decode_step continues from where the replays left the device-side slot."""
+    model = models.build("llama-tiny", device=DEVICE)
+    gen = build_generator(model, model.example_inputs(1, 8), max_seq_len=96, max_batch=4)
+    ids = model.example_inputs(batch, 11, seed=9)["input_ids"]
+    host = gen.generate(ids, 40, eos_token_id=-1)
+    fast = gen.generate(ids, 40)
+    assert gen.stats.decode_steps == 39
+    assert torch.equal(fast, host)
+    assert torch.equal(fast, recompute(model, ids, 40))
+    nxt = gen.decode_step(fast[:, -1:]).argmax(-1)  # position 51, after the 40 generated
+    assert torch.equal(nxt, model(fast)[:, -1].argmax(-1))
+
+
 def test_fused_decode_matches_unfused():
     model = models.build("llama-tiny", device=DEVICE)
     fused = build_generator(model, model.example_inputs(1, 8), max_seq_len=128, max_batch=2)
