@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from fxopt.codegen.greedy import greedy_pick
 from fxopt.passes import kv_cache as kv
 
 
@@ -95,10 +96,8 @@ class _DecodeGraph:
     def _step(self) -> torch.Tensor:
         slot = self.gen._slot
         logits = self.program(self.ids, slot, self.kv_start, *self.caches)  # (bucket, 1, vocab)
-        next_ids = logits[:, -1].argmax(dim=-1)  # (bucket,)
-        self.ids.copy_(next_ids[:, None])
+        greedy_pick(logits[:, -1], self.ids, self.history, slot)  # ids <- argmax, history[:, slot + 1] too
         slot.add_(1)
-        self.history.index_copy_(1, slot.reshape(1), next_ids[:, None])
         return logits
 
     def run(self) -> torch.Tensor:

@@ -65,8 +65,9 @@ def profile_variant(model, *, batch: int, prompt: int, new: int, matmul: bool, r
 
     label = "matmul pass on" if matmul else "matmul pass off"
     print(f"\n=== {label} ===", flush=True)
-    gen = build_generator(model, model.example_inputs(1, 8), max_seq_len=prompt + new, max_batch=batch,
-                          matmul=matmul)
+    # room for the replays below: each advances the cache by one position (the graph moves the slot)
+    gen = build_generator(model, model.example_inputs(1, 8), max_seq_len=prompt + new + 16 + replays + steps,
+                          max_batch=batch, matmul=matmul)
     ids = model.example_inputs(batch, prompt, seed=0)["input_ids"]
 
     # warm-up: prefill, decode-program fusion, CUDA-graph capture
@@ -81,8 +82,8 @@ def profile_variant(model, *, batch: int, prompt: int, new: int, matmul: bool, r
     gen.decode_step(logits.argmax(-1)[:, None])
     bucket = next(size for size in batch_buckets(gen.max_batch) if size >= batch)
     step = gen._graphs[bucket]
-    for _ in range(10):  # each replay advances the device-side slot: start every loop from the same one
-        gen._slot.fill_(gen.length)
+    gen._slot.fill_(gen.length)  # each replay advances the device-side slot: every loop starts from this one
+    for _ in range(10):
         step.graph.replay()
     gen._slot.fill_(gen.length)
     _sync()

@@ -1,0 +1,56 @@
+"""codegen/greedy.py: the greedy pick (argmax -> next input and token history) against torch.argmax, run by the
+Triton interpreter on CPU: several rows, a vocabulary not a multiple of the chunk, ties across chunks, bf16."""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from fxopt.codegen import greedy  # noqa: E402
+
+interpreted = pytest.mark.skipif(
+    torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1",
+    reason="interpreter test (the decode graph runs it on the GPU: tests/gpu/test_generate_gpu.py)")
+
+
+def _run(pick, logits, slot):
+    rows = logits.shape[0]
+    ids = torch.full((rows, 1), -7, dtype=torch.long)
+    history = torch.full((rows, 20), -7, dtype=torch.long)
+    pick(logits, ids, history, torch.tensor(slot))
+    return ids, history
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("vocab, block", [(1000, 256), (4099, 4096), (37, 4096)])
+def test_pick_matches_torch_argmax(monkeypatch, dtype, vocab, block):
+    monkeypatch.setattr(greedy, "BLOCK_V", block)
+    logits = torch.randn(3, vocab, generator=torch.Generator().manual_seed(vocab)).to(dtype)
+    ids, history = _run(greedy.greedy_pick, logits, slot=6)
+    expected = logits.argmax(-1)
+    assert torch.equal(ids[:, 0], expected)
+    assert torch.equal(history[:, 7], expected)
+    assert (history[:, :7] == -7).all() and (history[:, 8:] == -7).all()  # only column slot + 1 written
+
+
+@interpreted
+def test_ties_go_to_the_lowest_index_across_chunks(monkeypatch):
+    """Row 0's max sits at 300 (lane 44 of chunk 1) and at 100 (lane 100 of chunk 0): torch.argmax says 100,
+    where picking the lowest lane would say 300. Row 1: both copies in lane 44, the first one wins."""
+    monkeypatch.setattr(greedy, "BLOCK_V", 256)
+    logits = torch.zeros(2, 1000)
+    logits[0, [300, 100, 900]] = 5.0
+    logits[1, [300, 44]] = 2.0
+    ids, _ = _run(greedy.greedy_pick, logits, slot=0)
+    assert ids[:, 0].tolist() == logits.argmax(-1).tolist() == [100, 44]
+
+
+def test_reference_is_argmax_copy_and_index_copy():
+    logits = torch.randn(2, 50)
+    ids, history = _run(greedy.greedy_pick_reference, logits, slot=3)
+    assert torch.equal(ids[:, 0], logits.argmax(-1)) and torch.equal(history[:, 4], logits.argmax(-1))
