@@ -63,28 +63,16 @@ def _round(v, like_ptr):
 
 
 @triton.jit
-def _rms_rstd(x_ptr, K, eps, BLOCK_K: tl.constexpr):
-    """rsqrt(mean(x^2) + eps) over the whole row x (K elements, fp32 math)."""
-    cols = tl.arange(0, BLOCK_K)
-    sq = tl.zeros((BLOCK_K,), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        x = tl.load(x_ptr + k0 + cols, mask=k0 + cols < K, other=0.0).to(tl.float32)
-        sq += x * x
-    return tl.rsqrt(tl.sum(sq, axis=0) / K + eps)
-
-
-@triton.jit
-def _load_x(x_ptr, g_ptr, k, K, rstd, NORM: tl.constexpr, EVEN_K: tl.constexpr):
-    """A chunk of the GEMV's input: x itself, or RMSNorm(x) * g as eager computes it (fp32, rounded to the
-    model's dtype after the normalisation and after the weight)."""
+def _load_x(x_ptr, g_ptr, k, K, NORM: tl.constexpr, EVEN_K: tl.constexpr):
+    """A chunk of the GEMV's input x (fp32), and the same times the norm weight g with NORM (else x again)."""
     if EVEN_K:
         x = tl.load(x_ptr + k).to(tl.float32)
     else:
         x = tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32)
+    xg = x
     if NORM:
-        g = tl.load(g_ptr + k, mask=k < K, other=0.0).to(tl.float32)
-        x = _round(g * _round(x * rstd, x_ptr), x_ptr)
-    return x
+        xg = x * tl.load(g_ptr + k, mask=k < K, other=0.0).to(tl.float32)
+    return x, xg
 
 
 @triton.jit
@@ -92,7 +80,12 @@ def _products(x_ptr, g_ptr, w_rows, u_rows, row_ok, K, eps,
               NORM: tl.constexpr, PAIRED: tl.constexpr, PDL: tl.constexpr, BLOCK_K: tl.constexpr,
               EVEN_K: tl.constexpr):
     """(W[rows] · x, W[u_rows] · x) in fp32 for one program's rows, x RMSNorm'd first with NORM; the second
-    is the first again unless PAIRED. The bulk of the kernel: W's rows are read once, x from L2."""
+    is the first again unless PAIRED. The bulk of the kernel: W's rows are read once, x from L2.
+
+    RMSNorm(x) * g = rstd * (g * x) with one rstd for the whole row, so W · RMSNorm(x) = rstd * (W · (g * x)):
+    the sum of squares is gathered in the same pass over x and applied once at the end. (Eager rounds
+    x * rstd and g * that to the model's dtype before the matmul; skipping those roundings is closer to the
+    exact result, and saves every program a dependent pass over x before its first product.)"""
     cols = tl.arange(0, BLOCK_K)  # (BLOCK_K,)
     # W is a constant: its first chunk is requested before waiting for the kernel that produces x
     w = _load_w(w_rows, cols, row_ok, K, EVEN_K)  # (BLOCK_N, BLOCK_K)
@@ -101,24 +94,28 @@ def _products(x_ptr, g_ptr, w_rows, u_rows, row_ok, K, eps,
     if PDL:  # launched early (programmatic dependent launch): let the next kernel launch, wait for x
         tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
-    rstd = 1.0
-    if NORM:
-        rstd = _rms_rstd(x_ptr, K, eps, BLOCK_K)
-    x = _load_x(x_ptr, g_ptr, cols, K, rstd, NORM, EVEN_K)
-    acc = w.to(tl.float32) * x[None, :]  # (BLOCK_N, BLOCK_K)
+    x, xg = _load_x(x_ptr, g_ptr, cols, K, NORM, EVEN_K)
+    squares = x * x  # (BLOCK_K,), used with NORM
+    acc = w.to(tl.float32) * xg[None, :]  # (BLOCK_N, BLOCK_K)
     acc_u = acc
     if PAIRED:
-        acc_u = u.to(tl.float32) * x[None, :]
+        acc_u = u.to(tl.float32) * xg[None, :]
     for k0 in range(BLOCK_K, K, BLOCK_K):
         k = k0 + cols
-        x = _load_x(x_ptr, g_ptr, k, K, rstd, NORM, EVEN_K)
-        acc += _load_w(w_rows, k, row_ok, K, EVEN_K).to(tl.float32) * x[None, :]
+        x, xg = _load_x(x_ptr, g_ptr, k, K, NORM, EVEN_K)
+        if NORM:
+            squares += x * x
+        acc += _load_w(w_rows, k, row_ok, K, EVEN_K).to(tl.float32) * xg[None, :]
         if PAIRED:
-            acc_u += _load_w(u_rows, k, row_ok, K, EVEN_K).to(tl.float32) * x[None, :]
+            acc_u += _load_w(u_rows, k, row_ok, K, EVEN_K).to(tl.float32) * xg[None, :]
     y = tl.sum(acc, axis=1)  # (BLOCK_N,)
     y_u = y
     if PAIRED:
         y_u = tl.sum(acc_u, axis=1)
+    if NORM:
+        rstd = tl.rsqrt(tl.sum(squares, axis=0) / K + eps)
+        y = y * rstd
+        y_u = y_u * rstd
     return y, y_u
 
 
