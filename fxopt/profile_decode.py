@@ -6,10 +6,10 @@ weight bytes per token and the bandwidth they imply.
 
 The generator is built as fxopt/bench_decode.py builds it (models/ preset, bf16, build_generator, decode step
 fused by the fusion pass and captured in a CUDA graph). After a warm-up generate(), the prompt is prefilled and
-one decode step taken; then the step's CUDA graph is replayed at that fixed cache length (replays are
-idempotent: the same K/V rewritten at the same slot):
+one decode step taken; then the step's CUDA graph is replayed from that cache length (each replay feeds its
+greedy pick to the next and advances the slot, as greedy generate() does; every loop restarts at that length):
   (a) ms/token   mean of `--replays` graph replays between CUDA events (the step alone), and
-                 (t(new) - t(1)) / (new - 1) of timed generate() calls (the step plus the Python loop, argmax)
+                 (t(new) - t(1)) / (new - 1) of timed generate() calls (the same replays, plus prefill cancelled)
   (b) kernels    torch.profiler over `--steps` replays: key_averages() sorted by cuda_time_total, top `--top`
   (c) count      GPU kernels (and memcpy/memset) per replayed step
   (d) bytes      weight bytes one step reads (Generator.weight_stream_bytes: every weight once, embedding
