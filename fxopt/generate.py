@@ -9,8 +9,9 @@
 The programs come from passes/kv_cache.py. Static caches [max_batch, kv_heads, max_seq_len, d] per
 attention; the decode step has static shapes: on CUDA it is captured in a CUDA graph once per batch-size
 bucket (1, 2, 4, ..., max_batch) and replayed, the growing length living in a device tensor (`slot`), so
-nothing recompiles or re-captures as the sequence grows. Prefill runs eagerly at any prompt length up to
-max_seq_len. On CPU everything runs eagerly.
+nothing recompiles or re-captures as the sequence grows. The graph also takes the greedy pick and advances
+the slot, so greedy generation without a stop token is back-to-back replays. Prefill runs eagerly at any
+prompt length up to max_seq_len. On CPU everything runs eagerly.
 """
 
 from __future__ import annotations
@@ -78,9 +79,9 @@ def batch_buckets(max_batch: int) -> list[int]:
 class _DecodeGraph:
     """The decode step for one batch bucket, captured in a CUDA graph over static buffers.
 
-    Besides the step itself the graph takes the greedy pick of each row (`next_ids`), feeds it back as the next
-    step's input, records it in `history` at its position and advances the slot: greedy generation is then one
-    replay per token with nothing in between, no host op and no sync."""
+    Besides the step itself the graph takes each row's greedy pick (codegen/greedy.py), feeds it back as the
+    next step's input (`ids`), records it in `history` at its position and advances the slot: greedy generation
+    is then one replay per token with nothing in between, no host op and no sync."""
 
     def __init__(self, gen: Generator, bucket: int):
         self.bucket = bucket
