@@ -826,46 +826,43 @@ def _reduce_dims(node, rank) -> tuple[list[int], bool]:
     return dims, bool(keepdim)
 
 
-def _rule_reduce(an, node):
-    x = node.args[0]
-    rank = _rank(x)
-    dims, keepdim = _reduce_dims(node, rank)
-    axes = _in_axes(an, x)
+def _token_axes_outside(an, node, dims: list[int], why: str, hint: str = ""):
+    """The token axes of node's input, refused (naming the node) when one of `dims` is among them."""
+    axes = _in_axes(an, node.args[0])
     mixed = [t for t in axes if t in dims]
     if mixed:
-        raise _refuse(node, f"reduces over the token axis (dim {mixed[0]}): each output would depend on every "
-                            "position, later ones included")
-    out = axes if keepdim else tuple(t - sum(1 for d in dims if d < t) for t in axes)
-    if isinstance(_val(node), (list, tuple)):
-        return [out for _ in _val(node)]
-    return out
+        raise _refuse(node, why.format(dim=mixed[0]), hint)
+    return axes
+
+
+def _per_output(node, axes):
+    """axes for each of node's outputs (a list for multi-output ops such as topk and max.dim)."""
+    return [axes for _ in _val(node)] if isinstance(_val(node), (list, tuple)) else axes
+
+
+def _rule_reduce(an, node):
+    dims, keepdim = _reduce_dims(node, _rank(node.args[0]))
+    axes = _token_axes_outside(an, node, dims, "reduces over the token axis (dim {dim}): each output would depend "
+                                               "on every position, later ones included")
+    return _per_output(node, axes if keepdim else tuple(t - sum(1 for d in dims if d < t) for t in axes))
 
 
 def _rule_along(an, node):
-    x = node.args[0]
-    rank = _rank(x)
-    if _packet(node) in (aten.topk, aten.kthvalue):
-        dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", -1)
-    elif _packet(node) is aten.diff:
+    rank = _rank(node.args[0])
+    if _packet(node) in (aten.topk, aten.kthvalue, aten.diff):
         dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", -1)
     elif _packet(node) in (aten.flip, aten.roll):
         dim = node.args[-1]
     else:
         dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", -1)
-    dims = [dim] if isinstance(dim, int) else list(dim)
-    dims = [_norm_dim(d, rank) for d in dims]
-    axes = _in_axes(an, x)
-    mixed = [t for t in axes if t in dims]
-    if mixed:
-        hint = ""
-        if _packet(node) in (aten.softmax, aten._softmax):
-            hint = "(a softmax over positions outside an attention node: an attention the attention pass " \
-                   "did not recognise?)"
-        raise _refuse(node, f"mixes values along the token axis (dim {mixed[0]}): row i would see later rows",
-                      hint)
-    if isinstance(_val(node), (list, tuple)):
-        return [axes for _ in _val(node)]
-    return axes
+    dims = [_norm_dim(d, rank) for d in ([dim] if isinstance(dim, int) else dim)]
+    hint = ""
+    if _packet(node) in (aten.softmax, aten._softmax):
+        hint = "(a softmax over positions outside an attention node: an attention the attention pass did not " \
+               "recognise?)"
+    axes = _token_axes_outside(an, node, dims, "mixes values along the token axis (dim {dim}): row i would see "
+                                               "later rows", hint)
+    return _per_output(node, axes)
 
 
 def _rule_norm(an, node):
