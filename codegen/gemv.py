@@ -36,6 +36,7 @@ import triton.language as tl
 from fxopt.codegen.flash_attention import autotune_enabled
 from fxopt.codegen.loader import ops_use_kernels
 from fxopt.codegen.pdl import launch_options, use_pdl
+from fxopt.codegen.rope import cache_slots, result_dtype, rope_reference
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -336,10 +337,8 @@ def qkv_heads(weight: torch.Tensor, k_cache: torch.Tensor) -> tuple[int, int, in
 
 
 def q_dtype(x: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None) -> torch.dtype:
-    """q's dtype as eager gives it: the projection's, promoted by RoPE's tables (codegen/rope.result_dtype)."""
-    if cos is None:
-        return x.dtype
-    return torch.promote_types(torch.promote_types(x.dtype, cos.dtype), sin.dtype)
+    """q's dtype as eager gives it: the projection's, or RoPE's result type when it is rotated."""
+    return x.dtype if cos is None else result_dtype(x, cos, sin)
 
 
 def supports_qkv(x, weight, bias, ep: Folded, cos, sin, k_cache, v_cache, pos) -> str | None:
@@ -366,8 +365,6 @@ def supports_qkv(x, weight, bias, ep: Folded, cos, sin, k_cache, v_cache, pos) -
 
 def gemv_qkv_reference(x, weight, bias, ep: Folded, cos, sin, k_cache, v_cache, pos) -> torch.Tensor:
     """The eager ops the kernel replaces: the GEMV, the head split, RoPE on q and k, the two cache writes."""
-    from fxopt.codegen.rope import cache_slots, rope_reference
-
     q_heads, kv_heads, d = qkv_heads(weight, k_cache)
     y = gemv_reference(x, weight, bias, ep)  # (1, 1, rows)
     q, k, v = (t.reshape(1, 1, -1, d).transpose(1, 2)  # (1, heads, 1, d)
