@@ -198,6 +198,15 @@ class Rewriter:
         self.costed = any(cost_pass.COST_KEY in n.meta for n in gm.graph.nodes)
         self.made: dict[tuple, str] = {}  # (kind, source targets, size) -> buffer name, so a weight is made once
 
+    @classmethod
+    def over(cls, gm: fx.GraphModule, ctx: PassContext) -> Rewriter | None:
+        """A rewriter over gm's fake values (their FakeTensorMode), or None when gm has none."""
+        from torch._guards import detect_fake_mode
+
+        vals = [n.meta.get("val") for n in gm.graph.nodes]
+        fake_mode = detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
+        return None if fake_mode is None else cls(gm, ctx, fake_mode)
+
     def count(self, key: str, by: int = 1) -> None:
         self.counts[key] = self.counts.get(key, 0) + by
 
@@ -906,13 +915,9 @@ def apply_rules(gm: fx.GraphModule, ctx: PassContext, rules: tuple[Rule, ...], d
     """Run a table of rules in order over gm (shared by the matmul and rope passes): each rule's matches are
     checked, rewritten or left with a note "<rule>: left <match>: <reason>"; counts per rule in rw.counts.
     Returns (None, [why]) when the graph has no fake values to rewrite with."""
-    from torch._guards import detect_fake_mode
-
-    vals = [n.meta.get("val") for n in gm.graph.nodes]
-    fake_mode = detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
-    if fake_mode is None:
+    rw = Rewriter.over(gm, ctx)
+    if rw is None:
         return None, [f"{label}: the graph has no fake meta['val'] (propagate it first); unchanged"]
-    rw = Rewriter(gm, ctx, fake_mode)
     for rule in rules:
         rw.counts.setdefault(rule.name, 0)
         for match in rule.pattern(gm):

@@ -6,6 +6,8 @@ greedy tokens with the automatic KV cache must be identical, and the user's mode
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import fx, nn
@@ -353,7 +355,7 @@ def _decode_program_before_qkv_fold(name: str, batch: int = 1):
     model = models.build(name, n_layers=2)
     gen = build_generator(model, model.example_inputs(1, 8), max_seq_len=24, max_batch=batch)
     gen = Generator(gen.programs, max_seq_len=24, max_batch=batch, device=torch.device("cpu"))
-    program = fx.GraphModule(gen.programs.decode, gen.programs.decode.graph.__deepcopy__())
+    program = fx.GraphModule(gen.programs.decode, copy.deepcopy(gen.programs.decode.graph))
     ids = torch.zeros(batch, 1, dtype=torch.long)
     kv.propagate_meta(program, ids, gen._slot, torch.zeros(batch, dtype=torch.long), *gen.caches)
     ctx = PassContext()
@@ -375,12 +377,9 @@ def test_qkv_fold_matches_each_layer(name, rotated):
 
 
 def _rewriter(program):
-    from torch._guards import detect_fake_mode
-
     from fxopt.passes.infra import PassContext
 
-    fake = detect_fake_mode([n.meta["val"] for n in program.graph.nodes if isinstance(n.meta.get("val"), torch.Tensor)])
-    return matmul.Rewriter(program, PassContext(), fake)
+    return matmul.Rewriter.over(program, PassContext())
 
 
 def test_qkv_fold_refuses_writes_at_other_positions_or_other_tables():
