@@ -207,6 +207,32 @@ def test_qkv_kernel_matches_the_eager_chain(dtype, norm, rope, bias, heads):
         assert error <= FACTOR[dtype] * eager_error + 1e-5, (error, eager_error)
 
 
+@interpreted
+def test_qkv_kernel_honours_strides():
+    """Caches that are views of a larger buffer (first row of a batch, head dim padded), W rows of a wider
+    matrix, cos/sin read every other element: the kernel writes the same values as the eager chain."""
+    x, w, b, ep, cos, sin, caches, pos = _qkv_case(torch.float32, bias=True, seed=3)
+    d = caches[0].shape[-1]
+    w_wide = torch.zeros(w.shape[0], w.shape[1] + 5)
+    w_wide[:, :w.shape[1]] = w
+    w_view = w_wide[:, :w.shape[1]]  # stride_wn = K + 5
+    tables = [torch.stack([t, torch.full_like(t, 9.0)], dim=-1).reshape(*t.shape[:-1], 2 * d)[..., ::2]
+              for t in (cos, sin)]  # element stride 2
+    buffers = [torch.randn(2, c.shape[1], c.shape[2], d + 8) for c in caches]
+    for buffer, c in zip(buffers, caches):
+        buffer[:1, :, :, :d] = c
+    views = [buffer[:1, :, :, :d] for buffer in buffers]
+    assert not any(v.is_contiguous() for v in views + tables) and not w_view.is_contiguous()
+    assert gemv.supports_qkv(x, w_view, b, ep, *tables, *views, pos) is None
+    before = [buffer.clone() for buffer in buffers]
+    q = gemv.gemv_qkv(x, w_view, b, ep, *tables, *views, pos)
+    q_eager, *caches_eager = _qkv_eager(x, w, b, ep, cos, sin, caches, pos, n_heads=4, n_kv_heads=2)
+    torch.testing.assert_close(q, q_eager, rtol=1e-5, atol=1e-5)
+    for view, expected, buffer, old in zip(views, caches_eager, buffers, before):
+        torch.testing.assert_close(view, expected, rtol=1e-5, atol=1e-5)
+        assert torch.equal(buffer[1:], old[1:]) and torch.equal(buffer[..., d:], old[..., d:])  # nothing else
+
+
 def test_qkv_supports_names_what_the_kernel_does_not_cover():
     x, w, b, ep, cos, sin, caches, pos = _qkv_case(torch.float32)
     assert gemv.supports_qkv(x, w, b, ep, cos, sin, *caches, pos) is None

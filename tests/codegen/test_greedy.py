@@ -50,6 +50,17 @@ def test_ties_go_to_the_lowest_index_across_chunks(monkeypatch):
     assert ids[:, 0].tolist() == logits.argmax(-1).tolist() == [100, 44]
 
 
+@interpreted
+def test_pick_reads_rows_of_a_strided_view(monkeypatch):
+    """logits[:, -1] of a (rows, tokens, vocab) buffer, as the decode graph passes it: rows 3 * vocab apart."""
+    monkeypatch.setattr(greedy, "BLOCK_V", 128)
+    full = torch.randn(4, 3, 300, generator=torch.Generator().manual_seed(1))
+    logits = full[:, -1]
+    assert logits.stride() == (900, 1)
+    ids, history = _run(greedy.greedy_pick, logits, slot=2)
+    assert torch.equal(ids[:, 0], logits.argmax(-1)) and torch.equal(history[:, 3], logits.argmax(-1))
+
+
 def test_reference_is_argmax_copy_and_index_copy():
     logits = torch.randn(2, 50)
     ids, history = _run(greedy.greedy_pick_reference, logits, slot=3)
