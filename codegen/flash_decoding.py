@@ -6,9 +6,15 @@ work is pure streaming of the cache. So the cache's key axis is cut into `num_sp
   stage 1  grid (num_splits, b * hkv[, row blocks]): one program reads one chunk of one KV head once and
            serves every query head of its GQA group and every new token, stacked as the M rows of a
            tl.dot. It writes the chunk's partial row max, row sum of exp and unnormalised output (fp32).
-  stage 2  grid (b * hq * sq): merges the chunks' partials with a log-sum-exp rescale. On sm_90+ it is
-           launched with programmatic dependent launch: stage 1 lets it launch at once, and it waits in
-           griddepcontrol.wait until stage 1 has finished, so its launch hides behind stage 1's tail.
+  stage 2  grid (b * hq * sq): merges the chunks' partials with a log-sum-exp rescale.
+
+Launch order (sm_90+, programmatic dependent launch, codegen/pdl.py): stage 1 may start while the kernel before
+it ends; each program lets stage 2 launch, asks L2 for the first PREFETCH_KEYS keys of its chunk (a hint, safe
+before the wait), then waits for the previous kernel. Stage 2 launches at once and waits for stage 1; only after
+that wait does it let the next kernel launch. Letting it launch earlier (stage 2 used to) starts a cascade:
+the next kernel's programs, and theirs, are placed on the SMs while stage 1 still streams and hold the shared
+memory its second program per SM needs. Back to back from a CUDA graph on an H200 that cost 26.6 against
+20.9 us at 16k keys (B1 32/8 heads) and 656 against 488 us at 128k (32/32 heads), 2026-11-21.
 
 Chunk boundaries come from host-known sizes (the cache capacity), the live length `kv_len` is a device
 tensor read inside the kernels: nothing synchronises with the host and every buffer has a host-known
@@ -49,6 +55,9 @@ MAX_DECODE_Q = 16
 # Keys per split at least. Short caches want many short chunks: H200, CUDA graph, B1 32/8 heads d64, 768-key cache
 # (513 valid): 3 splits 5.7 us, 6 splits 4.4 us, 12 splits 3.8 us (2026-11-21, merge kernel launched early).
 MIN_CHUNK = 64
+# Keys of K and V each split program asks L2 for before it waits for the previous kernel (H200, CUDA graph, B1 32/8
+# heads d128: 16k keys 20.9 -> 20.8 us, 4k keys 7.7 -> 7.4 us; 128 and 256 keys were slower, 2026-11-21).
+PREFETCH_KEYS = 64
 WAVES = 2  # target stage-1 programs per SM (H200 sweep, B1 32/8 heads 16k bf16, CUDA graph: 1-2 long programs
 # per SM beat 3 and more shorter ones by 5-20%; 2 keeps 8 warps per SM streaming)
 DEFAULT_SM_COUNT = 132  # H100 SXM, assumed when no GPU is present
@@ -176,9 +185,9 @@ def _decode_merge_kernel(
 ):
     # Stage 2: one program = one output row (b, hq, token). Reads
     # NUM_SPLITS * (BLOCK_D + 2) fp32, writes HEAD_DIM elements of O.
-    if WAIT_PRIMARY:  # launched early (programmatic dependent launch): wait until the partials are written
-        tl.extra.cuda.gdc_launch_dependents()  # and let the next kernel (a GEMV) start streaming its weights
-        tl.extra.cuda.gdc_wait()
+    if WAIT_PRIMARY:  # launched early (programmatic dependent launch): wait until the partials are written,
+        tl.extra.cuda.gdc_wait()  # then let the next kernel launch while this one merges. Not before the wait:
+        tl.extra.cuda.gdc_launch_dependents()  # see "Launch order" in the module docstring
     row = tl.program_id(0).to(tl.int64)
     tok = row % SQ
     h = (row // SQ) % HQ
@@ -187,6 +196,32 @@ def _decode_merge_kernel(
     out = _merge_row(MID, MID + ML_BASE, row * NUM_SPLITS, offs_d, NUM_SPLITS, BLOCK_S, BLOCK_D)
     o_ptrs = O + b * stride_ob + h * stride_oh + tok * stride_om + offs_d * stride_od
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=offs_d < HEAD_DIM)
+
+
+@triton.jit
+def _prefetch_l2(ptrs):
+    # prefetch.global.L2 for every address of ptrs (one per 128-byte line); the result is a dummy
+    return tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [ptrs.to(tl.int64)],
+                                     dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _prefetch_chunk_start(K, V, KV_LEN, b, b64, hk, lo, MAX_LEN, stride_kb, stride_kh, stride_kn,
+                          stride_vb, stride_vh, stride_vn, HEAD_DIM: tl.constexpr, PREFETCH_N: tl.constexpr,
+                          LINES: tl.constexpr):
+    # Before waiting for the kernel that writes the newest keys: ask L2 for the chunk's first PREFETCH_N keys of
+    # K and V. Only a hint, so it is safe before the wait: L2 is where stores become visible, and a store by
+    # the kernel waited for lands on the prefetched line. kv_len read here may be a step stale; it only stops
+    # prefetching far past the live keys (+ MAX_DECODE_Q covers the new tokens).
+    live = tl.load(KV_LEN + b).to(tl.int32) + 16
+    keys = lo + tl.arange(0, PREFETCH_N)
+    keys = tl.where(keys < tl.minimum(live, MAX_LEN), keys, lo)  # past the live keys: the first line again
+    elem_bytes: tl.constexpr = K.dtype.element_ty.primitive_bitwidth // 8
+    seg = tl.minimum(tl.arange(0, LINES) * 128, HEAD_DIM * elem_bytes - 1)  # a row's 128-byte lines, in bytes
+    k_row0 = (K + b64 * stride_kb + hk.to(tl.int64) * stride_kh).to(tl.pointer_type(tl.int8))
+    v_row0 = (V + b64 * stride_vb + hk.to(tl.int64) * stride_vh).to(tl.pointer_type(tl.int8))
+    _prefetch_l2(k_row0 + keys.to(tl.int64)[:, None] * (stride_kn * elem_bytes) + seg[None, :])
+    _prefetch_l2(v_row0 + keys.to(tl.int64)[:, None] * (stride_vn * elem_bytes) + seg[None, :])
 
 
 @triton.jit(do_not_specialize=["q_offset"])
@@ -198,22 +233,25 @@ def _decode_split_kernel(
     HKV, GROUP, SQ, MAX_LEN, CHUNK, NUM_SPLITS, ML_BASE, q_offset, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, Q_OFF_MODE: tl.constexpr, DOT_PREC: tl.constexpr, HAS_START: tl.constexpr,
-    LAUNCH_DEPENDENTS: tl.constexpr,
+    PDL: tl.constexpr, PREFETCH_N: tl.constexpr, LINES: tl.constexpr,
 ):
     # One program = one chunk of CHUNK keys of one (batch, KV head), for BLOCK_M of the group's
     # GROUP * SQ query rows (row r = query head hk * GROUP + r // SQ, token r % SQ). Per program:
     #   reads   K, V: min(CHUNK, valid keys of the chunk) * HEAD_DIM elements each (the bulk)
     #           Q: BLOCK_M * HEAD_DIM elements; kv_len[b] (and q_offset[b], kv_start[b]): one scalar each
     #   writes  partial output BLOCK_M * BLOCK_D fp32 and (max, sum) 2 * BLOCK_M fp32 into MID.
-    if LAUNCH_DEPENDENTS:  # let the merge kernel launch now; it waits (gdc_wait) for this grid to finish
-        tl.extra.cuda.gdc_launch_dependents()
-        tl.extra.cuda.gdc_wait()  # and this one is launched early too: wait for the kernels before it
     pid_s = tl.program_id(0)
     pid_bh = tl.program_id(1)
     pid_r = tl.program_id(2)
     b = pid_bh // HKV
     hk = pid_bh % HKV
     b64 = b.to(tl.int64)
+    if PDL:  # launched early: let the merge kernel launch too (it waits for this grid), start the chunk's first
+        tl.extra.cuda.gdc_launch_dependents()  # keys on their way to L2, then wait for the kernels before this one
+        if PREFETCH_N > 0:
+            _prefetch_chunk_start(K, V, KV_LEN, b, b64, hk, pid_s * CHUNK, MAX_LEN, stride_kb, stride_kh,
+                                  stride_kn, stride_vb, stride_vh, stride_vn, HEAD_DIM, PREFETCH_N, LINES)
+        tl.extra.cuda.gdc_wait()
 
     rows = pid_r * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < GROUP * SQ
@@ -275,7 +313,6 @@ def _decode_split_kernel(
     tl.store(MID + out_row[:, None] * BLOCK_D + offs_d[None, :], acc, mask=row_ok[:, None])
     tl.store(MID + ML_BASE + out_row * 2, m_i, mask=row_ok)
     tl.store(MID + ML_BASE + out_row * 2 + 1, l_i, mask=row_ok)
-
 
 
 def _decode_tiles(block_d: int, rows: int, elem: int):
@@ -375,10 +412,10 @@ def _make_plan(q, k_cache, v_cache, scale, causal, q_off_mode, num_splits, has_s
     chunk = triton.cdiv(triton.cdiv(max(max_len, 1), num_splits), block_n) * block_n
     num_splits = triton.cdiv(max(max_len, 1), chunk)
     n_rows = b * hq * sq
+    out_strides = (hq * sq * d, sq * d, d, 1)  # out is contiguous
     ml_base = n_rows * num_splits * block_d  # MID: partial outputs, then the (max, sum) pairs
     plan.mid_numel = ml_base + n_rows * num_splits * 2
     plan.grid = (num_splits, b * hkv, row_blocks)
-    out_strides = (hq * sq * d, sq * d, d, 1)  # out is contiguous
     plan.ints = (*q.stride(), *k_cache.stride(), *v_cache.stride(), hkv, group, sq, max_len, chunk,
                  num_splits, ml_base)
     block_s = min(triton.next_power_of_2(num_splits), max(1, 4096 // block_d))
@@ -386,7 +423,9 @@ def _make_plan(q, k_cache, v_cache, scale, causal, q_off_mode, num_splits, has_s
     plan.meta = dict(
         HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=bool(causal),
         Q_OFF_MODE=q_off_mode, DOT_PREC=_dot_precision(q.dtype), HAS_START=has_start,
-        LAUNCH_DEPENDENTS=pdl, num_warps=num_warps, num_stages=num_stages,
+        PDL=pdl, PREFETCH_N=PREFETCH_KEYS if pdl and k_cache.stride(3) == 1 and v_cache.stride(3) == 1 else 0,
+        LINES=triton.next_power_of_2(triton.cdiv(d * q.element_size(), 128)),
+        num_warps=num_warps, num_stages=num_stages,
     )
     plan.meta.update(launch_options(pdl))
     plan.merge_grid = (n_rows,)
@@ -395,14 +434,6 @@ def _make_plan(q, k_cache, v_cache, scale, causal, q_off_mode, num_splits, has_s
                            num_warps=4 if block_d <= 128 else 8)
     plan.merge_meta.update(launch_options(pdl))
     return plan
-
-
-def _per_batch(t, b: int):
-    """A (1,) or (b,) device tensor as a contiguous (b,) one (itself when it already is)."""
-    if t is None or (t.dim() == 1 and t.shape[0] == b and t.stride(0) == 1):
-        return t
-    t = t.reshape(-1).expand(b)
-    return t if t.stride(0) == 1 else t.contiguous()
 
 
 def decode_attention(q, k_cache, v_cache, kv_len, *, scale=None, causal=True, q_offset=None, num_splits=None,

@@ -35,15 +35,23 @@ for causal in (False, True):
 
 for causal, pdl in ((False, True), (True, False)):
     c = compile_variant(fd._decode_split_kernel, dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_M=16, BLOCK_N=64,
-                        CAUSAL=causal, Q_OFF_MODE=0, DOT_PREC="tf32", HAS_START=True, LAUNCH_DEPENDENTS=pdl))
+                        CAUSAL=causal, Q_OFF_MODE=0, DOT_PREC="tf32", HAS_START=True, PDL=pdl,
+                        PREFETCH_N=64 if pdl else 0, LINES=2))
     ptx = c.asm["ptx"]
     assert "ld.global" in ptx
     assert ("griddepcontrol.launch_dependents" in ptx) == pdl  # lets the merge kernel launch early
+    assert ("prefetch.global.L2" in ptx) == pdl  # the chunk's first keys asked for before the wait
+    if pdl:
+        assert ptx.find("prefetch.global.L2") < ptx.find("griddepcontrol.wait")  # before the wait, not after
     print("compiled decode", causal, pdl)
 
 for pdl in (False, True):
     c = compile_variant(fd._decode_merge_kernel, dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_S=64, WAIT_PRIMARY=pdl))
-    assert ("griddepcontrol.wait" in c.asm["ptx"]) == pdl
+    ptx = c.asm["ptx"]
+    assert ("griddepcontrol.wait" in ptx) == pdl
+    # the next kernel may launch only once the split kernel has finished (no launch cascade)
+    if pdl:
+        assert ptx.find("griddepcontrol.wait") < ptx.find("griddepcontrol.launch_dependents")
     print("compiled merge", pdl)
 """
 
