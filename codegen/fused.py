@@ -725,17 +725,27 @@ AUTOTUNE = os.environ.get("FXOPT_FUSED_AUTOTUNE", os.environ.get("FXOPT_AUTOTUNE
 
 
 class _FixedConfig:
-    """One config instead of autotuning: the first that `prune` keeps for these arguments."""
+    """One config instead of autotuning: the first that `prune` keeps, chosen once per value of the autotune key
+    (triton.autotune, too, prunes once per key), so a repeated launch costs a lookup, not a prune."""
 
-    def __init__(self, fn, configs, prune):
+    def __init__(self, fn, configs, prune, key=()):
         self.fn, self.configs, self.prune = fn, configs, prune
+        self.key_at = [fn.arg_names.index(name) for name in key]
+        self.chosen = {}
 
-    def __getitem__(self, grid):
-        def run(*args, **kwargs):
+    def config(self, args, kwargs):
+        key = tuple(args[i] for i in self.key_at)
+        config = self.chosen.get(key)
+        if config is None:
             configs = self.configs
             if self.prune is not None:
                 configs = self.prune(configs, dict(zip(self.fn.arg_names, args)), **kwargs)
-            config = configs[0]
+            config = self.chosen[key] = configs[0]
+        return config
+
+    def __getitem__(self, grid):
+        def run(*args, **kwargs):
+            config = self.config(args, kwargs)
             return self.fn[grid](*args, **kwargs, **config.kwargs, num_warps=config.num_warps)
 
         return run
@@ -761,7 +771,7 @@ def autotune(configs, key, prune=None):
     if INTERPRET:  # nothing to time: the (single) interpreter config
         return lambda fn: _FixedConfig(fn, configs[:1], None)
     if not AUTOTUNE:
-        return lambda fn: _FixedConfig(fn, configs, prune)
+        return lambda fn: _FixedConfig(fn, configs, prune, key)
     return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": prune} if prune else None,
                            **_autotune_options())
 

@@ -814,6 +814,32 @@ def test_default_row_tile_moves_about_32_kb_per_program(tmp_path):
     assert short_rows.kwargs["ROWS"] == 8
 
 
+def test_fixed_config_prunes_once_per_key_value(tmp_path, monkeypatch):
+    """Without autotuning, a launch picks its config by the autotune key's value: prune runs on the first launch
+    of each key value (with that launch's arguments), later launches look the choice up."""
+    region = region_from_fn(layer_norm, torch.randn(2, 8), torch.randn(8), torch.randn(8))
+    src = generate_source(region, "cfg_once") + "\n# variant for this test\n"
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setenv("FXOPT_FUSED_AUTOTUNE", "0")
+    scope = vars(loader.load_kernel_module(src, tmp_path))
+    row = scope[f"{generate_kernel(region).name}_row"]
+    seen = []
+
+    def prune(configs, named_args, **kwargs):
+        seen.append(named_args["n_bucket"])
+        return scope["_prune_row_configs"](configs, named_args, **kwargs)
+
+    row.prune = prune
+    names = row.fn.arg_names
+    args_for = lambda n: tuple(n if name == "n_bucket" else 0 for name in names)  # noqa: E731
+    picks = {n: [row.config(args_for(n), {}) for _ in range(3)] for n in (512, 4096)}
+    assert seen == [512, 4096]
+    for n, configs in picks.items():
+        assert all(c is configs[0] for c in configs)
+        assert configs[0] is scope["_prune_row_configs"](scope["ROW_CONFIGS"], {"n_bucket": n})[0]
+    assert picks[512][0] is not picks[4096][0]
+
+
 def test_default_pointwise_block_loads_32_bytes_per_thread(tmp_path):
     import triton
 
