@@ -8,13 +8,13 @@ work is pure streaming of the cache. So the cache's key axis is cut into `num_sp
            tl.dot. It writes the chunk's partial row max, row sum of exp and unnormalised output (fp32).
   stage 2  grid (b * hq * sq): merges the chunks' partials with a log-sum-exp rescale.
 
-Launch order (sm_90+, programmatic dependent launch, codegen/pdl.py): stage 1 may start while the kernel before
-it ends; each program lets stage 2 launch, asks L2 for the first PREFETCH_KEYS keys of its chunk (a hint, safe
-before the wait), then waits for the previous kernel. Stage 2 launches at once and waits for stage 1; only after
-that wait does it let the next kernel launch. Letting it launch earlier (stage 2 used to) starts a cascade:
-the next kernel's programs, and theirs, are placed on the SMs while stage 1 still streams and hold the shared
-memory its second program per SM needs. Back to back from a CUDA graph on an H200 that cost 26.6 against
-20.9 us at 16k keys (B1 32/8 heads) and 656 against 488 us at 128k (32/32 heads), 2026-11-21.
+Launch order (sm_90+, programmatic dependent launch, codegen/pdl.py): stage 1 may start while the kernel before it
+ends; each program lets stage 2 launch (and, with FXOPT_DECODE_PREFETCH, asks L2 for the first keys of its chunk: a
+hint, safe before the wait), then waits for the previous kernel. Stage 2 launches at once and waits for stage 1;
+only after that wait does it let the next kernel launch. Letting it launch earlier (stage 2 used to) starts a
+cascade: the next kernel's programs, and theirs, are placed on the SMs while stage 1 still streams and hold the
+shared memory its second program per SM needs. Back to back from a CUDA graph on an H200 that cost 26.6 against
+20.1 us at 16k keys (B1 32/8 heads) and 656 against 468 us at 128k (32/32 heads), 2026-11-21 (README).
 
 Chunk boundaries come from host-known sizes (the cache capacity), the live length `kv_len` is a device
 tensor read inside the kernels: nothing synchronises with the host and every buffer has a host-known
@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 
 import torch
 import triton
@@ -55,9 +56,11 @@ MAX_DECODE_Q = 16
 # Keys per split at least. Short caches want many short chunks: H200, CUDA graph, B1 32/8 heads d64, 768-key cache
 # (513 valid): 3 splits 5.7 us, 6 splits 4.4 us, 12 splits 3.8 us (2026-11-21, merge kernel launched early).
 MIN_CHUNK = 64
-# Keys of K and V each split program asks L2 for before it waits for the previous kernel (H200, CUDA graph, B1 32/8
-# heads d128: 16k keys 20.9 -> 20.8 us, 4k keys 7.7 -> 7.4 us; 128 and 256 keys were slower, 2026-11-21).
-PREFETCH_KEYS = 64
+# Keys of K and V each split program asks L2 for before it waits for the previous kernel (FXOPT_DECODE_PREFETCH; off
+# by default). H200, 2026-11-21: standalone (benchmarks/decode_variants.py) 64 keys moved a 16k-key call by -0.2 to
+# +0.2 us, within run-to-run noise, and 128 or 256 keys were slower; in the llama-1b-like 1 x 512 decode step 64
+# keys gave 1647 tok/s against 1747 and 1738 without.
+PREFETCH_KEYS = int(os.environ.get("FXOPT_DECODE_PREFETCH", "0"))
 WAVES = 2  # target stage-1 programs per SM (H200 sweep, B1 32/8 heads 16k bf16, CUDA graph: 1-2 long programs
 # per SM beat 3 and more shorter ones by 5-20%; 2 keeps 8 warps per SM streaming)
 DEFAULT_SM_COUNT = 132  # H100 SXM, assumed when no GPU is present
