@@ -730,11 +730,11 @@ class _FixedConfig:
 
     def __init__(self, fn, configs, prune, key=()):
         self.fn, self.configs, self.prune = fn, configs, prune
-        self.key_at = [fn.arg_names.index(name) for name in key]
+        self.key_at = [(fn.arg_names.index(name), name) for name in key]
         self.chosen = {}
 
     def config(self, args, kwargs):
-        key = tuple(args[i] for i in self.key_at)
+        key = tuple(args[i] if i < len(args) else kwargs[name] for i, name in self.key_at)
         config = self.chosen.get(key)
         if config is None:
             configs = self.configs

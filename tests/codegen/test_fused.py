@@ -838,6 +838,8 @@ def test_fixed_config_prunes_once_per_key_value(tmp_path, monkeypatch):
         assert all(c is configs[0] for c in configs)
         assert configs[0] is scope["_prune_row_configs"](scope["ROW_CONFIGS"], {"n_bucket": n})[0]
     assert picks[512][0] is not picks[4096][0]
+    by_keyword = row.config(args_for(512)[:names.index("n_bucket")], {"n_bucket": 4096})  # key passed by name
+    assert by_keyword is picks[4096][0] and seen == [512, 4096]
 
 
 def test_default_pointwise_block_loads_32_bytes_per_thread(tmp_path):
