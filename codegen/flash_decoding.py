@@ -433,8 +433,8 @@ def _make_plan(q, k_cache, v_cache, scale, causal, q_off_mode, num_splits, has_s
     plan.meta.update(launch_options(pdl))
     plan.merge_grid = (n_rows,)
     plan.merge_ints = (*out_strides, hq, sq, num_splits, ml_base)
-    # Stage 2 is latency-bound: 2 warps beat 1, 4 and 8 at d128 (H200, CUDA graph, B1 32/8 heads: 16k keys 20.4 us
-    # against 20.7 with 4 warps, 4k keys 7.1 against 7.5; 2026-11-21)
+    # Stage 2 is latency-bound: 2 warps beat 1, 4 and 8 at d128 (benchmarks/decode_variants.py, H200, 2026-11-21,
+    # B1 32/8 heads: 16k keys 20.7 us against 21.8 / 20.8 / 21.7 on 1 / 4 / 8 warps, 4k keys 7.2 against 7.5 on 4)
     plan.merge_meta = dict(HEAD_DIM=d, BLOCK_D=block_d, BLOCK_S=block_s, WAIT_PRIMARY=pdl,
                            num_warps=2 if block_d <= 128 else 8)
     plan.merge_meta.update(launch_options(pdl))
