@@ -2,10 +2,11 @@
 
     python benchmarks/decode_variants.py
 
-bf16, batch 1, one new token, d128: 32 query / 8 KV heads over 4k and 16k keys. Each variant patches one field of
-the cached launch plan (the L2 prefetch before the wait, the merge kernel's warps, the split count) and is timed
-with triton.testing.do_bench_cudagraph in three interleaved rounds (median). Columns: microseconds per call and %
-of the copy bandwidth measured in the same run. Where the defaults in flash_decoding.py come from.
+bf16, batch 1, one new token, d128: 32 query / 8 KV heads over 1k, 4k and 16k keys. Each variant patches the cached
+launch plan (how whole key tiles are loaded and their size, the L2 prefetch before the wait, how the merge kernel
+splits its work, the split count) and is timed with triton.testing.do_bench_cudagraph in three interleaved rounds
+(median). Columns: microseconds per call and % of the copy bandwidth measured in the same run. Where the defaults in
+flash_decoding.py come from.
 """
 
 import statistics
@@ -17,21 +18,45 @@ from fxopt.codegen import flash_decoding as fd
 from fxopt.hardware import measure_copy_bandwidth
 
 ROUNDS = 3
-# name -> (plan.meta changes, plan.merge_meta changes, num_splits)
+
+
+def tiles(block_n, stages, tma):
+    """Whole key tiles of block_n keys, `stages` deep, by TMA descriptors or by pointer loads."""
+    def patch(plan):
+        plan.meta.update(BLOCK_N=block_n, num_stages=stages, TMA=tma and plan.tma_tile is not None)
+        if plan.meta["TMA"]:
+            plan.tma_tile, plan.descriptors = (block_n, plan.tma_tile[1]), None
+    return patch
+
+
+def merge(slice_d, warps):
+    """One merge program per slice_d head dims of a row, on `warps` warps."""
+    def patch(plan):
+        plan.merge_meta.update(SLICE=slice_d, num_warps=warps)
+        plan.merge_grid = (plan.merge_grid[0], plan.merge_meta["BLOCK_D"] // slice_d)
+    return patch
+
+
+def meta(**changes):
+    return lambda plan: plan.meta.update(changes)
+
+
+# name -> (plan patch, num_splits); a tile patch keeps the chunk the default tile gave (a multiple of 64 keys)
 VARIANTS = {
-    "defaults": ({}, {}, None),
-    "prefetch 64 keys": ({"PREFETCH_N": 64}, {}, None),
-    "prefetch 128 keys": ({"PREFETCH_N": 128}, {}, None),
-    "prefetch 256 keys": ({"PREFETCH_N": 256}, {}, None),
-    "merge on 1 warp": ({}, {"num_warps": 1}, None),
-    "merge on 4 warps": ({}, {"num_warps": 4}, None),
-    "merge on 8 warps": ({}, {"num_warps": 8}, None),
-    "16 splits": ({}, {}, 16),
-    "66 splits": ({}, {}, 66),
+    "defaults": (None, None),
+    "pointer loads, 64-key tiles": (tiles(64, 3, False), None),
+    "TMA, 64-key tiles x3": (tiles(64, 3, True), None),
+    "TMA, 128-key tiles x3": (tiles(128, 3, True), None),
+    "prefetch 64 keys": (meta(PREFETCH_N=64), None),
+    "merge: row per program, 2 warps": (merge(128, 2), None),
+    "merge: 64 dims per program": (merge(64, 1), None),
+    "merge: 32 dims, 2 warps": (merge(32, 2), None),
+    "16 splits": (None, 16),
+    "66 splits": (None, 66),
 }
 
 
-def timer(q, k, v, kv_len, meta, merge_meta, splits):
+def timer(q, k, v, kv_len, patch, splits):
     """A function timing decode_attention with the plan patched; checks the output against SDPA first."""
     group = q.shape[1] // k.shape[1]
     ref = torch.nn.functional.scaled_dot_product_attention(
@@ -42,8 +67,8 @@ def timer(q, k, v, kv_len, meta, merge_meta, splits):
         call = lambda: fd.decode_attention(q, k, v, kv_len, num_splits=splits)  # noqa: E731
         call()
         (plan,) = fd._PLANS.values()
-        plan.meta.update(meta)
-        plan.merge_meta.update(merge_meta)
+        if patch is not None:
+            patch(plan)
         err = (call().float() - ref).abs().max().item()
         assert err < 2e-2, err
         us = do_bench_cudagraph(call, rep=50, return_mode="median") * 1e3
@@ -56,8 +81,8 @@ def timer(q, k, v, kv_len, meta, merge_meta, splits):
 def main() -> None:
     copy_bw = measure_copy_bandwidth()
     print(f"{torch.cuda.get_device_name()}, copy bandwidth {copy_bw / 1e9:.0f} GB/s")
-    print(f"{'keys':>6}  {'variant':24}{'us':>8}{'% copy':>8}")
-    for n in (4096, 16384):
+    print(f"{'keys':>6}  {'variant':34}{'us':>8}{'% copy':>8}")
+    for n in (1024, 4096, 16384):
         gen = torch.Generator(device="cuda").manual_seed(0)
         q = torch.randn(1, 32, 1, 128, device="cuda", dtype=torch.bfloat16, generator=gen)
         k, v = (torch.randn(1, 8, n, 128, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(2))
@@ -71,7 +96,7 @@ def main() -> None:
                 runs[name].append(timers[name]())
         for name in names:
             us = statistics.median(runs[name])
-            print(f"{n:>6}  {name:24}{us:8.2f}{100 * nbytes / (us * 1e-6) / copy_bw:8.1f}")
+            print(f"{n:>6}  {name:34}{us:8.2f}{100 * nbytes / (us * 1e-6) / copy_bw:8.1f}")
 
 
 if __name__ == "__main__":

@@ -28,7 +28,13 @@ import torch
 import triton
 import triton.language as tl
 
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # a Triton without host-side tensor descriptors: pointer loads only
+    TensorDescriptor = None
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+TMA_ENABLED = os.environ.get("FXOPT_TMA", "1") != "0"
 LOG2E = 1.4426950408889634
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
@@ -172,6 +178,37 @@ def _use_kernel(t: torch.Tensor) -> bool:
     return _INTERPRET or t.is_cuda
 
 
+@functools.cache
+def _hopper_or_later(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index)[0] >= 9
+
+
+def tma_compatible(*tensors: torch.Tensor) -> bool:
+    """Each (b, h, s, d) tensor can back a TMA descriptor: 16-bit elements, no empty dim, unit stride along d,
+    a 16-byte aligned base and 16-byte multiples for the other strides."""
+    for t in tensors:
+        if t.dtype not in (torch.float16, torch.bfloat16) or t.numel() == 0 or t.stride(3) != 1:
+            return False
+        if t.data_ptr() % 16 or any(stride * t.element_size() % 16 for stride in t.stride()[:3]):
+            return False
+    return TensorDescriptor is not None
+
+
+def use_tma(*tensors: torch.Tensor) -> bool:
+    """Stream K/V tiles through the tensor-memory accelerator: a compiled launch on Hopper or later, FXOPT_TMA
+    not 0, and tensors a descriptor can describe. (Tests force it on in the interpreter.)"""
+    if not TMA_ENABLED or _INTERPRET or not tensors[0].is_cuda:
+        return False
+    index = tensors[0].device.index
+    return _hopper_or_later(torch.cuda.current_device() if index is None else index) and tma_compatible(*tensors)
+
+
+def kv_descriptors(k: torch.Tensor, v: torch.Tensor, block_n: int, block_d: int):
+    """TMA descriptors over the whole (b, hkv, skv, d) K and V, one (block_n, block_d) key tile per load; the
+    head dim past d (block_d > d) reads as zeros."""
+    return tuple(TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, block_n, block_d]) for t in (k, v))
+
+
 # --------------------------------------------------------------------------------------------------
 # Kernel
 # --------------------------------------------------------------------------------------------------
@@ -197,19 +234,25 @@ def online_softmax_step(qk, v, acc, l_i, m_i, qk_scale, MAY_BE_EMPTY: tl.constex
 
 @triton.jit
 def _attn_key_loop(
-    acc, l_i, m_i, q, k_ptrs, v_ptrs, pad_ptrs, lo, hi,
+    acc, l_i, m_i, q, k_ptrs, v_ptrs, pad_ptrs, k_desc, v_desc, b, hk, lo, hi,
     stride_kn, stride_vn, stride_pn, q_pos, kv_end, qk_scale, offs_n, d_ok,
-    BLOCK_N: tl.constexpr, D_MASKED: tl.constexpr, BOUNDARY: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, D_MASKED: tl.constexpr, BOUNDARY: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, DOT_PREC: tl.constexpr, TMA: tl.constexpr,
 ):
     """Fold key tiles [lo, hi) into (acc, l_i, m_i); the tile pointers start at key `lo`.
 
-    BOUNDARY=False is the fast path: every key of every tile is valid and visible, no masks.
-    BOUNDARY=True masks keys past kv_end and, when CAUSAL, keys after each row's position.
+    BOUNDARY=False is the fast path: every key of every tile is valid and visible, no masks. With TMA its
+    tiles arrive through the tensor-memory accelerator (k_desc, v_desc: (b, hkv, skv, d) descriptors whose
+    zero fill pads the head dim), not through per-thread pointer loads.
+    BOUNDARY=True masks keys past kv_end and, when CAUSAL, keys after each row's position; its tiles are
+    always pointer loads, whose masks keep whatever lies past kv_end (an unwritten cache tail) out of V.
     """
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
-        if BOUNDARY:
+        if TMA and not BOUNDARY:
+            k = k_desc.load([b, hk, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
+            v = v_desc.load([b, hk, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
+        elif BOUNDARY:
             col_ok = cols < kv_end
             if D_MASKED:
                 kv_mask = col_ok[:, None] & d_ok[None, :]
@@ -249,7 +292,7 @@ def _attn_key_loop(
 
 @triton.jit(do_not_specialize=["q_offset", "SQ_BUCKET", "SKV_BUCKET"])
 def _flash_attn_fwd(
-    Q, K, V, O, PAD, KV_LEN, Q_OFF,
+    Q, K, V, O, PAD, KV_LEN, Q_OFF, K_DESC, V_DESC,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -259,7 +302,7 @@ def _flash_attn_fwd(
     SQ_BUCKET, SKV_BUCKET,  # autotune key only
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, HAS_KV_LEN: tl.constexpr, Q_OFF_TENSOR: tl.constexpr,
-    DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PREC: tl.constexpr, TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # One program = BLOCK_M query rows of one (batch, query head). Per program, in elements:
     #   reads   Q: BLOCK_M * HEAD_DIM once
@@ -324,18 +367,18 @@ def _flash_attn_fwd(
     # Each loop starts from fresh pointers (not the first loop's final ones): carrying pointer tensors
     # from one pipelined loop into the next made Triton 3.6 spill registers.
     acc, l_i, m_i, k_ptrs, v_ptrs, pad_ptrs = _attn_key_loop(
-        acc, l_i, m_i, q, k_base + k_tile, v_base + v_tile, pad_base + offs_n * stride_pn, 0, full_end,
-        stride_kn, stride_vn, stride_pn, q_pos, kv_end, qk_scale, offs_n, d_ok,
-        BLOCK_N, BLOCK_D != HEAD_DIM, False, CAUSAL, HAS_PAD, DOT_PREC,
+        acc, l_i, m_i, q, k_base + k_tile, v_base + v_tile, pad_base + offs_n * stride_pn, K_DESC, V_DESC, b, hk,
+        0, full_end, stride_kn, stride_vn, stride_pn, q_pos, kv_end, qk_scale, offs_n, d_ok,
+        BLOCK_N, BLOCK_D, BLOCK_D != HEAD_DIM, False, CAUSAL, HAS_PAD, DOT_PREC, TMA,
     )
     start = tl.cast(full_end, tl.int64)
     k_ptrs = k_base + start * stride_kn + k_tile
     v_ptrs = v_base + start * stride_vn + v_tile
     pad_ptrs = pad_base + start * stride_pn + offs_n * stride_pn
     acc, l_i, m_i, k_ptrs, v_ptrs, pad_ptrs = _attn_key_loop(
-        acc, l_i, m_i, q, k_ptrs, v_ptrs, pad_ptrs, full_end, diag_end,
+        acc, l_i, m_i, q, k_ptrs, v_ptrs, pad_ptrs, K_DESC, V_DESC, b, hk, full_end, diag_end,
         stride_kn, stride_vn, stride_pn, q_pos, kv_end, qk_scale, offs_n, d_ok,
-        BLOCK_N, BLOCK_D != HEAD_DIM, True, CAUSAL, HAS_PAD, DOT_PREC,
+        BLOCK_N, BLOCK_D, BLOCK_D != HEAD_DIM, True, CAUSAL, HAS_PAD, DOT_PREC, TMA,
     )
 
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # a row that saw no key stays 0
@@ -357,6 +400,17 @@ _TILES = {
     128: [(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (128, 128, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3)],
     256: [(128, 32, 8, 2), (64, 32, 4, 2), (128, 64, 8, 2)],
 }
+# TMA loads (Hopper, fp16/bf16, see use_tma): the fast path's K/V tiles arrive as bulk tensor copies instead of
+# per-thread loads, which leaves the registers for 128-key tiles three stages deep. H100 SXM, B4 H32 N4096 d128
+# bf16 (scratch sweep, 2026-11-21): 128x128 tiles on 8 warps, 3 stages, 538 (non-causal) / 485 (causal) TFLOP/s
+# against 476 / 427 for the best pointer-load tile.
+_TILES_TMA = {
+    16: [(128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3)],
+    32: [(128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3)],
+    64: [(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 4), (64, 64, 4, 3)],
+    128: [(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (64, 64, 4, 3)],
+    256: [(128, 64, 8, 2), (128, 32, 8, 2), (64, 32, 4, 2)],
+}
 # fp32 inputs: tensor-core dots in 3xTF32 (about fp32 accuracy) need more registers and shared memory.
 _TILES_FP32 = {16: [(64, 32, 4, 2)], 32: [(64, 32, 4, 2)], 64: [(64, 32, 4, 2)], 128: [(64, 32, 4, 2)],
                256: [(32, 32, 4, 1)]}
@@ -377,8 +431,8 @@ def _smem_estimate(block_m, block_n, block_d, stages, elem) -> int:
     return elem * block_d * (block_m + 2 * block_n * stages)
 
 
-def _fitting_tiles(block_d: int, sq: int, elem: int, smem: int) -> list[tuple[int, int, int, int]]:
-    candidates = (_TILES_FP32 if elem == 4 else _TILES)[block_d]
+def _fitting_tiles(block_d: int, sq: int, elem: int, smem: int, tma: bool = False) -> list[tuple[int, int, int, int]]:
+    candidates = (_TILES_FP32 if elem == 4 else _TILES_TMA if tma else _TILES)[block_d]
     tiles = [t for t in candidates if _smem_estimate(t[0], t[1], block_d, t[3], elem) <= smem]
     if sq <= 64:  # a short query block: 128-row tiles would mostly compute padding
         tiles = [t for t in tiles if t[0] <= 64] or tiles
@@ -398,7 +452,7 @@ def _prune_configs(configs, named_args, **kwargs):
     if q.is_cuda:
         index = q.device.index
         smem = _max_shared_memory(torch.cuda.current_device() if index is None else index)
-    tiles = _fitting_tiles(args["BLOCK_D"], args["SQ"], q.element_size(), smem)
+    tiles = _fitting_tiles(args["BLOCK_D"], args["SQ"], q.element_size(), smem, args["TMA"])
     if not autotune_enabled("FXOPT_ATTN_AUTOTUNE"):  # one compile per specialisation
         tiles = tiles[:1]
     by_tile = {_tile_of(c): c for c in configs}
@@ -411,11 +465,20 @@ def autotune_enabled(specific: str) -> bool:
     return os.environ.get(specific, os.environ.get("FXOPT_AUTOTUNE", "0")) != "0"
 
 
+def _set_descriptor_blocks(nargs) -> None:
+    """Config pre-hook: the K/V descriptors (when the launch uses TMA) carry the config's key-tile shape."""
+    for name in ("K_DESC", "V_DESC"):
+        if TensorDescriptor is not None and isinstance(nargs[name], TensorDescriptor):
+            nargs[name].block_shape = [1, 1, nargs["BLOCK_N"], nargs["BLOCK_D"]]
+
+
 def _make_configs():
     if _INTERPRET:  # autotuning in the interpreter is slow; small tiles also exercise the loop logic
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
-    tiles = sorted({t for table in (_TILES, _TILES_FP32) for ts in table.values() for t in ts})
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in tiles]
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1,
+                              pre_hook=_set_descriptor_blocks)]
+    tiles = sorted({t for table in (_TILES, _TILES_TMA, _TILES_FP32) for ts in table.values() for t in ts})
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s, pre_hook=_set_descriptor_blocks)
+            for m, n, w, s in tiles]
 
 
 def _autotune_timing() -> dict:
@@ -430,7 +493,7 @@ def _autotune_timing() -> dict:
 
 _flash_attn_fwd_tuned = triton.autotune(
     configs=_make_configs(),
-    key=["HEAD_DIM", "CAUSAL", "SQ_BUCKET", "SKV_BUCKET"],
+    key=["HEAD_DIM", "CAUSAL", "TMA", "SQ_BUCKET", "SKV_BUCKET"],
     prune_configs_by=None if _INTERPRET else {"early_config_prune": _prune_configs},
     **_autotune_timing(),
 )(_flash_attn_fwd)
@@ -493,9 +556,9 @@ def output_like(q: torch.Tensor, dv: int | None = None) -> torch.Tensor:
     return q.new_empty((b, h, s, dv))
 
 
-def _launch(q, k, v, *, causal, scale, key_padding_mask, q_offset, kv_len, tile=None):
+def _launch(q, k, v, *, causal, scale, key_padding_mask, q_offset, kv_len, tile=None, tma=None):
     """Launch the kernel on checked inputs; `tile` = (BLOCK_M, BLOCK_N, num_warps, num_stages) bypasses
-    the autotuner (tests use it to run every candidate tile)."""
+    the autotuner (tests use it to run every candidate tile); `tma` overrides use_tma (tests force it on)."""
     b, hq, sq, d = q.shape
     hkv, skv = k.shape[1], k.shape[2]
     out = output_like(q)
@@ -521,6 +584,9 @@ def _launch(q, k, v, *, causal, scale, key_padding_mask, q_offset, kv_len, tile=
     def grid(meta):
         return (triton.cdiv(sq, meta["BLOCK_M"]), b * hq)
 
+    tma = use_tma(k, v) if tma is None else tma
+    block_n = 16 if tile is None else tile[1]  # the autotuner's pre-hook sets each config's tile rows
+    k_desc, v_desc = kv_descriptors(k, v, block_n, _block_d(d)) if tma else (k, v)  # (k, v): never read
     if tile is None:
         kernel, tile_kwargs = _flash_attn_fwd_tuned, {}
     else:
@@ -528,13 +594,13 @@ def _launch(q, k, v, *, causal, scale, key_padding_mask, q_offset, kv_len, tile=
         kernel = _flash_attn_fwd
         tile_kwargs = dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
     kernel[grid](
-        q, k, v, out, pad, kv_len_t, q_off_t,
+        q, k, v, out, pad, kv_len_t, q_off_t, k_desc, v_desc,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         stride_pb, stride_pn,
         hq, hq // hkv, sq, skv, q_off_int, scale * LOG2E,
         _seq_bucket(sq), _seq_bucket(skv),
         HEAD_DIM=d, BLOCK_D=_block_d(d),
         CAUSAL=bool(causal), HAS_PAD=key_padding_mask is not None, HAS_KV_LEN=kv_len is not None,
-        Q_OFF_TENSOR=q_off_tensor, DOT_PREC=_dot_precision(q.dtype), **tile_kwargs,
+        Q_OFF_TENSOR=q_off_tensor, DOT_PREC=_dot_precision(q.dtype), TMA=bool(tma), **tile_kwargs,
     )
     return out

@@ -48,7 +48,9 @@ from fxopt.codegen.flash_attention import (
     _use_kernel,
     attention_flops,
     attention_reference,
+    kv_descriptors,
     online_softmax_step,
+    use_tma,
 )
 from fxopt.codegen.pdl import launch_options, use_pdl
 
@@ -64,6 +66,7 @@ PREFETCH_KEYS = int(os.environ.get("FXOPT_DECODE_PREFETCH", "0"))
 WAVES = 2  # target stage-1 programs per SM (H200 sweep, B1 32/8 heads 16k bf16, CUDA graph: 1-2 long programs
 # per SM beat 3 and more shorter ones by 5-20%; 2 keeps 8 warps per SM streaming)
 DEFAULT_SM_COUNT = 132  # H100 SXM, assumed when no GPU is present
+MERGE_SLICE = 32  # head dims per stage-2 program
 
 
 # --------------------------------------------------------------------------------------------------
@@ -140,10 +143,12 @@ def _device_sm_count(device: torch.device) -> int:
 
 
 @triton.jit
-def _merge_row(MID, ML, base, offs_d, NUM_SPLITS, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
-    # One output row from its NUM_SPLITS partials (unnormalised outputs at MID, (max, sum) pairs at ML),
-    # log-sum-exp rescaled. One round of loads when BLOCK_S covers every split (the default split counts);
-    # otherwise a max pass, then a rescaled-sum pass, over blocks of BLOCK_S splits.
+def _merge_row(MID, ML, base, offs_d, NUM_SPLITS, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+               SLICE: tl.constexpr):
+    # Head dims offs_d (SLICE of them) of one output row from its NUM_SPLITS partials (unnormalised outputs at
+    # MID, rows of BLOCK_D; (max, sum) pairs at ML), log-sum-exp rescaled. One round of loads when BLOCK_S
+    # covers every split (the default split counts); otherwise a max pass, then a rescaled-sum pass, over
+    # blocks of BLOCK_S splits.
     offs_s = tl.arange(0, BLOCK_S)
     if NUM_SPLITS <= BLOCK_S:
         s_ok = offs_s < NUM_SPLITS
@@ -164,7 +169,7 @@ def _merge_row(MID, ML, base, offs_d, NUM_SPLITS, BLOCK_S: tl.constexpr, BLOCK_D
         m_all = tl.max(m_run, 0)
         m_all = tl.where(m_all == float("-inf"), 0.0, m_all)
         l_run = tl.zeros([BLOCK_S], dtype=tl.float32)
-        acc2 = tl.zeros([BLOCK_S, BLOCK_D], dtype=tl.float32)
+        acc2 = tl.zeros([BLOCK_S, SLICE], dtype=tl.float32)
         for s0 in range(0, NUM_SPLITS, BLOCK_S):
             s_idx = base + s0 + offs_s
             s_ok = (s0 + offs_s) < NUM_SPLITS
@@ -184,10 +189,12 @@ def _decode_merge_kernel(
     MID, O,
     stride_ob, stride_oh, stride_om, stride_od,
     HQ, SQ, NUM_SPLITS, ML_BASE,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, WAIT_PRIMARY: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, SLICE: tl.constexpr,
+    WAIT_PRIMARY: tl.constexpr,
 ):
-    # Stage 2: one program = one output row (b, hq, token). Reads
-    # NUM_SPLITS * (BLOCK_D + 2) fp32, writes HEAD_DIM elements of O.
+    # Stage 2: one program = SLICE head dims of one output row (b, hq, token). Reads
+    # NUM_SPLITS * (SLICE + 2) fp32, writes SLICE elements of O. Slicing the head dim puts 4x more programs
+    # (at d128) on the short, latency-bound read of the partials.
     if WAIT_PRIMARY:  # launched early (programmatic dependent launch): wait until the partials are written,
         tl.extra.cuda.gdc_wait()  # then let the next kernel launch while this one merges. Not before the wait:
         tl.extra.cuda.gdc_launch_dependents()  # see "Launch order" in the module docstring
@@ -195,8 +202,8 @@ def _decode_merge_kernel(
     tok = row % SQ
     h = (row // SQ) % HQ
     b = row // (SQ * HQ)
-    offs_d = tl.arange(0, BLOCK_D)
-    out = _merge_row(MID, MID + ML_BASE, row * NUM_SPLITS, offs_d, NUM_SPLITS, BLOCK_S, BLOCK_D)
+    offs_d = tl.program_id(1) * SLICE + tl.arange(0, SLICE)
+    out = _merge_row(MID, MID + ML_BASE, row * NUM_SPLITS, offs_d, NUM_SPLITS, BLOCK_S, BLOCK_D, SLICE)
     o_ptrs = O + b * stride_ob + h * stride_oh + tok * stride_om + offs_d * stride_od
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=offs_d < HEAD_DIM)
 
@@ -229,14 +236,14 @@ def _prefetch_chunk_start(K, V, KV_LEN, b, b64, hk, lo, MAX_LEN, stride_kb, stri
 
 @triton.jit(do_not_specialize=["q_offset"])
 def _decode_split_kernel(
-    Q, K, V, KV_LEN, KV_START, Q_OFF, MID,
+    Q, K, V, KV_LEN, KV_START, Q_OFF, MID, K_DESC, V_DESC,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     HKV, GROUP, SQ, MAX_LEN, CHUNK, NUM_SPLITS, ML_BASE, q_offset, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, Q_OFF_MODE: tl.constexpr, DOT_PREC: tl.constexpr, HAS_START: tl.constexpr,
-    PDL: tl.constexpr, PREFETCH_N: tl.constexpr, LINES: tl.constexpr,
+    PDL: tl.constexpr, PREFETCH_N: tl.constexpr, LINES: tl.constexpr, TMA: tl.constexpr,
 ):
     # One program = one chunk of CHUNK keys of one (batch, KV head), for BLOCK_M of the group's
     # GROUP * SQ query rows (row r = query head hk * GROUP + r // SQ, token r % SQ). Per program:
@@ -284,15 +291,25 @@ def _decode_split_kernel(
         hi = tl.minimum(hi, q_off + SQ)  # no row of this program sees a key at or past q_off + SQ
         q_pos = q_off + tok
 
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    if TMA:  # whole tiles by the tensor-memory accelerator; the ragged last tile (keys up to hi) below
+        full_hi = lo + (tl.maximum(hi - lo, 0) // BLOCK_N) * BLOCK_N
+        for start_n in range(lo, full_hi, BLOCK_N):
+            k = K_DESC.load([b, hk, start_n, 0]).reshape(BLOCK_N, BLOCK_D)  # (BLOCK_N, BLOCK_D)
+            v = V_DESC.load([b, hk, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
+            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)  # (BLOCK_M, BLOCK_N)
+            if CAUSAL:  # bites only for several new tokens, on the chunk holding the newest keys
+                qk = tl.where((start_n + offs_n)[None, :] <= q_pos[:, None], qk, float("-inf"))
+            acc, l_i, m_i = online_softmax_step(qk, v, acc, l_i, m_i, qk_scale, True, DOT_PREC)
+        lo = full_hi
+
     k_ptrs = (K + b64 * stride_kb + hk.to(tl.int64) * stride_kh + lo.to(tl.int64) * stride_kn
               + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd)
     v_ptrs = (V + b64 * stride_vb + hk.to(tl.int64) * stride_vh + lo.to(tl.int64) * stride_vn
               + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd)
-
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for start_n in range(lo, hi, BLOCK_N):
+    for start_n in range(lo, hi, BLOCK_N):  # every tile by pointer loads, or (TMA) at most the last one
         cols = start_n + offs_n
         col_ok = cols < hi
         if BLOCK_D != HEAD_DIM:
@@ -318,26 +335,28 @@ def _decode_split_kernel(
     tl.store(MID + ML_BASE + out_row * 2 + 1, l_i, mask=row_ok)
 
 
-def _decode_tiles(block_d: int, rows: int, elem: int):
+def _decode_tiles(block_d: int, rows: int, elem: int, chunk: int, tma: bool):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) for stage 1: a streaming loop, so fixed heuristics
-    (no autotuning: the first call may be inside a CUDA-graph capture). 16-bit d<=128: 64-key tiles of
-    K and V (16 KiB each), three stages deep; measured on an H200 (B1 32/8 heads 16k keys, graph replay)
-    within 1% of the best of 10 tile/stage/warp combinations at the default split count."""
-    if _TILES_OVERRIDE is not None:
-        return _TILES_OVERRIDE(block_d, rows, elem)
+    (no autotuning: the first call may be inside a CUDA-graph capture). `chunk`: keys per split before
+    rounding to whole tiles.
+
+    16-bit, d <= 128, pointer loads: 64-key tiles of K and V (16 KiB each), three stages deep; measured on an
+    H200 (B1 32/8 heads 16k keys, graph replay) within 1% of the best of 10 tile/stage/warp combinations.
+    With TMA loads (Hopper): 128-key tiles two stages deep, or 64-key tiles where a chunk is that short (a
+    128-key tile would halve the split count). H100 SXM, B1 32/8 heads d128, graph replay, 2026-11-21
+    (scratch sweep): 26.6 against 27.5 us (pointer loads) at 16k keys, 6.2 against 7.1 us at 4k."""
     if _INTERPRET:
         return max(16, min(triton.next_power_of_2(rows), 32)), 16, 4, 1
     if elem == 4:  # fp32: 3xTF32 dots need registers and twice the shared memory per key
         block_m = max(16, min(triton.next_power_of_2(rows), 32))
         return block_m, 32, 4, 2 if block_d <= 128 else 1
     block_m = max(16, min(triton.next_power_of_2(rows), 64))
-    block_n = 64 if block_d <= 128 else 32
     num_warps = 4 if block_m * block_d <= 64 * 128 else 8
-    num_stages = 3 if block_d <= 128 else 2
-    return block_m, block_n, num_warps, num_stages
-
-
-_TILES_OVERRIDE = None  # benchmarks' sweeps: a function replacing _decode_tiles' heuristics
+    if block_d > 128:
+        return block_m, 32, num_warps, 2
+    if tma and chunk > 64:
+        return block_m, 128, 4 if block_m <= 32 else 8, 2
+    return block_m, 64, num_warps, 3
 
 
 def _check_decode(q, k_cache, v_cache, kv_len, scale, kv_start=None):
@@ -387,7 +406,7 @@ class _Plan:
     inputs checked) once per signature, so a repeated call only allocates and launches."""
 
     __slots__ = ("out_shape", "dtype", "empty", "grid", "ints", "meta", "mid_numel", "merge_grid", "merge_ints",
-                 "merge_meta", "qk_scale")
+                 "merge_meta", "qk_scale", "tma_tile", "descriptors")
 
 
 _PLANS: dict = {}
@@ -407,10 +426,13 @@ def _make_plan(q, k_cache, v_cache, scale, causal, q_off_mode, num_splits, has_s
     plan.qk_scale = scale * LOG2E
     block_d = _block_d(d)
     rows = group * sq
-    block_m, block_n, num_warps, num_stages = _decode_tiles(block_d, rows, q.element_size())
+    tma = use_tma(k_cache, v_cache)
+    block_m = _decode_tiles(block_d, rows, q.element_size(), max_len, tma)[0]
     row_blocks = triton.cdiv(rows, block_m)
     if num_splits is None:
         num_splits = choose_num_splits(b * hkv * row_blocks, max_len, _device_sm_count(q.device))
+    chunk = triton.cdiv(max(max_len, 1), max(1, int(num_splits)))
+    block_m, block_n, num_warps, num_stages = _decode_tiles(block_d, rows, q.element_size(), chunk, tma)
     num_splits = max(1, min(int(num_splits), triton.cdiv(max(max_len, 1), block_n)))
     chunk = triton.cdiv(triton.cdiv(max(max_len, 1), num_splits), block_n) * block_n
     num_splits = triton.cdiv(max(max_len, 1), chunk)
@@ -421,24 +443,38 @@ def _make_plan(q, k_cache, v_cache, scale, causal, q_off_mode, num_splits, has_s
     plan.grid = (num_splits, b * hkv, row_blocks)
     plan.ints = (*q.stride(), *k_cache.stride(), *v_cache.stride(), hkv, group, sq, max_len, chunk,
                  num_splits, ml_base)
-    block_s = min(triton.next_power_of_2(num_splits), max(1, 4096 // block_d))
     pdl = use_pdl(q.device)
     plan.meta = dict(
         HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=bool(causal),
         Q_OFF_MODE=q_off_mode, DOT_PREC=_dot_precision(q.dtype), HAS_START=has_start,
         PDL=pdl, PREFETCH_N=PREFETCH_KEYS if pdl and k_cache.stride(3) == 1 and v_cache.stride(3) == 1 else 0,
-        LINES=triton.next_power_of_2(triton.cdiv(d * q.element_size(), 128)),
+        LINES=triton.next_power_of_2(triton.cdiv(d * q.element_size(), 128)), TMA=tma,
         num_warps=num_warps, num_stages=num_stages,
     )
+    plan.tma_tile = (block_n, block_d) if tma else None
+    plan.descriptors = None
     plan.meta.update(launch_options(pdl))
-    plan.merge_grid = (n_rows,)
+    # Stage 2 is latency-bound: one program per 32 head dims of a row, on one warp. H100 SXM, B1 32/8 heads d128,
+    # graph replay, 2026-11-21 (scratch sweep): 4k keys 6.8 against 7.1 us for one 2-warp program per row.
+    slice_d = min(MERGE_SLICE, block_d)
+    block_s = min(triton.next_power_of_2(num_splits), max(1, 4096 // slice_d))
+    plan.merge_grid = (n_rows, block_d // slice_d)
     plan.merge_ints = (*out_strides, hq, sq, num_splits, ml_base)
-    # Stage 2 is latency-bound: 2 warps beat 1, 4 and 8 at d128 (benchmarks/decode_variants.py, H200, 2026-11-21,
-    # B1 32/8 heads: 16k keys 20.7 us against 21.8 / 20.8 / 21.7 on 1 / 4 / 8 warps, 4k keys 7.2 against 7.5 on 4)
-    plan.merge_meta = dict(HEAD_DIM=d, BLOCK_D=block_d, BLOCK_S=block_s, WAIT_PRIMARY=pdl,
-                           num_warps=2 if block_d <= 128 else 8)
+    plan.merge_meta = dict(HEAD_DIM=d, BLOCK_D=block_d, BLOCK_S=block_s, SLICE=slice_d, WAIT_PRIMARY=pdl,
+                           num_warps=1 if block_s * slice_d <= 1024 else 4)
     plan.merge_meta.update(launch_options(pdl))
     return plan
+
+
+def _descriptors(plan: _Plan, k_cache, v_cache):
+    """The plan's TMA descriptors over this call's caches (kept while the caches stay where they are, as a
+    static KV cache does), or the caches themselves when the plan streams by pointer loads (never read)."""
+    if plan.tma_tile is None:
+        return k_cache, v_cache
+    where = (k_cache.data_ptr(), v_cache.data_ptr())
+    if plan.descriptors is None or plan.descriptors[0] != where:
+        plan.descriptors = (where, kv_descriptors(k_cache, v_cache, *plan.tma_tile))
+    return plan.descriptors[1]
 
 
 def decode_attention(q, k_cache, v_cache, kv_len, *, scale=None, causal=True, q_offset=None, num_splits=None,
@@ -491,8 +527,9 @@ def decode_attention(q, k_cache, v_cache, kv_len, *, scale=None, causal=True, q_
         q_off_t, q_off_int = kv_len, (0 if q_offset is None else int(q_offset))
     kv_start = _per_batch(kv_start, b)
     mid = torch.empty(plan.mid_numel, dtype=torch.float32, device=q.device)
+    k_desc, v_desc = _descriptors(plan, k_cache, v_cache)
     _decode_split_kernel[plan.grid](
-        q, k_cache, v_cache, kv_len, kv_len if kv_start is None else kv_start, q_off_t, mid,
+        q, k_cache, v_cache, kv_len, kv_len if kv_start is None else kv_start, q_off_t, mid, k_desc, v_desc,
         *plan.ints, q_off_int, plan.qk_scale, **plan.meta,
     )
     _decode_merge_kernel[plan.merge_grid](mid, out, *plan.merge_ints, **plan.merge_meta)

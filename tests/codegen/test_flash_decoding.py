@@ -207,10 +207,35 @@ def test_plan_is_cached_and_reused():
 
 
 def test_merge_block_loop():
-    """More splits than one merge block holds (BLOCK_S caps at 4096 / BLOCK_D): the two-pass merge."""
-    q, k, v = make_inputs(1, 2, 2, 1, 2200, 256, torch.float32, seed=12)
-    kv_len = torch.tensor([2150], dtype=torch.int32, device=DEVICE)
-    check(q, k, v, kv_len, causal=True, num_splits=40)
+    """More splits than one merge block holds (BLOCK_S caps at 4096 / SLICE): the two-pass merge."""
+    q, k, v = make_inputs(1, 2, 2, 1, 130 * 128, 32, torch.float32, seed=12)
+    kv_len = torch.tensor([130 * 128 - 50], dtype=torch.int32, device=DEVICE)
+    fd._PLANS.clear()
+    check(q, k, v, kv_len, causal=True, num_splits=130)  # 128-key chunks: whole tiles for every tile size
+    (plan,) = fd._PLANS.values()
+    assert plan.ints[-2] > plan.merge_meta["BLOCK_S"]  # splits > one merge block
+
+
+@pytest.fixture
+def tma_forced(monkeypatch):
+    """Plans made while it is active stream whole tiles through TMA descriptors wherever the caches allow."""
+    from fxopt.codegen import flash_attention as fa
+
+    monkeypatch.setattr(fd, "use_tma", lambda *tensors: fa.tma_compatible(*tensors))
+    fd._PLANS.clear()
+    yield
+    fd._PLANS.clear()
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("b, hq, hkv, sq, max_len, d, layout, lens, num_splits", CASES)
+def test_tma_loads_match_reference(b, hq, hkv, sq, max_len, d, layout, lens, num_splits, causal, tma_forced):
+    """Whole key tiles through TMA descriptors (GQA heads by coordinate, d80 zero-filled to 128), the ragged
+    last tile of each chunk by masked pointer loads: same results as the reference."""
+    q, k, v = make_inputs(b, hq, hkv, sq, max_len, d, torch.float16, layout=layout, seed=sq * 100 + max_len)
+    kv_len = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    check(q, k, v, kv_len, causal=causal, num_splits=num_splits, what=f"tma causal={causal}")
+    assert all(plan.meta["TMA"] for plan in fd._PLANS.values())
 
 
 def test_several_row_blocks_and_splits_past_kv_len():

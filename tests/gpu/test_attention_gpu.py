@@ -49,17 +49,18 @@ def randn(*shape, dtype, gen, layout="bhsd"):
     return torch.randn(b, h, s, d, generator=gen, device=DEVICE).to(dtype)
 
 
-def check_flash(q, k, v, *, causal, key_padding_mask=None, q_offset=0, kv_len=None, tile=None, what=""):
+def check_flash(q, k, v, *, causal, key_padding_mask=None, q_offset=0, kv_len=None, tile=None, tma=None,
+                what=""):
     b, _, sq, _ = q.shape
     skv = k.shape[2]
     allowed = allowed_mask(b, sq, skv, causal=causal, key_padding_mask=key_padding_mask, q_offset=q_offset,
                            kv_len=kv_len)
     key_mask = allowed_mask(b, 1, skv, causal=False, key_padding_mask=key_padding_mask, kv_len=kv_len)[:, 0]
     kwargs = dict(causal=causal, key_padding_mask=key_padding_mask, q_offset=q_offset, kv_len=kv_len)
-    if tile is None:
+    if tile is None and tma is None:
         out = flash_attention(q, k, v, **kwargs)
     else:
-        out = fa._launch(q, k, v, scale=None, tile=tile, **kwargs)
+        out = fa._launch(q, k, v, scale=None, tile=tile, tma=tma, **kwargs)
     ref64 = attention_reference(q.double(), k.double(), v.double(), causal=causal, key_padding_mask=key_mask,
                                 q_offset=q_offset)
     # the output is dense in q's memory order: (b, s, h, d) when q is a head-transposed view
@@ -117,6 +118,27 @@ def test_flash_attention(b, hq, hkv, sq, skv, d, layout, causal, pad, q_offset, 
                 what=str(dtype))
 
 
+@pytest.mark.parametrize("b, hq, hkv, sq, skv, d, layout, causal, pad, q_offset, kv_len", FLASH_CASES[:4])
+def test_flash_attention_pointer_loads(b, hq, hkv, sq, skv, d, layout, causal, pad, q_offset, kv_len):
+    """On Hopper the default launch streams K/V through TMA; the pointer-load path (older GPUs, FXOPT_TMA=0,
+    layouts no descriptor can describe) is checked here too."""
+    gen = torch.Generator(device=DEVICE).manual_seed(sq + skv + d)
+    q, k, v = (randn(b, h, s, d, dtype=torch.bfloat16, gen=gen, layout=layout)
+               for h, s in ((hq, sq), (hkv, skv), (hkv, skv)))
+    kv_len = torch.full((b,), skv - 5, dtype=torch.int32, device=DEVICE) if kv_len else None
+    offs = skv - sq if q_offset == "tensor" else q_offset
+    check_flash(q, k, v, causal=causal, q_offset=offs, kv_len=kv_len, tma=False, what="pointer loads")
+
+
+def test_tma_is_the_default_on_hopper():
+    """Guards against the TMA path silently never running on the GPU the figures come from."""
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    k = randn(1, 2, 64, 128, dtype=torch.bfloat16, gen=gen)
+    assert fa.use_tma(k, k) == (torch.cuda.get_device_capability()[0] >= 9 and fa.TMA_ENABLED)
+    assert not fa.use_tma(k.float(), k.float())  # fp32: pointer loads
+    assert not fa.use_tma(k.transpose(2, 3), k.transpose(2, 3))  # d not unit-stride
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_flash_fully_masked_rows(dtype):
     gen = torch.Generator(device=DEVICE).manual_seed(1)
@@ -133,11 +155,16 @@ def test_flash_fully_masked_rows(dtype):
 
 
 def _tiles_for(d):
-    return [pytest.param(d, t, id=f"d{d}-m{t[0]}n{t[1]}w{t[2]}s{t[3]}") for t in fa._TILES[fa._block_d(d)]]
+    """Every candidate tile of head dim d, for pointer loads and (Hopper and later) for TMA loads."""
+    tiles = [(t, False) for t in fa._TILES[fa._block_d(d)]]
+    if torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9:
+        tiles += [(t, True) for t in fa._TILES_TMA[fa._block_d(d)]]
+    return [pytest.param(d, t, tma, id=f"d{d}-m{t[0]}n{t[1]}w{t[2]}s{t[3]}{'-tma' if tma else ''}")
+            for t, tma in tiles]
 
 
-@pytest.mark.parametrize("d, tile", _tiles_for(64) + _tiles_for(128) + _tiles_for(256))
-def test_every_tuning_tile(d, tile):
+@pytest.mark.parametrize("d, tile, tma", _tiles_for(64) + _tiles_for(128) + _tiles_for(256))
+def test_every_tuning_tile(d, tile, tma):
     """Each candidate config computes the right thing (the autotuner may pick any of them)."""
     from triton.runtime.errors import OutOfResources
 
@@ -149,9 +176,9 @@ def test_every_tuning_tile(d, tile):
     offs = torch.tensor([217, 0], device=DEVICE)
     kv_len = torch.tensor([517, 301], dtype=torch.int32, device=DEVICE)
     try:
-        check_flash(q, k, v, causal=True, q_offset=offs, kv_len=kv_len, tile=tile, what=str(tile))
+        check_flash(q, k, v, causal=True, q_offset=offs, kv_len=kv_len, tile=tile, tma=tma, what=str(tile))
         if d == 128:  # the unmasked fast path alone (no diagonal, no tail)
-            check_flash(q, k[:, :, :512], v[:, :, :512], causal=False, tile=tile, what=str(tile))
+            check_flash(q, k[:, :, :512], v[:, :, :512], causal=False, tile=tile, tma=tma, what=str(tile))
     except OutOfResources as err:
         pytest.skip(f"tile does not fit this GPU ({err}); the autotuner skips it too")
 
