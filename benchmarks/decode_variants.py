@@ -23,9 +23,9 @@ ROUNDS = 3
 def tiles(block_n, stages, tma):
     """Whole key tiles of block_n keys, `stages` deep, by TMA descriptors or by pointer loads."""
     def patch(plan):
-        plan.meta.update(BLOCK_N=block_n, num_stages=stages, TMA=tma and plan.tma_tile is not None)
-        if plan.meta["TMA"]:
-            plan.tma_tile, plan.descriptors = (block_n, plan.tma_tile[1]), None
+        plan.meta.update(BLOCK_N=block_n, num_stages=stages, TMA=tma, num_warps=4)
+        plan.tma_tile = (block_n, plan.meta["BLOCK_D"]) if tma else None
+        plan.descriptors = None
     return patch
 
 
@@ -47,6 +47,7 @@ VARIANTS = {
     "pointer loads, 64-key tiles": (tiles(64, 3, False), None),
     "TMA, 64-key tiles x3": (tiles(64, 3, True), None),
     "TMA, 128-key tiles x3": (tiles(128, 3, True), None),
+    "TMA, 128-key tiles x2": (tiles(128, 2, True), None),
     "prefetch 64 keys": (meta(PREFETCH_N=64), None),
     "merge: row per program, 2 warps": (merge(128, 2), None),
     "merge: 64 dims per program": (merge(64, 1), None),

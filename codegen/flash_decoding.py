@@ -342,9 +342,11 @@ def _decode_tiles(block_d: int, rows: int, elem: int, chunk: int, tma: bool):
 
     16-bit, d <= 128, pointer loads: 64-key tiles of K and V (16 KiB each), three stages deep; measured on an
     H200 (B1 32/8 heads 16k keys, graph replay) within 1% of the best of 10 tile/stage/warp combinations.
-    With TMA loads (Hopper): 128-key tiles two stages deep, or 64-key tiles where a chunk is that short (a
-    128-key tile would halve the split count). H100 SXM, B1 32/8 heads d128, graph replay, 2026-11-21
-    (scratch sweep): 26.6 against 27.5 us (pointer loads) at 16k keys, 6.2 against 7.1 us at 4k."""
+    With TMA loads (Hopper), where a chunk holds more than 64 keys: 128-key tiles two stages deep. Shorter
+    chunks keep 64-key pointer tiles (a 128-key tile would halve the split count, and 64-key TMA tiles measured
+    slower). H100 SXM, B1 32/8 heads d128, graph replay, 2026-11-21 (benchmarks/decode_variants.py): 4k keys
+    6.83 against 7.01 us for pointer loads, 16k keys 27.30 against 27.29; 1k keys (64-key chunks) 4.07 us by
+    pointer loads against 4.51 by TMA."""
     if _INTERPRET:
         return max(16, min(triton.next_power_of_2(rows), 32)), 16, 4, 1
     if elem == 4:  # fp32: 3xTF32 dots need registers and twice the shared memory per key
@@ -426,13 +428,14 @@ def _make_plan(q, k_cache, v_cache, scale, causal, q_off_mode, num_splits, has_s
     plan.qk_scale = scale * LOG2E
     block_d = _block_d(d)
     rows = group * sq
-    tma = use_tma(k_cache, v_cache)
-    block_m = _decode_tiles(block_d, rows, q.element_size(), max_len, tma)[0]
+    tma_ok = use_tma(k_cache, v_cache)
+    block_m = _decode_tiles(block_d, rows, q.element_size(), max_len, tma_ok)[0]
     row_blocks = triton.cdiv(rows, block_m)
     if num_splits is None:
         num_splits = choose_num_splits(b * hkv * row_blocks, max_len, _device_sm_count(q.device))
     chunk = triton.cdiv(max(max_len, 1), max(1, int(num_splits)))
-    block_m, block_n, num_warps, num_stages = _decode_tiles(block_d, rows, q.element_size(), chunk, tma)
+    block_m, block_n, num_warps, num_stages = _decode_tiles(block_d, rows, q.element_size(), chunk, tma_ok)
+    tma = tma_ok and (block_n == 128 or _INTERPRET)  # 128-key TMA tiles (_decode_tiles); tests force it on
     num_splits = max(1, min(int(num_splits), triton.cdiv(max(max_len, 1), block_n)))
     chunk = triton.cdiv(triton.cdiv(max(max_len, 1), num_splits), block_n) * block_n
     num_splits = triton.cdiv(max(max_len, 1), chunk)
