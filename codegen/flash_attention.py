@@ -11,6 +11,9 @@ Layout of the key loop for one program (causal, query offset `q_offset`):
     keys [full_end, diag_end)   the diagonal tiles (and a ragged tail): causal/length masks applied
     keys [diag_end, ...)        never visited (above the diagonal or past the valid length)
 
+On Hopper (fp16/bf16, use_tma) the first range's K/V tiles arrive by the tensor-memory accelerator (TMA
+descriptors), the masked ones by pointer loads.
+
 Softmax runs in base 2: `scale * log2(e)` is folded into one multiply so each score costs one FMA and
 one exp2. GQA reads the KV head `h // (hq // hkv)` directly; repeated K/V are never materialised.
 
@@ -401,13 +404,14 @@ _TILES = {
     256: [(128, 32, 8, 2), (64, 32, 4, 2), (128, 64, 8, 2)],
 }
 # TMA loads (Hopper, fp16/bf16, see use_tma): the fast path's K/V tiles arrive as bulk tensor copies instead of
-# per-thread loads, which leaves the registers for 128-key tiles three stages deep. H100 SXM, B4 H32 N4096 d128
-# bf16 (scratch sweep, 2026-11-21): 128x128 tiles on 8 warps, 3 stages, 538 (non-causal) / 485 (causal) TFLOP/s
-# against 476 / 427 for the best pointer-load tile.
+# per-thread loads, which leaves the registers for 128-key tiles three stages deep. H100 SXM, B4 H32 N4096 bf16
+# (benchmarks/prefill_tiles.py, 2026-11-21): d128, 128x128 tiles on 8 warps, 3 stages: 548 (non-causal) / 470
+# (causal) TFLOP/s against 497 / 452 for the best pointer-load tile; d64 gains nothing (best TMA tile 438 / 398,
+# best pointer tile 442 / 405), and its 128-key TMA tiles are slow (392 / 347).
 _TILES_TMA = {
-    16: [(128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3)],
-    32: [(128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3)],
-    64: [(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 4), (64, 64, 4, 3)],
+    16: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
+    32: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
+    64: [(128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 128, 8, 3)],
     128: [(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (64, 64, 4, 3)],
     256: [(128, 64, 8, 2), (128, 32, 8, 2), (64, 32, 4, 2)],
 }

@@ -6,7 +6,11 @@ work is pure streaming of the cache. So the cache's key axis is cut into `num_sp
   stage 1  grid (num_splits, b * hkv[, row blocks]): one program reads one chunk of one KV head once and
            serves every query head of its GQA group and every new token, stacked as the M rows of a
            tl.dot. It writes the chunk's partial row max, row sum of exp and unnormalised output (fp32).
-  stage 2  grid (b * hq * sq): merges the chunks' partials with a log-sum-exp rescale.
+  stage 2  grid (b * hq * sq, head dim / 32): merges the chunks' partials with a log-sum-exp rescale, 32 head
+           dims of one row per program.
+
+On Hopper (fp16/bf16) stage 1 streams a chunk's whole 128-key tiles through TMA descriptors and loads only
+the ragged last tile by masked pointer loads (see _decode_tiles for when).
 
 Launch order (sm_90+, programmatic dependent launch, codegen/pdl.py): stage 1 may start while the kernel before it
 ends; each program lets stage 2 launch (and, with FXOPT_DECODE_PREFETCH, asks L2 for the first keys of its chunk: a
