@@ -23,7 +23,10 @@ run() {  # run NAME SECONDS CMD...: a benchmark with its own time limit, logged 
 }
 if [[ $part == all || $part == kernels ]]; then
   run fused 120 env FXOPT_AUTOTUNE=0 fxopt bench --suite fused --json "$out/fused.json"
-  run attention 150 env FXOPT_AUTOTUNE="$tuned" fxopt bench --suite attention --json "$out/attention.json"
+  run attention 240 env FXOPT_AUTOTUNE="$tuned" fxopt bench --suite attention --json "$out/attention.json"
+  run prefill_tiles_d128 180 python benchmarks/prefill_tiles.py --d 128
+  run prefill_tiles_d64 180 python benchmarks/prefill_tiles.py --d 64
+  run decode_variants 200 python benchmarks/decode_variants.py
 fi
 if [[ $part == all || $part == models ]]; then
   for model in gpt2-medium llama-1b-like; do  # one process per model, fresh caches: optimize wall time
