@@ -349,8 +349,8 @@ def _decode_tiles(block_d: int, rows: int, elem: int, chunk: int, tma: bool):
     With TMA loads (Hopper), where a chunk holds more than 64 keys: 128-key tiles two stages deep. Shorter
     chunks keep 64-key pointer tiles (a 128-key tile would halve the split count, and 64-key TMA tiles measured
     slower). H100 SXM, B1 32/8 heads d128, graph replay, 2026-11-21 (benchmarks/decode_variants.py): 4k keys
-    6.83 against 7.01 us for pointer loads, 16k keys 27.30 against 27.29; 1k keys (64-key chunks) 4.07 us by
-    pointer loads against 4.51 by TMA."""
+    6.83 against 7.00 us for 64-key pointer tiles, 16k keys 27.26 against 27.15 (a tie); 1k keys (64-key
+    chunks) 4.06 us by pointer loads against 4.56 by 64-key TMA tiles."""
     if _INTERPRET:
         return max(16, min(triton.next_power_of_2(rows), 32)), 16, 4, 1
     if elem == 4:  # fp32: 3xTF32 dots need registers and twice the shared memory per key
@@ -462,7 +462,8 @@ def _make_plan(q, k_cache, v_cache, scale, causal, q_off_mode, num_splits, has_s
     plan.descriptors = None
     plan.meta.update(launch_options(pdl))
     # Stage 2 is latency-bound: one program per 32 head dims of a row, on one warp. H100 SXM, B1 32/8 heads d128,
-    # graph replay, 2026-11-21 (scratch sweep): 4k keys 6.8 against 7.1 us for one 2-warp program per row.
+    # graph replay, 2026-11-21 (benchmarks/decode_variants.py): 4k keys 6.83 against 7.37 us, 16k keys 27.26
+    # against 27.74, for one 2-warp program per row.
     slice_d = min(MERGE_SLICE, block_d)
     block_s = min(triton.next_power_of_2(num_splits), max(1, 4096 // slice_d))
     plan.merge_grid = (n_rows, block_d // slice_d)
@@ -513,6 +514,7 @@ def decode_attention(q, k_cache, v_cache, kv_len, *, scale=None, causal=True, q_
         (kv_start.shape, kv_start.dtype, kv_start.device) if start_is_tensor else (kv_start is None),
         (q_offset.shape, q_offset.device) if off_is_tensor else q_off_mode,
         scale, bool(causal), num_splits,
+        (k_cache.data_ptr() | v_cache.data_ptr()) % 16 == 0,  # a TMA descriptor needs 16-byte aligned bases
     )
     plan = _PLANS.get(key)
     if plan is None:

@@ -221,6 +221,8 @@ def tma_forced(monkeypatch):
     """Plans made while it is active stream whole tiles through TMA descriptors wherever the caches allow."""
     from fxopt.codegen import flash_attention as fa
 
+    if DEVICE == "cuda" and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA needs Hopper or later")
     monkeypatch.setattr(fd, "use_tma", lambda *tensors: fa.tma_compatible(*tensors))
     fd._PLANS.clear()
     yield
@@ -256,3 +258,18 @@ def test_cost_formulas():
     b, n = sympy.symbols("b n", positive=True, integer=True)
     expr = decode_hbm_bytes(b, 32, 8, 1, n, 128, 2, num_splits=4)
     assert sympy.Poly(sympy.expand(expr), n).coeff_monomial(n) == 2 * b * 8 * 128 * 2
+
+
+def test_misaligned_cache_gets_its_own_pointer_load_plan(tma_forced):
+    """Same shapes and strides, but a cache whose base is not 16-byte aligned cannot back a TMA descriptor: it
+    gets its own plan (pointer loads) instead of reusing the TMA one, and both calls are right."""
+    b, hq, hkv, sq, max_len, d = 1, 4, 2, 1, 512, 32  # 2 splits of 256 keys: TMA tiles compiled or interpreted
+    q, k, v = make_inputs(b, hq, hkv, sq, max_len, d, torch.float16, seed=21)
+    kv_len = torch.tensor([500], dtype=torch.int32, device=DEVICE)
+    check(q, k, v, kv_len, causal=True, num_splits=2, what="aligned")
+    shifted = [torch.empty(t.numel() + 4, dtype=t.dtype, device=DEVICE)[4:].view(t.shape) for t in (k, v)]
+    for dst, src in zip(shifted, (k, v)):
+        dst.copy_(src)
+    assert shifted[0].stride() == k.stride() and shifted[0].data_ptr() % 16 == 8
+    check(q, *shifted, kv_len, causal=True, num_splits=2, what="8-byte aligned base")
+    assert sorted(plan.meta["TMA"] for plan in fd._PLANS.values()) == [False, True]
