@@ -31,6 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fxopt.codegen.pdl import hopper_or_later
+
 try:
     from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:  # a Triton without host-side tensor descriptors: pointer loads only
@@ -181,11 +183,6 @@ def _use_kernel(t: torch.Tensor) -> bool:
     return _INTERPRET or t.is_cuda
 
 
-@functools.cache
-def _hopper_or_later(device_index: int) -> bool:
-    return torch.cuda.get_device_capability(device_index)[0] >= 9
-
-
 def tma_compatible(*tensors: torch.Tensor) -> bool:
     """Each (b, h, s, d) tensor can back a TMA descriptor: 16-bit elements, no empty dim, unit stride along d,
     a 16-byte aligned base and 16-byte multiples for the other strides."""
@@ -200,10 +197,9 @@ def tma_compatible(*tensors: torch.Tensor) -> bool:
 def use_tma(*tensors: torch.Tensor) -> bool:
     """Stream K/V tiles through the tensor-memory accelerator: a compiled launch on Hopper or later, FXOPT_TMA
     not 0, and tensors a descriptor can describe. (Tests force it on in the interpreter.)"""
-    if not TMA_ENABLED or _INTERPRET or not tensors[0].is_cuda:
+    if not TMA_ENABLED or _INTERPRET:
         return False
-    index = tensors[0].device.index
-    return _hopper_or_later(torch.cuda.current_device() if index is None else index) and tma_compatible(*tensors)
+    return hopper_or_later(tensors[0].device) and tma_compatible(*tensors)
 
 
 def kv_descriptors(k: torch.Tensor, v: torch.Tensor, block_n: int, block_d: int):

@@ -339,6 +339,13 @@ def _decode_split_kernel(
     tl.store(MID + ML_BASE + out_row * 2 + 1, l_i, mask=row_ok)
 
 
+def _decode_block_m(rows: int, elem: int) -> int:
+    """Query rows (GQA group x new tokens) per stage-1 program: all of them up to 64 (32 for fp32 and in the
+    interpreter), at least 16 for the tensor-core dot."""
+    cap = 32 if _INTERPRET or elem == 4 else 64
+    return max(16, min(triton.next_power_of_2(rows), cap))
+
+
 def _decode_tiles(block_d: int, rows: int, elem: int, chunk: int, tma: bool):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) for stage 1: a streaming loop, so fixed heuristics
     (no autotuning: the first call may be inside a CUDA-graph capture). `chunk`: keys per split before
@@ -351,12 +358,11 @@ def _decode_tiles(block_d: int, rows: int, elem: int, chunk: int, tma: bool):
     slower). H100 SXM, B1 32/8 heads d128, graph replay, 2026-11-21 (benchmarks/decode_variants.py): 4k keys
     6.83 against 7.00 us for 64-key pointer tiles, 16k keys 27.26 against 27.15 (a tie); 1k keys (64-key
     chunks) 4.06 us by pointer loads against 4.56 by 64-key TMA tiles."""
+    block_m = _decode_block_m(rows, elem)
     if _INTERPRET:
-        return max(16, min(triton.next_power_of_2(rows), 32)), 16, 4, 1
+        return block_m, 16, 4, 1
     if elem == 4:  # fp32: 3xTF32 dots need registers and twice the shared memory per key
-        block_m = max(16, min(triton.next_power_of_2(rows), 32))
         return block_m, 32, 4, 2 if block_d <= 128 else 1
-    block_m = max(16, min(triton.next_power_of_2(rows), 64))
     num_warps = 4 if block_m * block_d <= 64 * 128 else 8
     if block_d > 128:
         return block_m, 32, num_warps, 2
@@ -433,8 +439,7 @@ def _make_plan(q, k_cache, v_cache, scale, causal, q_off_mode, num_splits, has_s
     block_d = _block_d(d)
     rows = group * sq
     tma_ok = use_tma(k_cache, v_cache)
-    block_m = _decode_tiles(block_d, rows, q.element_size(), max_len, tma_ok)[0]
-    row_blocks = triton.cdiv(rows, block_m)
+    row_blocks = triton.cdiv(rows, _decode_block_m(rows, q.element_size()))
     if num_splits is None:
         num_splits = choose_num_splits(b * hkv * row_blocks, max_len, _device_sm_count(q.device))
     chunk = triton.cdiv(max(max_len, 1), max(1, int(num_splits)))

@@ -25,11 +25,18 @@ def _capable(device_index: int) -> bool:
     return torch.cuda.get_device_capability(device_index)[0] >= 9
 
 
-def use_pdl(device: torch.device) -> bool:
-    """Launch with PDL on this device: a CUDA GPU of sm_90 or later, not the interpreter, FXOPT_PDL != 0."""
-    if not ENABLED or device.type != "cuda" or os.environ.get("TRITON_INTERPRET", "0") == "1":
+def hopper_or_later(device: torch.device) -> bool:
+    """A CUDA GPU of compute capability 9.0 or later: PDL here, TMA loads in the attention kernels."""
+    if device.type != "cuda":
         return False
     return _capable(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def use_pdl(device: torch.device) -> bool:
+    """Launch with PDL on this device: a CUDA GPU of sm_90 or later, not the interpreter, FXOPT_PDL != 0."""
+    if not ENABLED or os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return False
+    return hopper_or_later(device)
 
 
 def launch_options(pdl: bool) -> dict:
