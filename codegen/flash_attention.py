@@ -11,11 +11,25 @@ Layout of the key loop for one program (causal, query offset `q_offset`):
     keys [full_end, diag_end)   the diagonal tiles (and a ragged tail): causal/length masks applied
     keys [diag_end, ...)        never visited (above the diagonal or past the valid length)
 
-On Hopper (fp16/bf16, use_tma) the first range's K/V tiles arrive by the tensor-memory accelerator (TMA
-descriptors), the masked ones by pointer loads.
+With a sliding window of `window` keys (causal only: query p sees p - window < j <= p) the loop starts at
+the first key tile the block's first row can see, so work per block is about window + BLOCK_M keys, not the
+whole prefix:
+
+    keys [0, lo)                never visited (before every row's band)
+    keys [lo, lead_end)         the band's lower edge: window masks applied
+    keys [lead_end, full_end)   inside every row's band: no masks
+    keys [full_end, diag_end)   the diagonal, as above
+
+On Hopper (fp16/bf16, use_tma) the unmasked range's K/V tiles arrive by the tensor-memory accelerator (TMA
+descriptors), the masked ones by pointer loads; window, soft-cap and ALiBi keep that split.
+
+Score variants, each behind a constexpr flag so the plain kernel compiles exactly as without them:
+logit soft-cap (Gemma-2: score = softcap * tanh(scale * q.k / softcap)) and ALiBi (score += slope[h] * (j - p),
+absolute key and query positions), both applied before the masks.
 
 Softmax runs in base 2: `scale * log2(e)` is folded into one multiply so each score costs one FMA and
-one exp2. GQA reads the KV head `h // (hq // hkv)` directly; repeated K/V are never materialised.
+one exp2 (soft-cap and ALiBi compute base-2 logits themselves: log2(e) folded into their constants). GQA
+reads the KV head `h // (hq // hkv)` directly; repeated K/V are never materialised.
 
 Everything the kernel needs from the device (per-batch key lengths, per-batch query offsets) is read
 inside the kernel, so a launch never synchronises with the host and can be captured in a CUDA graph.
@@ -44,6 +58,10 @@ LOG2E = 1.4426950408889634
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
 MAX_GRID_Y = 65535
+# Windows at least this wide cover every position a kernel meets (positions < 2^30); launches clamp to it so
+# that `p - window` cannot overflow int32.
+MAX_WINDOW = 1 << 30
+_LOG2E_C = tl.constexpr(LOG2E)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -58,18 +76,44 @@ def _offsets_tensor(q_offset, b: int, device) -> torch.Tensor:
     return torch.full((b,), int(q_offset), dtype=torch.int64, device=device)
 
 
-def attention_reference(q, k, v, *, causal=False, scale=None, key_padding_mask=None, q_offset=0):
+def feature_reason(hq: int, device, causal: bool, window=0, softcap=0.0, alibi_slopes=None) -> str | None:
+    """None when (window, softcap, alibi_slopes) are well-formed for hq query heads on `device`, else why not.
+    Shared by both kernels and the custom ops."""
+    if isinstance(window, bool) or not isinstance(window, int) or window < 0:
+        return f"window must be an int >= 0 (got {window!r})"
+    if window and not causal:
+        return "a sliding window needs causal=True"
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not (0.0 <= softcap < math.inf):
+        return f"softcap must be a finite float >= 0 (got {softcap!r})"
+    if alibi_slopes is not None:
+        if not isinstance(alibi_slopes, torch.Tensor) or not alibi_slopes.is_floating_point():
+            return "alibi_slopes must be a floating-point tensor"
+        if alibi_slopes.dim() != 1 or alibi_slopes.shape[0] != hq:
+            return f"alibi_slopes shape {tuple(alibi_slopes.shape)} is not ({hq},) (one slope per query head)"
+        if alibi_slopes.device != torch.device(device):
+            return f"alibi_slopes on {alibi_slopes.device}, inputs on {device}"
+    return None
+
+
+def attention_reference(q, k, v, *, causal=False, scale=None, key_padding_mask=None, q_offset=0, window=0,
+                        softcap=0.0, alibi_slopes=None):
     """Plain-PyTorch attention, the oracle for the kernels and the CPU path of the optimized model.
 
     q (b, hq, sq, d); k, v (b, hkv, skv, d) with hq % hkv == 0 (query head h uses KV head
-    h // (hq // hkv)). key_padding_mask: bool (b, skv), True = attend. With `causal`, query i sits at
-    absolute position q_offset + i and sees keys j <= q_offset + i; q_offset is an int or a (b,) tensor.
-    Computes in fp32 (float64 for float64 inputs) and returns q's dtype. A row with no visible key is 0.
+    h // (hq // hkv)). key_padding_mask: bool (b, skv), True = attend. Query i sits at absolute position
+    p = q_offset + i (q_offset an int or a (b,) tensor). With `causal` it sees keys j <= p; with `window`
+    w > 0 (causal only) also only j > p - w (HF Mistral's sliding window: w keys including itself).
+    Scores: s = scale * q.k; with `softcap` c > 0, s = c * tanh(s / c) (Gemma-2); with `alibi_slopes`
+    ((hq,) floats) s += slopes[h] * (j - p) (ALiBi); then the masks. Computes in fp32 (float64 for float64
+    inputs) and returns q's dtype. A row with no visible key is 0.
     """
     b, hq, sq, d = q.shape
     hkv, skv = k.shape[1], k.shape[2]
     if hq % hkv:
         raise ValueError(f"query heads {hq} not a multiple of key/value heads {hkv}")
+    reason = feature_reason(hq, q.device, causal, window, softcap, alibi_slopes)
+    if reason is not None:
+        raise ValueError(f"attention_reference: {reason}")
     group = hq // hkv
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     scale = 1.0 / math.sqrt(d) if scale is None else scale
@@ -77,12 +121,20 @@ def attention_reference(q, k, v, *, causal=False, scale=None, key_padding_mask=N
     kf = k.to(compute).unsqueeze(2)  # (b, hkv, 1, skv, d): broadcast over the group, no copy
     vf = v.to(compute).unsqueeze(2)
     scores = torch.matmul(qf, kf.transpose(-1, -2)) * scale  # (b, hkv, group, sq, skv)
+    if softcap:
+        scores = softcap * torch.tanh(scores / softcap)
+    keys = torch.arange(skv, device=q.device)
+    pos = _offsets_tensor(q_offset, b, q.device)[:, None] + torch.arange(sq, device=q.device)  # (b, sq)
+    if alibi_slopes is not None:
+        slopes = alibi_slopes.to(compute).reshape(hkv, group)[None, :, :, None, None]
+        scores = scores + slopes * (keys[None, None, :] - pos[:, :, None]).to(compute)[:, None, None]
     allowed = torch.ones((b, sq, skv), dtype=torch.bool, device=q.device)
     if key_padding_mask is not None:
         allowed = allowed & key_padding_mask.to(device=q.device, dtype=torch.bool)[:, None, :]
     if causal:
-        pos = _offsets_tensor(q_offset, b, q.device)[:, None] + torch.arange(sq, device=q.device)
-        allowed = allowed & (torch.arange(skv, device=q.device)[None, None, :] <= pos[:, :, None])
+        allowed = allowed & (keys[None, None, :] <= pos[:, :, None])
+    if window:
+        allowed = allowed & (keys[None, None, :] > pos[:, :, None] - window)
     scores = scores.masked_fill(~allowed[:, None, None], float("-inf"))
     row_max = scores.amax(dim=-1, keepdim=True)
     row_max = torch.where(torch.isinf(row_max), torch.zeros_like(row_max), row_max)
@@ -97,29 +149,59 @@ def attention_reference(q, k, v, *, causal=False, scale=None, key_padding_mask=N
 # --------------------------------------------------------------------------------------------------
 
 
-def attention_hbm_bytes(b, hq, hkv, sq, skv, d, elem_size, causal):
+def _is_num(x) -> bool:
+    return isinstance(x, (int, float))
+
+
+def _min(x, y):
+    """min for numbers, sympy.Min once either side is symbolic (the cost pass passes sympy sizes)."""
+    if _is_num(x) and _is_num(y):
+        return min(x, y)
+    import sympy
+
+    return sympy.Min(x, y)
+
+
+def _relu(x):
+    if _is_num(x):
+        return max(x, 0)
+    import sympy
+
+    return sympy.Max(x, 0)
+
+
+def attention_hbm_bytes(b, hq, hkv, sq, skv, d, elem_size, causal, window=0):
     """Ideal HBM traffic of the forward kernel: Q, K, V read once and O written once.
 
     This is the algorithmic minimum the roofline uses. The kernel itself re-reads K and V once per
     query block of BLOCK_M rows (and per query head of a GQA group; L2 absorbs much of that), i.e.
     about ceil(sq / BLOCK_M) * hq/hkv times the K/V term, halved when causal with sq == skv; the
     optional key padding mask (b * skv bytes) and length/offset vectors are negligible and not counted.
-    `causal` does not change the ideal count (every key is visible to some query).
+    `causal` does not change the ideal count (every key is visible to some query). A sliding window
+    (causal, queries the last sq positions) leaves min(skv, sq + window - 1) keys visible to some query.
     """
     q_and_o = 2 * b * hq * sq * d * elem_size
-    k_and_v = 2 * b * hkv * skv * d * elem_size
+    keys = _min(skv, sq + window - 1) if window else skv
+    k_and_v = 2 * b * hkv * keys * d * elem_size
     return q_and_o + k_and_v
 
 
-def attention_flops(b, hq, sq, skv, d, causal):
+def attention_flops(b, hq, sq, skv, d, causal, window=0):
     """Matmul FLOPs of attention: 2*d per (query, key) pair for QK^T plus 2*d for PV.
 
     Non-causal: 4*b*hq*sq*skv*d. Causal counts only visible pairs, with the queries being the last sq
     positions of the skv keys (query offset skv - sq: prefill when sq == skv, a KV-cache step when
     sq < skv): sq*skv - sq**2/2 pairs, which is exactly half of sq*skv when sq == skv.
+    A sliding window (causal) caps each row at min(p + 1, window) keys. In the same continuous count the
+    pairs lost are (max(0, skv - w)**2 - max(0, skv - sq - w)**2) / 2: exactly sq*w pairs left when every
+    row is capped (w <= skv - sq), the causal count when none is (w >= skv). Window 0 is no window.
     """
     if causal:
-        return 2 * b * hq * d * sq * (2 * skv - sq)
+        flops = 2 * b * hq * d * sq * (2 * skv - sq)
+        if window:
+            lost = _relu(skv - window) ** 2 - _relu(skv - sq - window) ** 2  # twice the pairs outside the bands
+            flops = flops - 2 * b * hq * d * lost
+        return flops
     return 4 * b * hq * sq * skv * d
 
 
@@ -132,7 +214,8 @@ def _dtype_name(dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def supports(q, k, v, *, causal=False, scale=None, key_padding_mask=None, q_offset=0, kv_len=None):
+def supports(q, k, v, *, causal=False, scale=None, key_padding_mask=None, q_offset=0, kv_len=None, window=0,
+             softcap=0.0, alibi_slopes=None):
     """None when flash_attention handles these inputs, else a short reason (the rewrite falls back)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
@@ -175,7 +258,7 @@ def supports(q, k, v, *, causal=False, scale=None, key_padding_mask=None, q_offs
                 return f"{name} on {t.device}, inputs on {q.device}"
     if kv_len is not None and not isinstance(kv_len, torch.Tensor):
         return "kv_len must be a (b,) tensor"
-    return None
+    return feature_reason(hq, q.device, causal, window, softcap, alibi_slopes)
 
 
 def _use_kernel(t: torch.Tensor) -> bool:
@@ -232,19 +315,45 @@ def online_softmax_step(qk, v, acc, l_i, m_i, qk_scale, MAY_BE_EMPTY: tl.constex
 
 
 @triton.jit
+def tanh_f32(x):
+    """tanh(x) = 1 - 2 / (exp(2x) + 1) through exp2: no libdevice (Triton 3.6 and 3.9, compiled and interpreted
+    alike); exp2 overflowing to inf gives 1, underflowing to 0 gives -1, never NaN."""
+    return 1.0 - 2.0 / (tl.exp2(x * (2.0 * _LOG2E_C)) + 1.0)
+
+
+@triton.jit
+def score_logits(qk, cols, q_pos, qk_scale, cap_in, cap_out, slope, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr):
+    """Base-2 logits of raw dot products qk (BLOCK_M, BLOCK_N) for keys `cols` and query positions `q_pos`:
+    (softcap * tanh(scale * qk / softcap) + slope * (j - p)) * log2(e), with cap_in = scale / softcap,
+    cap_out = softcap * log2(e), qk_scale = scale * log2(e) and slope already times log2(e) (a scalar, or
+    (BLOCK_M, 1) for one slope per row). Call only with SOFTCAP or ALIBI; the plain path folds qk_scale into
+    the softmax step instead."""
+    if SOFTCAP:
+        s = cap_out * tanh_f32(qk * cap_in)
+    else:
+        s = qk * qk_scale
+    if ALIBI:
+        s += slope * (cols[None, :] - q_pos[:, None]).to(tl.float32)
+    return s
+
+
+@triton.jit
 def _attn_key_loop(
     acc, l_i, m_i, q, k_ptrs, v_ptrs, pad_ptrs, k_desc, v_desc, b, hk, lo, hi,
     stride_kn, stride_vn, stride_pn, q_pos, kv_end, qk_scale, offs_n, d_ok,
+    window, cap_in, cap_out, slope,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, D_MASKED: tl.constexpr, BOUNDARY: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, DOT_PREC: tl.constexpr, TMA: tl.constexpr,
+    WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
 ):
     """Fold key tiles [lo, hi) into (acc, l_i, m_i); the tile pointers start at key `lo`.
 
     BOUNDARY=False is the fast path: every key of every tile is valid and visible, no masks. With TMA its
     tiles arrive through the tensor-memory accelerator (k_desc, v_desc: (b, hkv, skv, d) descriptors whose
     zero fill pads the head dim), not through per-thread pointer loads.
-    BOUNDARY=True masks keys past kv_end and, when CAUSAL, keys after each row's position; its tiles are
-    always pointer loads, whose masks keep whatever lies past kv_end (an unwritten cache tail) out of V.
+    BOUNDARY=True masks keys past kv_end and, when CAUSAL, keys after each row's position (and, with WINDOW,
+    keys at or before position - window); its tiles are always pointer loads, whose masks keep whatever lies
+    past kv_end (an unwritten cache tail) out of V. SOFTCAP / ALIBI transform the scores first (score_logits).
     """
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
@@ -266,12 +375,19 @@ def _attn_key_loop(
             k = tl.load(k_ptrs)
             v = tl.load(v_ptrs)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+        if SOFTCAP or ALIBI:
+            qk = score_logits(qk, cols, q_pos, qk_scale, cap_in, cap_out, slope, SOFTCAP, ALIBI)
+            step_scale = 1.0  # already base-2 logits
+        else:
+            step_scale = qk_scale
         if BOUNDARY or HAS_PAD:
             # A row may see no key in this tile (or at all): keep -inf out of the exponent offsets.
             if BOUNDARY:
                 visible = col_ok[None, :]
                 if CAUSAL:
                     visible = visible & (cols[None, :] <= q_pos[:, None])
+                if WINDOW:
+                    visible = visible & (cols[None, :] > (q_pos - window)[:, None])
                 if HAS_PAD:
                     pad = tl.load(pad_ptrs, mask=col_ok, other=0)
                     visible = visible & (pad != 0)[None, :]
@@ -279,9 +395,9 @@ def _attn_key_loop(
                 pad = tl.load(pad_ptrs)
                 visible = (pad != 0)[None, :]
             qk = tl.where(visible, qk, float("-inf"))
-            acc, l_i, m_i = online_softmax_step(qk, v, acc, l_i, m_i, qk_scale, True, DOT_PREC)
+            acc, l_i, m_i = online_softmax_step(qk, v, acc, l_i, m_i, step_scale, True, DOT_PREC)
         else:
-            acc, l_i, m_i = online_softmax_step(qk, v, acc, l_i, m_i, qk_scale, False, DOT_PREC)
+            acc, l_i, m_i = online_softmax_step(qk, v, acc, l_i, m_i, step_scale, False, DOT_PREC)
         k_ptrs += BLOCK_N * stride_kn
         v_ptrs += BLOCK_N * stride_vn
         if HAS_PAD:
@@ -289,9 +405,9 @@ def _attn_key_loop(
     return acc, l_i, m_i, k_ptrs, v_ptrs, pad_ptrs
 
 
-@triton.jit(do_not_specialize=["q_offset", "SQ_BUCKET", "SKV_BUCKET"])
+@triton.jit(do_not_specialize=["q_offset", "SQ_BUCKET", "SKV_BUCKET", "window"])
 def _flash_attn_fwd(
-    Q, K, V, O, PAD, KV_LEN, Q_OFF, K_DESC, V_DESC,
+    Q, K, V, O, PAD, KV_LEN, Q_OFF, K_DESC, V_DESC, SLOPES,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -299,17 +415,21 @@ def _flash_attn_fwd(
     stride_pb, stride_pn,
     HQ, GROUP, SQ, SKV, q_offset, qk_scale,
     SQ_BUCKET, SKV_BUCKET,  # autotune key only
+    window, cap_in, cap_out,  # sliding window (keys), soft-cap constants (see score_logits)
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, HAS_KV_LEN: tl.constexpr, Q_OFF_TENSOR: tl.constexpr,
     DOT_PREC: tl.constexpr, TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    WINDOW: tl.constexpr = False, SOFTCAP: tl.constexpr = False, ALIBI: tl.constexpr = False,
 ):
     # One program = BLOCK_M query rows of one (batch, query head). Per program, in elements:
     #   reads   Q: BLOCK_M * HEAD_DIM once
     #           K, V: n_keys * HEAD_DIM each, n_keys = keys up to the diagonal / valid length
-    #                 (all SKV non-causal, about q_offset + (start_m + 1) * BLOCK_M causal)
-    #           key padding mask: n_keys bytes (if any); kv_len[b], q_offset[b]: one scalar each
+    #                 (all SKV non-causal, about q_offset + (start_m + 1) * BLOCK_M causal,
+    #                 at most window + BLOCK_M + BLOCK_N with WINDOW: the tiles before the band are skipped)
+    #           key padding mask: n_keys bytes (if any); kv_len[b], q_offset[b], slope[h]: one scalar each
     #   writes  O: BLOCK_M * HEAD_DIM once.  Nothing else (no scores, no logsumexp) touches HBM.
-    # So all programs together read K/V ceil(SQ / BLOCK_M) times per query head (about half if causal).
+    # So all programs together read K/V ceil(SQ / BLOCK_M) times per query head (about half if causal,
+    # about (window + BLOCK_M) / SKV of it with a window).
     num_m = tl.cdiv(SQ, BLOCK_M)
     if CAUSAL:
         start_m = num_m - 1 - tl.program_id(0)  # longest rows (most keys) are launched first
@@ -344,14 +464,18 @@ def _flash_attn_fwd(
         q_off = q_offset
     q_pos = q_off + row0 + offs_m  # absolute positions of this block's rows
 
+    last_row = tl.minimum(row0 + BLOCK_M, SQ) - 1
     if CAUSAL:
-        last_row = tl.minimum(row0 + BLOCK_M, SQ) - 1
         full_end = tl.minimum(tl.maximum(q_off + row0 + 1, 0), kv_end)
         diag_end = tl.minimum(tl.maximum(q_off + last_row + 1, 0), kv_end)
     else:
         full_end = kv_end
         diag_end = kv_end
     full_end = (full_end // BLOCK_N) * BLOCK_N
+    if ALIBI:
+        slope = tl.load(SLOPES + h) * _LOG2E_C
+    else:
+        slope = 0.0
 
     k_base = K + b64 * stride_kb + hk.to(tl.int64) * stride_kh
     v_base = V + b64 * stride_vb + hk.to(tl.int64) * stride_vh
@@ -365,19 +489,43 @@ def _flash_attn_fwd(
 
     # Each loop starts from fresh pointers (not the first loop's final ones): carrying pointer tensors
     # from one pipelined loop into the next made Triton 3.6 spill registers.
-    acc, l_i, m_i, k_ptrs, v_ptrs, pad_ptrs = _attn_key_loop(
-        acc, l_i, m_i, q, k_base + k_tile, v_base + v_tile, pad_base + offs_n * stride_pn, K_DESC, V_DESC, b, hk,
-        0, full_end, stride_kn, stride_vn, stride_pn, q_pos, kv_end, qk_scale, offs_n, d_ok,
-        BLOCK_N, BLOCK_D, BLOCK_D != HEAD_DIM, False, CAUSAL, HAS_PAD, DOT_PREC, TMA,
-    )
+    if WINDOW:
+        # Row p sees keys (p - window, p]. Tiles before the first row's band are skipped: the loop starts at
+        # lo. Keys from lead_end on lie in every row's band (past the last row's lower edge), so only
+        # [lo, lead_end) needs the window mask; [lead_end, full_end) is the unmasked fast path.
+        lo = (tl.maximum(q_off + row0 - window + 1, 0) // BLOCK_N) * BLOCK_N
+        full_end = tl.maximum(full_end, lo)
+        lead_end = tl.cdiv(tl.maximum(q_off + last_row - window + 1, 0), BLOCK_N) * BLOCK_N
+        lead_end = tl.minimum(tl.maximum(lead_end, lo), full_end)
+        start = tl.cast(lo, tl.int64)
+        acc, l_i, m_i, k_ptrs, v_ptrs, pad_ptrs = _attn_key_loop(
+            acc, l_i, m_i, q, k_base + start * stride_kn + k_tile, v_base + start * stride_vn + v_tile,
+            pad_base + start * stride_pn + offs_n * stride_pn, K_DESC, V_DESC, b, hk, lo, lead_end,
+            stride_kn, stride_vn, stride_pn, q_pos, kv_end, qk_scale, offs_n, d_ok, window, cap_in, cap_out, slope,
+            BLOCK_N, BLOCK_D, BLOCK_D != HEAD_DIM, True, CAUSAL, HAS_PAD, DOT_PREC, TMA, WINDOW, SOFTCAP, ALIBI,
+        )
+        start = tl.cast(lead_end, tl.int64)
+        acc, l_i, m_i, k_ptrs, v_ptrs, pad_ptrs = _attn_key_loop(
+            acc, l_i, m_i, q, k_base + start * stride_kn + k_tile, v_base + start * stride_vn + v_tile,
+            pad_base + start * stride_pn + offs_n * stride_pn, K_DESC, V_DESC, b, hk, lead_end, full_end,
+            stride_kn, stride_vn, stride_pn, q_pos, kv_end, qk_scale, offs_n, d_ok, window, cap_in, cap_out, slope,
+            BLOCK_N, BLOCK_D, BLOCK_D != HEAD_DIM, False, CAUSAL, HAS_PAD, DOT_PREC, TMA, WINDOW, SOFTCAP, ALIBI,
+        )
+    else:
+        acc, l_i, m_i, k_ptrs, v_ptrs, pad_ptrs = _attn_key_loop(
+            acc, l_i, m_i, q, k_base + k_tile, v_base + v_tile, pad_base + offs_n * stride_pn, K_DESC, V_DESC,
+            b, hk, 0, full_end, stride_kn, stride_vn, stride_pn, q_pos, kv_end, qk_scale, offs_n, d_ok,
+            window, cap_in, cap_out, slope,
+            BLOCK_N, BLOCK_D, BLOCK_D != HEAD_DIM, False, CAUSAL, HAS_PAD, DOT_PREC, TMA, WINDOW, SOFTCAP, ALIBI,
+        )
     start = tl.cast(full_end, tl.int64)
     k_ptrs = k_base + start * stride_kn + k_tile
     v_ptrs = v_base + start * stride_vn + v_tile
     pad_ptrs = pad_base + start * stride_pn + offs_n * stride_pn
     acc, l_i, m_i, k_ptrs, v_ptrs, pad_ptrs = _attn_key_loop(
         acc, l_i, m_i, q, k_ptrs, v_ptrs, pad_ptrs, K_DESC, V_DESC, b, hk, full_end, diag_end,
-        stride_kn, stride_vn, stride_pn, q_pos, kv_end, qk_scale, offs_n, d_ok,
-        BLOCK_N, BLOCK_D, BLOCK_D != HEAD_DIM, True, CAUSAL, HAS_PAD, DOT_PREC, TMA,
+        stride_kn, stride_vn, stride_pn, q_pos, kv_end, qk_scale, offs_n, d_ok, window, cap_in, cap_out, slope,
+        BLOCK_N, BLOCK_D, BLOCK_D != HEAD_DIM, True, CAUSAL, HAS_PAD, DOT_PREC, TMA, WINDOW, SOFTCAP, ALIBI,
     )
 
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # a row that saw no key stays 0
@@ -493,7 +641,7 @@ def _autotune_timing() -> dict:
 
 _flash_attn_fwd_tuned = triton.autotune(
     configs=_make_configs(),
-    key=["HEAD_DIM", "CAUSAL", "TMA", "SQ_BUCKET", "SKV_BUCKET"],
+    key=["HEAD_DIM", "CAUSAL", "TMA", "SQ_BUCKET", "SKV_BUCKET", "WINDOW", "SOFTCAP", "ALIBI"],
     prune_configs_by=None if _INTERPRET else {"early_config_prune": _prune_configs},
     **_autotune_timing(),
 )(_flash_attn_fwd)
@@ -520,16 +668,17 @@ def _mask_from_kv_len(kv_len, b, skv, device):
     return torch.arange(skv, device=device)[None, :] < kv_len.to(device).reshape(-1).expand(b)[:, None]
 
 
-def flash_attention(q, k, v, *, causal=False, scale=None, key_padding_mask=None, q_offset=0, kv_len=None):
+def flash_attention(q, k, v, *, causal=False, scale=None, key_padding_mask=None, q_offset=0, kv_len=None,
+                    window=0, softcap=0.0, alibi_slopes=None):
     """Attention of q (b, hq, sq, d) over k, v (b, hkv, skv, d); returns (b, hq, sq, d) contiguous.
 
-    Same semantics as attention_reference, plus `kv_len`: an optional (b,) int tensor of valid key
-    counts (keys at index >= kv_len[b] are ignored, e.g. the unused tail of a static KV cache).
-    Inputs may have any strides. Raises ValueError when `supports` gives a reason; on CPU without
-    TRITON_INTERPRET=1 it computes the reference instead.
+    Same semantics as attention_reference (sliding `window`, logit `softcap`, ALiBi `alibi_slopes` included),
+    plus `kv_len`: an optional (b,) int tensor of valid key counts (keys at index >= kv_len[b] are ignored,
+    e.g. the unused tail of a static KV cache). Inputs may have any strides. Raises ValueError when
+    `supports` gives a reason; on CPU without TRITON_INTERPRET=1 it computes the reference instead.
     """
     reason = supports(q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask,
-                      q_offset=q_offset, kv_len=kv_len)
+                      q_offset=q_offset, kv_len=kv_len, window=window, softcap=softcap, alibi_slopes=alibi_slopes)
     if reason is not None:
         raise ValueError(f"flash_attention: unsupported inputs: {reason}")
     b, skv = q.shape[0], k.shape[2]
@@ -539,10 +688,10 @@ def flash_attention(q, k, v, *, causal=False, scale=None, key_padding_mask=None,
             by_len = _mask_from_kv_len(kv_len, b, skv, q.device)
             mask = by_len if mask is None else mask & by_len
         return attention_reference(q, k, v, causal=causal, scale=scale, key_padding_mask=mask,
-                                   q_offset=q_offset)
+                                   q_offset=q_offset, window=window, softcap=softcap, alibi_slopes=alibi_slopes)
 
     return _launch(q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask,
-                   q_offset=q_offset, kv_len=kv_len)
+                   q_offset=q_offset, kv_len=kv_len, window=window, softcap=softcap, alibi_slopes=alibi_slopes)
 
 
 def output_like(q: torch.Tensor, dv: int | None = None) -> torch.Tensor:
@@ -556,7 +705,24 @@ def output_like(q: torch.Tensor, dv: int | None = None) -> torch.Tensor:
     return q.new_empty((b, h, s, dv))
 
 
-def _launch(q, k, v, *, causal, scale, key_padding_mask, q_offset, kv_len, tile=None, tma=None):
+def feature_args(scale: float, window, softcap, alibi_slopes, like: torch.Tensor):
+    """Runtime arguments and constexpr flags of the score variants, shared by both kernels:
+    (slopes tensor (fp32, contiguous; `like` when absent: never read), window clamped to MAX_WINDOW,
+    cap_in = scale / softcap, cap_out = softcap * log2(e), dict(WINDOW=, SOFTCAP=, ALIBI=))."""
+    window = min(int(window), MAX_WINDOW)
+    softcap = float(softcap)
+    cap_in, cap_out = (scale / softcap, softcap * LOG2E) if softcap else (0.0, 0.0)
+    if alibi_slopes is not None:
+        slopes = alibi_slopes.to(torch.float32)
+        slopes = slopes if slopes.stride(0) == 1 else slopes.contiguous()
+    else:
+        slopes = like
+    flags = dict(WINDOW=window > 0, SOFTCAP=softcap > 0, ALIBI=alibi_slopes is not None)
+    return slopes, window, cap_in, cap_out, flags
+
+
+def _launch(q, k, v, *, causal, scale, key_padding_mask, q_offset, kv_len, window=0, softcap=0.0,
+            alibi_slopes=None, tile=None, tma=None):
     """Launch the kernel on checked inputs; `tile` = (BLOCK_M, BLOCK_N, num_warps, num_stages) bypasses
     the autotuner (tests use it to run every candidate tile); `tma` overrides use_tma (tests force it on)."""
     b, hq, sq, d = q.shape
@@ -565,6 +731,7 @@ def _launch(q, k, v, *, causal, scale, key_padding_mask, q_offset, kv_len, tile=
     if out.numel() == 0:
         return out
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    slopes, window, cap_in, cap_out, flags = feature_args(scale, window, softcap, alibi_slopes, q)
 
     if key_padding_mask is not None:
         pad = key_padding_mask.view(torch.uint8)  # same bytes, no copy
@@ -594,13 +761,14 @@ def _launch(q, k, v, *, causal, scale, key_padding_mask, q_offset, kv_len, tile=
         kernel = _flash_attn_fwd
         tile_kwargs = dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
     kernel[grid](
-        q, k, v, out, pad, kv_len_t, q_off_t, k_desc, v_desc,
+        q, k, v, out, pad, kv_len_t, q_off_t, k_desc, v_desc, slopes,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         stride_pb, stride_pn,
         hq, hq // hkv, sq, skv, q_off_int, scale * LOG2E,
         _seq_bucket(sq), _seq_bucket(skv),
+        window, cap_in, cap_out,
         HEAD_DIM=d, BLOCK_D=_block_d(d),
         CAUSAL=bool(causal), HAS_PAD=key_padding_mask is not None, HAS_KV_LEN=kv_len is not None,
-        Q_OFF_TENSOR=q_off_tensor, DOT_PREC=_dot_precision(q.dtype), TMA=bool(tma), **tile_kwargs,
+        Q_OFF_TENSOR=q_off_tensor, DOT_PREC=_dot_precision(q.dtype), TMA=bool(tma), **flags, **tile_kwargs,
     )
     return out

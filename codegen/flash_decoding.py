@@ -25,6 +25,12 @@ tensor read inside the kernels: nothing synchronises with the host and every buf
 shape, so a decode step can be captured once in a CUDA graph and replayed while `kv_len` grows. A chunk
 entirely past kv_len writes max -inf and sum 0 and drops out of the merge.
 
+With a sliding window (causal: query p sees keys p - window < j <= p) only the band
+[max(kv_start, q_off - window + 1), q_off + sq) can be visible: the chunks split a span of
+min(max_len, window + sq - 1) keys (host-known) starting at the band's first key (read on the device), so the
+work is proportional to the window, not to the cache length, and the launch stays graph-safe. Soft-cap and
+ALiBi (see flash_attention) transform the scores in stage 1; stage 2 is unchanged.
+
 Non-graph callers pay the host side: decode_attention checks its inputs and derives the launch
 parameters once per signature (_Plan, cached), so a repeated call costs a lookup, two allocations and
 two launches.
@@ -42,9 +48,11 @@ import triton.language as tl
 
 from fxopt.codegen.flash_attention import (
     _INTERPRET,
+    _LOG2E_C,
     LOG2E,
     MAX_GRID_Y,
     MAX_HEAD_DIM,
+    MAX_WINDOW,
     SUPPORTED_DTYPES,
     _block_d,
     _dot_precision,
@@ -52,8 +60,11 @@ from fxopt.codegen.flash_attention import (
     _use_kernel,
     attention_flops,
     attention_reference,
+    feature_args,
+    feature_reason,
     kv_descriptors,
     online_softmax_step,
+    score_logits,
     use_tma,
 )
 from fxopt.codegen.pdl import launch_options, use_pdl
@@ -78,11 +89,13 @@ MERGE_SLICE = 32  # head dims per stage-2 program
 # --------------------------------------------------------------------------------------------------
 
 
-def decode_reference(q, k_cache, v_cache, kv_len, *, scale=None, causal=True, q_offset=None, kv_start=None):
+def decode_reference(q, k_cache, v_cache, kv_len, *, scale=None, causal=True, q_offset=None, kv_start=None,
+                     window=0, softcap=0.0, alibi_slopes=None):
     """attention_reference with decode semantics: key j of batch b is valid when
-    kv_start[b] <= j < kv_len[b] (kv_start: left padding, default 0); with causal, query i sits at
+    kv_start[b] <= j < kv_len[b] (kv_start: left padding, default 0); query i sits at
     q_offset[b] + i, and q_offset defaults to kv_len - sq (the new tokens are the last sq valid
-    positions, so query i sees keys j < kv_len - sq + i + 1)."""
+    positions, so with causal query i sees keys j < kv_len - sq + i + 1). window, softcap and
+    alibi_slopes as in attention_reference (positions absolute: padding included)."""
     b, _, sq, _ = q.shape
     max_len = k_cache.shape[2]
     lengths = _offsets_tensor(kv_len, b, q.device)
@@ -92,7 +105,7 @@ def decode_reference(q, k_cache, v_cache, kv_len, *, scale=None, causal=True, q_
         mask = mask & (keys >= _offsets_tensor(kv_start, b, q.device)[:, None])
     offset = lengths - sq if q_offset is None else q_offset
     return attention_reference(q, k_cache, v_cache, causal=causal, scale=scale, key_padding_mask=mask,
-                               q_offset=offset)
+                               q_offset=offset, window=window, softcap=softcap, alibi_slopes=alibi_slopes)
 
 
 def decode_hbm_bytes(b, hq, hkv, sq, kv_len, d, elem_size, num_splits=1):
@@ -107,9 +120,9 @@ def decode_hbm_bytes(b, hq, hkv, sq, kv_len, d, elem_size, num_splits=1):
     return k_and_v + q_and_o + partials
 
 
-def decode_flops(b, hq, sq, kv_len, d, causal=True):
+def decode_flops(b, hq, sq, kv_len, d, causal=True, window=0):
     """Matmul FLOPs of one decode step: the visible (query, key) pairs times 4*d (see attention_flops)."""
-    return attention_flops(b, hq, sq, kv_len, d, causal)
+    return attention_flops(b, hq, sq, kv_len, d, causal, window)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -238,21 +251,26 @@ def _prefetch_chunk_start(K, V, KV_LEN, b, b64, hk, lo, MAX_LEN, stride_kb, stri
     _prefetch_l2(v_row0 + keys.to(tl.int64)[:, None] * (stride_vn * elem_bytes) + seg[None, :])
 
 
-@triton.jit(do_not_specialize=["q_offset"])
+@triton.jit(do_not_specialize=["q_offset", "window"])
 def _decode_split_kernel(
-    Q, K, V, KV_LEN, KV_START, Q_OFF, MID, K_DESC, V_DESC,
+    Q, K, V, KV_LEN, KV_START, Q_OFF, MID, K_DESC, V_DESC, SLOPES,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     HKV, GROUP, SQ, MAX_LEN, CHUNK, NUM_SPLITS, ML_BASE, q_offset, qk_scale,
+    window, cap_in, cap_out,  # sliding window (keys), soft-cap constants (flash_attention.score_logits)
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, Q_OFF_MODE: tl.constexpr, DOT_PREC: tl.constexpr, HAS_START: tl.constexpr,
     PDL: tl.constexpr, PREFETCH_N: tl.constexpr, LINES: tl.constexpr, TMA: tl.constexpr,
+    WINDOW: tl.constexpr = False, SOFTCAP: tl.constexpr = False, ALIBI: tl.constexpr = False,
 ):
     # One program = one chunk of CHUNK keys of one (batch, KV head), for BLOCK_M of the group's
-    # GROUP * SQ query rows (row r = query head hk * GROUP + r // SQ, token r % SQ). Per program:
+    # GROUP * SQ query rows (row r = query head hk * GROUP + r // SQ, token r % SQ). Chunks split the
+    # key axis from 0, or with WINDOW the band from its first key (NUM_SPLITS * CHUNK >= window + SQ - 1).
+    # Per program:
     #   reads   K, V: min(CHUNK, valid keys of the chunk) * HEAD_DIM elements each (the bulk)
-    #           Q: BLOCK_M * HEAD_DIM elements; kv_len[b] (and q_offset[b], kv_start[b]): one scalar each
+    #           Q: BLOCK_M * HEAD_DIM elements; kv_len[b] (and q_offset[b], kv_start[b]): one scalar each;
+    #           with ALIBI BLOCK_M slopes (one per row's query head)
     #   writes  partial output BLOCK_M * BLOCK_D fp32 and (max, sum) 2 * BLOCK_M fp32 into MID.
     pid_s = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -287,13 +305,20 @@ def _decode_split_kernel(
     else:
         q_off = tl.load(Q_OFF + b).to(tl.int32)
     kv_end = tl.minimum(n_valid, MAX_LEN)
-    lo = pid_s * CHUNK
+    if WINDOW:  # the first row (position q_off) sees keys from q_off - window + 1 on: chunks start there
+        lo = tl.maximum(q_off - window + 1, 0) + pid_s * CHUNK
+    else:
+        lo = pid_s * CHUNK
     hi = tl.minimum(lo + CHUNK, kv_end)
     if HAS_START:  # keys below kv_start[b] (left padding) are never read
         lo = tl.maximum(lo, tl.load(KV_START + b).to(tl.int32))
     if CAUSAL:
         hi = tl.minimum(hi, q_off + SQ)  # no row of this program sees a key at or past q_off + SQ
-        q_pos = q_off + tok
+    q_pos = q_off + tok
+    if ALIBI:
+        slope = (tl.load(SLOPES + hq, mask=row_ok, other=0.0) * _LOG2E_C)[:, None]  # (BLOCK_M, 1)
+    else:
+        slope = 0.0
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -304,9 +329,17 @@ def _decode_split_kernel(
             k = K_DESC.load([b, hk, start_n, 0]).reshape(BLOCK_N, BLOCK_D)  # (BLOCK_N, BLOCK_D)
             v = V_DESC.load([b, hk, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
             qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)  # (BLOCK_M, BLOCK_N)
+            cols = start_n + offs_n
+            if SOFTCAP or ALIBI:
+                qk = score_logits(qk, cols, q_pos, qk_scale, cap_in, cap_out, slope, SOFTCAP, ALIBI)
+                step_scale = 1.0  # already base-2 logits
+            else:
+                step_scale = qk_scale
             if CAUSAL:  # bites only for several new tokens, on the chunk holding the newest keys
-                qk = tl.where((start_n + offs_n)[None, :] <= q_pos[:, None], qk, float("-inf"))
-            acc, l_i, m_i = online_softmax_step(qk, v, acc, l_i, m_i, qk_scale, True, DOT_PREC)
+                qk = tl.where(cols[None, :] <= q_pos[:, None], qk, float("-inf"))
+            if WINDOW:  # bites only on the band's first tiles
+                qk = tl.where(cols[None, :] > (q_pos - window)[:, None], qk, float("-inf"))
+            acc, l_i, m_i = online_softmax_step(qk, v, acc, l_i, m_i, step_scale, True, DOT_PREC)
         lo = full_hi
 
     k_ptrs = (K + b64 * stride_kb + hk.to(tl.int64) * stride_kh + lo.to(tl.int64) * stride_kn
@@ -323,11 +356,18 @@ def _decode_split_kernel(
         k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
         v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+        if SOFTCAP or ALIBI:
+            qk = score_logits(qk, cols, q_pos, qk_scale, cap_in, cap_out, slope, SOFTCAP, ALIBI)
+            step_scale = 1.0  # already base-2 logits
+        else:
+            step_scale = qk_scale
         visible = col_ok[None, :]
         if CAUSAL:
             visible = visible & (cols[None, :] <= q_pos[:, None])
+        if WINDOW:
+            visible = visible & (cols[None, :] > (q_pos - window)[:, None])
         qk = tl.where(visible, qk, float("-inf"))
-        acc, l_i, m_i = online_softmax_step(qk, v, acc, l_i, m_i, qk_scale, True, DOT_PREC)
+        acc, l_i, m_i = online_softmax_step(qk, v, acc, l_i, m_i, step_scale, True, DOT_PREC)
         k_ptrs += BLOCK_N * stride_kn
         v_ptrs += BLOCK_N * stride_vn
 
@@ -371,7 +411,8 @@ def _decode_tiles(block_d: int, rows: int, elem: int, chunk: int, tma: bool):
     return block_m, 64, num_warps, 3
 
 
-def _check_decode(q, k_cache, v_cache, kv_len, scale, kv_start=None):
+def _check_decode(q, k_cache, v_cache, kv_len, scale, kv_start=None, causal=True, window=0, softcap=0.0,
+                  alibi_slopes=None):
     if q.dim() != 4 or k_cache.dim() != 4 or v_cache.dim() != 4:
         raise ValueError("decode_attention: q, k_cache, v_cache must be 4-d (b, h, s, d)")
     b, hq, sq, d = q.shape
@@ -401,6 +442,9 @@ def _check_decode(q, k_cache, v_cache, kv_len, scale, kv_start=None):
         raise ValueError(f"decode_attention: batch*kv heads {b * k_cache.shape[1]} > {MAX_GRID_Y} (grid limit)")
     if scale is not None and not scale > 0:
         raise ValueError(f"decode_attention: non-positive scale {scale}")
+    reason = feature_reason(hq, q.device, causal, window, softcap, alibi_slopes)
+    if reason is not None:
+        raise ValueError(f"decode_attention: {reason}")
 
 
 def _per_batch(t: torch.Tensor | None, b: int) -> torch.Tensor | None:
@@ -418,7 +462,7 @@ class _Plan:
     inputs checked) once per signature, so a repeated call only allocates and launches."""
 
     __slots__ = ("out_shape", "dtype", "empty", "grid", "ints", "meta", "mid_numel", "merge_grid", "merge_ints",
-                 "merge_meta", "qk_scale", "tma_tile", "descriptors")
+                 "merge_meta", "qk_scale", "tma_tile", "descriptors", "span", "features")
 
 
 _PLANS: dict = {}
@@ -427,7 +471,15 @@ _PLANS: dict = {}
 # codegen/pdl.py): the merge kernel's launch overlaps the split kernel's tail instead of following it.
 
 
-def _make_plan(q, k_cache, v_cache, scale, causal, q_off_mode, num_splits, has_start) -> _Plan:
+def decode_span(max_len: int, sq: int, window: int = 0) -> int:
+    """Keys the chunks of one (batch, KV head) split: the whole cache, or with a window the widest band the
+    sq new tokens can see (window + sq - 1 keys, at most the cache)."""
+    window = min(int(window), MAX_WINDOW)
+    return min(max_len, window + sq - 1) if window else max_len
+
+
+def _make_plan(q, k_cache, v_cache, scale, causal, q_off_mode, num_splits, has_start, window=0, softcap=0.0,
+               alibi_slopes=None) -> _Plan:
     b, hq, sq, d = q.shape
     hkv, max_len = k_cache.shape[1], k_cache.shape[2]
     group = hq // hkv
@@ -436,18 +488,22 @@ def _make_plan(q, k_cache, v_cache, scale, causal, q_off_mode, num_splits, has_s
     plan.empty = b * hq * sq * d == 0
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     plan.qk_scale = scale * LOG2E
+    _, window, cap_in, cap_out, flags = feature_args(scale, window, softcap, None, q)
+    flags["ALIBI"] = alibi_slopes is not None
+    plan.features = (window, cap_in, cap_out)
+    span = plan.span = max(decode_span(max_len, sq, window), 1)  # keys the chunks cover
     block_d = _block_d(d)
     rows = group * sq
     tma_ok = use_tma(k_cache, v_cache)
     row_blocks = triton.cdiv(rows, _decode_block_m(rows, q.element_size()))
     if num_splits is None:
-        num_splits = choose_num_splits(b * hkv * row_blocks, max_len, _device_sm_count(q.device))
-    chunk = triton.cdiv(max(max_len, 1), max(1, int(num_splits)))
+        num_splits = choose_num_splits(b * hkv * row_blocks, span, _device_sm_count(q.device))
+    chunk = triton.cdiv(span, max(1, int(num_splits)))
     block_m, block_n, num_warps, num_stages = _decode_tiles(block_d, rows, q.element_size(), chunk, tma_ok)
     tma = tma_ok and (block_n == 128 or _INTERPRET)  # 128-key TMA tiles (_decode_tiles); tests force it on
-    num_splits = max(1, min(int(num_splits), triton.cdiv(max(max_len, 1), block_n)))
-    chunk = triton.cdiv(triton.cdiv(max(max_len, 1), num_splits), block_n) * block_n
-    num_splits = triton.cdiv(max(max_len, 1), chunk)
+    num_splits = max(1, min(int(num_splits), triton.cdiv(span, block_n)))
+    chunk = triton.cdiv(triton.cdiv(span, num_splits), block_n) * block_n
+    num_splits = triton.cdiv(span, chunk)
     n_rows = b * hq * sq
     out_strides = (hq * sq * d, sq * d, d, 1)  # out is contiguous
     ml_base = n_rows * num_splits * block_d  # MID: partial outputs, then the (max, sum) pairs
@@ -459,9 +515,11 @@ def _make_plan(q, k_cache, v_cache, scale, causal, q_off_mode, num_splits, has_s
     plan.meta = dict(
         HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=bool(causal),
         Q_OFF_MODE=q_off_mode, DOT_PREC=_dot_precision(q.dtype), HAS_START=has_start,
-        PDL=pdl, PREFETCH_N=PREFETCH_KEYS if pdl and k_cache.stride(3) == 1 and v_cache.stride(3) == 1 else 0,
+        # the L2 hint targets chunk starts from key 0: a window's band starts elsewhere, so no hint there
+        PDL=pdl, PREFETCH_N=PREFETCH_KEYS if pdl and not window and k_cache.stride(3) == 1 and v_cache.stride(3) == 1
+        else 0,
         LINES=triton.next_power_of_2(triton.cdiv(d * q.element_size(), 128)), TMA=tma,
-        num_warps=num_warps, num_stages=num_stages,
+        num_warps=num_warps, num_stages=num_stages, **flags,
     )
     plan.tma_tile = (block_n, block_d) if tma else None
     plan.descriptors = None
@@ -491,23 +549,25 @@ def _descriptors(plan: _Plan, k_cache, v_cache):
 
 
 def decode_attention(q, k_cache, v_cache, kv_len, *, scale=None, causal=True, q_offset=None, num_splits=None,
-                     kv_start=None):
+                     kv_start=None, window=0, softcap=0.0, alibi_slopes=None):
     """Attention of q (b, hq, sq <= 16, d) over keys [kv_start[b], kv_len[b]) of static caches
     (b, hkv, max_len, d); returns (b, hq, sq, d) contiguous. Semantics of decode_reference.
 
     kv_len is a (b,) int32/int64 device tensor, read only by the kernels (CUDA-graph safe); so is the
     optional kv_start (left padding: keys below it are masked, and never read). q_offset (int or (b,)
     tensor) overrides the default causal offset kv_len - sq. num_splits overrides choose_num_splits.
-    On CPU without TRITON_INTERPRET=1 it computes the reference.
+    window (causal only), softcap and alibi_slopes ((hq,) floats) as in flash_attention; with a window only
+    the band of window + sq - 1 keys is split and read. On CPU without TRITON_INTERPRET=1 it computes the
+    reference.
 
     Host cost: the inputs are checked and turned into launch parameters once per signature (shapes,
     strides, dtypes, devices, options; see _Plan); a repeated call is a dictionary lookup, two
     allocations (output and one fp32 workspace) and the two launches.
     """
     if not _use_kernel(q):
-        _check_decode(q, k_cache, v_cache, kv_len, scale, kv_start)
+        _check_decode(q, k_cache, v_cache, kv_len, scale, kv_start, causal, window, softcap, alibi_slopes)
         return decode_reference(q, k_cache, v_cache, kv_len, scale=scale, causal=causal, q_offset=q_offset,
-                                kv_start=kv_start)
+                                kv_start=kv_start, window=window, softcap=softcap, alibi_slopes=alibi_slopes)
     kv_is_tensor = isinstance(kv_len, torch.Tensor)
     off_is_tensor = isinstance(q_offset, torch.Tensor)
     q_off_mode = 0 if q_offset is None else (2 if off_is_tensor else 1)
@@ -520,11 +580,15 @@ def decode_attention(q, k_cache, v_cache, kv_len, *, scale=None, causal=True, q_
         (q_offset.shape, q_offset.device) if off_is_tensor else q_off_mode,
         scale, bool(causal), num_splits,
         (k_cache.data_ptr() | v_cache.data_ptr()) % 16 == 0,  # a TMA descriptor needs 16-byte aligned bases
+        window, softcap,
+        None if alibi_slopes is None else (alibi_slopes.shape, alibi_slopes.stride(), alibi_slopes.dtype,
+                                           alibi_slopes.device),
     )
     plan = _PLANS.get(key)
     if plan is None:
-        _check_decode(q, k_cache, v_cache, kv_len, scale, kv_start)
-        plan = _make_plan(q, k_cache, v_cache, scale, causal, q_off_mode, num_splits, kv_start is not None)
+        _check_decode(q, k_cache, v_cache, kv_len, scale, kv_start, causal, window, softcap, alibi_slopes)
+        plan = _make_plan(q, k_cache, v_cache, scale, causal, q_off_mode, num_splits, kv_start is not None,
+                          window, softcap, alibi_slopes)
         if len(_PLANS) > 1024:
             _PLANS.clear()
         _PLANS[key] = plan
@@ -542,9 +606,14 @@ def decode_attention(q, k_cache, v_cache, kv_len, *, scale=None, causal=True, q_
     kv_start = _per_batch(kv_start, b)
     mid = torch.empty(plan.mid_numel, dtype=torch.float32, device=q.device)
     k_desc, v_desc = _descriptors(plan, k_cache, v_cache)
+    if alibi_slopes is not None:
+        slopes = alibi_slopes.to(torch.float32)
+        slopes = slopes if slopes.stride(0) == 1 else slopes.contiguous()
+    else:
+        slopes = mid  # never read
     _decode_split_kernel[plan.grid](
-        q, k_cache, v_cache, kv_len, kv_len if kv_start is None else kv_start, q_off_t, mid, k_desc, v_desc,
-        *plan.ints, q_off_int, plan.qk_scale, **plan.meta,
+        q, k_cache, v_cache, kv_len, kv_len if kv_start is None else kv_start, q_off_t, mid, k_desc, v_desc, slopes,
+        *plan.ints, q_off_int, plan.qk_scale, *plan.features, **plan.meta,
     )
     _decode_merge_kernel[plan.merge_grid](mid, out, *plan.merge_ints, **plan.merge_meta)
     return out

@@ -1,7 +1,7 @@
 """Attention kernel benchmark: fxopt FlashAttention / Flash-Decoding against PyTorch's SDPA backends and
 the GPU's copy bandwidth, every peer measured in the same run on the same GPU.
 
-    python -m fxopt.bench_attention [--quick] [--json out.json] [--sections prefill,decode,memory]
+    python -m fxopt.bench_attention [--quick] [--json out.json] [--sections prefill,decode,window,memory]
 
 Timings are triton.testing.do_bench medians after a warm-up call (compilation and autotuning happen
 outside the timed region). Sections:
@@ -12,7 +12,10 @@ outside the timed region). Sections:
      and every SDPA backend captured the same way; the generation runtime replays its decode step),
      plus the host time per decode_attention call;
   4. decode (32 / 32 heads, 128k keys): fraction of copy bandwidth;
-  5. prefill peak memory (B1 H32 d128 bf16 causal, N = 4k..32k) next to an N^2 score matrix.
+  5. sliding window 4096 at 16k keys (bf16 B1, 32 query / 8 KV heads, d128), prefill and decode: against the
+     same kernel without a window (time ratio next to the expected work ratio) and against SDPA backends given
+     the equivalent boolean mask (which cannot skip the keys outside the band);
+  6. prefill peak memory (B1 H32 d128 bf16 causal, N = 4k..32k) next to an N^2 score matrix.
 """
 
 from __future__ import annotations
@@ -73,17 +76,20 @@ def _sdpa_backends():
     }
 
 
-def _time_sdpa(backend, q, k, v, *, causal, quick, gqa=False, graph=False):
+def _time_sdpa(backend, q, k, v, *, causal, quick, gqa=False, graph=False, attn_mask=None):
     """(ms, note) for one pinned SDPA backend, or (None, reason) if it refuses these inputs; with
     graph=True also the CUDA-graph replay time: (ms, graph_ms, note).
 
     GQA (fewer KV heads) uses enable_gqa=True when this torch and backend take it; otherwise K/V are
-    repeated to the query heads outside the timed region (the note says so)."""
+    repeated to the query heads outside the timed region (the note says so). attn_mask: passed through
+    (a boolean mask: True = attend)."""
     import torch.nn.functional as F
     from torch.nn.attention import sdpa_kernel
 
     note = ""
     kwargs = {"is_causal": causal}
+    if attn_mask is not None:
+        kwargs["attn_mask"] = attn_mask
     if gqa:
         kwargs["enable_gqa"] = True
     try:
@@ -250,6 +256,93 @@ def bench_decode(results, copy_bw, quick, *, hq, hkv, n, label, sweep=False):
              "GB/s", fxopt_ms=graph_ms, peer_ms=peer_ms, note=note)
 
 
+def _window_sdpa_rows(results, label, q, k, v, mask, ms, work, quick, *, unit_name, graph_ms=None):
+    """SDPA backends given the window as a boolean mask: printed next to fxopt's window timing (ms), and one
+    row each; `work` converts milliseconds into the figure of `unit_name` (TFLOP/s or GB/s of useful work)."""
+    for name, backend in _sdpa_backends().items():
+        timed = _time_sdpa(backend, q, k, v, causal=False, quick=quick, gqa=q.shape[1] != k.shape[1],
+                           graph=graph_ms is not None, attn_mask=mask)
+        peer_ms, note = timed[0], timed[-1]
+        if peer_ms is None:
+            print(f"  {name} (boolean mask): {note}")
+            continue
+        peer_graph = timed[1] if graph_ms is not None else None
+        graph_note = "" if peer_graph is None or graph_ms is None else (
+            f"; from a CUDA graph {peer_graph * 1e3:.1f} us -> fxopt's graph x{peer_graph / graph_ms:.2f} faster")
+        print(f"  {name} with the boolean mask: {peer_ms * 1e3:.1f} us = {work(peer_ms):.4g} {unit_name} -> fxopt "
+              f"x{peer_ms / ms:.2f} faster{graph_note}{' (' + note + ')' if note else ''}")
+        _row(results, "window", f"{label} {unit_name} vs SDPA masked", work(ms), work(peer_ms),
+             f"{name} (bool mask)", unit_name, fxopt_ms=ms, peer_ms=peer_ms, note=note)
+        if peer_graph is not None:
+            _row(results, "window", f"{label} {unit_name} vs SDPA masked (CUDA graphs)", work(graph_ms),
+                 work(peer_graph), f"{name} (bool mask)", unit_name, fxopt_ms=graph_ms, peer_ms=peer_graph)
+
+
+def bench_window(results, copy_bw, quick):
+    """Sliding window (HF Mistral's: query p sees keys p - window < j <= p) in both kernels."""
+    from fxopt.codegen.flash_attention import attention_flops, flash_attention
+    from fxopt.codegen.flash_decoding import decode_attention, decode_hbm_bytes
+
+    b, hq, hkv, d = 1, 32, 8, 128
+    n, w = (4096, 1024) if quick else (16384, 4096)
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    q = torch.randn(b, hq, n, d, device="cuda", dtype=torch.bfloat16, generator=gen)
+    k, v = (torch.randn(b, hkv, n, d, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(2))
+    rows = torch.arange(n, device="cuda")[:, None]
+    cols = torch.arange(n, device="cuda")[None, :]
+    band = (cols <= rows) & (cols > rows - w)  # (n, n) True = attend
+
+    # prefill
+    label = f"window{w} prefill bf16 B{b} {hq}/{hkv} heads N{n} d{d}"
+    flops = attention_flops(b, hq, n, n, d, True, window=w)
+    expected = flops / attention_flops(b, hq, n, n, d, True)
+    out = flash_attention(q, k, v, causal=True, window=w)
+    group = hq // hkv
+    ref_rows = slice(n - 256, n)  # max error on the last rows (a full-length float reference would not fit)
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q[:, :, ref_rows].float(), k.repeat_interleave(group, 1).float(), v.repeat_interleave(group, 1).float(),
+        attn_mask=band[ref_rows])
+    max_err = (out[:, :, ref_rows].float() - ref).abs().max().item()
+    ms = _do_bench(lambda: flash_attention(q, k, v, causal=True, window=w), quick)
+    ms_causal = _do_bench(lambda: flash_attention(q, k, v, causal=True), quick)
+    tflops = lambda t: flops / (t * 1e-3) / 1e12  # noqa: E731 - the band's useful FLOPs per second
+    print(f"{label}: fxopt {ms * 1e3:.0f} us = {tflops(ms):.1f} TFLOP/s; without the window (causal) "
+          f"{ms_causal * 1e3:.0f} us: time ratio {ms / ms_causal:.3f}, expected work ratio {expected:.3f} "
+          f"(window/length {w / n:.3f}) (max |fxopt - fp32 sdpa| on the last rows = {max_err:.2g})")
+    _row(results, "window", f"{label} ms vs no window", ms, ms_causal, "fxopt causal, no window", "ms",
+         ratio_expected=expected, window_over_length=w / n, max_abs_diff_vs_sdpa=max_err)
+    _window_sdpa_rows(results, label, q, k, v, band, ms, tflops, quick, unit_name="TFLOP/s")
+    del out, ref
+    torch.cuda.empty_cache()
+
+    # decode: one new token at position n - 1 over an n-key cache
+    label = f"window{w} decode bf16 B{b} {hq}/{hkv} heads kv{n // 1024}k d{d}"
+    qd = q[:, :, -1:].contiguous()
+    kv_len = torch.full((b,), n, dtype=torch.int32, device="cuda")
+    nbytes = decode_hbm_bytes(b, hq, hkv, 1, w, d, 2, num_splits=0)  # the band's K + V, q + o
+    expected = w / n
+    call = lambda: decode_attention(qd, k, v, kv_len, window=w)  # noqa: E731
+    full = lambda: decode_attention(qd, k, v, kv_len)  # noqa: E731
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        qd.float(), k.repeat_interleave(group, 1).float(), v.repeat_interleave(group, 1).float(),
+        attn_mask=band[-1:])
+    max_err = (call().float() - ref).abs().max().item()
+    ms, ms_full = _do_bench(call, quick), _do_bench(full, quick)
+    graph_ms, graph_full = _do_bench_graph(call), _do_bench_graph(full)
+    gbs = lambda t: nbytes / (t * 1e-3) / 1e9  # noqa: E731 - the band's bytes per second
+    graph_note = "" if graph_ms is None or graph_full is None else (
+        f"; from CUDA graphs {graph_ms * 1e3:.1f} against {graph_full * 1e3:.1f} us: ratio {graph_ms / graph_full:.3f}")
+    print(f"{label}: fxopt {ms * 1e3:.1f} us = {gbs(ms):.0f} GB/s = {100 * gbs(ms) * 1e9 / copy_bw:.1f}% of copy; "
+          f"without the window {ms_full * 1e3:.1f} us: ratio {ms / ms_full:.3f}{graph_note}; expected work ratio "
+          f"{expected:.3f} (max |fxopt - fp32 sdpa| = {max_err:.2g})")
+    _row(results, "window", f"{label} us vs no window", ms * 1e3, ms_full * 1e3, "fxopt, no window", "us",
+         ratio_expected=expected, max_abs_diff_vs_sdpa=max_err)
+    if graph_ms is not None and graph_full is not None:
+        _row(results, "window", f"{label} us vs no window (CUDA graph)", graph_ms * 1e3, graph_full * 1e3,
+             "fxopt, no window", "us", ratio_expected=expected)
+    _window_sdpa_rows(results, label, qd, k, v, band[-1:], ms, gbs, quick, unit_name="GB/s", graph_ms=graph_ms)
+
+
 def bench_memory(results, quick):
     from fxopt.codegen.flash_attention import flash_attention
 
@@ -285,7 +378,7 @@ def bench_memory(results, quick):
             os.environ["FXOPT_ATTN_AUTOTUNE"] = old
 
 
-SECTIONS = ("prefill", "decode", "memory")
+SECTIONS = ("prefill", "decode", "window", "memory")
 
 
 def run(out_json=None, *, quick=False, sections=SECTIONS) -> list[dict]:
@@ -317,6 +410,9 @@ def run(out_json=None, *, quick=False, sections=SECTIONS) -> list[dict]:
         torch.cuda.empty_cache()
         bench_decode(results, copy_bw, quick, hq=32, hkv=32, n=131072,
                      label="decode bf16 B1 32/32 heads kv128k")
+    torch.cuda.empty_cache()
+    if "window" in sections:
+        bench_window(results, copy_bw, quick)
     torch.cuda.empty_cache()
     if "memory" in sections:
         bench_memory(results, quick)

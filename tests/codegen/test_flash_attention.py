@@ -246,6 +246,29 @@ def test_cost_formulas_numbers_and_symbols():
     assert sympy.simplify(attention_hbm_bytes(b, h, h, s, s, d, 2, False) - 8 * b * h * s * d) == 0
 
 
+def test_cost_formulas_with_a_window():
+    """Visible keys per row min(p + 1, window), in the causal formula's continuous count: every row capped
+    gives exactly sq * window pairs, a window past the length gives the causal count, window 0 is none."""
+    b, h, d = 1, 32, 128
+    pairs = lambda flops: flops // (4 * b * h * d)  # noqa: E731
+    assert pairs(attention_flops(b, h, 1, 16384, d, True, window=4096)) == 4096  # one decode token
+    assert pairs(attention_flops(b, h, 16, 16384, d, True, window=4096)) == 16 * 4096
+    n, w = 16384, 4096
+    assert pairs(attention_flops(b, h, n, n, d, True, window=w)) == n * w - w * w // 2  # prefill
+    for window in (0, n, 10 * n):
+        assert attention_flops(b, h, n, n, d, True, window=window) == attention_flops(b, h, n, n, d, True)
+    brute = sum(min(p + 1, w) for p in range(n))  # the discrete count differs only by the causal half-pairs
+    assert abs(pairs(attention_flops(b, h, n, n, d, True, window=w)) - brute) <= w
+    assert attention_hbm_bytes(1, 32, 8, 1, n, d, 2, True, window=w) == 2 * 32 * d * 2 + 2 * 8 * w * d * 2
+    assert attention_hbm_bytes(1, 32, 8, n, n, d, 2, True, window=w) == attention_hbm_bytes(1, 32, 8, n, n, d, 2, True)
+    s = sympy.symbols("s", positive=True, integer=True)
+    flops = attention_flops(b, h, s, s, d, True, window=w)  # symbolic lengths: a Max() that settles per length
+    assert flops.subs(s, n) == attention_flops(b, h, n, n, d, True, window=w)
+    assert flops.subs(s, 100) == attention_flops(b, h, 100, 100, d, True)
+    assert attention_hbm_bytes(b, h, h, s, s, d, 2, True, window=w).subs(s, 7) == attention_hbm_bytes(
+        b, h, h, 7, 7, d, 2, True)
+
+
 def test_reference_gqa_matches_repeated_heads():
     q, k, v = make_qkv(2, 8, 2, 5, 11, 16, torch.float64, device="cpu")
     ref = attention_reference(q, k, v, causal=True, q_offset=6)

@@ -260,6 +260,27 @@ def test_cost_formulas():
     assert sympy.Poly(sympy.expand(expr), n).coeff_monomial(n) == 2 * b * 8 * 128 * 2
 
 
+def test_window_plan_splits_only_the_band():
+    """With a sliding window the chunks split min(max_len, window + sq - 1) keys (host-known), not the cache:
+    at a 16k cache and a 4k window the default plan's programs cover a quarter of the keys."""
+    assert fd.decode_span(16384, 1, 4096) == 4096
+    assert fd.decode_span(16384, 16, 4096) == 4096 + 15
+    assert fd.decode_span(1000, 1, 4096) == 1000
+    assert fd.decode_span(1000, 1, 0) == 1000
+    assert fd.decode_span(1000, 1, 1 << 40) == 1000
+    q, k, v = make_inputs(1, 4, 2, 1, 1024, 32, torch.float16, seed=22)
+    kv_len = torch.tensor([1000], dtype=torch.int32, device=DEVICE)
+    fd._PLANS.clear()
+    decode_attention(q, k, v, kv_len)
+    decode_attention(q, k, v, kv_len, window=256)
+    full, windowed = fd._PLANS.values()
+    for plan in (full, windowed):
+        assert plan.ints[-3] * plan.ints[-2] >= plan.span  # chunk * splits covers the span
+    assert full.span == 1024 and windowed.span == 256
+    assert windowed.ints[-3] * (windowed.ints[-2] - 1) < 256  # no chunk wholly past the band
+    assert fd.decode_flops(1, 32, 1, 16384, 128, window=4096) == 4 * 32 * 4096 * 128
+
+
 def test_misaligned_cache_gets_its_own_pointer_load_plan(tma_forced):
     """Same shapes and strides, but a cache whose base is not 16-byte aligned cannot back a TMA descriptor: it
     gets its own plan (pointer loads) instead of reusing the TMA one, and both calls are right."""

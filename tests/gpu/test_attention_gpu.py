@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from fxopt.codegen import flash_attention as fa
+from fxopt.codegen import flash_decoding as fd
 from fxopt.codegen.flash_attention import attention_reference, flash_attention
 from fxopt.codegen.flash_decoding import decode_attention, decode_reference
 
@@ -298,3 +299,180 @@ def test_decode_cuda_graph_replay():
 
 def test_kernels_are_compiled():
     assert not fa._INTERPRET and fa._use_kernel(torch.empty(1, device=DEVICE))
+
+
+# ------------------------------------------------------------------ sliding window, soft-cap, ALiBi
+
+
+def variant_oracle(q, k, v, *, pos, valid, causal=True, window=0, softcap=0.0, slopes=None, dtype=torch.float64):
+    """Attention from the definitions: explicit band mask (valid, j <= p, j > p - window) and explicit bias
+    (softcap * tanh(s / softcap) + slope[h] * (j - p)); pos (b, sq) absolute positions, valid (b, skv)."""
+    b, hq, sq, d = q.shape
+    group = hq // k.shape[1]
+    kf, vf = k.to(dtype).repeat_interleave(group, 1), v.to(dtype).repeat_interleave(group, 1)
+    scores = (q.to(dtype) @ kf.transpose(-1, -2)) * d**-0.5
+    if softcap:
+        scores = softcap * torch.tanh(scores / softcap)
+    rel = torch.arange(k.shape[2], device=DEVICE)[None, None, :] - pos[:, :, None]
+    if slopes is not None:  # the bias in fp32 at least: bf16 cannot hold distances in the thousands
+        wide = torch.float64 if dtype == torch.float64 else torch.float32
+        scores = (scores.to(wide) + slopes.to(wide)[None, :, None, None] * rel[:, None].to(wide)).to(dtype)
+    band = valid[:, None, :] & ((rel <= 0) if causal else torch.ones_like(rel, dtype=torch.bool))
+    if window:
+        band = band & (rel > -window)
+    scores = scores.masked_fill(~band[:, None], float("-inf"))
+    return torch.softmax(scores, dim=-1).nan_to_num(0.0) @ vf
+
+
+def check_variant(out, q, k, v, what="", **kw):
+    ref64 = variant_oracle(q, k, v, **kw)
+    eager = variant_oracle(q, k, v, dtype=q.dtype, **kw)
+    assert_close_to_reference(out, ref64, eager, q.dtype, what)
+
+
+def alibi_slopes(h):
+    return torch.tensor([2.0 ** (-8.0 * (i + 1) / h) for i in range(h)], dtype=torch.float32, device=DEVICE)
+
+
+# (b, hq, hkv, sq, skv, d, layout, causal, q_offset, kv_len, padding, features)
+VARIANT_CASES = [
+    pytest.param(2, 16, 4, 2048, 2048, 128, "bshd", True, 0, False, False, dict(window=512), id="window512-n2048"),
+    pytest.param(2, 8, 2, 300, 2100, 64, "bhsd", True, "tensor", True, False, dict(window=1000),
+                 id="window1000-offsets-kvlen-d64"),
+    pytest.param(1, 8, 8, 1024, 1024, 128, "bhsd", False, 0, False, False, dict(softcap=2.0), id="softcap-full"),
+    pytest.param(1, 16, 16, 1024, 1024, 128, "bshd", True, 0, False, False, dict(alibi=True), id="alibi-causal"),
+    pytest.param(2, 16, 4, 1500, 1500, 128, "bhsd", True, 0, True, True,
+                 dict(window=300, softcap=5.0, alibi=True), id="all-pad-kvlen"),
+]
+
+
+@pytest.mark.parametrize("tma", [None, False], ids=["default", "pointer"])
+@pytest.mark.parametrize("dtype", DTYPES[:2])
+@pytest.mark.parametrize("b, hq, hkv, sq, skv, d, layout, causal, q_offset, kv_len, pad, features", VARIANT_CASES)
+def test_flash_attention_variants(b, hq, hkv, sq, skv, d, layout, causal, q_offset, kv_len, pad, features, dtype,
+                                  tma):
+    """Window / soft-cap / ALiBi at realistic sizes, TMA fast path (the default on Hopper) and pointer loads."""
+    gen = torch.Generator(device=DEVICE).manual_seed(sq + skv + d)
+    q = randn(b, hq, sq, d, dtype=dtype, gen=gen, layout=layout) * (3 if "softcap" in features else 1)
+    k = randn(b, hkv, skv, d, dtype=dtype, gen=gen, layout=layout)
+    v = randn(b, hkv, skv, d, dtype=dtype, gen=gen, layout=layout)
+    mask = (torch.rand(b, skv, generator=gen, device=DEVICE) > 0.2) if pad else None
+    offs = torch.randint(0, skv - sq, (b,), generator=gen, device=DEVICE) if q_offset == "tensor" else q_offset
+    lens = torch.tensor([skv, skv * 2 // 3][:b], dtype=torch.int32, device=DEVICE) if kv_len else None
+    kw = dict(window=features.get("window", 0), softcap=features.get("softcap", 0.0),
+              alibi_slopes=alibi_slopes(hq) if features.get("alibi") else None)
+    if tma is None:
+        out = flash_attention(q, k, v, causal=causal, key_padding_mask=mask, q_offset=offs, kv_len=lens, **kw)
+    else:
+        out = fa._launch(q, k, v, causal=causal, scale=None, key_padding_mask=mask, q_offset=offs, kv_len=lens,
+                         tma=tma, **kw)
+    offs_t = offs if isinstance(offs, torch.Tensor) else torch.full((b,), offs, device=DEVICE)
+    pos = offs_t.long()[:, None] + torch.arange(sq, device=DEVICE)[None, :]
+    valid = allowed_mask(b, 1, skv, causal=False, key_padding_mask=mask, kv_len=lens)[:, 0]
+    check_variant(out, q, k, v, pos=pos, valid=valid, causal=causal, window=kw["window"], softcap=kw["softcap"],
+                  slopes=kw["alibi_slopes"], what=f"{dtype} tma={tma}")
+
+
+def _variant_tiles():
+    tiles = [(t, False) for t in fa._TILES[128]]
+    if torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9:
+        tiles += [(t, True) for t in fa._TILES_TMA[128]]
+    return [pytest.param(t, tma, id=f"m{t[0]}n{t[1]}w{t[2]}s{t[3]}{'-tma' if tma else ''}") for t, tma in tiles]
+
+
+@pytest.mark.parametrize("tile, tma", _variant_tiles())
+def test_every_tuning_tile_with_variants(tile, tma):
+    """Each candidate config of d128 computes window + soft-cap + ALiBi right (the autotuner may pick any)."""
+    from triton.runtime.errors import OutOfResources
+
+    gen = torch.Generator(device=DEVICE).manual_seed(7)
+    b, hq, hkv, sq, skv, d = 2, 8, 2, 300, 517, 128
+    q = randn(b, hq, sq, d, dtype=torch.bfloat16, gen=gen, layout="bshd")
+    k = randn(b, hkv, skv, d, dtype=torch.bfloat16, gen=gen)
+    v = randn(b, hkv, skv, d, dtype=torch.bfloat16, gen=gen)
+    offs = torch.tensor([217, 0], device=DEVICE)
+    slopes = alibi_slopes(hq)
+    try:
+        out = fa._launch(q, k, v, causal=True, scale=None, key_padding_mask=None, q_offset=offs, kv_len=None,
+                         window=150, softcap=4.0, alibi_slopes=slopes, tile=tile, tma=tma)
+    except OutOfResources as err:
+        pytest.skip(f"tile does not fit this GPU ({err}); the autotuner skips it too")
+    pos = offs[:, None] + torch.arange(sq, device=DEVICE)[None, :]
+    valid = torch.ones(b, skv, dtype=torch.bool, device=DEVICE)
+    check_variant(out, q, k, v, pos=pos, valid=valid, window=150, softcap=4.0, slopes=slopes, what=str(tile))
+
+
+@pytest.fixture(params=[True, False], ids=["tma", "pointer"])
+def decode_tma(request, monkeypatch):
+    """Decode plans made with TMA as the device decides (on, on Hopper) or forced off."""
+    if not request.param:
+        monkeypatch.setattr(fd, "use_tma", lambda *tensors: False)
+    fd._PLANS.clear()
+    yield request.param
+    fd._PLANS.clear()
+
+
+# (b, hq, hkv, sq, max_len, d, kv_len per batch, kv_start, features)
+DECODE_VARIANT_CASES = [
+    pytest.param(2, 32, 8, 1, 16384, 128, [16384, 5000], None, dict(window=4096), id="kv16k-window4096"),
+    pytest.param(2, 32, 8, 7, 8192, 128, [8192, 3001], [0, 1000], dict(window=1000, softcap=30.0, alibi=True),
+                 id="q7-window1000-kvstart-all"),
+    pytest.param(1, 16, 16, 1, 8192, 128, [7000], None, dict(softcap=2.0), id="softcap"),
+    pytest.param(2, 16, 2, 16, 5000, 64, [5000, 2049], None, dict(alibi=True), id="gqa8-q16-alibi-d64"),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES[:2])
+@pytest.mark.parametrize("b, hq, hkv, sq, max_len, d, lens, starts, features", DECODE_VARIANT_CASES)
+def test_decode_attention_variants(b, hq, hkv, sq, max_len, d, lens, starts, features, dtype, decode_tma):
+    gen = torch.Generator(device=DEVICE).manual_seed(max_len + d + sq)
+    q = randn(b, hq, sq, d, dtype=dtype, gen=gen) * (3 if 0 < features.get("softcap", 0) < 10 else 1)
+    k = randn(b, hkv, max_len, d, dtype=dtype, gen=gen, layout="bshd")
+    v = randn(b, hkv, max_len, d, dtype=dtype, gen=gen, layout="bshd")
+    kv_len = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    kv_start = torch.tensor(starts, device=DEVICE) if starts else None
+    kw = dict(window=features.get("window", 0), softcap=features.get("softcap", 0.0),
+              alibi_slopes=alibi_slopes(hq) if features.get("alibi") else None)
+    out = decode_attention(q, k, v, kv_len, kv_start=kv_start, **kw)
+    pos = kv_len.long()[:, None] - sq + torch.arange(sq, device=DEVICE)[None, :]
+    cols = torch.arange(max_len, device=DEVICE)[None, :]
+    valid = cols < kv_len[:, None]
+    if kv_start is not None:
+        valid = valid & (cols >= kv_start[:, None])
+    check_variant(out, q, k, v, pos=pos, valid=valid, window=kw["window"], softcap=kw["softcap"],
+                  slopes=kw["alibi_slopes"], what=f"{dtype} tma={decode_tma}")
+    (plan,) = fd._PLANS.values()
+    if kw["window"]:  # the chunks split the band only
+        assert plan.span == min(max_len, kw["window"] + sq - 1)
+        assert plan.ints[-3] * (plan.ints[-2] - 1) < plan.span
+    if not decode_tma:
+        assert not plan.meta["TMA"]
+
+
+def test_decode_window_cuda_graph_replay():
+    """A windowed decode step captured once; replays with other kv_len (band start read on the device)."""
+    gen = torch.Generator(device=DEVICE).manual_seed(9)
+    b, hq, hkv, sq, max_len, d, window = 2, 32, 8, 1, 8192, 128, 1024
+    q = randn(b, hq, sq, d, dtype=torch.bfloat16, gen=gen)
+    k = randn(b, hkv, max_len, d, dtype=torch.bfloat16, gen=gen)
+    v = randn(b, hkv, max_len, d, dtype=torch.bfloat16, gen=gen)
+    slopes = alibi_slopes(hq)
+    kv_len = torch.tensor([100, 200], dtype=torch.int32, device=DEVICE)
+    step = lambda: decode_attention(q, k, v, kv_len, window=window, softcap=20.0, alibi_slopes=slopes)  # noqa: E731
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    for lens in ([100, 200], [1, 8192], [8192, 0], [4097, 1025], [1024, 1023]):
+        kv_len.copy_(torch.tensor(lens, dtype=torch.int32))
+        q.copy_(torch.randn(q.shape, generator=gen, device=DEVICE))
+        graph.replay()
+        torch.cuda.synchronize()
+        pos = kv_len.long()[:, None] - sq + torch.arange(sq, device=DEVICE)[None, :]
+        valid = torch.arange(max_len, device=DEVICE)[None, :] < kv_len[:, None]
+        check_variant(out, q, k, v, pos=pos, valid=valid, window=window, softcap=20.0, slopes=slopes,
+                      what=f"lens {lens}")
