@@ -16,12 +16,12 @@ import torch
 from torch import fx
 
 from fxopt import zoo
-from fxopt.capture import CAPTURE_SIZES
+from fxopt.capture import CAPTURE_SIZES, capture
 from fxopt.hardware import dtype_key
 from fxopt.passes import fusion
 from fxopt.passes.cost import COST_KEY, Cost, layer_of, total
-from fxopt.pipeline import Program, compile_model
-from fxopt.report import progress
+from fxopt.pipeline import Program, make_context, run_passes
+from fxopt.progress import progress, stage
 
 
 @dataclass
@@ -60,9 +60,17 @@ def analyze(
     if example_kwargs is None:
         example_kwargs = zoo.example_inputs(model, CAPTURE_SIZES["batch"], min(CAPTURE_SIZES["seq"], seq))
     sizes = {"batch": batch, "seq": seq, "src_seq": seq}
-    program = compile_model(model, example_kwargs, hw=hw, sizes=sizes, attention=attention, rope=fuse)
+    with stage(f"capturing {name} (b={batch}, s={seq})"):
+        # no per-node source lines: only error messages of later passes (kv_cache) read them, and recording
+        # them is about a quarter of the capture time (as in optimize)
+        captured = capture(model, example_kwargs, source_lines=False)
+    options = {"attention": attention, "rope": fuse}
+    passes = ", ".join(["cost", *(["attention"] if attention else []), *(["rope"] if fuse else [])])
+    with stage(f"running passes ({passes})"):
+        program = run_passes(captured, make_context(captured, hw, sizes, options))
     if fuse:
-        fusion.plan_regions(program.gm, program.ctx)
+        with stage("outlining fusion regions"):
+            fusion.plan_regions(program.gm, program.ctx)
     report = build_report(program, name=name, dtype=dtype, params=_param_count(model))
     return Analysis(program, report)
 

@@ -8,6 +8,7 @@ torch.utils.benchmark and the GPU-only columns say so.
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import time
@@ -23,8 +24,16 @@ from fxopt.hardware import get_hardware, measure_copy_bandwidth
 from fxopt.optimize import optimize
 from fxopt.passes.cost import COST_KEY
 from fxopt.passes.fusion import FusedRegionModule
+from fxopt.progress import progress, stage
 
 GPU_ONLY = "n/a (GPU only)"
+
+#: `fxopt bench` without flags: the full configuration on a GPU, a CPU-sized one elsewhere (seq is further
+#: capped by the model's position table). CPU batch 2, not 1: export would specialise a batch of 1 (and say so).
+GPU_DEFAULTS = {"model": "gpt2-medium", "batch": 8, "seq": 1024, "dtype": "bf16", "compile": True, "regions": True,
+                "min_run_time": 0.5}
+CPU_DEFAULTS = {"model": "gpt2-small", "batch": 2, "seq": 64, "dtype": "fp32", "compile": False, "regions": False,
+                "min_run_time": 0.2}
 
 
 @dataclass
@@ -40,32 +49,38 @@ class BenchResult:
                            "regions": self.rows, "forward": self.whole}, indent=2, default=str)
 
 
-def time_ms(fn, device: torch.device) -> float:
-    """Median milliseconds of fn(): do_bench on CUDA, torch.utils.benchmark on CPU."""
+def time_ms(fn, device: torch.device, min_run_time: float = 0.5) -> float:
+    """Median milliseconds of fn(): do_bench on CUDA, torch.utils.benchmark on CPU (for min_run_time s)."""
     if device.type == "cuda":
         from triton.testing import do_bench
 
         return do_bench(fn, warmup=50, rep=300, return_mode="median")
     from torch.utils.benchmark import Timer
 
-    return Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=0.5).median * 1e3
+    return Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time).median * 1e3
 
 
-def time_interleaved(fns: dict[str, Any], device: torch.device, rounds: int = 5) -> dict[str, float]:
+def time_interleaved(fns: dict[str, Any], device: torch.device, rounds: int = 5,
+                     min_run_time: float = 0.5) -> dict[str, float]:
     """Median milliseconds of each fn, measured in `rounds` rounds that visit every fn in a rotated order.
 
     Timing one variant right after another's sustained load and the next after an idle pause (a compile)
     would fold the GPU's clock and power state into the comparison; interleaving gives every variant the
     same mix of states."""
     if device.type != "cuda":
-        return {name: time_ms(fn, device) for name, fn in fns.items()}
+        timed = {}
+        for name, fn in fns.items():
+            with stage(f"timing {name} forward"):
+                timed[name] = time_ms(fn, device, min_run_time)
+        return timed
     from triton.testing import do_bench
 
     from fxopt.bench_fused import interleaved_runs
 
-    for fn in fns.values():  # warm-up outside the rounds
-        do_bench(fn, warmup=25, rep=50, return_mode="median")
-    runs = interleaved_runs(fns, rounds, lambda fn: do_bench(fn, warmup=10, rep=100, return_mode="median"))
+    with stage(f"timing {', '.join(fns)} ({rounds} interleaved rounds)"):
+        for fn in fns.values():  # warm-up outside the rounds
+            do_bench(fn, warmup=25, rep=50, return_mode="median")
+        runs = interleaved_runs(fns, rounds, lambda fn: do_bench(fn, warmup=10, rep=100, return_mode="median"))
     return {name: statistics.median(values) for name, values in runs.items()}
 
 
@@ -96,7 +111,8 @@ class _RegionInputs(fx.Interpreter):
         return super().call_module(target, args, kwargs)
 
 
-def bench_regions(optimized, args, kwargs, device, copy_bw, hw, compile_regions: bool) -> list[dict[str, Any]]:
+def bench_regions(optimized, args, kwargs, device, copy_bw, hw, compile_regions: bool,
+                  min_run_time: float = 0.5) -> list[dict[str, Any]]:
     """Each fused region alone: its kernel vs its ops run eagerly vs torch.compile of the same ops."""
     from torch.utils import _pytree as pytree
 
@@ -105,21 +121,22 @@ def bench_regions(optimized, args, kwargs, device, copy_bw, hw, compile_regions:
         recorder.run(*pytree.tree_leaves((tuple(args), kwargs)))
     rows = []
     ctx = optimized.program.ctx
-    for node in optimized.gm.graph.nodes:
-        if node.op != "call_module" or node.target not in recorder.inputs:
-            continue
+    time_ms_ = partial(time_ms, min_run_time=min_run_time)
+    nodes = [node for node in optimized.gm.graph.nodes
+             if node.op == "call_module" and node.target in recorder.inputs]
+    for node in progress(nodes, desc="timing fused regions"):
         module, region_inputs = optimized.gm.get_submodule(node.target), recorder.inputs[node.target]
         cost = node.meta[COST_KEY]
         region = node.meta["fxopt.region"]
         nbytes = sum(t.numel() * t.element_size() for t in region_inputs if isinstance(t, torch.Tensor))
         nbytes += sum(v.numel() * v.element_size() for v in module.kernel.reference(*region_inputs))
         row = {"region": node.target, "nodes": len(region.nodes), "bytes": nbytes}
-        row["eager_ms"] = time_ms(partial(module.kernel.reference, *region_inputs), device)
-        row["fxopt_ms"] = time_ms(partial(module.kernel, *region_inputs), device)
+        row["eager_ms"] = time_ms_(partial(module.kernel.reference, *region_inputs), device)
+        row["fxopt_ms"] = time_ms_(partial(module.kernel, *region_inputs), device)
         if device.type == "cuda":
             if compile_regions:
                 compiled = torch.compile(module.kernel.region, dynamic=False)
-                row["compile_ms"] = time_ms(partial(compiled, *region_inputs), device)
+                row["compile_ms"] = time_ms_(partial(compiled, *region_inputs), device)
             row["predicted_ms"] = hw.predicted_time(ctx.evaluate(cost.flops), nbytes, cost.dtype, matmul=False) * 1e3
             row["GB/s"] = nbytes / row["fxopt_ms"] / 1e6
             row["%copy_bw"] = 100 * row["GB/s"] * 1e9 / copy_bw
@@ -147,30 +164,42 @@ def predicted_forward_ms(optimized, hw) -> float:
     return sum(c.time(ctx, hw) for c in costs if c.kind != "unknown") * 1e3
 
 
-def bench_model(spec: str, *, batch: int = 8, seq: int = 1024, dtype=torch.bfloat16, attn_impl: str | None = None,
-                device: str | None = None, hw: str = "h100", compile: bool = True, regions: bool = True,
-                cuda_graph: bool = False, attention: bool = True, profile: bool = False,
-                **overrides) -> BenchResult:
-    """Eager vs fxopt vs torch.compile on one model, with the roofline prediction and copy bandwidth."""
+def bench_model(spec: str, *, batch: int = 8, seq: int | None = None, dtype=torch.bfloat16,
+                attn_impl: str | None = None, device: str | None = None, hw: str = "h100", compile: bool = True,
+                regions: bool = True, cuda_graph: bool = False, attention: bool = True, profile: bool = False,
+                min_run_time: float = 0.5, default_seq: int = 1024, **overrides) -> BenchResult:
+    """Eager vs fxopt vs torch.compile on one model, with the roofline prediction and copy bandwidth.
+
+    seq None: default_seq, or the model's position limit if smaller. A batch or seq the model cannot take is a
+    UserError before anything is captured. min_run_time: seconds each CPU timing runs for."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if attn_impl is not None:
         overrides["attn_impl"] = attn_impl
-    model = zoo.load_model(spec, device=device, dtype=dtype, **overrides)
+    with stage(f"building {spec} ({str(dtype).removeprefix('torch.')}, {device.type})"):
+        model = zoo.load_model(spec, device=device, dtype=dtype, **overrides)
+    limit = zoo.position_limit(model)
+    seq = seq if seq is not None else min(default_seq, limit or default_seq)
+    zoo.check_sizes(model, spec, batch=batch, seq=seq)
     inputs = zoo.example_inputs(model, batch, seq, device=device)
     hardware = get_hardware(hw)
-    copy_bw = measure_copy_bandwidth() if device.type == "cuda" else None
+    copy_bw = None
+    if device.type == "cuda":
+        with stage("measuring copy bandwidth"):
+            copy_bw = measure_copy_bandwidth()
     config = {"batch": batch, "seq": seq, "dtype": str(dtype), "attn_impl": attn_impl, "attention_rewrite": attention,
               "hw": hardware.name,
               "copy_bw_GBs": copy_bw / 1e9 if copy_bw else GPU_ONLY, **overrides}
     result = BenchResult(spec, torch.cuda.get_device_name() if device.type == "cuda" else "cpu", config)
 
     with torch.no_grad():
-        _warm_process(model, inputs, device)
+        with stage(f"eager warm-up (b={batch}, s={seq})"):
+            _warm_process(model, inputs, device)
         start = time.perf_counter()
-        optimized = optimize(model, inputs, hw=hardware, attention=attention)
-        fxopt_call = lambda: optimized(**inputs)  # noqa: E731
-        fxopt_call()
-        _sync(device)
+        with stage(f"optimizing {spec} with fxopt (capture, passes, kernels)"):
+            optimized = optimize(model, inputs, hw=hardware, attention=attention)
+            fxopt_call = lambda: optimized(**inputs)  # noqa: E731
+            fxopt_call()
+            _sync(device)
         whole = {"optimize_wall_s": time.perf_counter() - start}
         whole.update({f"{name}_s": seconds for name, seconds in optimized.program.seconds.items()})
         result.config["passes"] = {name: r.counts for name, r in optimized.program.results.items() if r.counts}
@@ -179,12 +208,14 @@ def bench_model(spec: str, *, batch: int = 8, seq: int = 1024, dtype=torch.bfloa
             variants["fxopt_cudagraph"] = cuda_graphed(fxopt_call)
         if compile:
             start = time.perf_counter()
-            compiled = torch.compile(model)
-            compiled(**inputs)
-            _sync(device)
+            with stage("torch.compile first call"):
+                compiled = torch.compile(model)
+                compiled(**inputs)
+                _sync(device)
             whole["compile_first_call_s"] = time.perf_counter() - start
             variants["compile"] = lambda: compiled(**inputs)
-        whole.update({f"{name}_ms": ms for name, ms in time_interleaved(variants, device).items()})
+        timed = time_interleaved(variants, device, min_run_time=min_run_time)
+        whole.update({f"{name}_ms": ms for name, ms in timed.items()})
         whole["predicted_ms"] = predicted_forward_ms(optimized, hardware)
         if profile and device.type == "cuda":
             print("== eager ==\n" + top_kernels(lambda: model(**inputs)))
@@ -197,7 +228,7 @@ def bench_model(spec: str, *, batch: int = 8, seq: int = 1024, dtype=torch.bfloa
             whole["optimize_vs_compile_wall"] = whole["optimize_wall_s"] / whole["compile_first_call_s"]
         result.whole = whole
         if regions:
-            result.rows = bench_regions(optimized, (), inputs, device, copy_bw, hardware, compile)
+            result.rows = bench_regions(optimized, (), inputs, device, copy_bw, hardware, compile, min_run_time)
     return result
 
 
@@ -238,50 +269,115 @@ def format_result(result: BenchResult) -> str:
 
 
 def add_cli(subparsers) -> None:
-    parser = subparsers.add_parser("bench", help="runtimes before and after fxopt (per region and whole forward)")
-    parser.add_argument("model", nargs="?", default="gpt2-medium")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seq", type=int, default=1024)
-    parser.add_argument("--dtype", default="bf16")
-    parser.add_argument("--attn-impl", choices=["explicit", "sdpa"], default=None)
-    parser.add_argument("--hw", default="h100")
-    parser.add_argument("--no-compile", action="store_true", help="skip torch.compile peers")
-    parser.add_argument("--no-regions", action="store_true", help="time only the whole forward")
+    from fxopt.cli import DTYPES, HW_HELP, MODEL_HELP, positive_int
+
+    gpu, cpu = GPU_DEFAULTS, CPU_DEFAULTS
+    parser = subparsers.add_parser(
+        "bench", help="runtimes before and after fxopt (per region and whole forward)",
+        description="Eager PyTorch vs fxopt vs torch.compile on one model. Without a GPU the defaults are a "
+                    f"CPU-sized configuration ({cpu['model']}, batch {cpu['batch']}, seq {cpu['seq']}, {cpu['dtype']}, "
+                    "whole forward only, no torch.compile peer, shorter timings); the flags override it.")
+    parser.add_argument("model", nargs="?", default=None,
+                        help=MODEL_HELP + f" (default: {gpu['model']} on a GPU, {cpu['model']} on CPU; "
+                                          "llama-1b-like with --decode)")
+    parser.add_argument("--batch", type=positive_int, default=None,
+                        help=f"batch size (default: {gpu['batch']} on a GPU, {cpu['batch']} on CPU)")
+    parser.add_argument("--seq", type=positive_int, default=None,
+                        help=f"sequence length (default: {gpu['seq']} on a GPU, {cpu['seq']} on CPU; at most the "
+                             "model's position limit)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                        help=f"(default: {gpu['dtype']} on a GPU, {cpu['dtype']} on CPU)")
+    parser.add_argument("--attn-impl", choices=["explicit", "sdpa"], default=None,
+                        help="a preset's attention implementation (default: the preset's own)")
+    parser.add_argument("--hw", default="h100", help="roofline predictions for this GPU: " + HW_HELP)
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="time torch.compile peers (default: on a GPU; off on CPU, where its first call "
+                             "takes minutes)")
+    parser.add_argument("--regions", action=argparse.BooleanOptionalAction, default=None,
+                        help="also time each fused region alone (default: on a GPU; off on CPU, where a "
+                             "region runs its reference ops)")
     parser.add_argument("--cuda-graph", action="store_true", help="also time fxopt replayed from a CUDA graph")
-    parser.add_argument("--layers", type=int, default=None, help="override the preset's layer count")
+    parser.add_argument("--layers", type=positive_int, default=None,
+                        help="override the preset's layer count (default: the preset's)")
     parser.add_argument("--no-attention", action="store_true", help="fuse only: leave attention as captured")
     parser.add_argument("--profile", action="store_true", help="print the top GPU kernels of each variant")
-    parser.add_argument("--json")
+    parser.add_argument("--json", metavar="PATH", help="write the results as JSON")
     parser.add_argument("--decode", action="store_true",
-                        help="generation instead: eager recompute, HF caches, HF static+compile and fxopt")
+                        help="generation instead: eager recompute, HF caches, HF static+compile and fxopt (GPU)")
     parser.add_argument("--configs", default="1x512x256,8x512x256,1x8192x256",
                         help="with --decode: batch x prompt x new-tokens, comma separated")
     parser.add_argument("--suite", choices=["fused", "attention"],
-                        help="instead of a model: the fused-kernel or attention-kernel benchmark suite")
+                        help="instead of a model: the fused-kernel or attention-kernel benchmark suite (GPU)")
     parser.set_defaults(func=_cmd_bench)
 
 
 def _cmd_bench(args) -> int:
-    from fxopt.cli import DTYPES
+    from fxopt.cli import DTYPES, resolve_hw
+    from fxopt.errors import UserError, check_output, require_cuda
+    from fxopt.progress import note
 
+    if args.json:
+        check_output(args.json, "--json")
     if args.suite:
+        require_cuda(f"bench --suite {args.suite}", "run the kernel suites on a machine with an NVIDIA GPU")
         from fxopt import bench_attention, bench_fused
 
         {"fused": bench_fused, "attention": bench_attention}[args.suite].run(args.json)
         return 0
     if args.decode:
+        require_cuda("bench --decode", "on CPU time one model with 'fxopt generate MODEL'")
         from fxopt import bench_decode
 
-        bench_decode.run(args.model, dtype=args.dtype, configs=bench_decode._parse_configs(args.configs),
-                         json_path=args.json)
+        model = args.model or "llama-1b-like"
+        if model not in models.PRESETS:
+            raise UserError(f"bench --decode takes a models/ preset, not {model!r}",
+                            f"e.g. llama-1b-like; presets: {', '.join(sorted(models.PRESETS))}")
+        try:
+            configs = bench_decode._parse_configs(args.configs)
+        except ValueError:
+            raise UserError(f"bad --configs {args.configs!r}", "write BATCHxPROMPTxNEW, comma separated, "
+                                                               "e.g. 1x512x256,8x512x256") from None
+        if any(v <= 0 for config in configs for v in config):
+            raise UserError(f"bad --configs {args.configs!r}: every size must be positive", "e.g. 1x512x256")
+        dtype = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}.get(args.dtype, args.dtype or "bf16")
+        bench_decode.run(model, dtype=dtype, configs=configs, json_path=args.json)
         return 0
+    on_gpu = torch.cuda.is_available()
+    defaults = GPU_DEFAULTS if on_gpu else CPU_DEFAULTS
+    model_given = args.model is not None
+    args.model = args.model or defaults["model"]
+    hw = resolve_hw(args.hw)
     overrides = {"n_layers": args.layers} if args.layers else {}
     if args.model not in models.PRESETS:
+        if args.layers:
+            raise UserError(f"--layers overrides a preset's layer count; {args.model!r} is not a preset",
+                            "drop --layers, or set the layer count in the model spec (hf:...,num_hidden_layers=2)")
+        if args.attn_impl:
+            raise UserError(f"--attn-impl picks a preset's attention; {args.model!r} is not a preset",
+                            "drop --attn-impl")
         overrides = {}
-    result = bench_model(args.model, batch=args.batch, seq=args.seq, dtype=DTYPES[args.dtype],
-                         attn_impl=args.attn_impl, hw=args.hw, compile=not args.no_compile,
-                         regions=not args.no_regions, cuda_graph=args.cuda_graph,
-                         attention=not args.no_attention, profile=args.profile, **overrides)
+    limit = zoo.spec_position_limit(args.model)
+    if limit is not None and args.seq:  # a preset: check before building it (others: bench_model checks)
+        zoo.check_sizes(models.PRESETS[args.model], args.model, seq=args.seq)
+    batch = args.batch or defaults["batch"]
+    dtype = args.dtype or defaults["dtype"]
+    compile = defaults["compile"] if args.compile is None else args.compile
+    regions = defaults["regions"] if args.regions is None else args.regions
+    if not on_gpu:
+        seq_text = f"seq {min(defaults['seq'], limit)}" if limit else f"seq {defaults['seq']} or the model's limit"
+        chosen = [None if model_given else args.model, f"batch {batch}" if args.batch is None else None,
+                  seq_text if args.seq is None else None,
+                  dtype if args.dtype is None else None,
+                  "whole forward only" if args.regions is None else None,
+                  "no torch.compile peer" if args.compile is None else None,
+                  f"{defaults['min_run_time']} s per timing"]
+        note("no GPU: bench runs a CPU-sized configuration (" + ", ".join(c for c in chosen if c)
+             + "); the GPU columns read n/a. --batch/--seq/--dtype/--regions/--compile override it")
+    result = bench_model(args.model, batch=batch, seq=args.seq, default_seq=defaults["seq"], dtype=DTYPES[dtype],
+                         attn_impl=args.attn_impl, hw=hw, compile=compile,
+                         regions=regions, cuda_graph=args.cuda_graph,
+                         attention=not args.no_attention, profile=args.profile,
+                         min_run_time=defaults["min_run_time"], **overrides)
     print(format_result(result))
     if args.json:
         with open(args.json, "w") as f:

@@ -39,6 +39,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from fxopt.generate import Generator, build_generator
+from fxopt.progress import stage
 
 ROWS = ("eager-recompute", "hf-eager-cache", "hf-static-compile", "fxopt", "fxopt-unfused")
 REFERENCE_ROW = "hf-static-compile"
@@ -196,7 +197,8 @@ def run(model_name: str = "llama-1b-like", *, dtype: str = "bf16", configs=DEFAU
     if any(r.startswith("hf-") for r in rows):
         hf = hf_llama_from(model) if type(model).__name__ == "Llama" else None
 
-    base = build_generator(model, model.example_inputs(1, 8), max_seq_len=8, max_batch=1)
+    with stage(f"capturing {model_name} and inserting the KV cache"):
+        base = build_generator(model, model.example_inputs(1, 8), max_seq_len=8, max_batch=1)
     programs, weight_bytes = base.programs, base.weight_bytes  # one capture; caches sized per config below
     del base
     results: list[Measurement] = []
@@ -215,14 +217,13 @@ def run(model_name: str = "llama-1b-like", *, dtype: str = "bf16", configs=DEFAU
             if row not in fns:
                 config_rows.append(Measurement(row, batch, prompt, new, error="not available for this model"))
                 continue
-            print(f"[bench_decode] {row}: batch {batch}, prompt {prompt}, {new} new ...", file=sys.stderr,
-                  flush=True)
-            try:
-                m, toks = measure_row(row, fns, batch, prompt, new, repeat=repeat, device=device,
-                                      recompute_steps=recompute_steps)
-                tokens[row] = toks
-            except Exception as exc:  # noqa: BLE001 - one row failing must not lose the others
-                m = Measurement(row, batch, prompt, new, error=f"{type(exc).__name__}: {str(exc)[:300]}")
+            with stage(f"bench_decode {row}: batch {batch}, prompt {prompt}, {new} new"):
+                try:
+                    m, toks = measure_row(row, fns, batch, prompt, new, repeat=repeat, device=device,
+                                          recompute_steps=recompute_steps)
+                    tokens[row] = toks
+                except Exception as exc:  # noqa: BLE001 - one row failing must not lose the others
+                    m = Measurement(row, batch, prompt, new, error=f"{type(exc).__name__}: {str(exc)[:300]}")
             m.weight_bytes_per_step, m.kv_bytes_per_step = float(w_bytes), float(kv_bytes)
             if m.ms_per_token == m.ms_per_token:
                 m.weight_bw = w_bytes / (m.ms_per_token * 1e-3)
@@ -291,34 +292,66 @@ def _parse_configs(text: str) -> tuple[tuple[int, int, int], ...]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    from fxopt.cli import nonnegative_int, positive_int
+
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="weights and caches")
     parser.add_argument("--configs", default=",".join(f"{b}x{p}x{n}" for b, p, n in DEFAULT_CONFIGS),
                         help="batch x prompt x new, comma separated")
     parser.add_argument("--rows", default=",".join(ROWS), help=f"any of {', '.join(ROWS)}")
-    parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--recompute-steps", type=int, default=32,
+    parser.add_argument("--repeat", type=positive_int, default=3, help="timed generate() calls per figure")
+    parser.add_argument("--recompute-steps", type=nonnegative_int, default=32,
                         help="time eager recompute over this many new tokens (0: all)")
-    parser.add_argument("--device", default="cuda")
-    parser.add_argument("--json", default="bench_decode.json")
+    parser.add_argument("--device", default="cuda", help="cuda (cpu: a smoke run only)")
+    parser.add_argument("--json", default="bench_decode.json", metavar="PATH", help="write the results here")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fxopt.bench_decode", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", nargs="?", default="llama-1b-like")
+    from fxopt import cli, models
+    from fxopt.errors import UserError, check_output, require_cuda
+
+    class Formatter(argparse.RawDescriptionHelpFormatter, cli.HelpFormatter):
+        pass
+
+    parser = cli.Parser(prog="python -m fxopt.bench_decode", description=__doc__, formatter_class=Formatter)
+    parser.add_argument("model", nargs="?", default="llama-1b-like", help="a models/ preset")
     parser.add_argument("--override", action="append", default=[], help="config field=value (e.g. n_layers=2)")
     add_arguments(parser)
-    args = parser.parse_args(argv)
-    from fxopt.zoo import _parse_value
+    cli.add_common_flags(parser, top=True)
+    argv = list(sys.argv[1:] if argv is None else argv)
 
-    overrides = dict((k, _parse_value(v)) for k, v in (o.split("=", 1) for o in args.override))
-    rows = tuple(r.strip() for r in args.rows.split(",") if r.strip())
-    unknown = set(rows) - set(ROWS)
-    if unknown:
-        parser.error(f"unknown rows {sorted(unknown)}; choose from {ROWS}")
-    run(args.model, dtype=args.dtype, configs=_parse_configs(args.configs), rows=rows, repeat=args.repeat,
-        recompute_steps=args.recompute_steps, device=args.device, json_path=args.json, overrides=overrides)
-    return 0
+    def go() -> int:
+        from fxopt.zoo import _parse_value
+
+        args = parser.parse_args(argv)
+        cli.progress.configure(enabled=not args.quiet)
+        if args.model not in models.PRESETS:
+            raise UserError(f"unknown preset {args.model!r}", f"presets: {', '.join(sorted(models.PRESETS))}")
+        bad = [o for o in args.override if "=" not in o]
+        if bad:
+            raise UserError(f"bad --override {bad[0]!r}", "write field=value, e.g. --override n_layers=2")
+        overrides = dict((k, _parse_value(v)) for k, v in (o.split("=", 1) for o in args.override))
+        rows = tuple(r.strip() for r in args.rows.split(",") if r.strip())
+        unknown = set(rows) - set(ROWS)
+        if unknown:
+            parser.error(f"unknown rows {sorted(unknown)}; choose from {ROWS}")
+        try:
+            configs = _parse_configs(args.configs)
+        except ValueError:
+            raise UserError(f"bad --configs {args.configs!r}", "write BATCHxPROMPTxNEW, comma separated") from None
+        if any(v <= 0 for config in configs for v in config):
+            raise UserError(f"bad --configs {args.configs!r}: every size must be positive", "e.g. 1x512x256")
+        if args.device.startswith("cuda"):
+            require_cuda("bench_decode", "or pass --device cpu for a smoke run")
+        if args.json:
+            check_output(args.json, "--json")
+        run(args.model, dtype=args.dtype, configs=configs, rows=rows, repeat=args.repeat,
+            recompute_steps=args.recompute_steps, device=args.device, json_path=args.json, overrides=overrides)
+        return 0
+
+    try:
+        return cli.guarded(go, debug="--debug" in argv)
+    finally:
+        cli.progress.configure(enabled=None)
 
 
 if __name__ == "__main__":

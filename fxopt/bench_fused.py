@@ -18,10 +18,10 @@ torch.compile. They are reported (the "goal" columns), never asserted.
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from fxopt.codegen.fused import compile_region, region_from_fn
 from fxopt.hardware import measure_copy_bandwidth
+from fxopt.progress import stage
 
 
 def chain_e(a, b, c, d):
@@ -165,21 +166,24 @@ def run(out_json: str | None = None) -> list[dict]:
     """Run every case once on the current GPU; returns one dict per case (and writes out_json)."""
     if not torch.cuda.is_available():
         raise RuntimeError("bench_fused needs a CUDA GPU")
-    copy_bw = measure_copy_bandwidth()
+    with stage("measuring copy bandwidth"):
+        copy_bw = measure_copy_bandwidth()
     results = []
-    for case in CASES:
+    for i, case in enumerate(CASES, 1):
         args = case.inputs()
         name = "bench_" + "".join(c if c.isalnum() else "_" for c in case.fn.__name__)
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        kernel = compile_region(region_from_fn(case.fn, *args), name)
-        outputs = _as_tuple(kernel(*args))  # first call: Triton compile + autotune (or their disk caches)
-        torch.cuda.synchronize()
-        first_fx = time.perf_counter() - start
-        compiled = torch.compile(case.fn)
-        first_compile = _first_call_s(compiled, args)
-        ms_fx, ms_compile, fx_runs, compile_runs = _time_pair(kernel, compiled, args)
-        ms_eager = _time(case.fn, args)
+        with stage(f"[{i}/{len(CASES)}] {case.name}: compiling fxopt's kernel and torch.compile's"):
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            kernel = compile_region(region_from_fn(case.fn, *args), name)
+            outputs = _as_tuple(kernel(*args))  # first call: Triton compile + autotune (or their disk caches)
+            torch.cuda.synchronize()
+            first_fx = time.perf_counter() - start
+            compiled = torch.compile(case.fn)
+            first_compile = _first_call_s(compiled, args)
+        with stage(f"[{i}/{len(CASES)}] {case.name}: timing fxopt, torch.compile and eager"):
+            ms_fx, ms_compile, fx_runs, compile_runs = _time_pair(kernel, compiled, args)
+            ms_eager = _time(case.fn, args)
         eager_out = _as_tuple(case.fn(*args))
         max_err = max((o.float() - e.float()).abs().max().item() for o, e in zip(outputs, eager_out))
         nbytes = _bytes(args, outputs)
@@ -256,12 +260,29 @@ def _print_table(meta: dict, results: list[dict]) -> None:
           "+ first launch, torch.compile first call)")
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="bench_fused.json", help="where to write the JSON results")
-    args = parser.parse_args(argv)
-    run(args.out)
+def main(argv=None) -> int:
+    from fxopt import cli
+    from fxopt.errors import check_output, require_cuda
+
+    parser = cli.Parser(prog="python -m fxopt.bench_fused", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="bench_fused.json", metavar="PATH", help="where to write the JSON results")
+    cli.add_common_flags(parser, top=True)
+    argv = list(sys.argv[1:] if argv is None else argv)
+
+    def go() -> int:
+        args = parser.parse_args(argv)
+        cli.progress.configure(enabled=not args.quiet)
+        require_cuda("bench_fused", "run it on a machine with an NVIDIA GPU")
+        if args.out:
+            check_output(args.out, "--out")
+        run(args.out)
+        return 0
+
+    try:
+        return cli.guarded(go, debug="--debug" in argv)
+    finally:
+        cli.progress.configure(enabled=None)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,11 +1,24 @@
-"""The `fxopt` command line: annotate, bench, explain, generate, calibrate."""
+"""The `fxopt` command line: annotate, bench, explain, generate, calibrate.
+
+A mistake in the command (an unknown model, hardware or dtype, a size the model cannot take, a GPU-only
+command without a GPU, an output file that cannot be written) exits 2 with `fxopt: error: ...` on stderr;
+--debug (or FXOPT_DEBUG=1) shows the traceback instead. Progress goes to stderr; --quiet turns it off.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import difflib
+import io
+import shutil
 import sys
+from collections.abc import Callable
 
 import torch
+
+from fxopt import progress
+from fxopt.errors import UserError, check_output, debug_enabled, require_cuda, user_error
 
 DTYPES = {
     "fp16": torch.float16,
@@ -15,51 +28,178 @@ DTYPES = {
     "fp32": torch.float32,
     "float32": torch.float32,
 }
+MODEL_HELP = ("a models/ preset (gpt2-small, llama-1b-like, ...), package.module:factory, "
+              "or hf:MODEL_TYPE[,key=value]")
+HW_HELP = "a datasheet preset (a10, a100-40gb, a100-80gb, h100, h200) or 'calibrate' (measure this GPU)"
+ANNOTATE_SEQ = 128
+
+
+# ---------------------------------------------------------------------------------------------------
+# argparse: one-line errors, defaults in --help, argument types
+# ---------------------------------------------------------------------------------------------------
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Appends "(default: X)" to every option with a real default (not None/False, not already said)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "%(default)" in text or "default:" in text or "default " in text:
+            return text
+        if action.default in (None, False, argparse.SUPPRESS) or isinstance(action.default, bool):
+            return text
+        if action.option_strings or action.nargs in (argparse.OPTIONAL, argparse.ZERO_OR_MORE):
+            return f"{text} (default: %(default)s)".strip()
+        return text
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are UserErrors (one line and a hint, exit 2, no usage dump)."""
+
+    def __init__(self, *args, formatter_class=HelpFormatter, **kwargs):
+        super().__init__(*args, formatter_class=formatter_class, **kwargs)
+
+    def parse_args(self, args=None, namespace=None):
+        """As argparse's, with an unrecognized argument blamed on the subcommand it was given to."""
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            command = getattr(parsed, "command", None)
+            prog = f"{self.prog} {command}" if command else self.prog
+            raise UserError(f"{command + ': ' if command else ''}unrecognized arguments: {' '.join(extras)}",
+                            f"see '{prog} --help'")
+        return parsed
+
+    def error(self, message: str):
+        command = self.prog.removeprefix("fxopt").strip()
+        raise UserError(f"{command + ': ' if command else ''}{message}", f"see '{self.prog} --help'")
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer > 0."""
+    value = _int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def nonnegative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    value = _int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+
+
+def add_common_flags(parser: argparse.ArgumentParser, *, top: bool = False) -> None:
+    """--debug and --quiet, accepted before or after the subcommand."""
+    default = False if top else argparse.SUPPRESS
+    parser.add_argument("--debug", action="store_true", default=default,
+                        help="show the Python traceback of an error (also FXOPT_DEBUG=1)")
+    parser.add_argument("-q", "--quiet", action="store_true", default=default,
+                        help="no progress lines or notes on stderr")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Checks shared by the subcommands (all before any capture)
+# ---------------------------------------------------------------------------------------------------
+
+
+def resolve_hw(name: str):
+    """--hw NAME as a Hardware: UserError for an unknown name or 'calibrate' without a GPU."""
+    from fxopt.hardware import ALIASES, PRESETS, get_hardware
+
+    key = name.lower().replace("_", "-")
+    if key == "calibrate":
+        require_cuda("--hw calibrate", "use a datasheet preset instead, e.g. --hw h100")
+        with progress.stage("calibrating: copy bandwidth and bf16 matmul rate of this GPU"):
+            return get_hardware(name)
+    if ALIASES.get(key, key) not in PRESETS:
+        close = difflib.get_close_matches(key, [*PRESETS, *ALIASES], n=1)
+        guess = f"did you mean {close[0]!r}? " if close else ""
+        raise UserError(f"unknown hardware {name!r}", f"{guess}choose one of {', '.join(sorted(PRESETS))} "
+                                                      "or 'calibrate'")
+    return get_hardware(name)
+
+
+def default_seq(model, wanted: int) -> int:
+    """`wanted`, or the model's position limit if that is smaller."""
+    from fxopt import zoo
+
+    limit = zoo.position_limit(model)
+    return min(wanted, limit) if limit else wanted
+
+
+# ---------------------------------------------------------------------------------------------------
+# annotate, calibrate
+# ---------------------------------------------------------------------------------------------------
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "model",
-        help="a models/ preset (gpt2-small, llama-1b-like, ...), "
-        "package.module:factory, or hf:MODEL_TYPE[,key=value]",
-    )
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp16")
-    parser.add_argument(
-        "--hw", default="h100", help="a preset (a10, a100-40gb, a100-80gb, h100, h200) or 'calibrate'"
-    )
+    parser.add_argument("model", help=MODEL_HELP)
+    parser.add_argument("--batch", type=positive_int, default=1, help="batch size the costs are evaluated at")
+    parser.add_argument("--seq", type=positive_int, default=None,
+                        help=f"sequence length the costs are evaluated at (default: {ANNOTATE_SEQ}, or the "
+                             "model's position limit if smaller)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp16", help="weights and activations")
+    parser.add_argument("--hw", default="h100", help=HW_HELP)
 
 
 def cmd_annotate(args: argparse.Namespace) -> int:
     from fxopt import report as render
+    from fxopt import zoo
     from fxopt.analyze import analyze
 
-    analysis = analyze(args.model, batch=args.batch, seq=args.seq, hw=args.hw, dtype=DTYPES[args.dtype],
+    outputs = [("--json", args.json, render.write_json), ("--dot", args.dot, render.write_dot),
+               ("--svg", args.svg, render.write_svg), ("--html", args.html, render.write_html)]
+    for flag, path, _ in outputs:
+        if path:
+            check_output(path, flag)
+    if args.svg and shutil.which("dot") is None:
+        raise UserError("--svg needs Graphviz's `dot` program, which is not installed",
+                        "install graphviz (apt-get install graphviz / brew install graphviz), "
+                        "or write the DOT source with --dot FILE")
+    hw = resolve_hw(args.hw)
+    dtype = DTYPES[args.dtype]
+    model = zoo.load_model(args.model, device="meta", dtype=dtype)
+    seq = args.seq if args.seq is not None else default_seq(model, ANNOTATE_SEQ)
+    zoo.check_sizes(model, args.model, batch=args.batch, seq=seq)
+    analysis = analyze(model, name=args.model, batch=args.batch, seq=seq, hw=hw, dtype=dtype,
                        attention=not args.no_attention, fuse=not args.no_fusion)
     data = analysis.report
     print(render.format_table(data, max_rows=args.max_rows))
     print(render.format_rewrites(data))
-    writers = [
-        (args.json, render.write_json),
-        (args.dot, render.write_dot),
-        (args.svg, render.write_svg),
-        (args.html, render.write_html),
-    ]
-    for path, write in writers:
-        if path:
-            try:
-                write(data, path)
-                print(f"wrote {path}", file=sys.stderr)
-            except RuntimeError as exc:
-                print(f"could not write {path}: {exc}", file=sys.stderr)
+    failed: list[UserError] = []
+    for flag, path, write in outputs:
+        if not path:
+            continue
+        try:
+            write(data, path)
+            print(f"wrote {path}", file=sys.stderr)
+        except render.GraphvizNotFoundError:
+            failed.append(UserError("--svg needs Graphviz's `dot` program, which is not installed",
+                                    "install graphviz, or write the DOT source with --dot FILE"))
+        except (OSError, RuntimeError) as exc:
+            failed.append(UserError(f"could not write {flag} {path}: {str(exc).splitlines()[0]}",
+                                    "choose a path in a writable directory"))
+    if failed:
+        raise failed[0]
     return 0
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from fxopt.hardware import calibrate
 
-    hw = calibrate()
+    require_cuda("fxopt calibrate", "on this machine use a datasheet preset instead: --hw h100 (or a10, "
+                                    "a100-80gb, h200)")
+    with progress.stage("measuring copy bandwidth and bf16 matmul rate"):
+        hw = calibrate()
     print(
         f"{hw.name}: copy bandwidth {hw.bandwidth / 1e9:.0f} GB/s, "
         f"bf16 matmul {hw.matmul_flops['bfloat16'] / 1e12:.0f} TFLOP/s"
@@ -67,17 +207,46 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fxopt", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+def _checked_explain(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """explain's own command, after the size checks every subcommand makes."""
 
-    annotate = sub.add_parser("annotate", help="print FLOPs, bytes, intensity and roofline bound per node")
+    def run(args: argparse.Namespace) -> int:
+        from fxopt import zoo
+        from fxopt.errors import require_positive
+
+        require_positive("--batch", getattr(args, "batch", None))
+        require_positive("--seq", getattr(args, "seq", None))
+        limit = zoo.spec_position_limit(args.model)
+        if limit is not None and getattr(args, "seq", None) and args.seq > limit:
+            raise UserError(f"--seq {args.seq} is past {args.model}'s position table ({limit} positions)",
+                            f"use --seq {limit} or less")
+        out = io.StringIO()  # printed after the progress line is closed
+        try:
+            with progress.stage(f"capturing {args.model} and matching its attention"), \
+                    contextlib.redirect_stdout(out):
+                return func(args)
+        finally:
+            sys.stdout.write(out.getvalue())
+
+    return run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="fxopt", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_flags(parser, top=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                parser_class=Parser)
+
+    annotate = sub.add_parser("annotate", help="print FLOPs, bytes, intensity and roofline bound per node",
+                              description="Per-node FLOPs, bytes, arithmetic intensity and roofline bound at "
+                                          "the given sizes (the model is built on the meta device: no weights).")
     _add_model_args(annotate)
-    annotate.add_argument("--json")
-    annotate.add_argument("--dot")
-    annotate.add_argument("--svg")
-    annotate.add_argument("--html")
-    annotate.add_argument("--max-rows", type=int, default=None, help="print at most this many node rows")
+    annotate.add_argument("--json", metavar="PATH", help="write the report as JSON")
+    annotate.add_argument("--dot", metavar="PATH", help="write the annotated graph as Graphviz DOT source")
+    annotate.add_argument("--svg", metavar="PATH", help="render the annotated graph to SVG (needs Graphviz)")
+    annotate.add_argument("--html", metavar="PATH", help="write a self-contained HTML report with the roofline")
+    annotate.add_argument("--max-rows", type=nonnegative_int, default=None,
+                          help="print at most this many node rows (default: all)")
     annotate.add_argument("--no-attention", action="store_true", help="keep attention as captured (no rewrite)")
     annotate.add_argument("--no-fusion", action="store_true", help="do not outline fusion regions")
     annotate.set_defaults(func=cmd_annotate)
@@ -87,15 +256,63 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_cli(sub)
     explain.add_cli(sub)
     generate.add_cli(sub)
+    sub.choices["explain"].set_defaults(func=_checked_explain(explain.cmd_explain))
 
     calibrate = sub.add_parser("calibrate", help="measure copy bandwidth and bf16 matmul rate on this GPU")
     calibrate.set_defaults(func=cmd_calibrate)
+    for subparser in sub.choices.values():
+        add_common_flags(subparser)
     return parser
 
 
+# ---------------------------------------------------------------------------------------------------
+# main: the one place errors become exit codes
+# ---------------------------------------------------------------------------------------------------
+
+
+def report_error(err: UserError) -> int:
+    """Print `fxopt: error: ...` (and the hint) on stderr; returns the exit code, 2."""
+    sys.stderr.flush()
+    print("\n".join(err.lines()), file=sys.stderr)
+    return err.exit_code
+
+
+def guarded(func: Callable[[], int], *, debug: bool = False,
+            model: str | Callable[[], str | None] | None = None) -> int:
+    """Run func(); a user error (UserError, or a known library error from bad input) -> message and 2.
+
+    With `debug` (or FXOPT_DEBUG=1) the exception propagates with its traceback. Anything else is a bug
+    and propagates too."""
+    debug = debug or debug_enabled()
+    try:
+        return func() or 0
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("fxopt: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - only known user errors are turned into messages
+        err = None if debug else user_error(exc, model=model() if callable(model) else model)
+        if err is None:
+            raise
+        return report_error(err)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = debug_enabled() or "--debug" in argv
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except UserError as err:
+        if debug:
+            raise
+        return report_error(err)
+    progress.configure(enabled=not args.quiet)
+    try:
+        return guarded(lambda: args.func(args), debug=args.debug, model=lambda: getattr(args, "model", None))
+    finally:
+        progress.configure(enabled=None)  # back to the library default (in-process callers, tests)
 
 
 if __name__ == "__main__":

@@ -564,7 +564,7 @@ def _model_device_dtype(model: torch.nn.Module) -> tuple[torch.device, torch.dty
 def build_generator(model: torch.nn.Module, example_kwargs: dict[str, Any], *, max_seq_len: int, max_batch: int,
                     dtype: torch.dtype | None = None, device: torch.device | str | None = None, hw=None,
                     use_cuda_graph: bool | None = None, fuse_decode: bool | None = None,
-                    matmul: bool = True) -> Generator:
+                    matmul: bool = True, attention: bool = True) -> Generator:
     """Capture `model` (a cache-less causal LM: input_ids -> logits), turn its attentions into fxopt
     attention nodes, insert the KV cache and return a Generator. The user's model is never modified
     (a copy is converted when `dtype` / `device` differ from its own).
@@ -585,11 +585,9 @@ def build_generator(model: torch.nn.Module, example_kwargs: dict[str, Any], *, m
     captured = capture(model, kwargs)
     gm = captured.gm
     ctx = make_context(captured, hw, None, {"kv_cache": True})
-    try:
+    if attention:  # otherwise kv_cache normalises sdpa calls itself and proves their masks
         from fxopt.passes import attention as attention_pass
-    except ImportError:  # pragma: no cover - the attention pass not installed yet: sdpa nodes are normalised
-        attention_pass = None
-    if attention_pass is not None:
+
         attention_pass.run(gm, ctx)
     if matmul:  # fused sibling linears, padded unaligned weights: the programs below are built from this graph
         from fxopt.passes import matmul as matmul_pass
@@ -617,42 +615,115 @@ def bytes_per_decode_step(gen: Generator, batch: int, prompt_len: int, new_token
     return {"weights": float(weights), "kv": float(kv_bytes), "total": float(weights + kv_bytes)}
 
 
+CLI_PROMPT_LEN = 128  # `fxopt generate` defaults, capped so that prompt + new fit the model's positions
+CLI_NEW_TOKENS = 128
+
+
+def _cli_device(requested: str | None) -> str:
+    """--device as a torch device string; UserError for a device this machine does not have."""
+    from fxopt.errors import UserError, require_cuda
+
+    if requested is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        raise UserError(f"unknown --device {requested!r}", "use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        require_cuda(f"--device {requested}", "use --device cpu, or leave --device out")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"--device {requested}: this machine has {torch.cuda.device_count()} GPU(s)",
+                            "use cuda:0 ... cuda:N-1")
+    elif device.type != "cpu":
+        raise UserError(f"--device {requested}: generate runs on cpu or cuda", "use --device cpu or cuda")
+    return str(device)
+
+
+def _cli_lengths(args: argparse.Namespace, spec: str, limit: int | None) -> tuple[int, int, int]:
+    """(prompt_len, new_tokens, max_seq_len) from the flags and the model's position limit (None: no table)."""
+    from fxopt.errors import UserError
+
+    prompt = args.prompt_len or (min(CLI_PROMPT_LEN, max(1, limit // 2)) if limit else CLI_PROMPT_LEN)
+    if limit and prompt >= limit:
+        raise UserError(f"--prompt-len {prompt} leaves no room for new tokens: {spec} has {limit} positions",
+                        f"use --prompt-len {limit - 1} or less")
+    new = args.new_tokens or (min(CLI_NEW_TOKENS, limit - prompt) if limit else CLI_NEW_TOKENS)
+    needed = prompt + new
+    if limit and needed > limit:
+        raise UserError(f"--prompt-len {prompt} + --new-tokens {new} = {needed} is past {spec}'s position "
+                        f"table ({limit} positions)", f"keep prompt + new tokens <= {limit}")
+    max_seq_len = args.max_seq_len or needed
+    if max_seq_len < needed:
+        raise UserError(f"--max-seq-len {max_seq_len} is less than prompt + new tokens ({prompt} + {new} = "
+                        f"{needed})", "raise --max-seq-len, or leave it out (default: prompt + new)")
+    if limit and max_seq_len > limit:
+        raise UserError(f"--max-seq-len {max_seq_len} is past {spec}'s position table ({limit} positions)",
+                        f"use --max-seq-len {limit} or less")
+    return prompt, new, max_seq_len
+
+
+def _refuse_non_causal(spec: str, model) -> None:
+    """UserError for a model (or model class) that says it is not a causal LM (`is_causal_lm = False`)."""
+    from fxopt.errors import UserError
+
+    if getattr(model, "is_causal_lm", None) is False:
+        raise UserError(f"{spec} is not a causal LM (its attention is bidirectional or encoder-decoder): it "
+                        "cannot take a KV cache", "generate needs a decoder, e.g. gpt2-tiny, llama-tiny or hf:llama")
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from fxopt import zoo
     from fxopt.cli import DTYPES
+    from fxopt.errors import check_output
+    from fxopt.progress import note, progress, stage
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = DTYPES[args.dtype]
+    device = _cli_device(args.device)
+    dtype_name = args.dtype or ("bf16" if device.startswith("cuda") else "fp32")
+    dtype = DTYPES[dtype_name]
+    if args.json:
+        check_output(args.json, "--json")
+    from fxopt import models
+
+    if args.model in models.PRESETS:  # a preset: check what its config says before building it
+        _refuse_non_causal(args.model, models.MODEL_CLASSES[type(models.PRESETS[args.model])])
+        _cli_lengths(args, args.model, zoo.spec_position_limit(args.model))
     if device == "cpu" and dtype != torch.float32:
-        print(f"note: {args.dtype} on CPU; use --dtype fp32 for speed", file=sys.stderr)
-    model = zoo.load_model(args.model, device=device, dtype=dtype)
-    example = zoo.example_inputs(model, args.batch, args.prompt_len, device=device)
-    max_seq_len = args.max_seq_len or (args.prompt_len + args.new_tokens)
-    gen = build_generator(model, example, max_seq_len=max_seq_len, max_batch=args.batch)
+        note(f"{dtype_name} on CPU is slow; --dtype fp32 (the CPU default) is faster")
+    with stage(f"building {args.model} ({dtype_name}, {device})"):
+        model = zoo.load_model(args.model, device=device, dtype=dtype)
+    _refuse_non_causal(args.model, model)
+    prompt_len, new_tokens, max_seq_len = _cli_lengths(args, args.model, zoo.position_limit(model))
+    example = zoo.example_inputs(model, args.batch, prompt_len, device=device)
+    with stage(f"capturing {args.model} and inserting the KV cache (b={args.batch}, up to {max_seq_len} "
+               "positions)"):
+        gen = build_generator(model, example, max_seq_len=max_seq_len, max_batch=args.batch)
     ids = _token_ids(example)
-    for _ in range(args.warmup):
-        gen.generate(ids, min(args.new_tokens, 8))
+    if args.warmup:
+        with stage(f"warm-up ({args.warmup} run(s))"):
+            for _ in range(args.warmup):
+                gen.generate(ids, min(new_tokens, 8))
     runs = []
-    for _ in range(args.repeat):
-        gen.generate(ids, args.new_tokens, eos_token_id=None)
+    for _ in progress(range(args.repeat), desc=f"generating {new_tokens} tokens, {args.repeat} runs"):
+        gen.generate(ids, new_tokens, eos_token_id=None)
         runs.append(gen.stats)
     stats = sorted(runs, key=lambda st: st.ms_per_token)[len(runs) // 2]
-    moved = bytes_per_decode_step(gen, args.batch, args.prompt_len, args.new_tokens)
+    moved = bytes_per_decode_step(gen, args.batch, prompt_len, new_tokens)
     achieved = moved["total"] / (stats.ms_per_token * 1e-3)
     copy_bw = None
     if device.startswith("cuda"):
         from fxopt.hardware import measure_copy_bandwidth
 
-        copy_bw = measure_copy_bandwidth()
+        with stage("measuring copy bandwidth"):
+            copy_bw = measure_copy_bandwidth()
     result = {
         "model": args.model, "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
-        "dtype": args.dtype, "batch": args.batch, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+        "dtype": dtype_name, "batch": args.batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
         "prefill_ms": 1e3 * stats.prefill_s, "ms_per_token": stats.ms_per_token,
         "tokens_per_s": stats.tokens_per_s, "bytes_per_step": moved, "achieved_bytes_per_s": achieved,
         "copy_bandwidth": copy_bw, "cache_bytes": gen.cache_bytes, "cuda_graph_captures": gen.captures,
     }
     print(gen.describe())
-    print(f"{args.model} batch {args.batch}, prompt {args.prompt_len}, {args.new_tokens} new tokens, {args.dtype}, "
+    print(f"{args.model} batch {args.batch}, prompt {prompt_len}, {new_tokens} new tokens, {dtype_name}, "
           f"{result['device']}")
     print(f"  prefill            {result['prefill_ms']:9.2f} ms")
     print(f"  decode             {stats.ms_per_token:9.3f} ms/token   {stats.tokens_per_s:9.1f} tokens/s")
@@ -670,29 +741,34 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def add_cli(subparsers) -> argparse.ArgumentParser:
     """Register `fxopt generate MODEL --batch --prompt-len --new-tokens`."""
+    from fxopt.cli import MODEL_HELP, nonnegative_int, positive_int
+
     parser = subparsers.add_parser("generate", help="generate over an automatically inserted KV cache; prints "
                                                     "tokens/s, ms per token and achieved bandwidth")
-    parser.add_argument("model", help="a models/ preset (gpt2-small, llama-1b-like, ...), package.module:factory, "
-                                      "or hf:MODEL_TYPE[,key=value]")
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--prompt-len", type=int, default=128)
-    parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--max-seq-len", type=int, default=None, help="cache capacity (default prompt + new)")
-    parser.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="bf16")
-    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--json", default=None, help="write the figures to this file")
+    parser.add_argument("model", help=MODEL_HELP + " (a causal LM)")
+    parser.add_argument("--batch", type=positive_int, default=1, help="prompts generated together")
+    parser.add_argument("--prompt-len", type=positive_int, default=None,
+                        help=f"prompt tokens (default: {CLI_PROMPT_LEN}, or half the model's positions if fewer)")
+    parser.add_argument("--new-tokens", type=positive_int, default=None,
+                        help=f"tokens to generate (default: {CLI_NEW_TOKENS}, or what fits the model's positions "
+                             "after the prompt)")
+    parser.add_argument("--max-seq-len", type=positive_int, default=None,
+                        help="cache capacity (default: prompt + new tokens)")
+    parser.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default=None,
+                        help="(default: bf16 on a GPU, fp32 on CPU)")
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when present, else cpu)")
+    parser.add_argument("--warmup", type=nonnegative_int, default=1, help="untimed generate() calls first")
+    parser.add_argument("--repeat", type=positive_int, default=3, help="timed runs (the median is reported)")
+    parser.add_argument("--json", default=None, metavar="PATH", help="write the figures to this file")
     parser.set_defaults(func=cmd_generate)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fxopt")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_cli(sub)
-    args = parser.parse_args(["generate", *(argv if argv is not None else sys.argv[1:])])
-    return args.func(args)
+    """`python -m fxopt.generate MODEL ...`: the same as `fxopt generate MODEL ...`."""
+    from fxopt.cli import main as cli_main
+
+    return cli_main(["generate", *(argv if argv is not None else sys.argv[1:])])
 
 
 if __name__ == "__main__":

@@ -9,12 +9,18 @@ MODEL is one of
 
 from __future__ import annotations
 
+import difflib
 import importlib
 from typing import Any
 
 import torch
 
 from fxopt import models
+from fxopt.errors import UserError
+
+#: Config fields that bound the sequence length (a learned position table, a RoPE/sinusoid table, a mask).
+POSITION_FIELDS = ("max_positions", "max_seq_len", "n_positions", "max_position_embeddings", "n_ctx",
+                   "max_sequence_length")
 
 
 def load_model(
@@ -26,10 +32,45 @@ def load_model(
         return _load_hf(spec[3:], device=device, dtype=dtype, **overrides)
     if ":" in spec:
         return _load_factory(spec, device=device, dtype=dtype)
-    raise ValueError(
-        f"unknown model {spec!r}: use a preset ({', '.join(sorted(models.PRESETS))}), "
-        "package.module:factory, or hf:MODEL_TYPE"
+    close = difflib.get_close_matches(spec, list(models.PRESETS), n=1)
+    guess = f"did you mean {close[0]!r}? " if close else ""
+    raise UserError(
+        f"unknown model {spec!r}",
+        f"{guess}use a preset ({', '.join(sorted(models.PRESETS))}), package.module:factory, or hf:MODEL_TYPE",
     )
+
+
+def position_limit(model: torch.nn.Module | Any) -> int | None:
+    """The longest sequence `model` can take: its config's position-table size (`max_positions`,
+    `n_positions`, HF `max_position_embeddings`, ...); None for a model without a position table.
+    Accepts a module or a config."""
+    config = getattr(model, "config", model)
+    if config is None:
+        return None
+    for name in POSITION_FIELDS:
+        value = getattr(config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def spec_position_limit(spec: str) -> int | None:
+    """position_limit of a preset by name, without building it (None for other specs)."""
+    config = models.PRESETS.get(spec)
+    return position_limit(config) if config is not None else None
+
+
+def check_sizes(model: torch.nn.Module | Any, spec: str, *, batch: int | None = None, seq: int | None = None,
+                seq_flag: str = "--seq") -> None:
+    """UserError for a batch/seq <= 0, or a seq past the model's position table (before any capture)."""
+    from fxopt.errors import require_positive
+
+    require_positive("--batch", batch)
+    require_positive(seq_flag, seq)
+    limit = position_limit(model)
+    if seq is not None and limit is not None and seq > limit:
+        raise UserError(f"{seq_flag} {seq} is past {spec}'s position table ({limit} positions)",
+                        f"use {seq_flag} {limit} or less")
 
 
 def _parse_value(text: str) -> Any:
@@ -45,17 +86,39 @@ def _load_hf(spec: str, *, device, dtype, **overrides) -> torch.nn.Module:
     try:
         import transformers
     except ImportError as exc:  # pragma: no cover - depends on the extra
-        raise RuntimeError("hf: models need the hf extra: pip install -e '.[hf]'") from exc
+        raise UserError("hf: models need transformers, which is not installed",
+                        "pip install -e '.[hf]'") from exc
     model_type, *pairs = spec.split(",")
+    bad = [pair for pair in pairs if "=" not in pair or not pair.split("=", 1)[0]]
+    if not model_type or bad:
+        raise UserError(f"bad hf: model spec 'hf:{spec}'" + (f" (no key=value in {bad[0]!r})" if bad else ""),
+                        "write hf:MODEL_TYPE[,key=value...], e.g. hf:llama,num_hidden_layers=2")
     fields = dict(pair.split("=", 1) for pair in pairs)
-    config = transformers.AutoConfig.for_model(
-        model_type, **{k: _parse_value(v) for k, v in fields.items()}, **overrides
-    )
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    if model_type not in CONFIG_MAPPING:
+        raise UserError(f"unknown transformers model type {model_type!r}", "e.g. hf:llama, hf:gpt2, hf:mistral")
+    try:
+        config = transformers.AutoConfig.for_model(
+            model_type, **{k: _parse_value(v) for k, v in fields.items()}, **overrides
+        )
+    except (ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"transformers rejected 'hf:{spec}': {str(exc).splitlines()[0][:200]}",
+                        "check the key=value fields against the model's config class") from exc
     config._attn_implementation = getattr(config, "_attn_implementation", None) or "sdpa"
     auto = transformers.AutoModel if model_type in HF_ENCODERS else transformers.AutoModelForCausalLM
     with torch.device(device):
-        model = auto.from_config(config, torch_dtype=dtype)
+        model = auto.from_config(config, **{_hf_dtype_kwarg(transformers.__version__): dtype})
     return model.eval()
+
+
+def _hf_dtype_kwarg(version: str) -> str:
+    """transformers 4.56 renamed from_config's torch_dtype to dtype (and warns about the old name)."""
+    try:
+        major, minor = (int(part) for part in version.split(".")[:2])
+    except ValueError:
+        return "dtype"
+    return "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
 
 
 HF_ENCODERS = {"bert", "roberta", "distilbert", "electra"}
@@ -63,9 +126,28 @@ HF_ENCODERS = {"bert", "roberta", "distilbert", "electra"}
 
 def _load_factory(spec: str, *, device, dtype) -> torch.nn.Module:
     module_name, _, attr = spec.partition(":")
-    factory = getattr(importlib.import_module(module_name), attr)
+    if not module_name or not attr:
+        raise UserError(f"bad model spec {spec!r}", "write package.module:factory, e.g. mypkg.models:build")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        missing = exc.name or ""
+        if missing and (module_name == missing or module_name.startswith(missing + ".")):
+            raise UserError(f"cannot import {module_name!r} (model {spec!r}): {exc}",
+                            "check the module path and that its package is installed or on PYTHONPATH") from exc
+        raise UserError(f"importing {module_name!r} (model {spec!r}) failed: {exc}",
+                        "the module imports something that is not installed") from exc
+    if not hasattr(module, attr):
+        raise UserError(f"module {module_name!r} has no {attr!r} (model {spec!r})",
+                        "name a function in it that returns a torch.nn.Module")
+    factory = getattr(module, attr)
+    if not callable(factory):
+        raise UserError(f"{spec!r} is not callable", "name a function that returns a torch.nn.Module")
     made = factory()
     model = made[0] if isinstance(made, tuple) else made
+    if not isinstance(model, torch.nn.Module):
+        raise UserError(f"{spec!r} returned {type(model).__name__}, not a torch.nn.Module",
+                        "return a module, or (module, example_kwargs)")
     if isinstance(made, tuple):
         model._fxopt_example_kwargs = made[1]
     return model.to(device=device, dtype=dtype).eval() if device != "meta" else model.eval()
