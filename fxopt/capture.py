@@ -12,6 +12,7 @@ import contextlib
 import inspect
 import re
 import traceback
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,6 +44,7 @@ class Captured:
     sizes: dict[str, int] = field(default_factory=dict)  # role -> size of the example inputs
     fixed_kwargs: dict[str, Any] = field(default_factory=dict)  # non-tensor kwargs capture added
     hints: dict[sympy.Symbol, int] = field(default_factory=dict)  # every export symbol -> example value
+    pinned: list[tuple[str, int, str, int]] = field(default_factory=list)  # (input, axis, role, size) made static
 
     def named(self, value) -> sympy.Expr:
         """A node size (int or SymInt) as a sympy expression in role symbols."""
@@ -63,10 +65,25 @@ class CaptureError(RuntimeError):
 
 
 def default_dynamic_dims(model: torch.nn.Module, kwargs: dict[str, Any]) -> dict[str, dict[int, str]]:
-    """Roles of dynamic input dims: the model's own `dynamic_dims()`, else (batch, seq) for 2-D inputs."""
+    """Roles of dynamic input dims: the model's own `dynamic_dims()`, else (batch, seq) for 2-D inputs and
+    (batch, seq, ...) for higher-rank ones whose leading dims match theirs (masks, embeddings); with no 2-D
+    input, dims 0 and 1 of every input of rank >= 2. Dims the model's code then fixes are reported
+    (Captured.pinned)."""
     if hasattr(model, "dynamic_dims"):
         return model.dynamic_dims()
-    return {name: {0: "batch", 1: "seq"} for name, value in kwargs.items() if _is_tensor_of_rank(value, 2)}
+    tensors = {k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor)}
+    dims = {name: {0: "batch", 1: "seq"} for name, value in tensors.items() if value.dim() == 2}
+    shapes = {tuple(tensors[name].shape) for name in dims}
+    for name, value in tensors.items():
+        if value.dim() < 3:
+            continue
+        if not dims:
+            dims[name] = {0: "batch", 1: "seq"}
+        elif any(value.shape[0] == b for b, _ in shapes):
+            dims[name] = {0: "batch"}
+            dims[name].update({axis: "seq" for axis in range(1, value.dim())
+                               if any(value.shape[axis] == s and s > 1 for _, s in shapes)})
+    return {name: d for name, d in dims.items()}
 
 
 def _is_tensor_of_rank(value, rank: int) -> bool:
@@ -114,7 +131,17 @@ def capture(
     captured = Captured(gm, exported, {**{f"arg{i}": a for i, a in enumerate(args)}, **kwargs}, dynamic_dims)
     captured.fixed_kwargs = fixed
     _name_symbols(captured)
+    if captured.pinned:
+        warnings.warn(pinned_message(captured.pinned, "was captured static"), stacklevel=2)
     return captured
+
+
+def pinned_message(pinned: list[tuple[str, int, str, int]], what: str) -> str:
+    """Which input dims the model's own code made static, and what to do about it."""
+    dims = ", ".join(f"`{name}` dim {axis} ({role}) at {size}" for name, axis, role, size in pinned)
+    return (f"{dims} {what}: the model's code fixes that size (e.g. a reshape or mask built with the "
+            "example's literal size), so other sizes will not run. Build it from x.shape at run time, or "
+            "capture at the size you will run (dynamic_dims={...} marks which dims should vary).")
 
 
 @contextlib.contextmanager
@@ -178,6 +205,9 @@ def _name_symbols(captured: Captured) -> None:
                 hints = getattr(env, "backed_var_to_val", None) or env.var_to_val
                 captured.hints.update({sym: int(v) for sym, v in hints.items()})
             captured.sizes[role] = int(value.shape[axis])
+            static = not isinstance(size, torch.SymInt) or sympy.sympify(size.node.expr).is_number
+            if static and int(value.shape[axis]) > 1:  # sizes 0 and 1 are always specialised by export
+                captured.pinned.append((name, axis, role, int(size)))
             if isinstance(size, torch.SymInt) and isinstance(size.node.expr, sympy.Symbol):
                 captured.symbols.setdefault(size.node.expr, role_symbol(role))
 

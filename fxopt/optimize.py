@@ -23,11 +23,27 @@ class OptimizedModule(torch.nn.Module):
         self.fixed_kwargs = program.captured.fixed_kwargs  # e.g. use_cache=False for HF models
         self.signature = signature  # the model's: positional calls bind to the captured keyword names
         self.positional = positional  # captured through forward(*args)
+        self.verification = ""  # what verify=True compared (empty when it did not run)
 
     def forward(self, *args, **kwargs):
         if args and not self.positional and self.signature is not None:
             args, kwargs = (), dict(self.signature.bind(*args, **kwargs).arguments)
+        self._check_pinned(args, kwargs)
         return self.gm(*args, **{**self.fixed_kwargs, **kwargs})
+
+    def _check_pinned(self, args: tuple, kwargs: dict) -> None:
+        """A clear error, before any work, for a call at a size the capture made static."""
+        pinned = self.program.captured.pinned
+        if not pinned:
+            return
+        given = {**{f"arg{i}": a for i, a in enumerate(args)}, **kwargs}
+        wrong = [(name, axis, role, size) for name, axis, role, size in pinned
+                 if isinstance(given.get(name), torch.Tensor) and given[name].shape[axis] != size]
+        if wrong:
+            from fxopt.capture import pinned_message
+
+            got = ", ".join(f"`{n}` dim {a} is {given[n].shape[a]}" for n, a, _, _ in wrong)
+            raise ValueError(f"{got}, but " + pinned_message(wrong, "was captured static"))
 
     def report(self) -> str:
         """What was fused, what attention became, and what stayed a PyTorch op."""
@@ -38,7 +54,48 @@ class OptimizedModule(torch.nn.Module):
                 f"{name}: {'changed' if result.changed else 'unchanged'}{' (' + counts + ')' if counts else ''}"
             )
             lines.extend(f"  {note}" for note in result.notes)
+        lines.extend(stayed_pytorch(self.gm))
+        if self.verification:
+            lines.append(f"verify: {self.verification}")
         return "\n".join(lines)
+
+
+#: Why an op left in the optimized graph was not rewritten, by its cost kind.
+STAYED_REASON = {
+    "matmul": "compute-bound: a cuBLAS GEMM",
+    "attention": "attention the flash kernels do not cover (see explain)",
+    "pointwise": "memory-bound, but its region would not remove bytes (or touches a value fusion cannot index)",
+    "reduction": "memory-bound, but its region would not remove bytes (or is not a last-dim reduction)",
+    "other": "no fusion rule for this op",
+    "unknown": "no cost or fusion rule for this op",
+}
+BOOKKEEPING = ("sym_size", "getitem", "_guards_fn", "_assert", "sym_constrain")
+
+
+def stayed_pytorch(gm: torch.fx.GraphModule) -> list[str]:
+    """The ops left as PyTorch calls in the optimized graph, by op and count, with why (views are free)."""
+    from collections import Counter
+
+    from fxopt.passes.cost import COST_KEY
+
+    counts: Counter = Counter()
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or any(b in str(node.target) for b in BOOKKEEPING):
+            continue
+        name = str(node.target).removeprefix("aten.")
+        if name.startswith("fxopt."):
+            continue
+        cost = node.meta.get(COST_KEY)
+        kind = cost.kind if cost is not None else "unknown"
+        if kind == "layout":
+            continue
+        counts[(name, kind)] += 1
+    if not counts:
+        return ["stayed PyTorch ops: none (besides free views)"]
+    lines = ["stayed PyTorch ops (op x count: why):"]
+    for (name, kind), n in sorted(counts.items(), key=lambda item: -item[1]):
+        lines.append(f"  {name} x{n}: {STAYED_REASON.get(kind, kind)}")
+    return lines
 
 
 def split_inputs(model: torch.nn.Module, example_inputs) -> tuple[tuple, dict[str, Any]]:
@@ -68,6 +125,22 @@ def _precompile(optimized: OptimizedModule, args: tuple, kwargs: dict) -> bool:
     return True
 
 
+#: Keyword options `optimize` takes beyond its named parameters: passes to turn off, generator settings.
+PASS_OPTIONS = ("rope",)
+GENERATOR_OPTIONS = ("dtype", "device", "use_cuda_graph", "fuse_decode")
+
+
+def _check_options(options: dict[str, Any], kv_cache: bool) -> None:
+    accepted = PASS_OPTIONS + (GENERATOR_OPTIONS if kv_cache else ())
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        named = ("hw, fuse, attention, matmul, verify, dump_dir, dynamic_dims, kv_cache, max_seq_len, max_batch, "
+                 + ", ".join(accepted))
+        raise TypeError(f"optimize: unknown option{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
+                        f"accepted: {named}" + ("" if kv_cache else f" (with kv_cache=True also "
+                                                                    f"{', '.join(GENERATOR_OPTIONS)})"))
+
+
 def optimize(
     model: torch.nn.Module,
     example_inputs,
@@ -87,16 +160,28 @@ def optimize(
     """Capture `model`, rewrite attention, fuse memory-bound regions into generated Triton kernels.
 
     Returns an nn.Module called like `model` (or, with kv_cache=True, a generator with prefill,
-    decode_step and generate). The user's model is never mutated. With verify=True the optimized
-    module is run against the original on the example inputs and a disagreement beyond the
-    tolerance of DESIGN.md raises, naming the worst region.
+    decode_step and generate; max_batch defaults to the example's batch, max_seq_len to the model's
+    position table). The user's model is never mutated. With verify=True the optimized module is run
+    against the original and a disagreement beyond the numerical contract raises, naming the worst region:
+    at the example shape and at a longer sequence past every window the analysis found (with kv_cache=True,
+    prefill + step-by-step decode against the full forward). `.verification` says what was compared.
     """
+    _check_options(options, kv_cache)
     args, kwargs = split_inputs(model, example_inputs)
     if kv_cache:
         from fxopt.generate import build_generator
 
-        return build_generator(model, kwargs, max_seq_len=max_seq_len, max_batch=max_batch, hw=hw, matmul=matmul,
-                               **options)
+        ids = numerics.token_ids(kwargs)
+        max_batch = max_batch or (int(ids.shape[0]) if ids is not None else 1)
+        max_seq_len = max_seq_len or numerics.position_limit(model)
+        if max_seq_len is None:
+            raise TypeError("optimize(kv_cache=True): give max_seq_len (the model has no position table to "
+                            "take it from)")
+        gen = build_generator(model, kwargs, max_seq_len=max_seq_len, max_batch=max_batch, hw=hw, matmul=matmul,
+                              attention=attention, **options)
+        if verify:
+            gen.verification = numerics.verify_generator(model, gen, kwargs)
+        return gen
     start = time.perf_counter()
     captured = capture(model, kwargs, dynamic_dims, args=args, source_lines=False)  # errors here name nodes
     capture_seconds = time.perf_counter() - start
@@ -110,5 +195,5 @@ def optimize(
     if _precompile(optimized, args, kwargs):
         optimized.program.seconds["precompile"] = time.perf_counter() - start
     if verify:
-        numerics.verify(model, optimized, args, {**kwargs, **captured.fixed_kwargs})
+        optimized.verification = numerics.verify_forward(model, optimized, args, {**kwargs, **captured.fixed_kwargs})
     return optimized

@@ -20,7 +20,7 @@ from fxopt.errors import UserError
 
 #: Config fields that bound the sequence length (a learned position table, a RoPE/sinusoid table, a mask).
 POSITION_FIELDS = ("max_positions", "max_seq_len", "n_positions", "max_position_embeddings", "n_ctx",
-                   "max_sequence_length")
+                   "max_sequence_length", "block_size")
 
 
 def load_model(

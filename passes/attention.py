@@ -10,31 +10,28 @@ Recognition is data. ``PATTERNS`` is a table of (name, steps, plan) entries:
   refuses with a reason.
 
     explicit   matmul(P, v) <- [dropout(eval) | cast | clone]* <- softmax(-1) <- [cast]*
-               <- [masked_fill | where | + bias]* <- [* c | / c]* <- [cast]* <- matmul(q, kᵀ)
+               <- [masked_fill | where | + bias]* <- [cap * tanh(. / cap)] <- [* c | / c]* <- [cast]*
+               <- matmul(q, kᵀ)
     sdpa       aten.scaled_dot_product_attention (is_causal, attn_mask, scale, enable_gqa)
 
 K and V are un-repeated when they come from ``repeat_kv`` (unsqueeze/expand/reshape, slices
 allowed) or ``repeat_interleave`` on the head dim, so the op reads the original KV heads (GQA).
 A constant multiplying q before q·kᵀ is folded into the scale.
 
-Masks are classified by what they compute, not how they are spelled: the mask subgraph (its
-inputs are buffers, constants, aranges of the dynamic sizes and at most one (b, s) input) is
-evaluated on the CPU at several sizes, with random values for that input (0/1 for an input named
-like a mask -- the convention of attention-mask arguments -- else 0..3), and compared with
+Masks are classified by passes/masks.py, which proves their form from the graph that builds them
+(comparisons of aranges, tril/triu buffers, where/masked_fill, the attention-mask input read per key):
 
-    causal          key j hidden from query i exactly when j > i (sq == skv)      -> causal=True
-    padding         key j hidden exactly where input[b, j] == 0     -> key_padding_mask = input != 0
-    causal+padding  both
     none            hides nothing                                                -> dropped
+    causal          key j hidden exactly when j > i                              -> causal=True
+    window w        hidden when j > i or j <= i - w (a causal sliding window)    -> causal=True, window=w
+    padding         hidden exactly where input[b, j] == 0                        -> key_padding_mask
+    (combinations of padding with causal or a window; ALiBi slopes read off an additive bias)
 
-A fill or bias value at or below -1e4 counts as hiding the key (exp(-1e4) is 0 in every float
-dtype); bias values must be exactly 0 elsewhere. Anything else -- a banded or learned bias, a
-mask built from parameters or from several inputs -- is "neither causal nor padding": it stays
-an additive ``attn_bias`` (still one fxopt attention call, run through the SDPA fallback).
-The evaluation is a check at finitely many sizes, not a proof for every size; the evidence is
-recorded on the node (``AttentionInfo.evidence``). On the meta device buffers hold no values:
-the one idiom recognised there by structure alone, ``buffer[:s, :s] == 0`` used as a -inf fill
-(GPT-2's tril buffer), is recorded as causal with evidence saying it was assumed.
+Anything it cannot prove -- a learned or prefix bias, a mask built from parameters -- stays an additive
+``attn_bias`` (one fxopt attention call through the SDPA fallback: correct, slower) and `explain` gives the
+reason. On the meta device buffers hold no values: the one idiom recognised there by structure alone,
+``buffer[:s, :s] == 0`` used as a -inf fill (GPT-2's tril buffer), is recorded as causal with evidence
+saying it was assumed. Scores soft-capped as ``cap * tanh(s / cap)`` (Gemma-2) record the cap.
 """
 
 from __future__ import annotations
@@ -50,16 +47,14 @@ from torch import fx
 
 from fxopt.codegen import attention_op
 from fxopt.passes import cost as cost_pass
+from fxopt.passes import masks
 from fxopt.passes.infra import PassContext, PassResult, finish
 
 aten = torch.ops.aten
 ATTENTION_KEY = "fxopt.attention"
 ATTENTION_OP = torch.ops.fxopt.attention.default
 
-#: A fill or additive value at or below this hides a key (exp(-1e4) underflows to 0 in fp16..fp64).
-HIDDEN_AT_MOST = -1e4
-#: Sizes (per dynamic symbol, capped at its example value) at which mask subgraphs are evaluated.
-TRIAL_SIZES = (2, 3, 5, 8)
+HIDDEN_AT_MOST = masks.HIDDEN_AT_MOST
 #: Largest tensor the mask evaluator materialises.
 MAX_EVAL_NUMEL = 1 << 24
 
@@ -107,21 +102,15 @@ class AttentionInfo:
 
     causal: bool
     scale: float
-    mask_kind: str  # none | causal | padding | causal+padding | general
+    mask_kind: str  # none | causal | window | padding | causal+padding | window+padding | general
     gqa_groups: int
     kernel: str  # flash_prefill | flash_decode | sdpa
     fallback_reason: str  # why the SDPA fallback runs ("" for flash)
     pattern: str  # the PATTERNS entry that matched
     evidence: str = ""  # how the mask kind was established
-
-
-@dataclass(frozen=True)
-class MaskPart:
-    """One masking op on the scores: hide where `node` (fill/hide), keep where `node` (keep), or add it."""
-
-    kind: str  # fill | keep | hide | add
-    node: fx.Node
-    value: float | None = None  # the fill value for fill/keep/hide
+    window: int = 0  # sliding window: a query sees its last `window` keys, itself included (0: none)
+    softcap: float = 0.0  # scores soft-capped as softcap * tanh(s / softcap) (0: none)
+    alibi: bool = False  # per-head ALiBi slopes * (j - i) added to the scores
 
 
 @dataclass
@@ -141,15 +130,11 @@ class Plan:
     gqa_groups: int = 1
     chain: list[fx.Node] = field(default_factory=list)  # nodes the match replaces
     extra: list[fx.Node] = field(default_factory=list)  # GQA repeat / q-scale / kᵀ nodes that may die
+    softcap: float = 0.0  # cap of softcap * tanh(scores / softcap) between the scale and the mask
 
 
-@dataclass(frozen=True)
-class MaskDecision:
-    kind: str
-    causal: bool
-    padding_source: fx.Node | None = None  # (b, skv) input: key visible where it is nonzero
-    evidence: str = ""
-    reason: str = ""  # why the mask is general
+MaskDecision = masks.MaskForm
+MaskPart = masks.MaskPart
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -254,48 +239,20 @@ def _to_cpu(value):
     return value
 
 
-def _random_input(name: str, val: torch.Tensor, assignment: dict, gen: torch.Generator) -> torch.Tensor:
-    """Random data for an input a mask depends on.
+def _evaluate_constant(output: fx.Node) -> Any:
+    """Run the size-free subgraph computing `output` (a scale factor) on the CPU.
 
-    An input named like a mask (`attention_mask`, `src_mask`) is taken to hold 0/1, the convention
-    of every attention-mask argument; any other input (token ids, ...) gets values in [0, 4), so a
-    mask derived from it is called padding only if it hides exactly the zeros.
+    Buffers and constants supply their values; inputs, parameters, random and in-place ops refuse.
     """
-    shape = [_concrete(d, assignment) for d in val.shape]
-    high = 2 if val.dtype == torch.bool or "mask" in name.lower() else 4
-    data = torch.randint(0, high, shape, generator=gen)
-    if data.dim() == 2 and data.numel():  # both kinds of keys present: visible and hidden
-        data[0, 0], data[-1, -1] = 1, 0
-    return data.to(val.dtype)
-
-
-def _evaluate(outputs: list[fx.Node], assignment: dict, *, gen: torch.Generator | None = None,
-              allow_inputs: bool = True) -> tuple[list[Any], dict[fx.Node, torch.Tensor]]:
-    """Run the subgraph computing `outputs` on the CPU with every size symbol given a value.
-
-    Buffers and constants supply their values; a tensor input (placeholder) gets random 0/1
-    data (at most one, of rank 2); parameters, random ops and inputs of other ranks refuse.
-    Returns the outputs and the inputs used, with the values they were given.
-    """
-    gm = _gm(outputs[0])
+    gm = _gm(output)
     params = _parameter_names(gm)
     env: dict[fx.Node, Any] = {}
-    inputs: dict[fx.Node, torch.Tensor] = {}
-    gen = gen or torch.Generator().manual_seed(0)
-    for node in _subgraph(outputs):
+    for node in _subgraph([output]):
         val = _val(node)
         if isinstance(val, (torch.SymInt, torch.SymFloat, torch.SymBool)):
-            env[node] = _concrete(val, assignment)
+            env[node] = _concrete(val, {})
         elif node.op == "placeholder":
-            if not isinstance(val, torch.Tensor):
-                env[node] = val
-                continue
-            if not allow_inputs:
-                raise Unevaluable(f"depends on the input `{node.target}`")
-            if inputs or val.dim() != 2:
-                raise Unevaluable(f"depends on the input `{node.target}` of rank {val.dim()}"
-                                  if not inputs else "depends on several inputs")
-            env[node] = inputs[node] = _random_input(str(node.target), val, assignment, gen)
+            raise Unevaluable(f"depends on the input `{node.target}`")
         elif node.op == "get_attr":
             if node.target in params:
                 raise Unevaluable(f"depends on the parameter `{node.target}`")
@@ -324,17 +281,7 @@ def _evaluate(outputs: list[fx.Node], assignment: dict, *, gen: torch.Generator 
             env[node] = result
         else:
             raise Unevaluable(f"{node.op} {node.target}")
-    return [env[n] for n in outputs], inputs
-
-
-def _trial_assignments(hints: dict) -> list[dict]:
-    """The example sizes first, then every symbol capped at each of TRIAL_SIZES (at least 2)."""
-    assignments = [dict(hints)]
-    for size in TRIAL_SIZES:
-        trial = {sym: max(2, min(size, value)) if value >= 2 else value for sym, value in hints.items()}
-        if trial not in assignments:
-            assignments.append(trial)
-    return assignments
+    return env[output]
 
 
 def _scalar(arg: Any, what: str = "scale") -> float:
@@ -358,7 +305,7 @@ def _scalar(arg: Any, what: str = "scale") -> float:
     if val.dim() and not all(isinstance(d, int) and d == 1 for d in val.shape):
         raise NoMatch(f"{what} is a tensor of shape {tuple(val.shape)}, not a scalar")
     try:
-        (value,), _ = _evaluate([arg], {}, allow_inputs=False)
+        value = _evaluate_constant(arg)
     except Unevaluable as exc:
         text = str(exc)
         if "parameter" in text or "input" in text:
@@ -388,6 +335,7 @@ class Step:
     optional: bool = False
     repeat: bool = False
     mismatch: Callable[[fx.Node], str | None] | None = None  # a specific reason for a wrong op
+    applies: Callable[[fx.Node], bool] | None = None  # a further check that the node is this step's op
 
 
 @dataclass(frozen=True)
@@ -419,7 +367,7 @@ class _Failures:
 
 def _walk(node: fx.Node, steps: tuple[Step, ...], i: int, acc: list, root: fx.Node, fails: _Failures):
     step = steps[i]
-    if node.op == "call_function" and node.target in step.ops:
+    if node.op == "call_function" and node.target in step.ops and (step.applies is None or step.applies(node)):
         choices: list | str
         if node is not root and len(node.users) != 1:
             choices = f"{_op_name(node)} ({step.role}) is also used outside the attention (e.g. returned)"
@@ -561,10 +509,37 @@ def _qk_mismatch(node: fx.Node) -> str | None:
     return None
 
 
+TANH = _ops("tanh.default")
+
+
+def _follow_softcap(node: fx.Node):
+    """cap * tanh(scores / cap) (Gemma-2's attn_logit_softcapping): continue from scores, capture cap."""
+    for t, c in ((node.args[0], node.args[1]), (node.args[1], node.args[0])):
+        if not (isinstance(t, fx.Node) and t.target in TANH and len(t.users) == 1 and _is_scalar_like(c)):
+            continue
+        inner = t.args[0]
+        if not (isinstance(inner, fx.Node) and inner.target in SCALE_OPS and len(inner.users) == 1):
+            continue
+        try:
+            cap = _scalar(c, "soft-cap")
+            factor = _scalar(inner.args[1], "soft-cap divisor")
+        except NoMatch as exc:
+            return str(exc)
+        divisor = factor if inner.target in DIV else (1.0 / factor if factor else 0.0)
+        if cap <= 0 or not math.isclose(divisor, cap, rel_tol=1e-6):
+            return f"tanh between the scores and softmax is not a soft-cap (cap {cap}, divisor {divisor})"
+        if not _is_4d(inner.args[0]):
+            return "soft-capped scores are not 4-d"
+        return [(inner.args[0], cap)]
+    return "not a soft-cap (cap * tanh(scores / cap))"
+
+
 PV = Step("p @ v", MATMUL, _follow_pv)
 PASS = Step("dropout/cast", PASSTHROUGH, _follow_passthrough, repeat=True)
 SOFTMAX_STEP = Step("softmax", SOFTMAX, _follow_softmax)
 MASK = Step("mask", MASK_OPS, _follow_mask, repeat=True)
+SOFTCAP = Step("softcap", MUL, _follow_softcap, optional=True,
+               applies=lambda node: any(isinstance(a, fx.Node) and a.target in TANH for a in node.args[:2]))
 SCALE = Step("scale", SCALE_OPS, _follow_scale, repeat=True)
 QK = Step("q @ kᵀ", MATMUL, _follow_qk, mismatch=_qk_mismatch)
 SDPA_STEP = Step("sdpa", SDPA, lambda node: [])
@@ -695,6 +670,7 @@ def _plan_explicit(acc: list[tuple[str, fx.Node, Any]]) -> Plan:
     root, v = acc[0][1], acc[0][2]
     qk = acc[-1][1]
     softmax = next(node for role, node, _ in acc if role == "softmax")
+    softcap = next((detail for role, _, detail in acc if role == "softcap"), 0.0)
     parts = [detail for role, _, detail in reversed(acc) if role == "mask"]
     scale = 1.0
     for role, _, detail in acc:
@@ -710,7 +686,7 @@ def _plan_explicit(acc: list[tuple[str, fx.Node, Any]]) -> Plan:
         extra += kv_nodes
     _check_qkv(q, k, v, k_transposed, root)
     return Plan("explicit", root, softmax, q, k, v, scale, parts, False, k_transposed, groups,
-                [node for _, node, _ in acc], extra)
+                [node for _, node, _ in acc], extra, softcap)
 
 
 def _plan_sdpa(acc: list[tuple[str, fx.Node, Any]]) -> Plan:
@@ -757,112 +733,25 @@ def _plan_sdpa(acc: list[tuple[str, fx.Node, Any]]) -> Plan:
 #: The pattern table: (name, steps walked backward from the root, plan/check). Matches are counted per name.
 PATTERNS: tuple[Pattern, ...] = (
     Pattern("sdpa", (SDPA_STEP,), _plan_sdpa),
-    Pattern("explicit", (PV, PASS, SOFTMAX_STEP, PASS, MASK, SCALE, PASS, QK), _plan_explicit),
+    Pattern("explicit", (PV, PASS, SOFTMAX_STEP, PASS, MASK, SOFTCAP, SCALE, PASS, QK), _plan_explicit),
 )
 
 
 # --------------------------------------------------------------------------------------------- masks
-def _hidden_of(part: MaskPart, value: torch.Tensor) -> torch.Tensor | None:
-    """Where this part hides keys (bool), or None when it is not a 0 / hide mask."""
-    if part.kind == "fill":
-        return value.bool()
-    if part.kind == "keep":
-        return ~value.bool()
-    if part.kind == "hide":
-        return value.bool()
-    value = value.double()
-    hidden = value <= HIDDEN_AT_MOST
-    if not bool((hidden | (value == 0)).all()):
-        return None
-    return hidden
-
-
 def _classify(plan: Plan, ctx: PassContext | None, cache: dict) -> MaskDecision:
-    """Evaluate the plan's mask parts at several sizes and name what they compute."""
+    """The mask's form, proved from the graph that builds it (passes/masks.py), cached per mask."""
     tq, tk = _tensor(plan.q), _tensor(plan.k)
     sq, skv = tq.shape[2], (tk.shape[3] if plan.k_transposed else tk.shape[2])
-    square = _same(sq, skv)
-    if not plan.parts:
-        if plan.is_causal:
-            return MaskDecision("causal", True, evidence="sdpa is_causal=True")
-        return MaskDecision("none", False)
     key = (tuple((p.kind, p.node, p.value) for p in plan.parts), plan.is_causal, str(_expr(sq)),
            str(_expr(skv)), str(_expr(tq.shape[0])), str(_expr(tq.shape[1])))
     if key in cache:
         return cache[key]
-    hints = dict((ctx.hints if ctx else {}) or {})
-    hints.update(_hints([tq, tk] + [_val(p.node) for p in plan.parts]))
-    try:
-        decision = _classify_by_evaluation(plan, hints, sq, skv, square)
-    except Unevaluable as exc:
-        decision = _structural(plan, square) or MaskDecision(
-            "general", False, reason=f"mask is neither causal nor padding (cannot evaluate it: {exc})")
+    decision = masks.classify(plan.parts, is_causal=plan.is_causal, q_val=tq, k_val=tk,
+                              k_transposed=plan.k_transposed)
+    if decision.kind == "general" and "meta device" in decision.reason:
+        decision = _structural(plan, _same(sq, skv)) or decision
     cache[key] = decision
     return decision
-
-
-def _classify_by_evaluation(plan: Plan, hints: dict, sq, skv, square: bool) -> MaskDecision:
-    tq = _tensor(plan.q)
-    kinds = ["none"] + (["causal"] if square else []) + ["padding"] + (["causal+padding"] if square else [])
-    holds = dict.fromkeys(kinds, True)
-    source: fx.Node | None = None
-    sizes = []
-    evaluated = 0
-    for n, assignment in enumerate(_trial_assignments(hints)):
-        gen = torch.Generator().manual_seed(n)
-        try:
-            values, inputs = _evaluate([p.node for p in plan.parts], assignment, gen=gen)
-            shape = [_concrete(d, assignment) for d in (tq.shape[0], tq.shape[1], sq, skv)]
-        except Unevaluable:
-            if n == 0:
-                raise
-            continue  # a size the model cannot run at (e.g. a buffer shorter than it): skip it
-        evaluated += 1
-        sizes.append(shape[2])
-        hidden = torch.zeros(shape, dtype=torch.bool)
-        if plan.is_causal:
-            hidden |= torch.ones(shape[2:], dtype=torch.bool).triu(1)
-        for part, value in zip(plan.parts, values):
-            part_hidden = _hidden_of(part, value)
-            if part_hidden is None:
-                return MaskDecision("general", False, reason="mask is neither causal nor padding "
-                                    "(an additive bias with values other than 0 and <= -1e4)")
-            try:
-                hidden = hidden | torch.broadcast_to(part_hidden, shape)
-            except RuntimeError as exc:
-                raise Unevaluable(f"mask of shape {tuple(part_hidden.shape)} does not broadcast") from exc
-        if inputs:
-            (node, data), = inputs.items()
-            if source is not None and node is not source:
-                raise Unevaluable("depends on several inputs")
-            source = node
-        causal_ref = torch.ones(shape[2:], dtype=torch.bool).triu(1) if square else None
-        pad_ref = None
-        if source is not None and _same(_tensor(source).shape[1], skv):  # (b, skv): one flag per key
-            data = inputs[source]
-            if data.shape[-1] == shape[3] and data.shape[0] in (1, shape[0]):
-                pad_ref = (data == 0)[:, None, None, :]
-        refs = {
-            "none": torch.zeros((), dtype=torch.bool),
-            "causal": causal_ref,
-            "padding": pad_ref,
-            "causal+padding": (causal_ref | pad_ref) if causal_ref is not None and pad_ref is not None else None,
-        }
-        for kind in kinds:
-            ref = refs[kind]
-            holds[kind] = holds[kind] and ref is not None and bool((hidden == torch.broadcast_to(ref, shape)).all())
-    if evaluated < 2:
-        raise Unevaluable("could evaluate the mask at one size only")
-    kind = next((k for k in kinds if holds[k]), "general")
-    where = f"evaluated at seq sizes {sorted(set(sizes))}"
-    if kind == "general":
-        return MaskDecision("general", False, reason="mask is neither causal nor padding", evidence=where)
-    if "padding" in kind:
-        domain = "0/1" if _tensor(source).dtype == torch.bool or "mask" in str(source.target).lower() else "0..3"
-        where += f" with random {domain} `{source.target}` (key j visible where it is nonzero)"
-    elif source is not None and kind == "none":
-        source = None
-    return MaskDecision(kind, "causal" in kind, source if "padding" in kind else None, evidence=where)
 
 
 def _structural(plan: Plan, square: bool) -> MaskDecision | None:
@@ -935,6 +824,24 @@ def _bias_from_parts(graph: fx.Graph, plan: Plan, like: fx.Node, made: list[fx.N
     return bias
 
 
+def _constant_node(gm: fx.GraphModule, name: str, value: torch.Tensor, like: fx.Node,
+                   made: list[fx.Node]) -> fx.Node:
+    """A new buffer of gm (on `like`'s device) read by a get_attr node whose meta["val"] is a fake copy."""
+    from torch._guards import detect_fake_mode
+
+    device = _tensor(like).device
+    index = 0
+    while hasattr(gm, f"_fxopt_{name}_{index}"):
+        index += 1
+    target = f"_fxopt_{name}_{index}"
+    gm.register_buffer(target, value.to(device))
+    node = gm.graph.get_attr(target)
+    fake_mode = detect_fake_mode([_tensor(like)])
+    node.meta["val"] = fake_mode.from_tensor(getattr(gm, target)) if fake_mode else getattr(gm, target)
+    made.append(node)
+    return node
+
+
 def _meta_tensor(ctx: PassContext | None, val: torch.Tensor) -> torch.Tensor:
     if ctx is None:
         shape = [int(_concrete(d, _hints([val]))) for d in val.shape]
@@ -946,7 +853,9 @@ def _meta_tensor(ctx: PassContext | None, val: torch.Tensor) -> torch.Tensor:
 def _kernel(ctx: PassContext | None, node: fx.Node) -> tuple[str, str]:
     q, k, v, kpm, bias, causal, scale = node.args
     metas = [_meta_tensor(ctx, _tensor(t)) if isinstance(t, fx.Node) else None for t in (q, k, v, kpm, bias)]
-    kernel, reason = attention_op.kernel_choice(*metas, causal=causal, scale=scale)
+    features = {name: (_meta_tensor(ctx, _tensor(value)) if isinstance(value, fx.Node) else value)
+                for name, value in node.kwargs.items()}
+    kernel, reason = attention_op.kernel_choice(*metas, causal=causal, scale=scale, **features)
     if kernel == "flash":
         kernel = "flash_decode" if metas[0].shape[2] <= attention_op.DECODE_MAX_QUERIES else "flash_prefill"
     return kernel, reason
@@ -1005,14 +914,18 @@ def rewrite(gm: fx.GraphModule, plan: Plan, decision: MaskDecision, ctx: PassCon
             if source not in shared or shared[source].graph is not graph:
                 shared[source] = _new_node(graph, aten.ne.Scalar, (source, 0), root, new_nodes)
             kpm = shared[source]
-        bias = None
-        causal = decision.causal
+        bias, slopes = None, None
+        causal, window = decision.causal, decision.window
         if decision.kind == "general":
             bias = _bias_from_parts(graph, plan, root, new_nodes)
-            causal = plan.is_causal  # never together with a mask in a valid sdpa call
+            causal, window = plan.is_causal, 0  # never together with a mask in a valid sdpa call
+        elif decision.alibi_slopes is not None:
+            slopes = _constant_node(gm, "alibi_slopes", torch.tensor(decision.alibi_slopes, dtype=torch.float32),
+                                    plan.q, new_nodes)
         made: list[fx.Node] = []
+        features = {"window": window, "softcap": float(plan.softcap), "alibi_slopes": slopes}
         node = _new_node(graph, ATTENTION_OP, (plan.q, k, plan.v, kpm, bias, causal, float(plan.scale)), root,
-                         made)
+                         made, {name: value for name, value in features.items() if value})
     root.replace_all_uses_with(node)
     seeds = root.all_input_nodes + [p.node for p in plan.parts] + replaced
     graph.erase_node(root)  # replaced outright (an sdpa node counts as random: its dropout_p is 0 here)
@@ -1022,7 +935,7 @@ def rewrite(gm: fx.GraphModule, plan: Plan, decision: MaskDecision, ctx: PassCon
     if decision.kind == "general" and reason == "general additive mask":
         reason = f"general additive mask ({decision.reason})"
     info = AttentionInfo(causal, float(plan.scale), decision.kind, plan.gqa_groups, kernel, reason if kernel == "sdpa"
-                         else "", plan.pattern, decision.evidence)
+                         else "", plan.pattern, decision.evidence, window, float(plan.softcap), slopes is not None)
     node.meta[ATTENTION_KEY] = info
     if ctx is not None:
         for n in [node] + new_nodes:
@@ -1060,7 +973,7 @@ class Site:
 #: Ops a softmax's input may pass through on its way from the q·kᵀ matmul (for `explain`).
 SCORE_PATH = PASSTHROUGH | MASK_OPS | SCALE_OPS | RESHAPES | _ops(
     "transpose.int", "permute.default", "expand.default", "unsqueeze.default", "squeeze.dim", "slice.Tensor",
-    "sub.Tensor", "neg.default")
+    "sub.Tensor", "neg.default", "tanh.default")
 
 
 def _attention_like(softmax: fx.Node, hops: int = 8) -> bool:

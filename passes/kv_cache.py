@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import operator
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,6 +43,7 @@ import torch
 from torch import fx
 
 import fxopt.codegen.attention_op  # noqa: F401  (registers torch.ops.fxopt.*)
+from fxopt.passes import masks
 from fxopt.passes.infra import PassContext, PassResult, finish
 
 aten = torch.ops.aten
@@ -75,11 +77,24 @@ def _op_name(node: fx.Node) -> str:
 
 
 def _source_line(node: fx.Node) -> str:
-    """The model's source lines that produced `node` (its last two stack frames)."""
+    """The model's source lines that produced `node`: the innermost two frames of its stack trace that are
+    the model's own code (torch's and fxopt's frames skipped; all frames when none is left)."""
     trace = node.meta.get("stack_trace") or ""
     lines = [ln.strip() for ln in trace.strip().splitlines() if ln.strip()]
-    frames = [f"{lines[i]}: {lines[i + 1]}" for i in range(len(lines) - 1) if lines[i].startswith("File ")]
-    return "\n    ".join(frames[-2:])[:600]
+    frames = [(lines[i], lines[i + 1] if i + 1 < len(lines) and not lines[i + 1].startswith("File ") else "")
+              for i in range(len(lines)) if lines[i].startswith("File ")]
+    user = [f for f in frames if not _library_frame(f[0])] or frames
+    return "\n    ".join(f"{where}: {code}" if code else where for where, code in user[-2:])[:600]
+
+
+def _library_frame(where: str) -> bool:
+    """A `File "...", line N, in f` header of torch's own sources or of fxopt's passes and runtime."""
+    path = where.split('"')[1] if where.count('"') >= 2 else where
+    return os.path.abspath(path).startswith(_LIBRARY_DIRS)
+
+
+_LIBRARY_DIRS = tuple(os.path.join(os.path.dirname(os.path.abspath(f)), "") for f in (
+    torch.__file__, __file__, fxopt.codegen.attention_op.__file__, fxopt.__file__))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -164,8 +179,12 @@ def _sdpa_to_attention(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
     return new
 
 
+#: Keyword arguments of fxopt::attention / cached_attention beyond the mask: carried into both programs.
+ATTENTION_FEATURES = ("window", "softcap", "alibi_slopes")
+
+
 def _attention_args(node: fx.Node) -> dict[str, Any]:
-    names = ("q", "k", "v", "key_padding_mask", "attn_bias", "causal", "scale")
+    names = ("q", "k", "v", "key_padding_mask", "attn_bias", "causal", "scale") + ATTENTION_FEATURES
     bound = dict(zip(names, node.args))
     bound.update(node.kwargs)
     bound.setdefault("key_padding_mask", None)
@@ -173,80 +192,50 @@ def _attention_args(node: fx.Node) -> dict[str, Any]:
     return bound
 
 
-def _depends_on_input_data(node: fx.Node) -> fx.Node | None:
-    """The placeholder whose *values* (not just sizes) `node` reads, if any."""
-    seen, stack = set(), [node]
-    while stack:
-        cur = stack.pop()
-        if cur in seen:
+def _features(args: dict[str, Any], env: dict | None = None) -> dict[str, Any]:
+    """The node's window / softcap / ALiBi arguments that are set, mapped through `env` (nodes of a copy)."""
+    out = {}
+    for name in ATTENTION_FEATURES:
+        value = args.get(name)
+        if value is None or value == 0:
             continue
-        seen.add(cur)
-        if cur.op == "placeholder":
-            return cur
-        for arg in _flat_nodes((cur.args, cur.kwargs)):
-            if arg.op == "placeholder" and cur.target in (aten.sym_size.int, aten.sym_size.default):
-                continue
-            stack.append(arg)
-    return None
+        out[name] = env[value] if env is not None and isinstance(value, fx.Node) else value
+    return out
 
 
-def _evaluate_mask(gm: fx.GraphModule, mask: fx.Node, ids: fx.Node, batch: int, seq: int) -> torch.Tensor:
-    """Run the (input-value-free) subgraph computing `mask` at input size (batch, seq)."""
-    order, seen = [], set()
-
-    def visit(n: fx.Node):
-        if n in seen:
-            return
-        seen.add(n)
-        for a in _flat_nodes((n.args, n.kwargs)):
-            visit(a)
-        order.append(n)
-
-    visit(mask)
-    graph = fx.Graph()
-    env: dict[fx.Node, Any] = {}
-    for n in order:
-        if n.op == "placeholder":
-            env[n] = graph.placeholder(n.name)
-        else:
-            env[n] = graph.node_copy(n, lambda a: env[a])
-    graph.output(env[mask])
-    sub = fx.GraphModule(gm, graph)
-    inputs = []
-    for n in order:
-        if n.op == "placeholder":
-            value = _val(n)
-            if n is ids:
-                inputs.append(torch.zeros(batch, seq, dtype=value.dtype, device=value.device))
-            else:
-                inputs.append(value)
-    with torch.no_grad():
-        return sub(*inputs)
-
-
-def _causal_mismatch(mask: torch.Tensor, seq: int) -> str | None:
-    """None when `mask` (bool keep-mask or additive bias, broadcastable (..., s, s)) is exactly causal, else why."""
-    if mask.dim() < 2 or mask.shape[-1] != seq or mask.shape[-2] != seq:
-        return f"its shape {tuple(mask.shape)} is not (..., {seq}, {seq})"
-    tril = torch.ones(seq, seq, dtype=torch.bool, device=mask.device).tril()
-    if mask.dtype == torch.bool:
-        keep = mask
-    else:
-        m = mask.float()
-        if not bool(((m == 0) | (m <= -1e4)).all()):
-            return "it is an additive bias with values other than 0 and -inf (a position-dependent bias)"
-        keep = m == 0
-    if bool((keep & ~tril).any()):
-        return "a position sees later keys"
-    if bool((~keep & tril).any()):
-        return "a position misses earlier keys (a banded or padding mask)"
-    return None
+def _mask_form(node: fx.Node, args: dict[str, Any]):
+    """The proved form (passes/masks.py) of an attention node's remaining mask, or a refusal naming it."""
+    parts = []
+    if args["key_padding_mask"] is not None:
+        parts.append(masks.MaskPart("keep", args["key_padding_mask"], float("-inf")))
+    bias = args["attn_bias"]
+    if bias is not None:
+        if not isinstance(bias, fx.Node):
+            raise _refuse(node, f"has a constant mask {bias!r} kv_cache cannot interpret")
+        boolean = _val(bias).dtype == torch.bool
+        parts.append(masks.MaskPart("keep" if boolean else "add", bias, float("-inf") if boolean else None))
+    q, k = _val(args["q"]), _val(args["k"])
+    form = masks.classify(parts, is_causal=bool(args["causal"]), q_val=q, k_val=k)
+    name = (bias if bias is not None else args["key_padding_mask"]).name
+    if form.kind == "general":
+        raise _refuse(node, f"attends with mask `{name}`, which is not a causal mask kv_cache can prove "
+                            f"({form.reason})", "only causal (decoder-only) models take a KV cache")
+    if form.padding_source is not None:
+        raise _refuse(node, f"attends with mask `{name}`, which is not a causal mask: it is computed from the "
+                            f"values of input `{form.padding_source.target}` (padding), not from positions alone",
+                      "capture with input_ids only: the generator applies padding itself")
+    if not form.causal:
+        raise _refuse(node, f"attends with mask `{name}`, which is not a causal mask: every output row depends "
+                            "on later positions (bidirectional attention)",
+                      "only causal (decoder-only) models take a KV cache")
+    return form
 
 
 def prove_causal(gm: fx.GraphModule, ids: fx.Node) -> dict[str, int]:
-    """Normalise attention nodes to `fxopt::attention` with causal=True and no causal mask, or refuse.
+    """Normalise attention nodes to `fxopt::attention` with causal=True (and its window) and no mask, or refuse.
 
-    Rewrites gm in place; masks proven causal become dead code (removed).
+    Each remaining mask's form is proved from its graph (passes/masks.py): causal or a causal sliding window,
+    with ALiBi slopes where the bias carries them. Rewrites gm in place; proven masks become dead code.
     """
     counts = {"sdpa_normalised": 0, "masks_proven_causal": 0, "attention": 0}
     remove_dead_code(gm)  # attentions replaced by an earlier pass but left behind are not ours to check
@@ -259,38 +248,41 @@ def prove_causal(gm: fx.GraphModule, ids: fx.Node) -> dict[str, int]:
             continue
         counts["attention"] += 1
         args = _attention_args(node)
-        masks = [m for m in (args["key_padding_mask"], args["attn_bias"]) if m is not None]
-        if not masks and args["causal"]:
+        if args["key_padding_mask"] is None and args["attn_bias"] is None:
+            if not args["causal"]:
+                raise _refuse(node, "is bidirectional attention (causal=False, no mask): every output row "
+                                    "depends on later positions", "only causal (decoder-only) models take a KV cache")
             continue
-        if not masks:
-            raise _refuse(node, "is bidirectional attention (causal=False, no mask): every output row "
-                                "depends on later positions", "only causal (decoder-only) models take a KV cache")
-        for mask in masks:
-            if not isinstance(mask, fx.Node):
-                raise _refuse(node, f"has a constant mask {mask!r} kv_cache cannot interpret")
-            reader = _depends_on_input_data(mask)
-            if reader is not None:
-                raise _refuse(node, f"uses a mask computed from the values of input `{reader.name}` "
-                                    "(padding mask or bidirectional attention), not a causal mask",
-                              "only causal (decoder-only) models take a KV cache")
-            for batch, seq in ((2, 5), (1, 9)):
-                why = _causal_mismatch(_evaluate_mask(gm, mask, ids, batch, seq), seq)
-                if why is not None:
-                    raise _refuse(node, f"attends with mask `{mask.name}`, which is not a causal mask: at "
-                                        f"seq={seq} {why}", "only causal (decoder-only) models take a KV cache")
-        new_args = dict(args)
-        new_args.update(key_padding_mask=None, attn_bias=None, causal=True)
-        node.args = tuple(new_args[n] for n in ("q", "k", "v", "key_padding_mask", "attn_bias", "causal", "scale"))
-        node.kwargs = {}
+        form = _mask_form(node, args)
+        kwargs = dict(node.kwargs)
+        if form.window:
+            kwargs["window"] = form.window
+        if form.alibi_slopes is not None:
+            slopes = torch.tensor(form.alibi_slopes, dtype=torch.float32, device=_val(args["q"]).device)
+            kwargs["alibi_slopes"] = _constant(gm, "alibi_slopes", slopes, node)
+        node.args = (args["q"], args["k"], args["v"], None, None, True, args["scale"])
+        node.kwargs = {k: v for k, v in kwargs.items() if k in ATTENTION_FEATURES}
         info = node.meta.get("fxopt.attention")
-        if info is not None and hasattr(info, "causal"):
-            try:
-                info.causal = True
-            except dataclasses.FrozenInstanceError:
-                node.meta["fxopt.attention"] = dataclasses.replace(info, causal=True)
+        if info is not None:
+            node.meta["fxopt.attention"] = dataclasses.replace(
+                info, causal=True, window=form.window, mask_kind=form.kind, alibi=form.alibi_slopes is not None,
+                evidence=form.evidence)
         counts["masks_proven_causal"] += 1
     remove_dead_code(gm)
     return counts
+
+
+def _constant(gm: fx.GraphModule, name: str, value: torch.Tensor, before: fx.Node) -> fx.Node:
+    """A new buffer of gm read by a get_attr node placed before `before`."""
+    index = 0
+    while hasattr(gm, f"_fxopt_{name}_{index}"):
+        index += 1
+    target = f"_fxopt_{name}_{index}"
+    gm.register_buffer(target, value)
+    with gm.graph.inserting_before(before):
+        node = gm.graph.get_attr(target)
+    node.meta["val"] = value
+    return node
 
 
 _DEAD_IF_ORPHAN = {aten._assert_tensor_metadata.default}
@@ -329,7 +321,7 @@ CREATION = {aten.full, aten.zeros, aten.ones, aten.empty, aten.new_ones, aten.ne
             aten.new_empty, aten.zeros_like, aten.ones_like, aten.full_like, aten.empty_like, aten.scalar_tensor}
 # Ops whose SymInt args may be the sequence length (as a size, not a value).
 SIZE_CONSUMERS = VIEWS | CREATION | {aten.expand, aten.arange, aten.slice, aten.narrow, aten.split,
-                                     aten.split_with_sizes, aten.sym_size}
+                                     aten.split_with_sizes, aten.sym_size, aten.select, aten.repeat}
 # (x, dim, keepdim) reductions; dim None or missing = all dims.
 REDUCE_DIM = {aten.mean, aten.sum, aten.amax, aten.amin, aten.prod, aten.any, aten.all, aten.logsumexp,
               aten.var, aten.std, aten.max, aten.min, aten.argmax, aten.argmin, aten.norm, aten.var_mean,
@@ -344,9 +336,10 @@ MATMULS = {aten.mm, aten.bmm, aten.matmul, aten.addmm, aten.baddbmm, aten.addbmm
 
 @dataclass
 class PositionSource:
-    """A value that *is* a function of positions: arange(start, start + s) or table[:s] along `dim`."""
+    """A value that *is* a function of positions: arange(start, start + s), table[:s] along `dim`, or the
+    cumulative sum along `dim` of an all-ones tensor (HF OPT: `cumsum(attention_mask, 1)`, = positions + 1)."""
 
-    kind: str  # "arange" | "table"
+    kind: str  # "arange" | "table" | "cumsum"
     start: int = 0
     dim: int = 0
     table_size: int | None = None
@@ -365,9 +358,16 @@ class Analysis:
     attention: list[fx.Node] = field(default_factory=list)
     constants: dict[fx.Node, Any] = field(default_factory=dict)  # non-tensor placeholders -> value
     position_limit: int | None = None  # positions beyond this index no table can look up
+    # Values computed from the last position alone (`x[:, -1]`, `x[:, [-1]]`, `x[:, -1:]` on the token axis, and
+    # everything computed from them): they carry no token axis; the programs keep them as they are (the last of
+    # the call's tokens, every row's last slot under left padding).
+    last: set[fx.Node] = field(default_factory=set)
 
     def has_seq(self, expr) -> bool:
         return expr is not None and sympy.sympify(expr).has(self.seq)
+
+    def limit_positions(self, size: int) -> None:
+        self.position_limit = size if self.position_limit is None else min(self.position_limit, size)
 
 
 def find_token_input(gm: fx.GraphModule, ctx: PassContext | None = None, *, strict: bool = True
@@ -419,6 +419,7 @@ def analyze(gm: fx.GraphModule, ctx: PassContext | None = None) -> Analysis:
         _check_size_uses(an, node)
         an.kind[node] = _kind_of(an, node)
         an.axes[node] = _axes_of(an, node)
+        _track_last(an, node)
         if node.op == "call_function" and node.target == ATTENTION:
             an.attention.append(node)
     if not an.attention:
@@ -433,9 +434,36 @@ def _check_output(an: Analysis, node: fx.Node) -> None:
     logits = outs[0]
     if an.kind.get(logits) != DATA:
         raise _refuse(logits, "is the output but does not depend on the input tokens")
+    if logits in an.last:
+        shape = _shape(logits)
+        if not ((len(shape) == 3 and shape[1] == 1) or len(shape) == 2):
+            raise _refuse(logits, f"is the output, the last position's values with shape {tuple(shape)}; expected "
+                                  "(batch, 1, ...) or (batch, vocab)")
+        return
     if an.axes[logits] != (1,):
         raise _refuse(logits, f"is the output with token axes {an.axes[logits]}; expected (batch, seq, ...) "
                               "with the tokens on dim 1")
+
+
+def _track_last(an: Analysis, node: fx.Node) -> None:
+    """Values computed from a last-position selection are last-only too; combining one with a value that still
+    holds every position (broadcasting the last row over all rows) makes each row depend on the last: refused."""
+    if node in an.last or node.op != "call_function":
+        return
+    inputs = [a for a in _flat_nodes((node.args, node.kwargs)) if a in an.kind]
+    last = next((a for a in inputs if a in an.last), None)
+    if last is None:
+        return
+
+    def carries_tokens(a):
+        axes = an.axes.get(a)
+        return any(axes) if isinstance(axes, list) else bool(axes)
+
+    full = next((a for a in inputs if a not in an.last and carries_tokens(a)), None)
+    if full is not None:
+        raise _refuse(node, f"combines `{last.name}`, computed from the last position only, with `{full.name}`, "
+                            "which holds every position: each row would depend on the last one")
+    an.last.add(node)
 
 
 def _check_size_uses(an: Analysis, node: fx.Node) -> None:
@@ -468,14 +496,14 @@ def _kind_of(an: Analysis, node: fx.Node) -> str:
     kinds = {an.kind[a] for a in inputs if not (a is an.ids and node.target in (aten.sym_size.int,))}
     if DATA in kinds:
         return DATA
-    if POS in kinds:
-        return POS
-    source = _position_source(an, node)
+    source = _position_source(an, node)  # before POS: cumsum of a (position-sized) all-ones tensor
     if source is not None:
         an.sources[node] = source
         return POS
+    if POS in kinds:
+        return POS
     if any(an.has_seq(_arg_expr(a)) for a in _size_args(node)):
-        if _packet(node) in CREATION or _packet(node) is aten.expand:
+        if _packet(node) in CREATION or _packet(node) in (aten.expand, aten.repeat):
             return POS  # constant along the tokens, sized by them: rebuilt at the new length
         raise _refuse(node, "builds a constant whose shape depends on the sequence length in a way kv_cache "
                             "cannot re-derive for new positions")
@@ -520,9 +548,37 @@ def _position_source(an: Analysis, node: fx.Node) -> PositionSource | None:
             raise _refuse(node, "slices a buffer along the sequence other than [:s]")
         dim = _norm_dim(dim, _rank(x))
         size = int(_val(x).shape[dim])
-        an.position_limit = size if an.position_limit is None else min(an.position_limit, size)
+        an.limit_positions(size)
         return PositionSource("table", dim=dim, table_size=size)
+    if packet is aten.cumsum:
+        x = node.args[0]
+        if an.kind.get(x) not in (POS, CONST) or x in an.last:
+            return None
+        dim = _norm_dim(node.args[1] if len(node.args) > 1 else node.kwargs["dim"], _rank(x))
+        if dim not in _in_axes(an, x) or not _equal(_shape(x)[dim], an.seq) or not _all_ones(x):
+            return None  # mixing along the tokens: refused by its rule
+        return PositionSource("cumsum", start=1, dim=dim, dtype=_val(node).dtype)
     return None
+
+
+def _all_ones(node: fx.Node) -> bool:
+    """`node` is ones(...) / ones_like / full(..., 1) (HF's default attention mask), maybe converted, viewed or
+    expanded."""
+    while node.op == "call_function":
+        packet = _packet(node)
+        if packet in (aten.ones, aten.new_ones, aten.ones_like):
+            return True
+        if packet in (aten.full, aten.new_full, aten.full_like):
+            fill = node.args[2] if packet is aten.new_full else node.args[1]
+            return not isinstance(fill, fx.Node) and fill == 1
+        if packet in ELEMENTWISE or packet in VIEWS or packet in (aten.expand, aten.unsqueeze, aten.permute,
+                                                                 aten.transpose, aten.slice):
+            if not isinstance(node.args[0], fx.Node):
+                return False
+            node = node.args[0]
+            continue
+        return False
+    return False
 
 
 def _axes_of(an: Analysis, node: fx.Node):
@@ -538,6 +594,8 @@ def _axes_of(an: Analysis, node: fx.Node):
         return ()
     if node in an.sources:
         source = an.sources[node]
+        if source.kind == "cumsum":
+            return _in_axes(an, node.args[0])
         return (0,) if source.kind == "arange" else (source.dim,)
     if node.op != "call_function":
         raise _refuse(node, "is a module call kv_cache cannot see into")
@@ -577,7 +635,8 @@ def _rule_for(node: fx.Node):
         aten.narrow: _rule_slice, aten.select: _rule_select, aten.split: _rule_split,
         aten.split_with_sizes: _rule_split, aten.chunk: _rule_split, aten.unbind: _rule_unbind,
         aten.cat: _rule_cat, aten.stack: _rule_stack, aten.embedding: _rule_embedding,
-        aten.index_select: _rule_index_select, aten.repeat_interleave: _rule_repeat,
+        aten.index_select: _rule_index_select, aten.repeat_interleave: _rule_repeat, aten.index: _rule_index,
+        aten.gather: _rule_gather, aten.repeat: _rule_repeat_tensor,
     }.get(packet)
 
 
@@ -713,17 +772,21 @@ def _rule_slice(an, node):
     if _packet(node) is aten.narrow:
         dim, start, length = node.args[1], node.args[2], node.args[3]
         full = _arg_expr(start) == 0 and _equal(_arg_expr(length), _shape(x)[_norm_dim(dim, rank)])
+        last = _arg_expr(length) == 1 and _is_last_index(x, _norm_dim(dim, rank), start)
     else:
         dim = node.args[1] if len(node.args) > 1 else 0
         start = node.args[2] if len(node.args) > 2 else None
         end = node.args[3] if len(node.args) > 3 else None
         step = node.args[4] if len(node.args) > 4 else 1
         full = _is_full_range(an, x, _norm_dim(dim, rank), start, end, step)
+        last = step in (None, 1) and _is_last_index(x, _norm_dim(dim, rank), start) and _runs_to_end(x, rank, dim, end)
     dim = _norm_dim(dim, rank)
     axes = _in_axes(an, x)
+    if dim in axes and last:
+        return _take_last(an, node, x, dim)
     if dim in axes and not full:
         raise _refuse(node, f"takes a slice along the token axis (dim {dim}): which rows it keeps depends on "
-                            "the sequence length")
+                            "the sequence length", "kept: the whole axis, or the last position alone (x[:, -1:])")
     return axes
 
 
@@ -732,8 +795,33 @@ def _rule_select(an, node):
     dim = _norm_dim(node.args[1], _rank(x))
     axes = _in_axes(an, x)
     if dim in axes:
-        raise _refuse(node, f"selects one position along the token axis (dim {dim})")
+        if _is_last_index(x, dim, node.args[2]):
+            return _take_last(an, node, x, dim)
+        raise _refuse(node, f"selects one position along the token axis (dim {dim}) other than the last",
+                      "kept: the last position alone (x[:, -1])")
     return tuple(t - 1 if t > dim else t for t in axes)
+
+
+def _is_last_index(x: fx.Node, dim: int, index) -> bool:
+    """`index` (an int, SymInt or a size node) is the last position of x's dim: -1 or size - 1."""
+    expr = _arg_expr(index)
+    return expr is not None and (expr == -1 or _equal(expr, _shape(x)[dim] - 1))
+
+
+def _runs_to_end(x: fx.Node, rank: int, dim: int, end) -> bool:
+    if end is None:
+        return True
+    end_e, size = _arg_expr(end), _shape(x)[_norm_dim(dim, rank)]
+    return end_e is not None and (end_e == INT_MAX or _equal(end_e, size))
+
+
+def _take_last(an: Analysis, node: fx.Node, x: fx.Node, dim: int) -> tuple[int, ...]:
+    """`node` keeps x's last position along its token axis `dim` alone (nanoGPT's `lm_head(x[:, [-1], :])`): a
+    function of the last token, which both programs compute as it is (the last of the call's new tokens)."""
+    if _in_axes(an, x) != (dim,):
+        raise _refuse(node, f"takes the last position of a value with several token axes {_in_axes(an, x)}")
+    an.last.add(node)
+    return ()
 
 
 def _rule_split(an, node):
@@ -782,8 +870,7 @@ def _rule_embedding(an, node):
     if _in_axes(an, weight):
         raise _refuse(node, "looks up a table that itself depends on the tokens")
     if an.kind.get(indices) == POS and an.kind.get(weight) == CONST:
-        size = int(_val(weight).shape[0])
-        an.position_limit = size if an.position_limit is None else min(an.position_limit, size)
+        an.limit_positions(int(_val(weight).shape[0]))
     return _in_axes(an, indices)
 
 
@@ -796,8 +883,92 @@ def _rule_index_select(an, node):
     if _in_axes(an, index):
         axes.add(dim)
         if an.kind.get(index) == POS and an.kind.get(x) == CONST:
-            size = int(_val(x).shape[dim])
-            an.position_limit = size if an.position_limit is None else min(an.position_limit, size)
+            an.limit_positions(int(_val(x).shape[dim]))
+    return tuple(sorted(axes))
+
+
+def _rule_index(an, node):
+    """aten.index (advanced indexing `x[..., idx, ...]`): dims not indexed keep their token axes (e.g. Falcon's
+    `fused_qkv[..., [-2], :]` over the heads); an index's token axes land on the dims it creates (GPT-J's
+    `embed_positions[position_ids]`, a table looked up by positions); on a token axis of x only the constant
+    last position passes (nanoGPT's `x[:, [-1], :]`); anything else gathers along the tokens: refused."""
+    x, indices = node.args[0], list(node.args[1])
+    rank = _rank(x)
+    x_axes = _in_axes(an, x)
+    dims = [d for d, index in enumerate(indices) if index is not None]
+    if any(not isinstance(indices[d], fx.Node) or not _is_tensor_node(indices[d]) for d in dims):
+        raise _refuse(node, "indexes with something other than tensors")
+    if any(_val(indices[d]).dtype == torch.bool for d in dims):
+        if x_axes or any(_in_axes(an, indices[d]) for d in dims):
+            raise _refuse(node, "indexes a token-carrying value with a boolean mask")
+        return ()
+    mixed = [d for d in dims if d in x_axes]
+    if mixed:
+        t = mixed[0]
+        if len(dims) == 1 and not _in_axes(an, indices[t]) and _constant_all(indices[t], -1):
+            return _take_last(an, node, x, t)
+        raise _refuse(node, f"gathers along the token axis (dim {t}): which rows it keeps is not position-wise",
+                      "kept: the last position alone (x[:, [-1]])")
+    width = max(_rank(indices[d]) for d in dims)
+    adjacent = dims == list(range(dims[0], dims[-1] + 1))
+    offset = dims[0] if adjacent else 0
+    out: set[int] = set()
+    rest = [d for d in range(rank) if d not in dims]
+    for t in x_axes:
+        out.add((t if t < dims[0] else t - len(dims) + width) if adjacent else width + rest.index(t))
+    for d in dims:
+        index = indices[d]
+        axes = _in_axes(an, index)
+        out |= {offset + t + width - _rank(index) for t in axes}
+        if axes and an.kind.get(index) == POS and an.kind.get(x) == CONST:
+            an.limit_positions(int(_val(x).shape[d]))
+    return tuple(sorted(out))
+
+
+def _constant_all(node: fx.Node, value: int) -> bool:
+    """`node` is a constant integer tensor (a lifted constant, maybe copied, or a `full`) holding only `value`."""
+    while node.op == "call_function" and _packet(node) in ELEMENTWISE:
+        node = node.args[0]
+        if not isinstance(node, fx.Node):
+            return False
+    if node.op == "get_attr":
+        obj = node.graph.owning_module
+        for part in node.target.split("."):
+            obj = getattr(obj, part, None)
+        return (isinstance(obj, torch.Tensor) and not obj.dtype.is_floating_point and obj.numel() > 0
+                and bool((obj == value).all()))
+    if node.op == "call_function" and _packet(node) in (aten.full, aten.scalar_tensor):
+        fill = node.args[1] if _packet(node) is aten.full else node.args[0]
+        return not isinstance(fill, fx.Node) and fill == value
+    return False
+
+
+def _rule_gather(an, node):
+    """gather(x, dim, index): out[..., i, ...] = x[..., index[..., i, ...], ...] along `dim`."""
+    x, dim, index = node.args[0], node.args[1], node.args[2]
+    dim = _norm_dim(dim, _rank(x))
+    x_axes, index_axes = _in_axes(an, x), _in_axes(an, index)
+    if dim in x_axes:
+        raise _refuse(node, f"gathers along the token axis (dim {dim})")
+    if index_axes and an.kind.get(index) == POS and an.kind.get(x) == CONST:
+        an.limit_positions(int(_val(x).shape[dim]))
+    return tuple(sorted(set(x_axes) | set(index_axes)))
+
+
+def _rule_repeat_tensor(an, node):
+    """x.repeat(*sizes): tiles; a token axis must be repeated once; a size-1 dim tiled to the sequence length
+    becomes a token axis (constant along it), as with expand."""
+    x, sizes = node.args[0], list(node.args[1])
+    shift = len(sizes) - _rank(x)
+    in_shape, out_shape = _shape(x), _shape(node)
+    axes = set()
+    for t in _in_axes(an, x):
+        if _arg_expr(sizes[t + shift]) != 1:
+            raise _refuse(node, f"repeats along the token axis (dim {t})")
+        axes.add(t + shift)
+    for d, size in enumerate(out_shape):
+        if an.has_seq(size) and (d < shift or in_shape[d - shift] == 1):
+            axes.add(d)
     return tuple(sorted(axes))
 
 
@@ -949,6 +1120,9 @@ class KVPrograms:
     caches: list[CacheSpec]
     position_limit: int | None
     notes: list[str] = field(default_factory=list)
+    # The model itself returns the last position's logits only (nanoGPT's `lm_head(x[:, [-1], :])`): every
+    # program then returns (b, 1, V), prefill and decode of n > 1 tokens included.
+    last_only: bool = False
 
     @property
     def n_caches(self) -> int:
@@ -1021,6 +1195,9 @@ class _Builder:
             needed.add(cur)
             if cur in an.sources and an.sources[cur].kind == "arange":
                 continue
+            if cur in an.sources and an.sources[cur].kind == "cumsum":  # needs its ones (the shape) only
+                stack.append(cur.args[0])
+                continue
             if cur in an.sources:
                 stack.append(cur.args[0])
                 continue
@@ -1043,6 +1220,14 @@ class _Builder:
                 if source.dtype is not None and source.dtype != torch.int64:
                     value = graph.call_function(aten._to_copy.default, (value,), {"dtype": source.dtype})
                 env[node] = value
+            elif source is not None and source.kind == "cumsum":  # ones.cumsum(dim) = (positions + 1) along dim
+                ones = env[node.args[0]]
+                shape = [1] * _rank(node.args[0])
+                shape[source.dim] = -1
+                value = graph.call_function(aten.add.Tensor, (positions, source.start))
+                value = graph.call_function(aten.view.default, (value, shape))
+                value = graph.call_function(aten.mul.Tensor, (ones, value))
+                env[node] = graph.call_function(aten._to_copy.default, (value,), {"dtype": source.dtype})
             elif source is not None:
                 env[node] = graph.call_function(aten.index_select.default,
                                                 (env[node.args[0]], source.dim, positions))
@@ -1132,7 +1317,7 @@ class _Builder:
             if node in attn_index:
                 self.env[node] = self._attention(node, attn_index[node], slot, kv_start, kv_len, key_mask)
                 continue
-            if node is logits and self.mode == "prefill_last":
+            if node is logits and self.mode == "prefill_last" and node not in an.last:
                 self.env[node] = self._last_only(node)
                 continue
 
@@ -1143,7 +1328,16 @@ class _Builder:
 
             self.env[node] = g.node_copy(node, remap)
             self.env[node].meta = {k: v for k, v in node.meta.items() if k in ("stack_trace", "nn_module_stack")}
-        g.output(self.env[logits])
+            if node.target == aten.view.default:
+                # The capture saw SDPA's output layout, (b, s, h, d) in memory, so `y.transpose(1, 2)
+                # .contiguous().view(b, s, -1)` lost its no-op contiguous; cached attention returns (b, h, n, d)
+                # contiguous, over which that view fails once n > 1. reshape is the same view wherever a view
+                # exists, and a copy where none does.
+                self.env[node].target = aten.reshape.default
+        out = self.env[logits]
+        if logits in an.last and _rank(logits) == 2:  # x[:, -1] dropped the token axis: (b, 1, vocab) as always
+            out = g.call_function(aten.unsqueeze.default, (out, 1))
+        g.output(out)
         program = fx.GraphModule(self._root(), g, class_name=f"KV{self.mode.title().replace('_', '')}")
         program.graph.eliminate_dead_code()  # e.g. the repeat_kv copies of K and V: attention reads the caches
         program.recompile()
@@ -1197,9 +1391,11 @@ class _Builder:
         k_cache, v_cache = self.cache_nodes[2 * index], self.cache_nodes[2 * index + 1]
         g.call_function(CACHE_WRITE, (k_cache, k, self.slots))
         g.call_function(CACHE_WRITE, (v_cache, v, self.slots))
+        features = _features(args, env)
         if self.mode == "decode":
-            return g.call_function(CACHED_ATTENTION, (q, k_cache, v_cache, kv_start, kv_len, float(args["scale"])))
-        return g.call_function(ATTENTION, (q, k, v, key_mask, None, True, float(args["scale"])))
+            return g.call_function(CACHED_ATTENTION, (q, k_cache, v_cache, kv_start, kv_len, float(args["scale"])),
+                                   features)
+        return g.call_function(ATTENTION, (q, k, v, key_mask, None, True, float(args["scale"])), features)
 
 
 def _ensure_kv_sources_live(gm: fx.GraphModule, an: Analysis) -> None:
@@ -1225,8 +1421,10 @@ def build_programs(gm: fx.GraphModule, an: Analysis) -> KVPrograms:
     if an.sources:
         kinds = sorted({f"{s.kind}" for s in an.sources.values()})
         notes.append(f"{len(an.sources)} position sources rewritten to per-row positions ({', '.join(kinds)})")
+    logits = [n for n in _flat_nodes(next(n for n in reversed(gm.graph.nodes) if n.op == "output").args)
+              if _is_tensor_node(n)][0]
     return KVPrograms(programs["prefill"], programs["prefill_last"], programs["decode"], specs,
-                      an.position_limit, notes)
+                      an.position_limit, notes, last_only=logits in an.last)
 
 
 def propagate_meta(program: fx.GraphModule, *inputs: torch.Tensor) -> fx.GraphModule:

@@ -86,3 +86,30 @@ def test_source_lines_off_leaves_the_same_graph_without_stack_traces():
     assert not any("gpt.py" in (n.meta.get("stack_trace") or "") for n in without.nodes)
     again = capture(model, kwargs).gm.graph  # the switch is restored: traces are recorded again
     assert any("gpt.py" in (n.meta.get("stack_trace") or "") for n in again.nodes)
+
+
+class _LiteralBatch(torch.nn.Module):
+    """Builds a mask with the example's literal batch size (annotated-transformer style)."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.proj(x) * torch.ones(2, x.shape[1], 8)
+
+
+def test_a_dim_the_model_pins_is_named_at_capture_and_at_call():
+    import warnings
+
+    import fxopt
+
+    model = _LiteralBatch().eval()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fast = fxopt.optimize(model, {"x": torch.randn(2, 5, 8)})
+    assert any("`x` dim 0 (batch) at 2 was captured static" in str(w.message) for w in caught)
+    x = torch.randn(2, 7, 8)  # the sequence dim stayed dynamic
+    torch.testing.assert_close(fast(x=x), model(x))
+    with pytest.raises(ValueError, match="`x` dim 0 is 3"):
+        fast(x=torch.randn(3, 5, 8))

@@ -297,12 +297,23 @@ class RuntimeScale(Projected):
 
 
 class Banded(Projected):
-    """Causal local attention over a window of 4 keys: neither causal nor padding."""
+    """Causal local attention over a window of 4 keys: a sliding window, proved from the comparisons."""
 
     def core(self, q, k, v):
         s = q.shape[-2]
         i = torch.arange(s, device=q.device)
         hidden = (i[None, :] > i[:, None]) | (i[:, None] - i[None, :] >= 4)
+        scores = (q @ k.transpose(-1, -2)) * self.d**-0.5
+        return torch.softmax(scores.masked_fill(hidden, float("-inf")), dim=-1) @ v
+
+
+class PrefixLM(Projected):
+    """Causal, except that the first 3 keys are visible to every query: no causal/window/padding form."""
+
+    def core(self, q, k, v):
+        s = q.shape[-2]
+        i = torch.arange(s, device=q.device)
+        hidden = (i[None, :] > i[:, None]) & (i[None, :] >= 3)
         scores = (q @ k.transpose(-1, -2)) * self.d**-0.5
         return torch.softmax(scores.masked_fill(hidden, float("-inf")), dim=-1) @ v
 
@@ -392,8 +403,19 @@ def test_scale_other_than_inverse_sqrt_d_is_passed():
     assert_matches_eager(model, captured, kwargs)
 
 
-def test_banded_mask_is_kept_as_a_general_bias():
+def test_banded_mask_is_a_sliding_window():
     model = Banded().eval()
+    kwargs, dims = x_inputs()
+    captured, _, result = rewrite(model, kwargs, dims)
+    (node,) = attention_nodes(captured.gm)
+    info = node.meta[attention.ATTENTION_KEY]
+    assert info.mask_kind == "window" and info.causal and info.window == 4
+    assert node.args[3] is None and node.args[4] is None and result.counts["fallback"] == 0
+    assert_matches_eager(model, captured, kwargs)
+
+
+def test_prefix_mask_is_kept_as_a_general_bias():
+    model = PrefixLM().eval()
     kwargs, dims = x_inputs()
     captured, _, result = rewrite(model, kwargs, dims)
     (node,) = attention_nodes(captured.gm)
@@ -413,7 +435,7 @@ def test_runtime_scale_is_not_matched():
 
 @pytest.mark.parametrize(("module", "reason", "matched"), [
     (RuntimeScale, "scale is a runtime tensor", False),
-    (Banded, "mask is neither causal nor padding", True),
+    (PrefixLM, "not a provable causal/window/padding form", True),
     (SoftmaxOverQueries, "softmax not over the last dim", False),
     (NoValueMatmul, "no matmul with v after softmax", False),
     (ReturnsProbabilities, "also used outside the attention", False),
