@@ -177,6 +177,8 @@ def plan_regions(gm: fx.GraphModule, ctx: PassContext) -> list[Region]:
     regions = []
     for index, members in enumerate(form_groups(gm, ctx)):
         region = describe_region(ctx, f"fused_{index}", members)
+        if not region.outputs:
+            continue  # nothing outside uses its values (dead code, e.g. RoPE tables of an ALiBi model)
         if ctx.evaluate(region.bytes_after) >= ctx.evaluate(region.bytes_before):
             continue  # fusing would not remove traffic
         regions.append(region)
