@@ -619,7 +619,7 @@ for packet in _ops("full", "zeros", "ones", "new_ones", "new_zeros", "new_full",
 HANDLERS[aten.scalar_tensor] = _scalar_tensor
 for packet in _ops("to", "_to_copy", "type_as", "_to_dim_order_copy"):
     HANDLERS[packet] = _cast
-for packet in _ops("clone", "contiguous", "alias", "detach", "lift_fresh_copy"):
+for packet in _ops("clone", "contiguous", "alias", "detach", "detach_", "lift_fresh_copy"):
     HANDLERS[packet] = _identity
 HANDLERS.update({
     aten.add: _binary(lambda a, b: a + b),
