@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from fxopt import numerics
 from fxopt.codegen.greedy import greedy_pick
 from fxopt.passes import kv_cache as kv
 
@@ -517,15 +518,10 @@ CAPTURE_BATCH, CAPTURE_SEQ = 2, 8  # >= 2 and distinct, so export keeps both dim
 
 
 def _token_ids(example_kwargs: dict[str, Any]) -> torch.Tensor:
-    for name in ("input_ids", "ids", "tokens", "idx"):
-        value = example_kwargs.get(name)
-        if isinstance(value, torch.Tensor):
-            return value
-    tensors = [v for v in example_kwargs.values() if isinstance(v, torch.Tensor) and v.dim() == 2
-               and not v.dtype.is_floating_point]
-    if len(tensors) != 1:
+    ids = numerics.token_ids(example_kwargs)
+    if ids is None:
         raise GenerationError(f"build_generator: cannot tell the token-id input among {sorted(example_kwargs)}")
-    return tensors[0]
+    return ids
 
 
 def capture_kwargs(model: torch.nn.Module, example_kwargs: dict[str, Any], device) -> dict[str, Any]:

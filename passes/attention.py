@@ -48,7 +48,7 @@ from torch import fx
 from fxopt.codegen import attention_op
 from fxopt.passes import cost as cost_pass
 from fxopt.passes import masks
-from fxopt.passes.infra import PassContext, PassResult, finish
+from fxopt.passes.infra import PassContext, PassResult, add_constant, finish
 
 aten = torch.ops.aten
 ATTENTION_KEY = "fxopt.attention"
@@ -824,24 +824,6 @@ def _bias_from_parts(graph: fx.Graph, plan: Plan, like: fx.Node, made: list[fx.N
     return bias
 
 
-def _constant_node(gm: fx.GraphModule, name: str, value: torch.Tensor, like: fx.Node,
-                   made: list[fx.Node]) -> fx.Node:
-    """A new buffer of gm (on `like`'s device) read by a get_attr node whose meta["val"] is a fake copy."""
-    from torch._guards import detect_fake_mode
-
-    device = _tensor(like).device
-    index = 0
-    while hasattr(gm, f"_fxopt_{name}_{index}"):
-        index += 1
-    target = f"_fxopt_{name}_{index}"
-    gm.register_buffer(target, value.to(device))
-    node = gm.graph.get_attr(target)
-    fake_mode = detect_fake_mode([_tensor(like)])
-    node.meta["val"] = fake_mode.from_tensor(getattr(gm, target)) if fake_mode else getattr(gm, target)
-    made.append(node)
-    return node
-
-
 def _meta_tensor(ctx: PassContext | None, val: torch.Tensor) -> torch.Tensor:
     if ctx is None:
         shape = [int(_concrete(d, _hints([val]))) for d in val.shape]
@@ -920,8 +902,9 @@ def rewrite(gm: fx.GraphModule, plan: Plan, decision: MaskDecision, ctx: PassCon
             bias = _bias_from_parts(graph, plan, root, new_nodes)
             causal, window = plan.is_causal, 0  # never together with a mask in a valid sdpa call
         elif decision.alibi_slopes is not None:
-            slopes = _constant_node(gm, "alibi_slopes", torch.tensor(decision.alibi_slopes, dtype=torch.float32),
-                                    plan.q, new_nodes)
+            slopes = add_constant(gm, "alibi_slopes", torch.tensor(decision.alibi_slopes, dtype=torch.float32),
+                                  root)
+            new_nodes.append(slopes)
         made: list[fx.Node] = []
         features = {"window": window, "softcap": float(plan.softcap), "alibi_slopes": slopes}
         node = _new_node(graph, ATTENTION_OP, (plan.q, k, plan.v, kpm, bias, causal, float(plan.scale)), root,

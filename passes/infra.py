@@ -61,3 +61,22 @@ def finish(gm: fx.GraphModule) -> None:
     """What every rewriting pass ends with."""
     gm.graph.lint()
     gm.recompile()
+
+
+def add_constant(gm: fx.GraphModule, name: str, value: torch.Tensor, like: fx.Node) -> fx.Node:
+    """A new buffer `_fxopt_{name}_{i}` of gm, on `like`'s device, read by a get_attr node placed before `like`;
+    its meta["val"] is a fake copy when `like` carries fake values (the graph's own fake mode)."""
+    from torch._guards import detect_fake_mode
+
+    like_val = like.meta.get("val")
+    index = 0
+    while hasattr(gm, f"_fxopt_{name}_{index}"):
+        index += 1
+    target = f"_fxopt_{name}_{index}"
+    gm.register_buffer(target, value.to(like_val.device if isinstance(like_val, torch.Tensor) else value.device))
+    with gm.graph.inserting_before(like):
+        node = gm.graph.get_attr(target)
+    buffer = getattr(gm, target)
+    fake_mode = detect_fake_mode([like_val]) if isinstance(like_val, torch.Tensor) else None
+    node.meta["val"] = fake_mode.from_tensor(buffer) if fake_mode else buffer
+    return node

@@ -44,7 +44,7 @@ from torch import fx
 
 import fxopt.codegen.attention_op  # noqa: F401  (registers torch.ops.fxopt.*)
 from fxopt.passes import masks
-from fxopt.passes.infra import PassContext, PassResult, finish
+from fxopt.passes.infra import PassContext, PassResult, add_constant, finish
 
 aten = torch.ops.aten
 ATTENTION = torch.ops.fxopt.attention.default
@@ -258,8 +258,8 @@ def prove_causal(gm: fx.GraphModule, ids: fx.Node) -> dict[str, int]:
         if form.window:
             kwargs["window"] = form.window
         if form.alibi_slopes is not None:
-            slopes = torch.tensor(form.alibi_slopes, dtype=torch.float32, device=_val(args["q"]).device)
-            kwargs["alibi_slopes"] = _constant(gm, "alibi_slopes", slopes, node)
+            slopes = torch.tensor(form.alibi_slopes, dtype=torch.float32)
+            kwargs["alibi_slopes"] = add_constant(gm, "alibi_slopes", slopes, node)
         node.args = (args["q"], args["k"], args["v"], None, None, True, args["scale"])
         node.kwargs = {k: v for k, v in kwargs.items() if k in ATTENTION_FEATURES}
         info = node.meta.get("fxopt.attention")
@@ -270,19 +270,6 @@ def prove_causal(gm: fx.GraphModule, ids: fx.Node) -> dict[str, int]:
         counts["masks_proven_causal"] += 1
     remove_dead_code(gm)
     return counts
-
-
-def _constant(gm: fx.GraphModule, name: str, value: torch.Tensor, before: fx.Node) -> fx.Node:
-    """A new buffer of gm read by a get_attr node placed before `before`."""
-    index = 0
-    while hasattr(gm, f"_fxopt_{name}_{index}"):
-        index += 1
-    target = f"_fxopt_{name}_{index}"
-    gm.register_buffer(target, value)
-    with gm.graph.inserting_before(before):
-        node = gm.graph.get_attr(target)
-    node.meta["val"] = value
-    return node
 
 
 _DEAD_IF_ORPHAN = {aten._assert_tensor_metadata.default}

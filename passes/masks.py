@@ -6,7 +6,8 @@ index symbols (one per dim), e.g. ``arange(s)`` is ``x0``, ``arange(s)[:, None] 
 ``x0 >= x1``, a ``tril`` buffer of ones is ``Piecewise((1, x1 - x0 <= 0), (0, True))`` (its values are checked
 over the whole buffer), an attention-mask input is an opaque ``attention_mask(x0, x1)``. What hides a key is then
 one boolean formula H(b, h, i, j). With j = i + d it must depend on d alone (plus, for padding, on the key's
-flag ``input[b, j] != 0``); its atoms are linear in d, so the integer line of d splits at their finitely many
+flag ``input[b, j] != 0``; an integer input named like a mask is taken to hold 0/1, the convention of
+attention-mask arguments, as HF's are); its atoms are linear in d, so the integer line of d splits at their finitely many
 thresholds into intervals on which every atom is constant, and evaluating H once per interval decides it
 for every d: a proof by exhaustive case analysis, not a sample at a few lengths.
 
@@ -464,6 +465,8 @@ def _slice(it, node, shape):
     dim = _norm(_arg(node, 1, "dim", 0), src.rank)
     start = _start(it, _arg(node, 2, "start"), src.shape[dim])
     step = _arg(node, 4, "step", 1)
+    if not isinstance(step, int) or step < 1:
+        raise Unprovable("slice with a computed or non-positive step")
     mapping = {i: X[i] for i in range(src.rank)}
     mapping[dim] = start + step * X[dim]
     return _reindex(src.expr, mapping)
@@ -489,6 +492,8 @@ def _index(it, node, shape):
     idx = [it.value(indices[p]) for p in positions]
     if any(not isinstance(e, _Elem) or e.kind == "bool" for e in idx):
         raise Unprovable("boolean or non-tensor index")
+    if not all(sympy.sympify(e.expr).is_nonnegative for e in idx):  # a negative index wraps around
+        raise Unprovable("an index that may be negative")
     brank = max(e.rank for e in idx)
     bshape = shape[k:k + brank]
     mapping = {i: X[i] for i in range(k)}
