@@ -46,6 +46,7 @@ import triton
 import triton.language as tl
 
 from fxopt.codegen.pdl import hopper_or_later
+from fxopt.codegen.tuning import autotune_options
 
 try:
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -635,21 +636,11 @@ def _make_configs():
             for m, n, w, s in tiles]
 
 
-def _autotune_timing() -> dict:
-    """Short timing runs, and results kept in Triton's cache where this Triton can: a second process
-    (or a second optimize call) does not tune again."""
-    import inspect
-
-    accepted = inspect.signature(triton.autotune).parameters
-    options = {"warmup": 5, "rep": 25, "cache_results": True}
-    return {k: v for k, v in options.items() if k in accepted}
-
-
 _flash_attn_fwd_tuned = triton.autotune(
     configs=_make_configs(),
     key=["HEAD_DIM", "CAUSAL", "TMA", "SQ_BUCKET", "SKV_BUCKET", "WINDOW", "SOFTCAP", "ALIBI"],
     prune_configs_by=None if _INTERPRET else {"early_config_prune": _prune_configs},
-    **_autotune_timing(),
+    **autotune_options(),
 )(_flash_attn_fwd)
 
 

@@ -718,6 +718,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fxopt.codegen.tuning import autotune_options as _autotune_options
+
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 # Timing every config is opt-in (FXOPT_AUTOTUNE=1 or FXOPT_FUSED_AUTOTUNE=1); by default the first
 # (pruned) config runs, so the first call of an optimized model costs compiles, not a tuning sweep.
@@ -749,22 +751,6 @@ class _FixedConfig:
             return self.fn[grid](*args, **kwargs, **config.kwargs, num_warps=config.num_warps)
 
         return run
-
-
-def _autotune_options():
-    """Short timing runs (the configs differ by several percent; compile time dominates first calls)
-    and, where this Triton has it, timings cached on disk so another process does not re-tune."""
-    from triton.testing import do_bench
-
-    params = inspect.signature(triton.autotune).parameters
-    options = {}
-    if "do_bench" in params:
-        options["do_bench"] = lambda fn, quantiles: do_bench(fn, warmup=5, rep=25, quantiles=quantiles)
-    elif "warmup" in params:
-        options.update(warmup=5, rep=25)
-    if "cache_results" in params:
-        options["cache_results"] = True
-    return options
 
 
 def autotune(configs, key, prune=None):

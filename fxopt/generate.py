@@ -381,18 +381,26 @@ class Generator:
         if s < 2:
             raise GenerationError("verify: needs at least 2 tokens (a prefill and a decode step)")
         prefill_len = prefill_len or max(1, s // 2)
-        reference = logits_fn(input_ids)
-        reference = getattr(reference, "logits", reference).float()
-        got = [self.prefill(input_ids[:, :prefill_len], all_logits=True).float()]
-        for i in range(prefill_len, s):
-            got.append(self.decode_step(input_ids[:, i:i + 1], all_logits=True).float())
+        reference = _logits_of(logits_fn(input_ids)).float()
+        if reference.dim() == 3 and reference.shape[1] == s:  # every position's logits
+            got = [self.prefill(input_ids[:, :prefill_len], all_logits=True).float()]
+            for i in range(prefill_len, s):
+                got.append(self.decode_step(input_ids[:, i:i + 1], all_logits=True).float())
+            first = 0
+        else:  # the model returns the last position's logits only (nanoGPT): the full forward of each prefix
+            reference = torch.stack([_last(_logits_of(logits_fn(input_ids[:, :p]))).float()
+                                     for p in range(prefill_len, s + 1)], dim=1)
+            got = [_last(self.prefill(input_ids[:, :prefill_len])).float()[:, None]]
+            for i in range(prefill_len, s):
+                got.append(_last(self.decode_step(input_ids[:, i:i + 1])).float()[:, None])
+            first = prefill_len - 1
         err = (torch.cat(got, dim=1) - reference).abs()
         excess = err - rtol * reference.abs()
         worst = int(excess.amax(dim=(0, 2)).argmax())
         if float(excess.max()) > atol:
-            where = "prefill" if worst < prefill_len else "decode step"
-            raise GenerationError(f"verify: the KV-cache programs disagree with the full forward at position {worst} "
-                                  f"({where}): max abs error {float(err[:, worst].max()):.3g}")
+            where = "prefill" if first + worst < prefill_len else "decode step"
+            raise GenerationError(f"verify: the KV-cache programs disagree with the full forward at position "
+                                  f"{first + worst} ({where}): max abs error {float(err[:, worst].max()):.3g}")
         return float(err.max())
 
     # -- generation ---------------------------------------------------------------------------------
@@ -769,3 +777,14 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _logits_of(out):
+    """Logits from what a forward returns: a tensor, an HF output with .logits, or a tuple led by them."""
+    out = getattr(out, "logits", out)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _last(logits: torch.Tensor) -> torch.Tensor:
+    """(b, vocab) logits of the last position from (b, s, vocab) or already (b, vocab)."""
+    return logits[:, -1] if logits.dim() == 3 else logits

@@ -36,6 +36,7 @@ saying it was assumed. Scores soft-capped as ``cap * tanh(s / cap)`` (Gemma-2) r
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -80,8 +81,8 @@ MASKED_FILL = _ops("masked_fill.Scalar", "masked_fill.Tensor")
 WHERE = _ops("where.self", "where.ScalarOther", "where.ScalarSelf")
 ADD = _ops("add.Tensor")
 MASK_OPS = MASKED_FILL | WHERE | ADD
-MUL = _ops("mul.Tensor", "mul.Scalar")
-DIV = _ops("div.Tensor", "div.Scalar")
+MUL = _ops("mul.Tensor", "mul.Scalar", "mul_.Tensor", "mul_.Scalar")  # in place: Falcon's `scores *= c`
+DIV = _ops("div.Tensor", "div.Scalar", "div_.Tensor", "div_.Scalar")
 SCALE_OPS = MUL | DIV
 RESHAPES = _ops("reshape.default", "view.default", "_unsafe_view.default")
 OTHER_SCORE_OPS = _ops("bmm.default", "einsum.default", "baddbmm.default", "mm.default")
@@ -427,6 +428,8 @@ def _follow_passthrough(node: fx.Node):
             return f"cast from {inp.dtype} to {out.dtype}"
         if out.device != inp.device:
             return "device change inside the attention"
+    if node.target in RESHAPES and not (out is not None and inp is not None and _same_shape(out, inp)):
+        return "a reshape that changes the shape of the scores"
     return [(src, None)]
 
 
@@ -535,9 +538,10 @@ def _follow_softcap(node: fx.Node):
 
 
 PV = Step("p @ v", MATMUL, _follow_pv)
-PASS = Step("dropout/cast", PASSTHROUGH, _follow_passthrough, repeat=True)
+PASS = Step("dropout/cast/same-shape view", PASSTHROUGH | RESHAPES, _follow_passthrough, repeat=True)
 SOFTMAX_STEP = Step("softmax", SOFTMAX, _follow_softmax)
 MASK = Step("mask", MASK_OPS, _follow_mask, repeat=True)
+PRESCALE_MASK = Step("mask", MASK_OPS, _follow_mask, repeat=True)  # (s + bias) * c: a bias under the scale
 SOFTCAP = Step("softcap", MUL, _follow_softcap, optional=True,
                applies=lambda node: any(isinstance(a, fx.Node) and a.target in TANH for a in node.args[:2]))
 SCALE = Step("scale", SCALE_OPS, _follow_scale, repeat=True)
@@ -671,11 +675,19 @@ def _plan_explicit(acc: list[tuple[str, fx.Node, Any]]) -> Plan:
     qk = acc[-1][1]
     softmax = next(node for role, node, _ in acc if role == "softmax")
     softcap = next((detail for role, _, detail in acc if role == "softcap"), 0.0)
-    parts = [detail for role, _, detail in reversed(acc) if role == "mask"]
-    scale = 1.0
-    for role, _, detail in acc:
+    # Walking back from the softmax, a mask found past a scale was applied before it: (s + bias) * c. Its
+    # part records c, so an additive bias (ALiBi) is scaled with the scores.
+    parts, scale, past_softcap = [], 1.0, False
+    for role, node, detail in acc:
         if role == "scale":
             scale *= detail
+        elif role == "softcap":
+            past_softcap = True
+        elif role == "mask":
+            if past_softcap:
+                raise NoMatch("a mask applied inside the soft-cap's tanh")
+            parts.append(dataclasses.replace(detail, scale=scale) if scale != 1.0 else detail)
+    parts.reverse()
     q, q_factor, q_nodes = _absorb_q_scale(qk.args[0])
     scale *= q_factor
     k, k_transposed = _untranspose(qk.args[1])
@@ -733,7 +745,8 @@ def _plan_sdpa(acc: list[tuple[str, fx.Node, Any]]) -> Plan:
 #: The pattern table: (name, steps walked backward from the root, plan/check). Matches are counted per name.
 PATTERNS: tuple[Pattern, ...] = (
     Pattern("sdpa", (SDPA_STEP,), _plan_sdpa),
-    Pattern("explicit", (PV, PASS, SOFTMAX_STEP, PASS, MASK, SOFTCAP, SCALE, PASS, QK), _plan_explicit),
+    Pattern("explicit", (PV, PASS, SOFTMAX_STEP, PASS, MASK, SOFTCAP, SCALE, PASS, PRESCALE_MASK, SCALE, PASS, QK),
+            _plan_explicit),
 )
 
 
@@ -742,7 +755,7 @@ def _classify(plan: Plan, ctx: PassContext | None, cache: dict) -> MaskDecision:
     """The mask's form, proved from the graph that builds it (passes/masks.py), cached per mask."""
     tq, tk = _tensor(plan.q), _tensor(plan.k)
     sq, skv = tq.shape[2], (tk.shape[3] if plan.k_transposed else tk.shape[2])
-    key = (tuple((p.kind, p.node, p.value) for p in plan.parts), plan.is_causal, str(_expr(sq)),
+    key = (tuple((p.kind, p.node, p.value, p.scale) for p in plan.parts), plan.is_causal, str(_expr(sq)),
            str(_expr(skv)), str(_expr(tq.shape[0])), str(_expr(tq.shape[1])))
     if key in cache:
         return cache[key]
@@ -811,6 +824,8 @@ def _bias_from_parts(graph: fx.Graph, plan: Plan, like: fx.Node, made: list[fx.N
     for part in plan.parts:
         if part.kind == "add":
             term = part.node
+            if part.scale != 1.0:
+                term = _new_node(graph, aten.mul.Tensor, (term, part.scale), like, made)
         elif part.kind in ("fill", "hide"):
             term = _new_node(graph, aten.where.Scalar, (part.node, part.value, 0.0), like, made)
         else:
@@ -838,8 +853,10 @@ def _kernel(ctx: PassContext | None, node: fx.Node) -> tuple[str, str]:
     features = {name: (_meta_tensor(ctx, _tensor(value)) if isinstance(value, fx.Node) else value)
                 for name, value in node.kwargs.items()}
     kernel, reason = attention_op.kernel_choice(*metas, causal=causal, scale=scale, **features)
-    if kernel == "flash":
-        kernel = "flash_decode" if metas[0].shape[2] <= attention_op.DECODE_MAX_QUERIES else "flash_prefill"
+    if kernel == "flash":  # the label: a dynamic query length is prefill (the op picks per call at run time)
+        sq = _tensor(q).shape[2]
+        few = isinstance(sq, int) and sq <= attention_op.DECODE_MAX_QUERIES
+        kernel = "flash_decode" if few else "flash_prefill"
     return kernel, reason
 
 
@@ -976,6 +993,109 @@ def _attention_like(softmax: fx.Node, hops: int = 8) -> bool:
     return False
 
 
+# --------------------------------------------------------------------------------------------- 3-d attention
+BMM = _ops("bmm.default")
+BADDBMM = _ops("baddbmm.default")
+
+
+def _unmerged(node: Any) -> fx.Node | None:
+    """The 4-d (B, H, S, D) tensor that `node` = reshape to (B*H, S, D) merges the leading dims of, else None."""
+    if not (isinstance(node, fx.Node) and node.op == "call_function" and node.target in RESHAPES):
+        return None
+    src, out, inp = node.args[0], _tensor(node), _tensor(node.args[0])
+    if out is None or inp is None or out.dim() != 3 or inp.dim() != 4:
+        return None
+    merged = _expr(inp.shape[0]) * _expr(inp.shape[1])
+    if sympy.expand(merged - _expr(out.shape[0])) != 0 or not all(_same(a, b) for a, b in
+                                                                  zip(inp.shape[2:], out.shape[1:])):
+        return None
+    return src
+
+
+def _unmerged_kt(node: Any) -> fx.Node | None:
+    """kᵀ as 4-d (B, H, D, S) from a (B*H, D, S) operand: transpose(merge(k)) or merge(kᵀ)."""
+    if (isinstance(node, fx.Node) and node.target == aten.transpose.int and
+            sorted(d % 3 for d in node.args[1:3]) == [1, 2]):
+        k = _unmerged(node.args[0])
+        return None if k is None else ("transpose", k)
+    kt = _unmerged(node)
+    return None if kt is None else ("as_is", kt)
+
+
+def _from_softmax(node: Any) -> bool:
+    while isinstance(node, fx.Node) and node.op == "call_function" and node.target in PASSTHROUGH:
+        node = node.args[0]
+    return isinstance(node, fx.Node) and node.target in SOFTMAX
+
+
+def normalize_batched(gm: fx.GraphModule) -> int:
+    """Rewrite 3-d batched attention (Bloom: baddbmm(alibi, q, kᵀ) on (B*H, S, D) views, viewed back to
+    (B, H, Sq, Skv), softmax, bmm with v) into the 4-d matmuls the PATTERNS match. Exact: the same products,
+    scale and bias; only the (B, H) merge moves. Returns how many products were rewritten."""
+    graph, count = gm.graph, 0
+    for node in list(graph.nodes):
+        if node.op != "call_function":
+            continue
+        if node.target in BMM and _from_softmax(_unmerged(node.args[0])):
+            p, v = _unmerged(node.args[0]), _unmerged(node.args[1])
+            if v is None:
+                continue
+            made: list[fx.Node] = []
+            with graph.inserting_before(node):
+                out = _new_node(graph, aten.matmul.default, (p, v), node, made)  # (b, h, sq, d)
+                flat = _new_node(graph, aten.flatten.using_ints, (out, 0, 1), node, made)  # (b*h, sq, d)
+            node.replace_all_uses_with(flat)
+            graph.erase_node(node)
+            count += 1
+        elif node.target in BMM | BADDBMM and len(node.users) == 1:
+            count += _normalize_scores(graph, node)
+    if count:
+        graph.eliminate_dead_code()
+        gm.recompile()
+    return count
+
+
+def _normalize_scores(graph: fx.Graph, node: fx.Node) -> int:
+    """view4(baddbmm(bias, q3, kᵀ3, beta, alpha)) -> alpha * (q @ kᵀ) + beta * bias, all (b, h, sq, skv)."""
+    view = next(iter(node.users))
+    out = _tensor(view)
+    if view.target not in RESHAPES or out is None or out.dim() != 4 or not isinstance(out.shape[1], int):
+        return 0
+    qi, ki = (1, 2) if node.target in BADDBMM else (0, 1)
+    q, kt = _unmerged(node.args[qi]), _unmerged_kt(node.args[ki])
+    if q is None or kt is None or _tensor(q).shape[1] != out.shape[1]:
+        return 0
+    beta, alpha = node.kwargs.get("beta", 1), node.kwargs.get("alpha", 1)
+    if not all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in (beta, alpha)):
+        return 0
+    made: list[fx.Node] = []
+    with graph.inserting_before(view):
+        how, k = kt
+        if how == "transpose":
+            k = _new_node(graph, aten.transpose.int, (k, -2, -1), view, made)  # (b, h, d, skv)
+        scores = _new_node(graph, aten.matmul.default, (q, k), view, made)  # (b, h, sq, skv)
+        if alpha != 1:
+            scores = _new_node(graph, aten.mul.Tensor, (scores, alpha), view, made)
+        if node.target in BADDBMM and beta != 0:
+            bias, heads = node.args[0], out.shape[1]
+            tb = _tensor(bias)
+            if tb is None or tb.dim() != 3 or not (_same(tb.shape[0], 1) or sympy.expand(
+                    _expr(tb.shape[0]) - _expr(_tensor(q).shape[0]) * heads) == 0):
+                for n in reversed(made):
+                    graph.erase_node(n)
+                return 0
+            merged = _expr(_tensor(q).shape[0]) * heads
+            if sympy.expand(_expr(tb.shape[0]) - merged) == 0:
+                bias = _new_node(graph, aten.unflatten.int, (bias, 0, [-1, heads]), view, made)  # (b, h, ., skv)
+            if beta != 1:
+                bias = _new_node(graph, aten.mul.Tensor, (bias, beta), view, made)
+            scores = _new_node(graph, aten.add.Tensor, (scores, bias), view, made)
+    view.replace_all_uses_with(scores)
+    graph.erase_node(view)
+    graph.erase_node(node)
+    return 1
+
+
 def find_sites(gm: fx.GraphModule) -> list[Site]:
     """Every attention-like site with its Plan, or the reason no pattern applies."""
     outcomes: dict[fx.Node, tuple[Plan | None, str]] = {}
@@ -1033,6 +1153,7 @@ REPORT_KEY = "attention_report"
 
 def run(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     """Replace every recognised attention with one fxopt attention node; report the rest."""
+    normalized = normalize_batched(gm)
     sites = find_sites(gm)
     counts = {pattern.name: 0 for pattern in PATTERNS}
     counts.update(unmatched=0, fallback=0)
@@ -1060,7 +1181,9 @@ def run(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         if info.kernel == "sdpa":
             counts["fallback"] += 1
             notes.append(f"{where}: SDPA fallback: {info.fallback_reason}")
-    changed = any(counts[p.name] for p in PATTERNS)
+    if normalized:
+        notes.append(f"{normalized} 3-d batched (b*h, s, d) products viewed as 4-d (b, h, s, d) to be matched")
+    changed = bool(normalized) or any(counts[p.name] for p in PATTERNS)
     if changed:
         finish(gm)
     return PassResult(changed=changed, notes=notes, counts=counts)

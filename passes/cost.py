@@ -162,15 +162,23 @@ def sdpa_cost(ctx: PassContext, node: fx.Node) -> Cost:
 def fxopt_attention_cost(ctx: PassContext, node: fx.Node) -> Cost:
     """fxopt::attention(q, k, v, key_padding_mask, attn_bias, causal, scale): one fused kernel.
 
-    FLOPs: attention_flops (4·b·hq·sq·skv·d, causal counts only visible pairs). Bytes: the kernel's
-    HBM traffic -- q, K, V (un-repeated KV heads) and the masks read once, O written once; the
-    sq×skv score matrix never reaches memory.
+    FLOPs: attention_flops (4·b·hq·sq·skv·d, causal counts only visible pairs, a sliding window only its
+    band). Bytes: the kernel's HBM traffic -- q, K, V (un-repeated KV heads) and the masks read once, O
+    written once; the sq×skv score matrix never reaches memory. With a window of w keys only the last
+    sq + w - 1 keys are read (the kernel skips key blocks wholly outside every query's band).
     """
     q, k = node.args[0].meta["val"], node.args[1].meta["val"]
     b, hq, sq, d = ctx.shape(q)
-    skv = ctx.named(k.shape[2])
-    flops = attention_flops(b, hq, sq, skv, d, bool(node.args[5]))
-    return io_cost(ctx, node, flops, "attention")
+    hkv, skv = ctx.named(k.shape[1]), ctx.named(k.shape[2])
+    window = int(node.kwargs.get("window", 0) or 0)
+    flops = attention_flops(b, hq, sq, skv, d, bool(node.args[5]), window=window)
+    cost = io_cost(ctx, node, flops, "attention")
+    if not window:
+        return cost
+    per_key = 2 * b * hkv * d * k.element_size()  # one key and one value row of every KV head
+    band = per_key * sympy.Min(skv, sq + window - 1)
+    return Cost(cost.flops, sympy.expand(cost.bytes_read - per_key * skv + band), cost.bytes_written, cost.kind,
+                cost.dtype, f"sliding window of {window} keys")
 
 
 def cached_attention_cost(ctx: PassContext, node: fx.Node) -> Cost:

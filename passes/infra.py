@@ -78,5 +78,5 @@ def add_constant(gm: fx.GraphModule, name: str, value: torch.Tensor, like: fx.No
         node = gm.graph.get_attr(target)
     buffer = getattr(gm, target)
     fake_mode = detect_fake_mode([like_val]) if isinstance(like_val, torch.Tensor) else None
-    node.meta["val"] = fake_mode.from_tensor(buffer) if fake_mode else buffer
+    node.meta["val"] = fake_mode.from_tensor(buffer, static_shapes=True) if fake_mode else buffer  # its sizes are facts
     return node

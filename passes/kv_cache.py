@@ -307,7 +307,8 @@ VIEWS = {aten.view, aten.reshape, aten._unsafe_view, aten.flatten, aten.unflatte
 CREATION = {aten.full, aten.zeros, aten.ones, aten.empty, aten.new_ones, aten.new_zeros, aten.new_full,
             aten.new_empty, aten.zeros_like, aten.ones_like, aten.full_like, aten.empty_like, aten.scalar_tensor}
 # Ops whose SymInt args may be the sequence length (as a size, not a value).
-SIZE_CONSUMERS = VIEWS | CREATION | {aten.expand, aten.arange, aten.slice, aten.narrow, aten.split,
+EXPANDS = {aten.expand, aten.broadcast_to}  # same semantics: broadcast size-1 dims (Falcon broadcasts k, v)
+SIZE_CONSUMERS = VIEWS | CREATION | EXPANDS | {aten.arange, aten.slice, aten.narrow, aten.split,
                                      aten.split_with_sizes, aten.sym_size, aten.select, aten.repeat}
 # (x, dim, keepdim) reductions; dim None or missing = all dims.
 REDUCE_DIM = {aten.mean, aten.sum, aten.amax, aten.amin, aten.prod, aten.any, aten.all, aten.logsumexp,
@@ -490,7 +491,7 @@ def _kind_of(an: Analysis, node: fx.Node) -> str:
     if POS in kinds:
         return POS
     if any(an.has_seq(_arg_expr(a)) for a in _size_args(node)):
-        if _packet(node) in CREATION or _packet(node) in (aten.expand, aten.repeat):
+        if _packet(node) in CREATION or _packet(node) in EXPANDS | {aten.repeat}:
             return POS  # constant along the tokens, sized by them: rebuilt at the new length
         raise _refuse(node, "builds a constant whose shape depends on the sequence length in a way kv_cache "
                             "cannot re-derive for new positions")
@@ -558,8 +559,8 @@ def _all_ones(node: fx.Node) -> bool:
         if packet in (aten.full, aten.new_full, aten.full_like):
             fill = node.args[2] if packet is aten.new_full else node.args[1]
             return not isinstance(fill, fx.Node) and fill == 1
-        if packet in ELEMENTWISE or packet in VIEWS or packet in (aten.expand, aten.unsqueeze, aten.permute,
-                                                                 aten.transpose, aten.slice):
+        if packet in ELEMENTWISE or packet in VIEWS or packet in EXPANDS or packet in (aten.unsqueeze, aten.permute,
+                                                                                  aten.transpose, aten.slice):
             if not isinstance(node.args[0], fx.Node):
                 return False
             node = node.args[0]
@@ -618,7 +619,8 @@ def _rule_for(node: fx.Node):
     return {
         aten.linear: _rule_linear, aten.transpose: _rule_permute, aten.permute: _rule_permute,
         aten.t: _rule_permute, aten.movedim: _rule_permute, aten.unsqueeze: _rule_unsqueeze,
-        aten.squeeze: _rule_squeeze, aten.expand: _rule_expand, aten.slice: _rule_slice,
+        aten.squeeze: _rule_squeeze, aten.expand: _rule_expand, aten.broadcast_to: _rule_expand,
+        aten.slice: _rule_slice,
         aten.narrow: _rule_slice, aten.select: _rule_select, aten.split: _rule_split,
         aten.split_with_sizes: _rule_split, aten.chunk: _rule_split, aten.unbind: _rule_unbind,
         aten.cat: _rule_cat, aten.stack: _rule_stack, aten.embedding: _rule_embedding,

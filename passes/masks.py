@@ -23,6 +23,7 @@ the same formulas: the bias minus its value at j = i must be ``c(h) * d`` with c
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -59,6 +60,7 @@ class MaskPart:
     kind: str  # fill | keep | hide | add
     node: fx.Node
     value: float | None = None  # the fill value for fill/keep/hide
+    scale: float = 1.0  # a scale applied to the scores after this part (Falcon-ALiBi: (s + bias) * c)
 
 
 @dataclass(frozen=True)
@@ -427,16 +429,84 @@ def _expand(it, node, shape):
 
 
 def _reshape(it, node, shape):
-    """Only views that insert or drop size-1 dims (the rest keep their order and sizes)."""
+    """Views that insert or drop size-1 dims, merge adjacent dims into one or split one into adjacent dims
+    (Falcon's ALiBi bias: (b, h, s) -> (b*h, 1, s) -> (b, h, 1, s)); the dims keep their order."""
     src = it.value(node.args[0])
     keep_in = [i for i, s in enumerate(src.shape) if not _is_one(s)]
     keep_out = [i for i, s in enumerate(shape) if not _is_one(s)]
-    if len(keep_in) != len(keep_out) or any(
-            sympy.expand(sympy.sympify(src.shape[i]) - sympy.sympify(shape[j])) != 0
-            for i, j in zip(keep_in, keep_out)):
-        raise Unprovable("reshape that merges or splits dims")
     mapping = {i: sympy.Integer(0) for i in range(src.rank)}
-    mapping.update({i: X[j] for i, j in zip(keep_in, keep_out)})
+    a = b = 0
+    while a < len(keep_in) and b < len(keep_out):
+        ins, outs = _reshape_group(src.shape, keep_in[a:], shape, keep_out[b:])
+        if outs == 1:  # identity or merge: in index t is (m // (product of later dims)) % its size
+            m, later = X[keep_out[b]], 1
+            for i in reversed(keep_in[a:a + ins]):
+                mapping[i] = sympy.floor(m / later) % src.shape[i] if ins > 1 else m
+                later *= src.shape[i]
+        else:  # split: the in index is the row-major linear index of the out dims
+            linear, stride = sympy.Integer(0), 1
+            for j in reversed(keep_out[b:b + outs]):
+                linear += X[j] * stride
+                stride *= shape[j]
+            mapping[keep_in[a]] = linear
+        a, b = a + ins, b + outs
+    if a != len(keep_in) or b != len(keep_out):
+        raise Unprovable("reshape that merges or splits dims")
+    return _within_bounds(_reindex(src.expr, mapping), shape)
+
+
+def _same_size(x, y) -> bool:
+    return sympy.expand(sympy.sympify(x) - sympy.sympify(y)) == 0
+
+
+def _reshape_group(in_shape, ins, out_shape, outs) -> tuple[int, int]:
+    """How many of the leading in and out dims (size-1 dims dropped) form one group of equal product."""
+    if _same_size(in_shape[ins[0]], out_shape[outs[0]]):
+        return 1, 1
+    for n in range(2, len(ins) + 1):
+        if _same_size(sympy.Mul(*[in_shape[i] for i in ins[:n]]), out_shape[outs[0]]):
+            return n, 1
+    for n in range(2, len(outs) + 1):
+        if _same_size(in_shape[ins[0]], sympy.Mul(*[out_shape[j] for j in outs[:n]])):
+            return 1, n
+    raise Unprovable("reshape that regroups dims (neither a merge nor a split)")
+
+
+def _within_bounds(expr, shape: tuple):
+    """floor(q + x/s) -> q and Mod(q*s + x, s) -> x where index x runs over [0, s) (a split after a merge)."""
+    if not hasattr(expr, "replace"):
+        return expr
+    bound = {X[i]: size for i, size in enumerate(shape)}
+
+    def quotient(arg):  # arg = n / s: (n // s, n % s) when n = s*q + x with 0 <= x < s, else None
+        num, den = sympy.fraction(sympy.together(arg))
+        terms = sympy.Add.make_args(sympy.expand(num))
+        rest = [t for t in terms if sympy.fraction(sympy.cancel(t / den))[1] != 1]
+        if len(rest) != 1 or rest[0] not in bound or not _same_size(bound[rest[0]], den):
+            return None
+        return sympy.expand(sympy.Add(*[t for t in terms if t is not rest[0]]) / den), rest[0]
+
+    def simpler_floor(e):
+        found = quotient(e.args[0])
+        return found[0] if found is not None else e
+
+    def simpler_mod(e):
+        found = quotient(e.args[0] / e.args[1])
+        return found[1] if found is not None else e
+
+    expr = expr.replace(lambda e: isinstance(e, sympy.floor), simpler_floor)
+    return expr.replace(lambda e: isinstance(e, sympy.Mod), simpler_mod)
+
+
+def _repeat(it, node, shape):
+    """x.repeat(sizes): tiles; output index x_k reads input index x_k mod the input's size (dims right-aligned)."""
+    src = it.value(node.args[0])
+    shift = len(shape) - src.rank
+    mapping = {}
+    for i, size in enumerate(src.shape):
+        out = X[i + shift]
+        mapping[i] = sympy.Integer(0) if _is_one(size) else (out if _same_size(size, shape[i + shift])
+                                                             else sympy.Mod(out, size))
     return _reindex(src.expr, mapping)
 
 
@@ -650,9 +720,13 @@ HANDLERS.update({
     aten.unsqueeze: _unsqueeze,
     aten.squeeze: _squeeze,
     aten.expand: _expand,
+    aten.broadcast_to: _expand,
     aten.view: _reshape,
     aten.reshape: _reshape,
     aten._unsafe_view: _reshape,
+    aten.flatten: _reshape,
+    aten.repeat: _repeat,
+    aten.unflatten: _reshape,
     aten.permute: _permute,
     aten.transpose: _permute,
     aten.slice: _slice,
@@ -794,6 +868,68 @@ def _alibi_slopes(bias, it: _Interpreter, heads) -> tuple[float, ...] | None:
     return tuple(slopes)
 
 
+OVERWHELMING = -1e30  # a hidden value no bias added to it can lift (finfo.min, -1e38, -inf)
+
+
+def _split_bias(value) -> tuple[Any, Any] | None:
+    """(hide, visible): the additive `value` is <= -1e4 where `hide` holds and `visible` elsewhere, or None.
+
+    masked_fill(alibi, mask, min) is a Piecewise of a hidden constant and the bias; a sum of such terms hides
+    where any term does when the hidden constants overwhelm whatever else is added."""
+    if value.is_number:
+        return (sympy.true, sympy.Integer(0)) if value <= _HIDDEN else (sympy.false, value)
+    if isinstance(value, sympy.Piecewise):
+        hide, shown, earlier = [], [], sympy.false
+        for branch, cond in value.args:
+            taken = sympy.And(cond, sympy.Not(earlier))
+            if branch.is_number and branch <= _HIDDEN:
+                hide.append(taken)
+            elif _moderate(branch) and all(sympy.expand(branch - other) == 0 for other in shown):
+                shown.append(branch)
+            else:
+                return None
+            earlier = sympy.Or(earlier, cond)
+        return sympy.Or(*hide), (shown[0] if shown else sympy.Integer(0))
+    if isinstance(value, sympy.Mul):  # c * Piecewise(...): scale every branch (c > 0 keeps what hides)
+        factor, rest = value.as_independent(X[0], X[1], X[2], X[3], *value.free_symbols)
+        if factor.is_number and factor > 0 and isinstance(rest, sympy.Piecewise):
+            return _split_bias(sympy.Piecewise(*[(factor * b, c) for b, c in rest.args]))
+    if isinstance(value, sympy.Add):
+        splits = [_split_bias(term) for term in value.args]
+        if any(s is None for s in splits):
+            return None
+        hides = [s[0] for s in splits if s[0] is not sympy.false]
+        if hides and not all(_overwhelms(term) for term, s in zip(value.args, splits) if s[0] is not sympy.false):
+            return None
+        return sympy.Or(*hides), sympy.Add(*[s[1] for s in splits])
+    return (sympy.false, value) if _moderate(value) else None
+
+
+def _moderate(expr) -> bool:
+    """No case split, no comparison and no constant of hiding size (a bias like ALiBi's slope * j, not a
+    mask spelled arithmetically as (1 - flag) * finfo.min, which the general proof handles)."""
+    return not (expr.has(sympy.Piecewise) or expr.atoms(Relational)) and all(
+        abs(float(c)) < -HIDDEN_AT_MOST for c in expr.atoms(sympy.Number))
+
+
+def _overwhelms(term) -> bool:
+    branches = term.args if isinstance(term, sympy.Piecewise) else [(term, True)]
+    return all(not (b.is_number and b <= _HIDDEN) or b <= OVERWHELMING for b, _ in branches)
+
+
+def _visible_bias(total, it: "_Interpreter", shape: tuple) -> tuple[tuple[float, ...] | None, str]:
+    """What the additive bias on visible keys is: nothing, a per-row constant (softmax ignores it) or ALiBi."""
+    if total == 0:
+        return None, ""
+    if not total.has(X[3]) and not (total.free_symbols - set(X[:3])):
+        return None, "; a bias constant along the keys (softmax cancels it)"
+    slopes = _alibi_slopes(total, it, shape[1])
+    if slopes is None:
+        raise Unprovable(f"a position-dependent bias on visible keys that is not ALiBi "
+                         f"({str(sympy.N(total, 3))[:80]})")
+    return slopes, "; ALiBi slopes (one per head) read from the additive bias"
+
+
 def classify(parts: list[MaskPart], *, is_causal: bool, q_val: torch.Tensor, k_val: torch.Tensor,
              k_transposed: bool = False) -> MaskForm:
     """The form of the mask the parts apply to scores q·kᵀ of shape (b, h, sq, skv)."""
@@ -804,27 +940,31 @@ def classify(parts: list[MaskPart], *, is_causal: bool, q_val: torch.Tensor, k_v
     it = _Interpreter(parts[0].node.graph.owning_module)
     shape = _score_shape(q_val, k_val, k_transposed)
     try:
-        hidden, checks, slopes = [], [], None
+        hidden, checks, visible = [], [], []
         for part in parts:
             expr, kind = it.elem(part.node, shape)
+            if not part.scale > 0:
+                raise Unprovable(f"a scale {part.scale} after the mask (it must be positive to keep hiding)")
             if part.kind in ("fill", "hide"):
                 hidden.append(_as_bool(expr, kind))
             elif part.kind == "keep":
                 hidden.append(sympy.Not(_as_bool(expr, kind)))
             else:
                 value = _as_number(expr, kind)
-                alibi = _alibi_slopes(value, it, shape[1]) if slopes is None else None
-                if alibi is not None:
-                    slopes = alibi
-                    continue
-                hidden.append(sympy.Le(value, _HIDDEN))
-                checks.append(sympy.Or(sympy.Le(value, _HIDDEN), sympy.Eq(value, 0)))
+                value = value * part.scale if part.scale != 1.0 else value
+                split = _split_bias(value)
+                if split is None:  # proved below: the bias is only 0 or hidden
+                    hidden.append(sympy.Le(value, _HIDDEN))
+                    checks.append(sympy.Or(sympy.Le(value, _HIDDEN), sympy.Eq(value, 0)))
+                else:
+                    hidden.append(split[0])
+                    visible.append(split[1])
+        slopes, bias_note = _visible_bias(sympy.expand(sympy.Add(*visible)), it, shape)
         if is_causal:
             hidden.append(X[3] > X[2])
         form = _decide(_logic(sympy.Or(*hidden)), _logic(sympy.And(*checks)), it, shape)
-        if slopes is not None:
-            form = MaskForm(form.kind, form.causal, form.window, form.padding_source, slopes,
-                            form.evidence + "; ALiBi slopes (one per head) read from the additive bias")
+        if bias_note:
+            form = dataclasses.replace(form, alibi_slopes=slopes, evidence=form.evidence + bias_note)
         return form
     except Unprovable as exc:
         return MaskForm("general", reason=f"mask is not a provable causal/window/padding form: {exc}")

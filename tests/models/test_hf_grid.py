@@ -34,21 +34,8 @@ import hf_grid as grid  # noqa: E402  (tests/models is on sys.path: pytest's roo
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-FALCON_EAGER = "Falcon eager scales the scores in place (aten.div_): the attention pattern does not match it"
 #: Known defects, each expected to fail until fixed (strict: a case that starts passing must leave this table).
-KNOWN_FAILURES = {
-    ("falcon-rotary", "eager", "attention"): FALCON_EAGER,
-    ("falcon-rotary", "eager", "kv_greedy"): FALCON_EAGER + "; the leftover mask slice is then refused",
-    ("falcon-alibi", "eager", "attention"): FALCON_EAGER,
-    ("falcon-alibi", "eager", "kv_greedy"): FALCON_EAGER + "; the leftover mask slice is then refused",
-    ("falcon-mqa", "eager", "attention"): FALCON_EAGER,
-    ("falcon-mqa", "eager", "kv_greedy"): FALCON_EAGER + "; the leftover mask slice is then refused",
-    ("falcon-rotary", "sdpa", "kv_greedy"): "kv_cache refuses Falcon's broadcast_to of the sequence length",
-    ("falcon-alibi", "sdpa", "kv_greedy"): "the ALiBi bias is built through a reshape that merges dims, which "
-                                          "passes/masks.py cannot follow: general mask, KV cache refused",
-    ("bloom", "eager", "attention"): "Bloom's attention is 3-d baddbmm/bmm: only 4-d matmul attention is matched",
-    ("bloom", "eager", "kv_greedy"): "Bloom's attention is not rewritten, so its mask is mixed with token data",
-}
+KNOWN_FAILURES: dict[tuple[str, str, str], str] = {}
 
 CASES = [pytest.param(name, impl, id=f"{name}-{impl}") for name, impl in grid.case_ids()]
 

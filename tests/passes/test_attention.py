@@ -426,6 +426,16 @@ def test_prefix_mask_is_kept_as_a_general_bias():
     assert_matches_eager(model, captured, kwargs)
 
 
+def test_a_mask_applied_before_the_scale_is_scaled_with_the_scores():
+    model = MaskBeforeScale().eval()
+    kwargs, dims = x_inputs()
+    captured, _, result = rewrite(model, kwargs, dims)
+    (node,) = attention_nodes(captured.gm)
+    info = node.meta[attention.ATTENTION_KEY]
+    assert (info.mask_kind, info.scale) == ("causal", pytest.approx(model.d**-0.5)), info
+    assert_matches_eager(model, captured, kwargs)
+
+
 def test_runtime_scale_is_not_matched():
     model = RuntimeScale().eval()
     kwargs, dims = x_inputs()
@@ -439,7 +449,6 @@ def test_runtime_scale_is_not_matched():
     (SoftmaxOverQueries, "softmax not over the last dim", False),
     (NoValueMatmul, "no matmul with v after softmax", False),
     (ReturnsProbabilities, "also used outside the attention", False),
-    (MaskBeforeScale, "mask is applied before the scale", False),
 ])
 def test_explain_gives_the_reason(module, reason, matched):
     kwargs, dims = x_inputs()

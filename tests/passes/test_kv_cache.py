@@ -77,9 +77,9 @@ class TinyLM(nn.Module):
         i = torch.arange(s, device=x.device)
         if self.mix == "tril":  # a causal mask built in forward: proven causal, then dead
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=torch.ones(s, s, dtype=torch.bool).tril())
-        elif self.mix == "alibi":  # causal, but with a position-dependent bias
+        elif self.mix == "quadratic_bias":  # causal, with a bias quadratic in j - i (ALiBi is linear)
             rel = (i[None, :] - i[:, None]).float()
-            bias = (0.5 * rel).masked_fill(rel > 0, float("-inf"))
+            bias = (0.01 * rel * rel).masked_fill(rel > 0, float("-inf"))
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         else:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=self.mix != "bidirectional")
@@ -96,7 +96,7 @@ class TinyLM(nn.Module):
     ("conv", "conv", "does not know"),
     ("but_last", "slice", "along the token axis"),
     ("bidirectional", "attention", "bidirectional"),
-    ("alibi", "attention", "position-dependent bias"),
+    ("quadratic_bias", "attention", "position-dependent bias"),
 ])
 def test_position_mixing_is_refused_naming_the_node(mix, node, why):
     with pytest.raises(KVCacheError) as info:

@@ -167,6 +167,22 @@ def test_nanogpt_last_position_logits(flash, last):
             assert torch.equal(out[row, PROMPT:], model.generate(prompt, NEW, greedy=True)[0, prompt.shape[1]:])
 
 
+@pytest.mark.parametrize("last", ["index", "select"])
+def test_verify_of_a_last_position_model_compares_every_prefix_and_can_fail(last, monkeypatch):
+    model = _nanogpt(last=last, n_layer=1)
+    ids = _ids(2, seed=4)[:, :PROMPT]
+    gen = fxopt.optimize(model, (ids,), kv_cache=True, max_seq_len=64, verify=True)
+    assert f"decode to {2 * PROMPT}" in gen.verification  # twice the example's length
+    decode_step = type(gen).decode_step
+
+    def off_by_a_bit(self, input_ids, **kw):  # a planted fault in the decode program's logits
+        return decode_step(self, input_ids, **kw) + 1e-2
+
+    monkeypatch.setattr(type(gen), "decode_step", off_by_a_bit)
+    with pytest.raises(fxopt.numerics.VerificationError, match="decode step"):
+        fxopt.optimize(model, (ids,), kv_cache=True, max_seq_len=64, verify=True)
+
+
 # --------------------------------------------------------------------------------------------------
 # What stays refused, naming the node and the model's line
 # --------------------------------------------------------------------------------------------------

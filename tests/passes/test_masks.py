@@ -117,6 +117,39 @@ class Alibi(Scored):
         return self.slopes[:, None, None] * (i[None, :] - i[:, None])[None]  # (h, s, s)
 
 
+SLOPES = (0.5, 0.25, 0.125, 0.0625)
+
+
+class BatchedAlibi(nn.Module):
+    """ALiBi the way Falcon and Bloom spell it: slopes (h, 1, 1) * key position, tiled over the batch with
+    repeat to (b*h, 1, s), then either added to 4-d scores before an in-place scale (Falcon: `(s + bias) *= c`)
+    or used as the baddbmm input of 3-d (b*h, s, d) attention (Bloom)."""
+
+    def __init__(self, bloom: bool):
+        super().__init__()
+        self.bloom = bloom
+        self.qkv = nn.Linear(32, 96)
+        self.o = nn.Linear(32, 32)
+        self.register_buffer("slopes", torch.tensor(SLOPES))
+
+    def forward(self, x):
+        b, s, _ = x.shape
+        q, k, v = self.qkv(x).view(b, s, 3, 4, 8).permute(2, 0, 3, 1, 4)  # (b, h, s, d) each
+        alibi = (self.slopes[:, None, None] * torch.arange(s, device=x.device)).repeat(b, 1, 1)  # (b*h, 1, s)
+        i = torch.arange(s, device=x.device)
+        causal = torch.where(i[None, :] > i[:, None], torch.finfo(x.dtype).min, 0.0)  # (s, s)
+        if self.bloom:
+            scores = alibi.baddbmm(q.reshape(b * 4, s, 8), k.reshape(b * 4, s, 8).transpose(-1, -2),
+                                   beta=1.0, alpha=8**-0.5).view(b, 4, s, s)
+            probs = torch.softmax(scores + causal, dim=-1).view(b * 4, s, s)
+            out = torch.bmm(probs, v.reshape(b * 4, s, 8)).view(b, 4, s, 8)
+        else:
+            scores = q @ k.transpose(-1, -2) + alibi.view(b, 4, 1, s)
+            scores *= 8**-0.5
+            out = torch.softmax(scores + causal, dim=-1) @ v
+        return self.o(out.transpose(1, 2).reshape(b, s, 32))
+
+
 def analysed(model, seq=8):
     kwargs, dims = {"x": rand(2, seq, 32)}, {"x": {0: "batch", 1: "seq"}}
     captured = capture(model, kwargs, dims)
@@ -157,6 +190,22 @@ def test_learned_bias_stays_general_with_a_reason():
 def test_alibi_slopes_are_read_from_the_bias():
     _, _, form = analysed(Alibi().eval())
     assert form.kind == "causal" and form.alibi_slopes == pytest.approx((0.5, 0.25, 0.125, 0.0625))
+
+
+@pytest.mark.parametrize("bloom", [False, True], ids=["falcon-style", "bloom-style"])
+def test_tiled_alibi_under_a_scale_is_read_and_rewritten(bloom):
+    model = BatchedAlibi(bloom).eval()
+    fast = fxopt.optimize(model, {"x": rand(2, 8, 32)}, dynamic_dims={"x": {0: "batch", 1: "seq"}})
+    (node,) = [n for n in fast.gm.graph.nodes if n.target == ATTN]
+    info = node.meta[attention.ATTENTION_KEY]
+    assert (info.mask_kind, info.alibi) == ("causal", True), info
+    slopes = getattr(fast.gm, node.kwargs["alibi_slopes"].target)
+    # Falcon scales the biased scores, so its bias is scaled too; Bloom's baddbmm scales q @ kᵀ only
+    torch.testing.assert_close(slopes, torch.tensor(SLOPES) * (1.0 if bloom else 8**-0.5))
+    for s in (8, 20, 40):
+        x = rand(2, s, 32, seed=s)
+        with torch.no_grad():
+            torch.testing.assert_close(fast(x), model(x), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("module", [ArangeWindow, BufferBand, Alibi, LearnedBias])
@@ -253,3 +302,29 @@ def test_max_batch_defaults_to_the_example_batch():
     model = mistral()
     gen = fxopt.optimize(model, {"input_ids": torch.randint(0, 256, (3, 8))}, kv_cache=True, max_seq_len=32)
     assert gen.max_batch == 3
+
+
+def test_windowed_attention_costs_only_the_band():
+    """FLOPs against the band's area (the cost model's continuous pair count, as causal is s²/2: row i sees
+    min(i, w) keys, integrated over i in [0, s]), itself within the diagonal (s/2) of the pairs counted from
+    the model's own mask; K/V bytes against the keys some query sees (here every key)."""
+    from fxopt.capture import role_symbol
+    from fxopt.passes import cost
+    from fxopt.pipeline import make_context
+
+    model = ArangeWindow().eval()
+    captured = capture(model, {"x": rand(2, 8, 32)}, {"x": {0: "batch", 1: "seq"}})
+    ctx = make_context(captured, "h100", None)
+    attention.run(captured.gm, ctx)
+    (node,) = [n for n in captured.gm.graph.nodes if n.target == ATTN]
+    assert node.kwargs.get("window") == 12
+    got = cost.fxopt_attention_cost(ctx, node)
+    b, s = role_symbol("batch"), role_symbol("seq")
+    w = 12
+    for length in (8, 12, 30):
+        area = length**2 / 2 if length <= w else w**2 / 2 + w * (length - w)
+        assert float(got.flops.xreplace({b: 2, s: length})) == 4 * 2 * 4 * 8 * area, length
+        visible = int((~model.hidden(length, "cpu")).sum())
+        assert 0 < visible - area <= length / 2
+    qkv_o = 4 * 2 * 4 * 30 * 8 * 4  # q, k, v, o at s = 30, fp32: a window never hides a key from every query
+    assert got.bytes.xreplace({b: 2, s: 30}) == qkv_o
