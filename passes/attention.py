@@ -805,7 +805,12 @@ def _new_node(graph: fx.Graph, target, args: tuple, like: fx.Node, made: list[fx
     vals, kwvals = fx.node.map_arg((args, kwargs), lambda n: n.meta["val"])
     flat = [v for v in torch.utils._pytree.tree_leaves(vals) if isinstance(v, torch.Tensor)]
     fake_mode = detect_fake_mode(flat)
-    if fake_mode is not None:
+    if target == aten.matmul.default and all(v.dim() == 4 for v in vals):
+        # (b, h, m, k) @ (b, h, k, n): the shape directly. Running matmul's decomposition on fake CUDA tensors
+        # (torch 2.11) guards on strides and specialises the batch and sequence symbols to their hints.
+        a, b = vals
+        node.meta["val"] = a.new_empty((*a.shape[:-1], b.shape[-1]))
+    elif fake_mode is not None:
         with fake_mode:
             node.meta["val"] = target(*vals, **kwvals)
     else:

@@ -1,6 +1,7 @@
-"""Real architectures on CUDA, with the kernels themselves (not their references): sliding-window Mistral and
-soft-capped, alternating local/global Gemma-2, optimized and KV-cached, checked by verify=True at a length past
-the window and by HF generate's greedy tokens in fp32.
+"""Real architectures on CUDA, with the kernels themselves (not their references): sliding-window Mistral,
+soft-capped, alternating local/global Gemma-2 and the ALiBi models (Bloom's 3-d baddbmm attention, Falcon's
+in-place scaled scores), optimized and KV-cached, checked by verify=True at a length past the window and by
+HF generate's greedy tokens in fp32.
 
 Skipped without a GPU (tests/gpu/conftest.py) or without transformers.
 """
@@ -16,15 +17,18 @@ transformers = pytest.importorskip("transformers")
 DEVICE = "cuda"
 COMMON = dict(num_hidden_layers=2, hidden_size=256, intermediate_size=512, num_attention_heads=4,
               num_key_value_heads=2, vocab_size=1024, max_position_embeddings=512)
-ARCHS = {
-    "mistral-window-64": ("mistral", dict(sliding_window=64), "sdpa"),
+ARCHS = {  # name: (model_type, config fields, attention implementation, what every attention node records)
+    "mistral-window-64": ("mistral", dict(sliding_window=64), "sdpa", "window"),
     "gemma2-softcap-window-64": ("gemma2", dict(head_dim=64, sliding_window=64, attn_logit_softcapping=50.0,
-                                                final_logit_softcapping=30.0), "eager"),
+                                                final_logit_softcapping=30.0), "eager", "window"),
+    "bloom-alibi": ("bloom", dict(pad_token_id=0), "eager", "alibi"),
+    "falcon-alibi": ("falcon", dict(alibi=True, new_decoder_architecture=False, multi_query=False,
+                                    parallel_attn=False, bias=True, pad_token_id=0), "eager", "alibi"),
 }
 
 
 def build(name: str, dtype: torch.dtype):
-    model_type, extra, impl = ARCHS[name]
+    model_type, extra, impl, _ = ARCHS[name]
     config = transformers.AutoConfig.for_model(model_type, **COMMON, **extra)
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=impl)
@@ -38,8 +42,12 @@ def test_forward_verifies_past_the_window(name, dtype):
     ids = torch.randint(0, 1024, (2, 48), device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(1))
     fast = fxopt.optimize(model, {"input_ids": ids}, verify=True)  # 48 and 96 > window 64, generated kernels
     assert "48 and 96" in fast.verification and "generated kernels" in fast.verification
-    windows = {n.meta["fxopt.attention"].window for n in fast.gm.graph.nodes if "fxopt.attention" in n.meta}
-    assert 64 in windows
+    infos = [n.meta["fxopt.attention"] for n in fast.gm.graph.nodes if "fxopt.attention" in n.meta]
+    assert len(infos) >= 2 and all(info.kernel != "sdpa" for info in infos), infos
+    if ARCHS[name][3] == "window":
+        assert 64 in {info.window for info in infos}
+    else:
+        assert all(info.alibi for info in infos)
 
 
 @pytest.mark.parametrize("name", list(ARCHS))
