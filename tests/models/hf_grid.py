@@ -381,7 +381,7 @@ class AttentionSummary:
     counts: dict[str, int]
     matched: int
     notes: list[str]
-    nodes: list[tuple[str, str, str]]  # (node, kernel, mask_kind) of each fxopt attention node
+    nodes: list[tuple[str, str, str]]  # (node, kernel, mask kind with its features) of each attention node
     fallbacks: list[str]  # notes of the SDPA fallbacks
 
     def kernels(self) -> str:
@@ -403,7 +403,9 @@ def attention_summary(name: str, impl: str) -> AttentionSummary:
     for node in fast.gm.graph.nodes:
         info = node.meta.get(attention_pass.ATTENTION_KEY)
         if info is not None and node.op == "call_function":
-            nodes.append((node.name, info.kernel, info.mask_kind))
+            features = [f"window {info.window}"] if info.window else []
+            features += ["ALiBi"] * info.alibi + [f"soft-cap {info.softcap:g}"] * bool(info.softcap)
+            nodes.append((node.name, info.kernel, ", ".join([info.mask_kind.replace("window", "causal")] + features)))
     fallbacks = [n for n in result.notes if "SDPA fallback" in n]
     return AttentionSummary(num_layers(model), counts, matched, list(result.notes), nodes, fallbacks)
 
