@@ -166,9 +166,12 @@ def predicted_forward_ms(optimized, hw) -> float:
 
 def bench_model(spec: str, *, batch: int = 8, seq: int | None = None, dtype=torch.bfloat16,
                 attn_impl: str | None = None, device: str | None = None, hw: str = "h100", compile: bool = True,
-                regions: bool = True, cuda_graph: bool = False, attention: bool = True, profile: bool = False,
+                backend: bool | None = None, regions: bool = True, cuda_graph: bool = False, attention: bool = True, profile: bool = False,
                 min_run_time: float = 0.5, default_seq: int = 1024, **overrides) -> BenchResult:
     """Eager vs fxopt vs torch.compile on one model, with the roofline prediction and copy bandwidth.
+
+    backend (default: as `compile`): also time torch.compile(model, backend="fxopt"), fxopt's passes run on
+    each Dynamo subgraph, beside fxopt.optimize; its largest difference from eager is reported too.
 
     seq None: default_seq, or the model's position limit if smaller. A batch or seq the model cannot take is a
     UserError before anything is captured. min_run_time: seconds each CPU timing runs for."""
@@ -214,6 +217,15 @@ def bench_model(spec: str, *, batch: int = 8, seq: int | None = None, dtype=torc
                 _sync(device)
             whole["compile_first_call_s"] = time.perf_counter() - start
             variants["compile"] = lambda: compiled(**inputs)
+        if compile if backend is None else backend:
+            start = time.perf_counter()
+            with stage("torch.compile(backend='fxopt') first call"):
+                through_backend = torch.compile(model, backend="fxopt", options={"hw": hardware})
+                got = through_backend(**inputs)
+                _sync(device)
+            whole["backend_first_call_s"] = time.perf_counter() - start
+            whole["backend_max_abs_diff"] = _max_abs_diff(got, model(**inputs))
+            variants["fxopt_backend"] = lambda: through_backend(**inputs)
         timed = time_interleaved(variants, device, min_run_time=min_run_time)
         whole.update({f"{name}_ms": ms for name, ms in timed.items()})
         whole["predicted_ms"] = predicted_forward_ms(optimized, hardware)
@@ -230,6 +242,14 @@ def bench_model(spec: str, *, batch: int = 8, seq: int | None = None, dtype=torc
         if regions:
             result.rows = bench_regions(optimized, (), inputs, device, copy_bw, hardware, compile, min_run_time)
     return result
+
+
+def _max_abs_diff(got, want) -> float:
+    """Largest |got - want| over the logits of two forward outputs (tensors or HF outputs)."""
+    def logits(out):
+        out = getattr(out, "logits", out)
+        return out[0] if isinstance(out, (tuple, list)) else out
+    return float((logits(got).float() - logits(want).float()).abs().max())
 
 
 def _warm_process(model, inputs, device) -> None:
@@ -293,6 +313,9 @@ def add_cli(subparsers) -> None:
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="time torch.compile peers (default: on a GPU; off on CPU, where its first call "
                              "takes minutes)")
+    parser.add_argument("--backend", action=argparse.BooleanOptionalAction, default=None,
+                        help="time torch.compile(model, backend='fxopt') beside fxopt.optimize (default: as "
+                             "--compile)")
     parser.add_argument("--regions", action=argparse.BooleanOptionalAction, default=None,
                         help="also time each fused region alone (default: on a GPU; off on CPU, where a "
                              "region runs its reference ops)")
@@ -374,7 +397,7 @@ def _cmd_bench(args) -> int:
         note("no GPU: bench runs a CPU-sized configuration (" + ", ".join(c for c in chosen if c)
              + "); the GPU columns read n/a. --batch/--seq/--dtype/--regions/--compile override it")
     result = bench_model(args.model, batch=batch, seq=args.seq, default_seq=defaults["seq"], dtype=DTYPES[dtype],
-                         attn_impl=args.attn_impl, hw=hw, compile=compile,
+                         attn_impl=args.attn_impl, hw=hw, compile=compile, backend=args.backend,
                          regions=regions, cuda_graph=args.cuda_graph,
                          attention=not args.no_attention, profile=args.profile,
                          min_run_time=defaults["min_run_time"], **overrides)

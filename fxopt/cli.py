@@ -173,7 +173,7 @@ def cmd_annotate(args: argparse.Namespace) -> int:
     analysis = analyze(model, name=args.model, batch=args.batch, seq=seq, hw=hw, dtype=dtype,
                        attention=not args.no_attention, fuse=not args.no_fusion)
     data = analysis.report
-    print(render.format_table(data, max_rows=args.max_rows))
+    print(render.format_table(data, max_rows=args.max_rows, all_nodes=args.all_nodes))
     print(render.format_rewrites(data))
     failed: list[UserError] = []
     for flag, path, write in outputs:
@@ -247,6 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     annotate.add_argument("--html", metavar="PATH", help="write a self-contained HTML report with the roofline")
     annotate.add_argument("--max-rows", type=nonnegative_int, default=None,
                           help="print at most this many node rows (default: all)")
+    annotate.add_argument("--all-nodes", action="store_true",
+                          help="also list bookkeeping nodes (size reads, getitem, export's guards)")
     annotate.add_argument("--no-attention", action="store_true", help="keep attention as captured (no rewrite)")
     annotate.add_argument("--no-fusion", action="store_true", help="do not outline fusion regions")
     annotate.set_defaults(func=cmd_annotate)

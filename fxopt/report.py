@@ -147,6 +147,8 @@ def fmt_shape(shapes: Any) -> str:
 def short_op(op: str) -> str:
     """'aten.linear.default' -> 'linear'; other names unchanged."""
     op = op or ""
+    if op.startswith("<built-in function "):  # operator.getitem and friends
+        op = op[len("<built-in function "):-1]
     if op.startswith("aten."):
         op = op[5:]
     if op.endswith(".default"):
@@ -228,17 +230,30 @@ def _pct(part: float, whole: float) -> str:
     return f"{100.0 * part / whole:.1f}%"
 
 
-def format_table(report: dict, *, max_rows: int | None = None) -> str:
+# Graph bookkeeping that costs nothing: size reads, tuple unpacking, export's guard call and runtime asserts.
+BOOKKEEPING = frozenset({"getitem", "sym_size.int", "sym_numel", "sym_stride.int", "sym_storage_offset",
+                         "call_module:_guards_fn", "_assert_scalar", "_assert_tensor_metadata",
+                         "sym_constrain_range_for_size"})
+
+
+def is_bookkeeping(node: dict) -> bool:
+    """A report node that is graph bookkeeping (see BOOKKEEPING) with no cost of its own."""
+    return short_op(str(node.get("op", ""))) in BOOKKEEPING and not (_f(node.get("flops")) or _node_bytes(node))
+
+
+def format_table(report: dict, *, max_rows: int | None = None, all_nodes: bool = False) -> str:
     """An aligned plain-text table of the report.
 
-    Node rows (graph order; at most `max_rows` of them, then a "… N more nodes" line), then one row per
+    Node rows (graph order; bookkeeping nodes left out unless `all_nodes`, then at most `max_rows` of them,
+    then a "… N more nodes" line), then one row per
     layer, then TOTAL, then a line with the symbolic total formulas. Numbers carry human units:
     FLOPs k/M/G/T, bytes B/KB/MB/GB, time ns/µs/ms/s; AI is FLOP per byte.
     """
     nodes = report.get("nodes", [])
     total = _total(report)
     total_time = _f(total.get("time_s"))
-    shown = nodes if max_rows is None else nodes[: max(0, max_rows)]
+    listed = nodes if all_nodes else [n for n in nodes if not is_bookkeeping(n)]
+    shown = listed if max_rows is None else listed[: max(0, max_rows)]
 
     node_rows = []
     for n in shown:
@@ -286,9 +301,12 @@ def format_table(report: dict, *, max_rows: int | None = None) -> str:
             + (f" at {_sizes_text(report)}" if report.get("sizes") else ""))
     out = [head, line(_COLUMNS), rule]
     out.extend(line(r) for r in node_rows)
-    hidden = len(nodes) - len(shown)
+    hidden = len(listed) - len(shown)
     if hidden > 0:
         out.append(f"… {hidden} more nodes")
+    if len(nodes) > len(listed):
+        out.append(f"({len(nodes) - len(listed)} bookkeeping nodes not listed: size reads, getitem, guards; "
+                   "--all-nodes lists them)")
     out.append(rule)
     out.extend(line(r) for r in layer_rows)
     out.append(rule)

@@ -160,3 +160,13 @@ def test_options_and_training_graphs(references):
     torch.testing.assert_close(out, model(x), rtol=1e-5, atol=1e-5)
     out.sum().backward()
     assert model.qkv.weight.grad is not None
+
+
+def test_bench_times_the_backend_beside_optimize():
+    from fxopt.bench import bench_model
+
+    result = bench_model("gpt2-tiny", batch=2, seq=32, dtype=torch.float32, device="cpu", compile=False,
+                         backend=True, regions=False, min_run_time=0.05)
+    whole = result.whole
+    assert whole["fxopt_backend_ms"] > 0 and whole["fxopt_ms"] > 0 and whole["eager_ms"] > 0
+    assert whole["backend_max_abs_diff"] < 1e-4  # the backend's logits against eager, at the bench's inputs

@@ -604,3 +604,20 @@ def test_progress_quiet_when_fast_or_not_a_tty(monkeypatch):
     monkeypatch.setattr(rp.sys, "stderr", _TTY())
     list(rp.progress(range(300), 300, "x"))
     assert rp.sys.stderr.getvalue() == ""
+
+
+def test_table_leaves_out_bookkeeping_nodes_unless_asked():
+    from fxopt.analyze import analyze
+
+    report = analyze("gpt2-tiny", batch=1, seq=32).report
+    names = {n["name"]: str(n["op"]) for n in report["nodes"]}
+    bookkeeping = [name for name, op in names.items()
+                   if "getitem" in op or "sym_size" in op or "_guards_fn" in op]
+    assert bookkeeping  # export's guard call, the seq-length reads and the split's getitems
+    rows = lambda text: {line.split()[0] for line in text.splitlines() if line.strip()}  # noqa: E731
+    default, everything = rp.format_table(report), rp.format_table(report, all_nodes=True)
+    assert not rows(default) & set(bookkeeping)
+    assert set(bookkeeping) <= rows(everything)
+    assert f"({len(bookkeeping)} bookkeeping nodes not listed" in default
+    costly = [name for name, op in names.items() if name not in bookkeeping and op != "placeholder"]
+    assert set(costly) <= rows(default)
