@@ -18,9 +18,8 @@ from torch import fx
 from fxopt import zoo
 from fxopt.capture import CAPTURE_SIZES, capture
 from fxopt.hardware import dtype_key
-from fxopt.passes import fusion
 from fxopt.passes.cost import COST_KEY, Cost, layer_of, total
-from fxopt.pipeline import Program, make_context, run_passes
+from fxopt.pipeline import ANALYSIS, Program, make_context, run_passes
 from fxopt.progress import progress, stage
 
 
@@ -64,15 +63,20 @@ def analyze(
         # no per-node source lines: only error messages of later passes (kv_cache) read them, and recording
         # them is about a quarter of the capture time (as in optimize)
         captured = capture(model, example_kwargs, source_lines=False)
-    options = {"attention": attention, "rope": fuse}
-    passes = ", ".join(["cost", *(["attention"] if attention else []), *(["rope"] if fuse else [])])
+    options = {"attention": attention, "rope": fuse, "fuse": fuse}
+    passes = ", ".join(step.name for step in ANALYSIS if step.option is None or options[step.option])
     with stage(f"running passes ({passes})"):
-        program = run_passes(captured, make_context(captured, hw, sizes, options))
-    if fuse:
-        with stage("outlining fusion regions"):
-            fusion.plan_regions(program.gm, program.ctx)
+        program = run_passes(captured, make_context(captured, hw, sizes, options), ANALYSIS, program="analysis")
     report = build_report(program, name=name, dtype=dtype, params=_param_count(model))
     return Analysis(program, report)
+
+
+def _produced(program: Program, *passes: str, field: str) -> list:
+    """A PassResult field from the first of `passes` that ran (analysis outlines regions, forward fuses)."""
+    for name in passes:
+        if name in program.results:
+            return getattr(program.results[name], field)
+    return []
 
 
 def _param_count(model: torch.nn.Module) -> int:
@@ -155,7 +159,7 @@ def build_report(program: Program, *, name: str, dtype: torch.dtype, params: int
         "nodes": rows,
         "layers": layers,
         "total": whole,
-        "regions": program.ctx.options.get("regions_report", []),
-        "attention": program.ctx.options.get("attention_report", []),
+        "regions": _produced(program, "regions", "fusion", field="regions"),
+        "attention": _produced(program, "attention", field="attention_rewrites"),
         "notes": [note for result in program.results.values() for note in result.notes],
     }

@@ -17,7 +17,7 @@ The backend is registered through the `torch_dynamo_backends` entry point (pypro
                               linear  view(addmm(b, view(x), t(W))) / mm(x, t(W)) -> aten.linear(x, W[, b])
    -> context                 Dynamo's symbols mapped to roles (dim 0 / dim 1 of the graph's 2+-D tensor
                               inputs -> b / s), hints from the ShapeEnv
-   -> fxopt.pipeline.PASSES   the same pass list as fxopt.optimize, each pass timed and named
+   -> fxopt.pipeline.FORWARD  the same pass list as fxopt.optimize, each pass timed and named
 
 Only inference graphs (torch.no_grad / inference_mode, or no input needing grad) are optimized; a training
 graph runs unoptimized after one warning. A pass that raises, or an optimized graph that raises on a call,
@@ -239,7 +239,7 @@ class _PassFailed(Exception):
 
 def _optimize(aten_gm: fx.GraphModule, record: SubgraphProgram, dynamo_inputs: list, dynamo_names: list[str],
               opts: dict):
-    """Freeze, normalize, build the context, run pipeline.PASSES on a copy of aten_gm; -> (Program, kept
+    """Freeze, normalize, build the context, run pipeline.FORWARD on a copy of aten_gm; -> (Program, kept
     input indices). Any exception comes out as _PassFailed naming the stage (the pass) it came from."""
     from fxopt import pipeline
 
@@ -257,13 +257,13 @@ def _optimize(aten_gm: fx.GraphModule, record: SubgraphProgram, dynamo_inputs: l
         captured = _captured(work)
         record.symbols = dict(captured.symbols)
         ctx = pipeline.make_context(captured, opts["hw"], None, _pass_options(opts))
-        program = pipeline.Program(captured, work, ctx)
-        for name, run, option in pipeline.PASSES:  # pipeline.run_passes, with the failing pass named
-            if option is None or ctx.options.get(option):
-                stage = name
-                start = time.perf_counter()
-                program.results[name] = run(program.gm, ctx)
-                program.seconds[name] = time.perf_counter() - start
+        stage = "passes"
+        try:
+            program = pipeline.run_passes(work, ctx, pipeline.FORWARD)
+        except pipeline.PassError as exc:  # name the pass, keep its own exception
+            stage = exc.pass_name or stage
+            raise (exc.__cause__ or exc) from None
+        program.captured = captured
     except Exception as exc:  # noqa: BLE001 - partial optimization, never a crash
         raise _PassFailed(stage, exc) from exc
     return program, keep

@@ -17,9 +17,8 @@ from typing import Any
 import torch
 
 from fxopt.capture import capture
-from fxopt.passes import attention, cost
 from fxopt.passes.attention import AttentionInfo
-from fxopt.pipeline import make_context
+from fxopt.pipeline import EXPLAIN, make_context, run_passes
 
 
 @dataclass(frozen=True)
@@ -44,11 +43,10 @@ def explain(model: torch.nn.Module, example_kwargs: dict[str, Any], *, dynamic_d
             sizes: dict[str, int] | None = None) -> list[Candidate]:
     """Capture `model`, run the cost and attention passes, and list every attention-like site."""
     captured = capture(model, example_kwargs, dynamic_dims)
-    ctx = make_context(captured, hw, sizes)
-    cost.run(captured.gm, ctx)
-    attention.run(captured.gm, ctx)
+    program = run_passes(captured, make_context(captured, hw, sizes, {"attention": True}), EXPLAIN,
+                         program="explain")
     candidates = []
-    for record in ctx.options.get(attention.SITES_KEY, []):
+    for record in program.results["attention"].attention_sites:
         info = record["info"]
         candidates.append(Candidate(
             node=record["node"],

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import inspect
 import json
 import sys
@@ -28,9 +29,10 @@ from typing import Any
 
 import torch
 
-from fxopt import numerics
+from fxopt import numerics, pipeline
 from fxopt.codegen.greedy import greedy_pick
 from fxopt.passes import kv_cache as kv
+from fxopt.passes.infra import PassContext
 
 
 def _same_device(a: torch.device, b: torch.device) -> bool:
@@ -132,7 +134,7 @@ class Generator:
 
     def __init__(self, programs: kv.KVPrograms, *, max_seq_len: int, max_batch: int, device: torch.device,
                  vocab_size: int | None = None, use_cuda_graph: bool | None = None, weight_bytes: int = 0,
-                 fuse_decode: bool | None = None):
+                 fuse_decode: bool | None = None, ctx: PassContext | None = None):
         if max_seq_len < 1 or max_batch < 1:
             raise GenerationError(f"max_seq_len ({max_seq_len}) and max_batch ({max_batch}) must be >= 1")
         if programs.position_limit is not None and max_seq_len > programs.position_limit:
@@ -148,6 +150,8 @@ class Generator:
         # Per batch bucket, the decode program specialised to its static shapes and run through the cost and
         # fusion passes (generated Triton kernels for the pointwise/norm regions). GPU only by default.
         self.fuse_decode = self.use_cuda_graph if fuse_decode is None else fuse_decode
+        # The caller's context (hardware, options such as fuse/rope/matmul and dump_dir) for every decode bucket
+        self.ctx = ctx if ctx is not None else PassContext(options={"fuse": True, "rope": True, "matmul": True})
         self._decode_programs: dict[int, torch.fx.GraphModule] = {}
         self.notes: list[str] = list(programs.notes)
         self.caches: list[torch.Tensor] = []
@@ -215,30 +219,24 @@ class Generator:
         return self._decode_programs[bucket]
 
     def _fused_decode(self, bucket: int) -> torch.fx.GraphModule:
-        from fxopt.passes import cost, fusion, matmul, rope
-        from fxopt.passes.infra import PassContext
-
+        """pipeline.DECODE over a copy of the decode program specialised to batch `bucket`."""
         generic = self.programs.decode
         try:
             program = torch.fx.GraphModule(generic, copy.deepcopy(generic.graph))  # weights shared, not copied
             ids = torch.zeros(bucket, 1, dtype=torch.long, device=self.device)
             kv_start = torch.zeros(bucket, dtype=torch.long, device=self.device)
             kv.propagate_meta(program, ids, self._slot, kv_start, *[c[:bucket] for c in self.caches])
-            ctx = PassContext()
-            cost.run(program, ctx)
-            roped = rope.run(program, ctx)  # RoPE (and K's rotate + cache write) as one kernel each, before
-            # fusion, which cannot fuse the slice/neg/cat of rotate_half
-            gemvs = matmul.run_decode(program, ctx)  # batch 1: each linear a one-row GEMV (codegen/gemv.py),
-            # norms, SwiGLU, residual adds and the q/k/v head split, RoPE and cache writes folded into them
-            result = fusion.run(program, ctx)
-            self.notes.append(f"decode program for batch {bucket}: {roped.counts.get('rope', 0)} rope kernels "
-                              f"({roped.counts.get('rope_cache_write', 0)} writing K into the cache), "
-                              f"{result.counts.get('regions', 0)} fused regions, {gemvs.counts.get('gemv', 0)} GEMVs "
-                              f"({gemvs.counts.get('gemv_qkv', 0)} with the q/k/v heads, RoPE and cache writes "
+            ctx = dataclasses.replace(self.ctx, report=[])
+            results = pipeline.run_passes(program, ctx, pipeline.DECODE, program=f"decode (batch {bucket})").results
+            count = lambda name, what: results[name].counts.get(what, 0) if name in results else 0  # noqa: E731
+            self.notes.append(f"decode program for batch {bucket}: {count('rope', 'rope')} rope kernels "
+                              f"({count('rope', 'rope_cache_write')} writing K into the cache), "
+                              f"{count('fusion', 'regions')} fused regions, {count('matmul_decode', 'gemv')} GEMVs "
+                              f"({count('matmul_decode', 'gemv_qkv')} with the q/k/v heads, RoPE and cache writes "
                               "folded in)")
             return program
-        except Exception as exc:  # noqa: BLE001 - fusion is an optimisation: fall back, say so
-            note = f"decode program for batch {bucket}: fusion failed ({type(exc).__name__}: {exc}); unfused"
+        except Exception as exc:  # noqa: BLE001 - the decode passes are optimisations: fall back, say so
+            note = f"decode program for batch {bucket}: {exc}; running it unfused"
             self.notes.append(note)
             warnings.warn(note, stacklevel=2)
             return generic
@@ -568,16 +566,18 @@ def _model_device_dtype(model: torch.nn.Module) -> tuple[torch.device, torch.dty
 def build_generator(model: torch.nn.Module, example_kwargs: dict[str, Any], *, max_seq_len: int, max_batch: int,
                     dtype: torch.dtype | None = None, device: torch.device | str | None = None, hw=None,
                     use_cuda_graph: bool | None = None, fuse_decode: bool | None = None,
-                    matmul: bool = True, attention: bool = True) -> Generator:
-    """Capture `model` (a cache-less causal LM: input_ids -> logits), turn its attentions into fxopt
-    attention nodes, insert the KV cache and return a Generator. The user's model is never modified
-    (a copy is converted when `dtype` / `device` differ from its own).
+                    matmul: bool = True, attention: bool = True, fuse: bool = True, rope: bool | None = None,
+                    dump_dir=None) -> Generator:
+    """Capture `model` (a cache-less causal LM: input_ids -> logits), run pipeline.GENERATOR over it (attention,
+    matmul, then kv_cache's split into prefill and decode programs) and return a Generator, which runs
+    pipeline.DECODE per batch bucket with the same context. The user's model is never modified (a copy is
+    converted when `dtype` / `device` differ from its own). `fuse=False` leaves the decode program's memory-bound
+    ops, RoPE included, as PyTorch ops.
 
     Raises kv_cache.KVCacheError, naming the node, when the model cannot take a cache (bidirectional
     attention, positions mixed outside attention).
     """
     from fxopt.capture import capture
-    from fxopt.pipeline import make_context
 
     model_device, model_dtype = _model_device_dtype(model)
     device = torch.device(device) if device is not None else model_device
@@ -587,22 +587,15 @@ def build_generator(model: torch.nn.Module, example_kwargs: dict[str, Any], *, m
     model = model.eval()
     kwargs = capture_kwargs(model, example_kwargs, device)
     captured = capture(model, kwargs)
-    gm = captured.gm
-    ctx = make_context(captured, hw, None, {"kv_cache": True})
-    if attention:  # otherwise kv_cache normalises sdpa calls itself and proves their masks
-        from fxopt.passes import attention as attention_pass
-
-        attention_pass.run(gm, ctx)
-    if matmul:  # fused sibling linears, padded unaligned weights: the programs below are built from this graph
-        from fxopt.passes import matmul as matmul_pass
-
-        matmul_pass.run(gm, ctx)
-    kv.run(gm, ctx)
-    programs: kv.KVPrograms = gm.meta[kv.KV_KEY]
+    options = {"attention": attention, "matmul": matmul, "fuse": fuse, "rope": fuse if rope is None else rope,
+               "dump_dir": dump_dir}
+    ctx = pipeline.make_context(captured, hw, None, options)
+    program = pipeline.run_passes(captured, ctx, pipeline.GENERATOR, program="generator")
+    programs: kv.KVPrograms = program.results["kv_cache"].kv_programs
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     return Generator(programs, max_seq_len=max_seq_len, max_batch=max_batch, device=device, vocab_size=vocab,
-                     use_cuda_graph=use_cuda_graph, weight_bytes=weight_bytes, fuse_decode=fuse_decode)
+                     use_cuda_graph=use_cuda_graph, weight_bytes=weight_bytes, fuse_decode=fuse_decode, ctx=ctx)
 
 
 # ---------------------------------------------------------------------------------------------------

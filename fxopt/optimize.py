@@ -177,8 +177,11 @@ def optimize(
         if max_seq_len is None:
             raise TypeError("optimize(kv_cache=True): give max_seq_len (the model has no position table to "
                             "take it from)")
+        if dynamic_dims is not None:
+            raise TypeError("optimize(kv_cache=True): dynamic_dims does not apply (the generator captures with "
+                            "dynamic batch and sequence itself)")
         gen = build_generator(model, kwargs, max_seq_len=max_seq_len, max_batch=max_batch, hw=hw, matmul=matmul,
-                              attention=attention, **options)
+                              attention=attention, fuse=fuse, dump_dir=dump_dir, **options)
         if verify:
             gen.verification = numerics.verify_generator(model, gen, kwargs)
         return gen

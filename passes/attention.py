@@ -1152,8 +1152,6 @@ def _softmax_site(softmax: fx.Node, outcomes: dict) -> Site:
 
 
 # --------------------------------------------------------------------------------------------- the pass
-SITES_KEY = "attention_sites"
-REPORT_KEY = "attention_report"
 
 
 def run(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
@@ -1163,8 +1161,8 @@ def run(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     counts = {pattern.name: 0 for pattern in PATTERNS}
     counts.update(unmatched=0, fallback=0)
     notes: list[str] = []
-    report = ctx.options.setdefault(REPORT_KEY, [])
-    records = ctx.options.setdefault(SITES_KEY, [])
+    report: list[dict] = []
+    records: list[dict] = []
     cache: dict = {}
     shared: dict = {}
     for site in sites:
@@ -1191,7 +1189,8 @@ def run(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     changed = bool(normalized) or any(counts[p.name] for p in PATTERNS)
     if changed:
         finish(gm)
-    return PassResult(changed=changed, notes=notes, counts=counts)
+    return PassResult(changed=changed, notes=notes, counts=counts, attention_sites=records,
+                      attention_rewrites=report)
 
 
 __all__ = [
@@ -1201,8 +1200,6 @@ __all__ = [
     "MaskPart",
     "NoMatch",
     "PATTERNS",
-    "REPORT_KEY",
-    "SITES_KEY",
     "Pattern",
     "Plan",
     "Site",

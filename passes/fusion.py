@@ -184,8 +184,15 @@ def plan_regions(gm: fx.GraphModule, ctx: PassContext) -> list[Region]:
         regions.append(region)
         for node in members:
             node.meta[REGION_KEY] = region
-    ctx.options["regions_report"] = [region_summary(ctx, r) for r in regions]
     return regions
+
+
+def outline(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+    """The regions fusion would make, marked on their nodes (meta[REGION_KEY]) but not fused: what
+    `fxopt annotate` shows. The graph is unchanged."""
+    regions = plan_regions(gm, ctx)
+    return PassResult(changed=False, counts={"regions": len(regions)},
+                      regions=[region_summary(ctx, r) for r in regions])
 
 
 def region_summary(ctx: PassContext, region: Region) -> dict:
@@ -293,5 +300,5 @@ def run(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             notes.append(f"{region.id} ({', '.join(n.name for n in region.nodes)}) left unfused: {exc}")
     topological_resort(gm.graph)
     finish(gm)
-    ctx.options["regions_report"] = [region_summary(ctx, r) for r in regions if not r.skipped]
-    return PassResult(changed=fused > 0, notes=notes, counts={"regions": fused})
+    return PassResult(changed=fused > 0, notes=notes, counts={"regions": fused},
+                      regions=[region_summary(ctx, r) for r in regions if not r.skipped])

@@ -18,9 +18,16 @@ from fxopt.hardware import Hardware, get_hardware
 
 @dataclass
 class PassResult:
+    """What one pass did: whether it changed the graph, notes for the user, counts, and what it produced
+    (each field is filled by the pass named in its comment; the options bag and gm.meta carry none of it)."""
+
     changed: bool
     notes: list[str] = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=dict)
+    regions: list[dict] = field(default_factory=list)  # fusion / regions: one summary per (planned) region
+    attention_sites: list[dict] = field(default_factory=list)  # attention: every attention-like site, as found
+    attention_rewrites: list[dict] = field(default_factory=list)  # attention: bytes before/after each rewrite
+    kv_programs: Any = None  # kv_cache: its KVPrograms (prefill and decode programs, cache specs)
 
 
 @dataclass

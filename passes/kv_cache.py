@@ -52,7 +52,6 @@ CACHED_ATTENTION = torch.ops.fxopt.cached_attention.default
 CACHE_WRITE = torch.ops.fxopt.cache_write.default
 SDPA = aten.scaled_dot_product_attention.default
 INT_MAX = 2**63 - 1
-KV_KEY = "fxopt.kv_cache"
 
 
 class KVCacheError(ValueError):
@@ -1438,10 +1437,9 @@ def insert_kv_cache(gm: fx.GraphModule, ctx: PassContext | None = None) -> KVPro
 
 
 def run(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-    """Pass interface: proves the model causal and token-local, stores KVPrograms in gm.meta[KV_KEY]."""
+    """Pass interface: proves the model causal and token-local; the KVPrograms come back in the result."""
     programs = insert_kv_cache(gm, ctx)
-    gm.meta[KV_KEY] = programs
     finish(gm)
     ctx.report.extend(f"kv_cache: {note}" for note in programs.notes)
-    return PassResult(True, list(programs.notes), {"attention_cached": len(programs.caches),
-                                                   "position_sources": len(programs.notes) > 2})
+    return PassResult(True, list(programs.notes), {"attention_cached": len(programs.caches)},
+                      kv_programs=programs)

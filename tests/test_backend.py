@@ -2,6 +2,7 @@
 unoptimized (with a warning) when a pass fails, matches eager."""
 
 import copy
+import dataclasses
 from importlib.metadata import entry_points
 
 import pytest
@@ -127,8 +128,9 @@ def test_a_failing_pass_falls_back_with_one_warning(monkeypatch, references):
     def broken(gm, ctx):
         raise RuntimeError("deliberately broken")
 
-    passes = [(name, broken if name == "fusion" else run, option) for name, run, option in pipeline.PASSES]
-    monkeypatch.setattr(pipeline, "PASSES", passes)
+    passes = tuple(dataclasses.replace(step, run=broken) if step.name == "fusion" else step
+                   for step in pipeline.FORWARD)
+    monkeypatch.setattr(pipeline, "FORWARD", passes)
     torch.manual_seed(0)
     model = Block().eval()
     x = torch.randn(2, 8, 32)

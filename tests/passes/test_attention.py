@@ -168,12 +168,12 @@ def test_full_width_presets_on_meta_device(name, impl):
 
 def test_causal_scale_and_gqa_are_recorded_for_llama_tiny():
     model = models.build("llama-tiny", attn_impl="explicit")
-    captured, ctx, _ = rewrite(model, model.example_inputs(2, 16))
+    captured, ctx, result = rewrite(model, model.example_inputs(2, 16))
     infos = [n.meta[attention.ATTENTION_KEY] for n in attention_nodes(captured.gm)]
     assert [i.gqa_groups for i in infos] == [2, 2]
     assert all(i.causal and i.mask_kind == "causal" and i.pattern == "explicit" for i in infos)
     assert all(i.scale == pytest.approx(16**-0.5) for i in infos)
-    report = ctx.options["attention_report"]
+    report = result.attention_rewrites
     assert [r["gqa_groups"] for r in report] == [2, 2] and all(r["causal"] for r in report)
     assert set(report[0]) == {"node", "module", "pattern", "causal", "mask", "gqa_groups", "kernel", "reason",
                               "bytes_before", "bytes_after"}
@@ -193,8 +193,8 @@ def test_padding_becomes_a_key_padding_mask_of_the_input():
 def test_prefill_bytes_are_no_longer_quadratic():
     """At seq 1024 the fused call moves Q, K, V, O once: fewer bytes than the unfused chain, linear in s."""
     model = models.build("gpt2-tiny", attn_impl="explicit")
-    captured, ctx, _ = rewrite(model, model.example_inputs(2, 16), sizes={"seq": 1024, "batch": 1})
-    report = ctx.options["attention_report"]
+    captured, ctx, result = rewrite(model, model.example_inputs(2, 16), sizes={"seq": 1024, "batch": 1})
+    report = result.attention_rewrites
     assert report and all(r["bytes_after"] < r["bytes_before"] for r in report)
     s = role_symbol("seq")
     for node in attention_nodes(captured.gm):

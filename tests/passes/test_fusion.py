@@ -18,7 +18,7 @@ def kernel_count(optimized) -> int:
 
 
 def fused_node_names(optimized) -> list[list[str]]:
-    return [r["nodes"] for r in optimized.program.ctx.options["regions_report"]]
+    return [r["nodes"] for r in optimized.program.results["fusion"].regions]
 
 
 class Chain(nn.Module):
@@ -90,7 +90,7 @@ def test_intermediate_used_outside_is_still_written():
 def test_fusion_removes_bytes_by_the_cost_pass_count():
     fn, inputs, _ = CHAINS["E = D + (A+B)*C"]
     optimized = optimize(Chain(fn), tuple(inputs), dynamic_dims={})
-    (region,) = optimized.program.ctx.options["regions_report"]
+    (region,) = optimized.program.results["fusion"].regions
     elements = 33 * 65 * 4  # bytes of one fp32 array
     assert region["bytes_before"] == 9 * elements  # (A+B): 3 arrays, ·C: 3, D+: 3
     assert region["bytes_after"] == 5 * elements  # A, B, C, D in; E out

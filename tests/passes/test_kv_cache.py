@@ -194,7 +194,7 @@ def test_run_is_a_pass():
     ctx = make_context(captured, None, None)
     result = kv_cache.run(captured.gm, ctx)
     assert result.changed and result.counts["attention_cached"] == model.config.n_layers
-    assert isinstance(captured.gm.meta[kv_cache.KV_KEY], kv_cache.KVPrograms)
+    assert isinstance(result.kv_programs, kv_cache.KVPrograms)
     assert any("kv_cache" in line for line in ctx.report)
     with torch.no_grad():  # the rewritten full graph still computes the model
         ids = model.example_inputs(2, 8, seed=2)

@@ -16,7 +16,7 @@ from fxopt.generate import Generator, build_generator
 from fxopt.numerics import within_tolerance
 from fxopt.optimize import optimize
 from fxopt.passes import cost, rope
-from fxopt.pipeline import PASSES, make_context
+from fxopt.pipeline import DECODE, FORWARD, make_context
 
 aten = torch.ops.aten
 ROPE, ROPE_CACHE_WRITE = torch.ops.fxopt.rope.default, torch.ops.fxopt.rope_cache_write.default
@@ -72,9 +72,11 @@ def assert_matches_eager(model, optimized, kwargs, logits=lambda out: out) -> No
 
 # --------------------------------------------------------------------------------------------- models
 def test_pipeline_runs_rope_between_matmul_and_fusion():
-    names = [name for name, _, _ in PASSES]
+    names = [step.name for step in FORWARD]
     assert names.index("matmul") < names.index("rope") == names.index("fusion") - 1
-    assert dict((name, option) for name, _, option in PASSES)["rope"] == "rope"
+    assert {step.name: step.option for step in FORWARD}["rope"] == "rope"
+    decode = [step.name for step in DECODE]  # the decode program: RoPE before the GEMVs that fold it in
+    assert decode.index("rope") < decode.index("matmul_decode") < decode.index("fusion")
 
 
 def test_optimize_and_analyze_both_run_rope_when_fusing():
