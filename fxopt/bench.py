@@ -84,20 +84,6 @@ def time_interleaved(fns: dict[str, Any], device: torch.device, rounds: int = 5,
     return {name: statistics.median(values) for name, values in runs.items()}
 
 
-def cuda_graphed(fn):
-    """fn captured once in a CUDA graph (static inputs): replays have no per-kernel launch cost."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
-
-
 class _RegionInputs(fx.Interpreter):
     """Runs the optimized graph once and keeps each fused call's actual inputs."""
 
@@ -166,7 +152,7 @@ def predicted_forward_ms(optimized, hw) -> float:
 
 def bench_model(spec: str, *, batch: int = 8, seq: int | None = None, dtype=torch.bfloat16,
                 attn_impl: str | None = None, device: str | None = None, hw: str = "h100", compile: bool = True,
-                backend: bool | None = None, regions: bool = True, cuda_graph: bool = False, attention: bool = True, profile: bool = False,
+                backend: bool | None = None, regions: bool = True, cuda_graphs: bool | None = None, attention: bool = True, profile: bool = False,
                 min_run_time: float = 0.5, default_seq: int = 1024, **overrides) -> BenchResult:
     """Eager vs fxopt vs torch.compile on one model, with the roofline prediction and copy bandwidth.
 
@@ -199,7 +185,7 @@ def bench_model(spec: str, *, batch: int = 8, seq: int | None = None, dtype=torc
             _warm_process(model, inputs, device)
         start = time.perf_counter()
         with stage(f"optimizing {spec} with fxopt (capture, passes, kernels)"):
-            optimized = optimize(model, inputs, hw=hardware, attention=attention)
+            optimized = optimize(model, inputs, hw=hardware, attention=attention, cuda_graphs=cuda_graphs)
             fxopt_call = lambda: optimized(**inputs)  # noqa: E731
             fxopt_call()
             _sync(device)
@@ -207,8 +193,9 @@ def bench_model(spec: str, *, batch: int = 8, seq: int | None = None, dtype=torc
         whole.update({f"{name}_s": seconds for name, seconds in optimized.program.seconds.items()})
         result.config["passes"] = {name: r.counts for name, r in optimized.program.results.items() if r.counts}
         variants = {"eager": lambda: model(**inputs), "fxopt": fxopt_call}
-        if cuda_graph and device.type == "cuda":
-            variants["fxopt_cudagraph"] = cuda_graphed(fxopt_call)
+        if optimized.graphs is not None:  # the same program launched kernel by kernel: the host's share
+            plain = {**optimized.fixed_kwargs, **inputs}
+            variants["fxopt_no_graphs"] = lambda: optimized.gm(**plain)
         if compile:
             start = time.perf_counter()
             with stage("torch.compile first call"):
@@ -217,6 +204,13 @@ def bench_model(spec: str, *, batch: int = 8, seq: int | None = None, dtype=torc
                 _sync(device)
             whole["compile_first_call_s"] = time.perf_counter() - start
             variants["compile"] = lambda: compiled(**inputs)
+            if device.type == "cuda":  # torch.compile's own CUDA graphs, the peer of fxopt's
+                with stage("torch.compile(mode='reduce-overhead') first call"):
+                    graphed = torch.compile(model, mode="reduce-overhead")
+                    for _ in range(3):  # cudagraph trees record after warm-up runs
+                        graphed(**inputs)
+                    _sync(device)
+                variants["compile_reduce_overhead"] = lambda: _cloned(graphed(**inputs))
         if compile if backend is None else backend:
             start = time.perf_counter()
             with stage("torch.compile(backend='fxopt') first call"):
@@ -242,6 +236,12 @@ def bench_model(spec: str, *, batch: int = 8, seq: int | None = None, dtype=torc
         if regions:
             result.rows = bench_regions(optimized, (), inputs, device, copy_bw, hardware, compile, min_run_time)
     return result
+
+
+def _cloned(out):
+    """Outputs copied, as fxopt's graphed forward returns them (torch.compile's are overwritten by the next
+    replay): the two graphed peers pay the same copy."""
+    return torch.utils._pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, out)
 
 
 def _max_abs_diff(got, want) -> float:
@@ -319,7 +319,9 @@ def add_cli(subparsers) -> None:
     parser.add_argument("--regions", action=argparse.BooleanOptionalAction, default=None,
                         help="also time each fused region alone (default: on a GPU; off on CPU, where a "
                              "region runs its reference ops)")
-    parser.add_argument("--cuda-graph", action="store_true", help="also time fxopt replayed from a CUDA graph")
+    parser.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
+                        help="fxopt's forward replayed from a CUDA graph per input shape (default: on a GPU); "
+                             "with graphs on, the same program without them is timed too")
     parser.add_argument("--layers", type=positive_int, default=None,
                         help="override the preset's layer count (default: the preset's)")
     parser.add_argument("--no-attention", action="store_true", help="fuse only: leave attention as captured")
@@ -398,7 +400,7 @@ def _cmd_bench(args) -> int:
              + "); the GPU columns read n/a. --batch/--seq/--dtype/--regions/--compile override it")
     result = bench_model(args.model, batch=batch, seq=args.seq, default_seq=defaults["seq"], dtype=DTYPES[dtype],
                          attn_impl=args.attn_impl, hw=hw, compile=compile, backend=args.backend,
-                         regions=regions, cuda_graph=args.cuda_graph,
+                         regions=regions, cuda_graphs=args.cuda_graphs,
                          attention=not args.no_attention, profile=args.profile,
                          min_run_time=defaults["min_run_time"], **overrides)
     print(format_result(result))

@@ -10,13 +10,15 @@ import torch
 
 from fxopt import numerics
 from fxopt.capture import capture
+from fxopt.cuda_graphs import GraphedForward
 from fxopt.pipeline import Program, make_context, run_passes
 
 
 class OptimizedModule(torch.nn.Module):
     """The optimized graph, called like the original model; `program` holds what the passes did."""
 
-    def __init__(self, program: Program, signature: inspect.Signature | None = None, positional: bool = False):
+    def __init__(self, program: Program, signature: inspect.Signature | None = None, positional: bool = False,
+                 cuda_graphs: bool = False):
         super().__init__()
         self.gm = program.gm
         self.program = program
@@ -24,12 +26,15 @@ class OptimizedModule(torch.nn.Module):
         self.signature = signature  # the model's: positional calls bind to the captured keyword names
         self.positional = positional  # captured through forward(*args)
         self.verification = ""  # what verify=True compared (empty when it did not run)
+        # CUDA inputs: one CUDA graph per input-shape bucket, replayed (fxopt/cuda_graphs.py); None: plain calls
+        self.graphs = GraphedForward(self.gm, name="optimized forward") if cuda_graphs else None
 
     def forward(self, *args, **kwargs):
         if args and not self.positional and self.signature is not None:
             args, kwargs = (), dict(self.signature.bind(*args, **kwargs).arguments)
         self._check_pinned(args, kwargs)
-        return self.gm(*args, **{**self.fixed_kwargs, **kwargs})
+        run = self.graphs if self.graphs is not None else self.gm
+        return run(*args, **{**self.fixed_kwargs, **kwargs})
 
     def _check_pinned(self, args: tuple, kwargs: dict) -> None:
         """A clear error, before any work, for a call at a size the capture made static."""
@@ -110,6 +115,13 @@ def split_inputs(model: torch.nn.Module, example_inputs) -> tuple[tuple, dict[st
     return (), dict(inspect.signature(model.forward).bind(*example_inputs).arguments)
 
 
+def _on_cuda(args: tuple, kwargs: dict) -> bool:
+    from torch.utils import _pytree as pytree
+
+    tensors = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+    return bool(tensors) and all(t.is_cuda for t in tensors)
+
+
 def _precompile(optimized: OptimizedModule, args: tuple, kwargs: dict) -> bool:
     """Compile all of the program's Triton kernels at once (a dry call, see codegen/precompile.py) so the
     first real call does not compile them one by one. Only on CUDA inputs and without autotuning."""
@@ -120,8 +132,12 @@ def _precompile(optimized: OptimizedModule, args: tuple, kwargs: dict) -> bool:
     tensors = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
     if not tensors or not all(t.is_cuda for t in tensors) or precompile.autotuning() or not precompile.available():
         return False
-    with torch.no_grad(), precompile.compile_in_parallel():
-        optimized(*args, **kwargs)
+    graphs, optimized.graphs = optimized.graphs, None  # a dry call launches nothing: never capture it
+    try:
+        with torch.no_grad(), precompile.compile_in_parallel():
+            optimized(*args, **kwargs)
+    finally:
+        optimized.graphs = graphs
     return True
 
 
@@ -135,6 +151,7 @@ def _check_options(options: dict[str, Any], kv_cache: bool) -> None:
     unknown = sorted(set(options) - set(accepted))
     if unknown:
         named = ("hw, fuse, attention, matmul, verify, dump_dir, dynamic_dims, kv_cache, max_seq_len, max_batch, "
+                 "cuda_graphs, "
                  + ", ".join(accepted))
         raise TypeError(f"optimize: unknown option{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
                         f"accepted: {named}" + ("" if kv_cache else f" (with kv_cache=True also "
@@ -155,6 +172,7 @@ def optimize(
     kv_cache: bool = False,
     max_seq_len: int | None = None,
     max_batch: int | None = None,
+    cuda_graphs: bool | None = None,
     **options,
 ):
     """Capture `model`, rewrite attention, fuse memory-bound regions into generated Triton kernels.
@@ -165,6 +183,9 @@ def optimize(
     against the original and a disagreement beyond the numerical contract raises, naming the worst region:
     at the example shape and at a longer sequence past every window the analysis found (with kv_cache=True,
     prefill + step-by-step decode against the full forward). `.verification` says what was compared.
+    cuda_graphs (default: on when the example's tensors are on a GPU): the forward is captured in a CUDA graph
+    per input-shape bucket and replayed (fxopt/cuda_graphs.py: outputs are copies, at most MAX_GRAPHS
+    buckets, autograd calls run uncaptured); the generator has its own decode graphs.
     """
     _check_options(options, kv_cache)
     args, kwargs = split_inputs(model, example_inputs)
@@ -177,6 +198,8 @@ def optimize(
         if max_seq_len is None:
             raise TypeError("optimize(kv_cache=True): give max_seq_len (the model has no position table to "
                             "take it from)")
+        if cuda_graphs is not None:  # the generator's own decode graphs
+            options.setdefault("use_cuda_graph", cuda_graphs)
         if dynamic_dims is not None:
             raise TypeError("optimize(kv_cache=True): dynamic_dims does not apply (the generator captures with "
                             "dynamic batch and sequence itself)")
@@ -192,7 +215,10 @@ def optimize(
         captured, hw, None, {"fuse": fuse, "rope": fuse, "attention": attention, "matmul": matmul, "dump_dir": dump_dir,
          **options}
     )
-    optimized = OptimizedModule(run_passes(captured, ctx), inspect.signature(model.forward), positional=bool(args))
+    if cuda_graphs is None:
+        cuda_graphs = _on_cuda(args, kwargs)
+    optimized = OptimizedModule(run_passes(captured, ctx), inspect.signature(model.forward), positional=bool(args),
+                                cuda_graphs=cuda_graphs and torch.cuda.is_available())
     optimized.program.seconds = {"capture": capture_seconds, **optimized.program.seconds}
     start = time.perf_counter()
     if _precompile(optimized, args, kwargs):
