@@ -39,12 +39,12 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from fxopt import config
 from fxopt.codegen.pdl import hopper_or_later
 from fxopt.codegen.tuning import autotune_options
 
@@ -53,8 +53,8 @@ try:
 except ImportError:  # a Triton without host-side tensor descriptors: pointer loads only
     TensorDescriptor = None
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-TMA_ENABLED = os.environ.get("FXOPT_TMA", "1") != "0"
+_INTERPRET = config.get("interpret")
+TMA_ENABLED = config.get("tma")
 LOG2E = 1.4426950408889634
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
@@ -608,16 +608,10 @@ def _prune_configs(configs, named_args, **kwargs):
         index = q.device.index
         smem = _max_shared_memory(torch.cuda.current_device() if index is None else index)
     tiles = _fitting_tiles(args["BLOCK_D"], args["SQ"], q.element_size(), smem, args["TMA"])
-    if not autotune_enabled("FXOPT_ATTN_AUTOTUNE"):  # one compile per specialisation
+    if not config.get("attn_autotune"):  # one compile per specialisation
         tiles = tiles[:1]
     by_tile = {_tile_of(c): c for c in configs}
     return [by_tile[t] for t in tiles]
-
-
-def autotune_enabled(specific: str) -> bool:
-    """Time every config on first use (FXOPT_AUTOTUNE=1, or the kernel family's own variable), or
-    run the first config that fits: a fast first call (seconds, not a minute of tuning)."""
-    return os.environ.get(specific, os.environ.get("FXOPT_AUTOTUNE", "0")) != "0"
 
 
 def _set_descriptor_blocks(nargs) -> None:

@@ -40,12 +40,12 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from fxopt import config
 from fxopt.codegen.flash_attention import (
     _INTERPRET,
     _LOG2E_C,
@@ -77,7 +77,7 @@ MIN_CHUNK = 64
 # by default). H200, 2026-11-21: standalone (benchmarks/decode_variants.py) 64 keys moved a 16k-key call by -0.2 to
 # +0.2 us, within run-to-run noise, and 128 or 256 keys were slower; in the llama-1b-like 1 x 512 decode step 64
 # keys gave 1647 tok/s against 1747 and 1738 without.
-PREFETCH_KEYS = int(os.environ.get("FXOPT_DECODE_PREFETCH", "0"))
+PREFETCH_KEYS = config.get("decode_prefetch")
 WAVES = 2  # target stage-1 programs per SM (H200 sweep, B1 32/8 heads 16k bf16, CUDA graph: 1-2 long programs
 # per SM beat 3 and more shorter ones by 5-20%; 2 keeps 8 warps per SM streaming)
 DEFAULT_SM_COUNT = 132  # H100 SXM, assumed when no GPU is present

@@ -718,12 +718,13 @@ import torch
 import triton
 import triton.language as tl
 
+from fxopt import config as _config
 from fxopt.codegen.tuning import autotune_options as _autotune_options
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+INTERPRET = _config.get("interpret")
 # Timing every config is opt-in (FXOPT_AUTOTUNE=1 or FXOPT_FUSED_AUTOTUNE=1); by default the first
 # (pruned) config runs, so the first call of an optimized model costs compiles, not a tuning sweep.
-AUTOTUNE = os.environ.get("FXOPT_FUSED_AUTOTUNE", os.environ.get("FXOPT_AUTOTUNE", "0")) != "0"
+AUTOTUNE = _config.get("fused_autotune")
 
 
 class _FixedConfig:

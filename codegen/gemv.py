@@ -25,7 +25,6 @@ launched with programmatic dependent launch: it starts streaming its weights whi
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -33,12 +32,12 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from fxopt.codegen.flash_attention import autotune_enabled
+from fxopt import config
 from fxopt.codegen.loader import ops_use_kernels
 from fxopt.codegen.pdl import launch_options, use_pdl
 from fxopt.codegen.rope import cache_slots, result_dtype, rope_reference
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+_INTERPRET = config.get("interpret")
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 INTERPRET_BF16_FIX = tl.constexpr(_INTERPRET)
 
@@ -193,7 +192,7 @@ def _or(tensor, placeholder):
 
 def _config_for(x, w, y, ep: Folded) -> triton.Config:
     n, k = w.shape
-    if not autotune_enabled("FXOPT_GEMV_AUTOTUNE") or _INTERPRET:
+    if not config.get("gemv_autotune") or _INTERPRET:
         return default_config(n, k, ep.glu)
     key = (n, k, w.dtype, ep.bias is not None, ep.residual is not None, ep.norm_weight is not None, ep.glu)
     if key not in _TUNED:

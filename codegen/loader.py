@@ -26,25 +26,26 @@ import tempfile
 from pathlib import Path
 from types import ModuleType
 
+from fxopt import config
+
 _MODULES: dict[tuple[str, bool], ModuleType] = {}
 STATS = {"hits": 0, "loads": 0}
 
 
 def interpreting() -> bool:
     """True when Triton kernels run in the CPU interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+    return config.get("interpret")
 
 
 def ops_use_kernels(t) -> bool:
     """Whether fxopt's custom ops run their Triton kernels on `t`: always on CUDA; on CPU only with
     FXOPT_INTERPRET_OPS=1 under TRITON_INTERPRET=1 (otherwise the optimized model on CPU is a reference run
     of plain PyTorch; kernel tests call the kernels directly)."""
-    return t.is_cuda or (interpreting() and os.environ.get("FXOPT_INTERPRET_OPS", "0") == "1")
+    return t.is_cuda or (interpreting() and config.get("interpret_ops"))
 
 
 def default_dump_dir() -> Path:
-    env = os.environ.get("FXOPT_DUMP_DIR")
-    return Path(env) if env else Path.home() / ".cache" / "fxopt"
+    return config.get("dump_dir") or Path.home() / ".cache" / "fxopt"
 
 
 def _safe(name: str) -> str:
@@ -97,13 +98,13 @@ def _import(path: Path, modname: str) -> ModuleType:
     return module
 
 
-# Environment settings a generated module reads when it is imported (whether it autotunes): a module
-# imported under other values is not the same module.
-IMPORT_TIME_ENV = ("FXOPT_FUSED_AUTOTUNE", "FXOPT_AUTOTUNE")
+# Knobs a generated module reads when it is imported (whether it autotunes): a module imported under other
+# values is not the same module.
+IMPORT_TIME_KNOBS = ("fused_autotune", "interpret")
 
 
 def _import_time_settings() -> tuple:
-    return tuple(os.environ.get(name) for name in IMPORT_TIME_ENV)
+    return tuple(config.get(name) for name in IMPORT_TIME_KNOBS)
 
 
 def load_kernel_module(source: str, dump_dir: Path | str | None = None, *, name: str | None = None) -> ModuleType:

@@ -13,11 +13,12 @@ and merge kernels. FXOPT_PDL=0 turns it off.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 
-ENABLED = os.environ.get("FXOPT_PDL", "1") != "0"
+from fxopt import config
+
+ENABLED = config.get("pdl")
 
 
 @functools.cache
@@ -34,7 +35,7 @@ def hopper_or_later(device: torch.device) -> bool:
 
 def use_pdl(device: torch.device) -> bool:
     """Launch with PDL on this device: a CUDA GPU of sm_90 or later, not the interpreter, FXOPT_PDL != 0."""
-    if not ENABLED or os.environ.get("TRITON_INTERPRET", "0") == "1":
+    if not ENABLED or config.get("interpret"):
         return False
     return hopper_or_later(device)
 

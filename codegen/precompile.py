@@ -32,7 +32,9 @@ def _async_compile_mode():
 
 def available() -> bool:
     """This Triton can compile asynchronously, and FXOPT_PRECOMPILE is not 0."""
-    return os.environ.get("FXOPT_PRECOMPILE", "1") != "0" and _async_compile_mode()[0] is not None
+    from fxopt import config
+
+    return config.get("precompile") and _async_compile_mode()[0] is not None
 
 
 @contextlib.contextmanager
@@ -103,13 +105,14 @@ def _load_on(device):
 
 
 # Each kernel family's own switch; FXOPT_AUTOTUNE turns on every family whose own variable is unset.
-AUTOTUNE_FAMILIES = ("FXOPT_ATTN_AUTOTUNE", "FXOPT_ROPE_AUTOTUNE", "FXOPT_FUSED_AUTOTUNE", "FXOPT_GEMV_AUTOTUNE")
-AUTOTUNE_VARIABLES = ("FXOPT_AUTOTUNE", *AUTOTUNE_FAMILIES)
+AUTOTUNE_FAMILIES = ("attn_autotune", "rope_autotune", "fused_autotune", "gemv_autotune")  # fxopt.config knobs
+AUTOTUNE_VARIABLES = ("FXOPT_AUTOTUNE", "FXOPT_ATTN_AUTOTUNE", "FXOPT_ROPE_AUTOTUNE", "FXOPT_FUSED_AUTOTUNE",
+                      "FXOPT_GEMV_AUTOTUNE")  # their environment variables
 
 
 def autotuning() -> bool:
     """Whether any kernel family times its configs on first use (then no dry run: see the module doc), by
-    the families' own rule (flash_attention.autotune_enabled)."""
-    from fxopt.codegen.flash_attention import autotune_enabled
+    the families' own switch (each falls back to FXOPT_AUTOTUNE; fxopt/config.py)."""
+    from fxopt import config
 
-    return any(autotune_enabled(family) for family in AUTOTUNE_FAMILIES)
+    return any(config.get(family) for family in AUTOTUNE_FAMILIES)

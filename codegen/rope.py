@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from fxopt.codegen.flash_attention import autotune_enabled
+from fxopt import config
 from fxopt.codegen.loader import ops_use_kernels
 from fxopt.codegen.pdl import launch_options, use_pdl
 
@@ -177,7 +177,7 @@ def _prune_configs(configs, named_args, **kwargs):
     args = {**named_args, **kwargs}
     half, rows = args["HALF"], args["rows_bucket"]
     chosen = default_config(half, rows)
-    if not autotune_enabled("FXOPT_ROPE_AUTOTUNE"):
+    if not config.get("rope_autotune"):
         return [c for c in configs if (c.kwargs["BLOCK_R"], c.num_warps) == chosen]
     block_h = _block_h(half)
 

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import collections
 import re
-import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field

@@ -152,7 +152,8 @@ def predicted_forward_ms(optimized, hw) -> float:
 
 def bench_model(spec: str, *, batch: int = 8, seq: int | None = None, dtype=torch.bfloat16,
                 attn_impl: str | None = None, device: str | None = None, hw: str = "h100", compile: bool = True,
-                backend: bool | None = None, regions: bool = True, cuda_graphs: bool | None = None, attention: bool = True, profile: bool = False,
+                backend: bool | None = None, regions: bool = True, cuda_graphs: bool | None = None,
+                attention: bool = True, profile: bool = False,
                 min_run_time: float = 0.5, default_seq: int = 1024, **overrides) -> BenchResult:
     """Eager vs fxopt vs torch.compile on one model, with the roofline prediction and copy bandwidth.
 

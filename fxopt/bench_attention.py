@@ -23,9 +23,10 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 
 import torch
+
+from fxopt import config
 
 GIB = 1 << 30
 
@@ -349,9 +350,7 @@ def bench_memory(results, quick):
     b, h, d = 1, 32, 128
     sizes = (1024, 2048) if quick else (4096, 8192, 16384, 32768)
     previous = None
-    old = os.environ.get("FXOPT_ATTN_AUTOTUNE")
-    os.environ["FXOPT_ATTN_AUTOTUNE"] = "0"  # peak memory does not depend on the tile; skip tuning
-    try:
+    with config.override(attn_autotune=False):  # peak memory does not depend on the tile; skip tuning
         for n in sizes:
             q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
             flash_attention(q, k, v, causal=True)  # compile outside the measurement
@@ -371,11 +370,6 @@ def bench_memory(results, quick):
             previous = peak
             del q, k, v, out
             torch.cuda.empty_cache()
-    finally:
-        if old is None:
-            os.environ.pop("FXOPT_ATTN_AUTOTUNE", None)
-        else:
-            os.environ["FXOPT_ATTN_AUTOTUNE"] = old
 
 
 SECTIONS = ("prefill", "decode", "window", "memory")

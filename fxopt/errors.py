@@ -35,7 +35,12 @@ class UserError(ValueError):
 
 def debug_enabled() -> bool:
     """FXOPT_DEBUG=1 (or true/yes/on): show tracebacks instead of one-line errors."""
-    return os.environ.get("FXOPT_DEBUG", "").strip().lower() in ("1", "true", "yes", "on")
+    from fxopt import config
+
+    try:
+        return bool(config.get("debug"))
+    except ValueError:  # a malformed FXOPT_DEBUG must not hide the error being reported
+        return False
 
 
 def require_positive(name: str, value: int | None, hint: str = "") -> None:

@@ -19,11 +19,12 @@ FXOPT_PROGRESS=0 off.
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
 import time
 from collections.abc import Iterable, Iterator
 from typing import TypeVar
+
+from fxopt import config
 
 T = TypeVar("T")
 
@@ -49,11 +50,11 @@ def _isatty() -> bool:
 
 
 def enabled() -> bool:
-    env = os.environ.get("FXOPT_PROGRESS")
+    setting = config.get("progress")
     if _enabled is False:
         return False
-    if env is not None and env.strip() != "":
-        return env.strip().lower() not in ("0", "false", "no", "off")
+    if setting is not None:
+        return setting
     return True if _enabled else _isatty()
 
 
@@ -69,7 +70,7 @@ def _write(text: str) -> None:
 
 def note(message: str) -> None:
     """One line on stderr, `fxopt: note: message`, unless progress is turned off (--quiet)."""
-    if _enabled is False or os.environ.get("FXOPT_PROGRESS", "").strip().lower() in ("0", "false", "no", "off"):
+    if _enabled is False or config.get("progress") is False:
         return
     _write(f"fxopt: note: {message}\n")
 

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from fxopt import config
+
 __all__ = [
     "GraphvizNotFoundError",
     "RooflineAxes",
@@ -1033,12 +1035,9 @@ def progress(iterable: Iterable[T], total: int | None = None, desc: str = "") ->
             total = len(iterable)  # type: ignore[arg-type]
         except TypeError:
             total = None
-    env = os.environ.get("FXOPT_PROGRESS")
+    setting = config.get("progress")
     stream = sys.stderr
-    if env is not None:
-        enabled = env not in ("", "0", "false", "no")
-    else:
-        enabled = bool(getattr(stream, "isatty", lambda: False)())
+    enabled = setting if setting is not None else bool(getattr(stream, "isatty", lambda: False)())
     if not enabled:
         yield from iterable
         return

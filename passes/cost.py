@@ -20,6 +20,7 @@ import torch
 from torch import fx
 
 from fxopt.codegen import attention_op  # noqa: F401 - registers torch.ops.fxopt.attention
+from fxopt.codegen import epilogue  # noqa: F401 - registers torch.ops.fxopt.linear_gelu_tanh
 from fxopt.codegen import gemv as gemv_op  # noqa: F401 - registers torch.ops.fxopt.gemv
 from fxopt.codegen import rope as rope_op  # noqa: F401 - registers torch.ops.fxopt.rope, rope_cache_write
 from fxopt.codegen.flash_attention import attention_flops
@@ -358,6 +359,7 @@ _RULES: dict[object, Callable[[PassContext, fx.Node], Cost]] = {
     torch.ops.fxopt.gemv_qkv.default: gemv_qkv_cost,
     _op("scaled_dot_product_attention.default"): sdpa_cost,
     torch.ops.fxopt.attention.default: fxopt_attention_cost,
+    torch.ops.fxopt.linear_gelu_tanh.default: matmul_cost,  # the GEMM's FLOPs; the epilogue's are not counted
     torch.ops.fxopt.cached_attention.default: cached_attention_cost,
     torch.ops.fxopt.cache_write.default: cache_write_cost,
     torch.ops.fxopt.rope.default: rope_cost,

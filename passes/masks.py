@@ -7,8 +7,8 @@ index symbols (one per dim), e.g. ``arange(s)`` is ``x0``, ``arange(s)[:, None] 
 over the whole buffer), an attention-mask input is an opaque ``attention_mask(x0, x1)``. What hides a key is then
 one boolean formula H(b, h, i, j). With j = i + d it must depend on d alone (plus, for padding, on the key's
 flag ``input[b, j] != 0``; an integer input named like a mask is taken to hold 0/1, the convention of
-attention-mask arguments, as HF's are); its atoms are linear in d, so the integer line of d splits at their finitely many
-thresholds into intervals on which every atom is constant, and evaluating H once per interval decides it
+attention-mask arguments, as HF's are); its atoms are linear in d, so the integer line of d splits at their
+finitely many thresholds into intervals on which every atom is constant, and evaluating H once per interval decides it
 for every d: a proof by exhaustive case analysis, not a sample at a few lengths.
 
     none            nothing hidden

@@ -895,6 +895,59 @@ DECODE_RULES: tuple[Rule, ...] = (
 )
 
 
+# ------------------------------------------------------------------------------------------ epilogues
+@dataclass
+class EpilogueMatch:
+    """An activation whose only input is a linear with a bias, that linear's only use: one GEMM with an
+    epilogue (codegen/epilogue.py)."""
+
+    act: fx.Node
+    linear: fx.Node
+
+
+def gelu_tanh_after_linear(gm: fx.GraphModule) -> list[EpilogueMatch]:
+    """gelu(linear(x, W, b), approximate="tanh"): GPT-2's MLP up-projection."""
+    matches = []
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target != aten.gelu.default:
+            continue
+        approximate = node.kwargs.get("approximate", node.args[1] if len(node.args) > 1 else "none")
+        src = node.args[0]
+        if approximate == "tanh" and isinstance(src, fx.Node) and src.target is LINEAR and len(src.users) == 1:
+            matches.append(EpilogueMatch(node, src))
+    return matches
+
+
+def check_gelu_epilogue(rw: Rewriter, m: EpilogueMatch) -> str | None:
+    from fxopt.codegen import epilogue
+
+    args = list(m.linear.args) + [None] * (3 - len(m.linear.args))
+    x, weight, bias = (_val(a) if isinstance(a, fx.Node) else a for a in args[:3])
+    if not all(isinstance(t, torch.Tensor) for t in (x, weight)):
+        return "operands are not tensors"
+    return epilogue.supports(x, weight, bias if isinstance(bias, torch.Tensor) else None)
+
+
+def fold_gelu_epilogue(rw: Rewriter, m: EpilogueMatch) -> None:
+    with rw.gm.graph.inserting_before(m.act):
+        node = rw.call(torch.ops.fxopt.linear_gelu_tanh.default, tuple(m.linear.args[:3]), like=m.linear)
+    m.act.replace_all_uses_with(node)
+    rw.drop_if_unused(m.act, m.linear)
+
+
+EPILOGUE_RULES: tuple[Rule, ...] = (
+    # bias + GELU(tanh) in the cuBLASLt GEMM's epilogue: the activation written once, not three times
+    Rule("gelu_tanh_epilogue", gelu_tanh_after_linear, check_gelu_epilogue, fold_gelu_epilogue),
+)
+
+
+def run_epilogues(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+    """EPILOGUE_RULES over the forward program (after `run`): counts per rule."""
+    import fxopt.codegen.epilogue  # noqa: F401  (registers torch.ops.fxopt.linear_gelu_tanh)
+
+    return run_rules(gm, ctx, EPILOGUE_RULES, _describe, "matmul")[0]
+
+
 def run_decode(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     """The rules for a static one-token decode program (after `run`): counts per rule."""
     return run_rules(gm, ctx, DECODE_RULES, _describe, "matmul")[0]
@@ -905,6 +958,8 @@ def _describe(match) -> str:
         return match.node.name
     if isinstance(match, (GluMatch, ResidualMatch, NormMatch, HeadsMatch)):
         return match.gemv.name
+    if isinstance(match, EpilogueMatch):
+        return match.linear.name
     if isinstance(match, SiblingGroup):
         return "+".join(m.node.name for m in match.members)
     return match.m.node.name

@@ -17,6 +17,8 @@ DEVICE = "cuda"
 
 @pytest.fixture(scope="module")
 def optimized():
+    if not torch.cuda.is_available():  # module fixtures run before conftest's per-test skip
+        pytest.skip("needs a CUDA GPU")
     torch.manual_seed(0)
     model = models.build("gpt2-tiny", device=DEVICE, dtype=torch.float32).eval()
     return model, fxopt.optimize(model, model.example_inputs(2, 32, device=DEVICE))

@@ -10,6 +10,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 
 from fxopt import models
@@ -406,3 +407,35 @@ def test_qkv_fold_refuses_writes_at_other_positions_or_other_tables():
 def test_qkv_fold_not_applied_at_batch_two():
     program = _decode_program_before_qkv_fold("llama-tiny", batch=2)
     assert matmul.qkv_heads_after_gemv(program) == []  # no GEMVs at batch 2
+
+
+# ------------------------------------------------------------------------------------------ epilogues
+class UpProjection(nn.Module):
+    """linear -> GELU, with the GELU's approximation and a second use of the linear's output as knobs."""
+
+    def __init__(self, approximate="tanh", reuse=False):
+        super().__init__()
+        self.up, self.down = nn.Linear(32, 128), nn.Linear(128, 32)
+        self.approximate, self.reuse = approximate, reuse
+
+    def forward(self, x):
+        h = self.up(x)
+        y = self.down(F.gelu(h, approximate=self.approximate))
+        return y + h[..., :32] if self.reuse else y
+
+
+@pytest.mark.parametrize("approximate, reuse, folded", [("tanh", False, 1), ("none", False, 0), ("tanh", True, 0)])
+def test_bias_gelu_tanh_folds_into_the_gemm_only_when_exact(approximate, reuse, folded):
+    torch.manual_seed(0)
+    model = UpProjection(approximate, reuse).eval()
+    x = torch.randn(2, 8, 32)
+    program = compile_model(model, {"x": x}, dynamic_dims={"x": {0: "batch", 1: "seq"}}, matmul=True)
+    assert program.results["epilogues"].counts["gelu_tanh_epilogue"] == folded
+    gelus = [n for n in program.gm.graph.nodes if n.target == torch.ops.aten.gelu.default]
+    assert len(gelus) == 1 - folded
+    for s in (8, 19):
+        x = torch.randn(3, s, 32)
+        with torch.no_grad():
+            out = program.gm(x=x)
+            torch.testing.assert_close(out[0] if isinstance(out, (tuple, list)) else out, model(x), rtol=1e-5,
+                                       atol=1e-5)
