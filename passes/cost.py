@@ -19,8 +19,10 @@ import sympy
 import torch
 from torch import fx
 
-from fxopt.codegen import attention_op  # noqa: F401 - registers torch.ops.fxopt.attention
-from fxopt.codegen import epilogue  # noqa: F401 - registers torch.ops.fxopt.linear_gelu_tanh
+from fxopt.codegen import (
+    attention_op,  # noqa: F401 - registers torch.ops.fxopt.attention
+    epilogue,  # noqa: F401 - registers torch.ops.fxopt.linear_gelu_tanh
+)
 from fxopt.codegen import gemv as gemv_op  # noqa: F401 - registers torch.ops.fxopt.gemv
 from fxopt.codegen import rope as rope_op  # noqa: F401 - registers torch.ops.fxopt.rope, rope_cache_write
 from fxopt.codegen.flash_attention import attention_flops
