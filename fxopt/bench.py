@@ -20,6 +20,7 @@ import torch
 from torch import fx
 
 from fxopt import models, zoo
+from fxopt.cli_args import DTYPES, HW_HELP, MODEL_HELP, positive_int, resolve_hw
 from fxopt.hardware import get_hardware, measure_copy_bandwidth
 from fxopt.optimize import optimize
 from fxopt.passes.cost import COST_KEY
@@ -290,7 +291,6 @@ def format_result(result: BenchResult) -> str:
 
 
 def add_cli(subparsers) -> None:
-    from fxopt.cli import DTYPES, HW_HELP, MODEL_HELP, positive_int
 
     gpu, cpu = GPU_DEFAULTS, CPU_DEFAULTS
     parser = subparsers.add_parser(
@@ -338,7 +338,6 @@ def add_cli(subparsers) -> None:
 
 
 def _cmd_bench(args) -> int:
-    from fxopt.cli import DTYPES, resolve_hw
     from fxopt.errors import UserError, check_output, require_cuda
     from fxopt.progress import note
 

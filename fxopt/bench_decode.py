@@ -38,6 +38,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from fxopt.cli_args import nonnegative_int, positive_int
 from fxopt.generate import Generator, build_generator
 from fxopt.progress import stage
 
@@ -292,7 +293,6 @@ def _parse_configs(text: str) -> tuple[tuple[int, int, int], ...]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from fxopt.cli import nonnegative_int, positive_int
 
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="weights and caches")
     parser.add_argument("--configs", default=",".join(f"{b}x{p}x{n}" for b, p, n in DEFAULT_CONFIGS),

@@ -9,28 +9,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import difflib
 import io
 import shutil
 import sys
 from collections.abc import Callable
 
-import torch
-
 from fxopt import progress
+from fxopt.cli_args import DTYPES, HW_HELP, MODEL_HELP, default_seq, nonnegative_int, positive_int, resolve_hw  # noqa: F401  (the shared argument vocabulary, re-exported)
 from fxopt.errors import UserError, check_output, debug_enabled, require_cuda, user_error
 
-DTYPES = {
-    "fp16": torch.float16,
-    "float16": torch.float16,
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-    "fp32": torch.float32,
-    "float32": torch.float32,
-}
-MODEL_HELP = ("a models/ preset (gpt2-small, llama-1b-like, ...), package.module:factory, "
-              "or hf:MODEL_TYPE[,key=value]")
-HW_HELP = "a datasheet preset (a10, a100-40gb, a100-80gb, h100, h200) or 'calibrate' (measure this GPU)"
 ANNOTATE_SEQ = 128
 
 
@@ -74,29 +61,6 @@ class Parser(argparse.ArgumentParser):
         raise UserError(f"{command + ': ' if command else ''}{message}", f"see '{self.prog} --help'")
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer > 0."""
-    value = _int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
-
-
-def nonnegative_int(text: str) -> int:
-    """argparse type: an integer >= 0."""
-    value = _int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
-
-
-def _int(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-
-
 def add_common_flags(parser: argparse.ArgumentParser, *, top: bool = False) -> None:
     """--debug and --quiet, accepted before or after the subcommand."""
     default = False if top else argparse.SUPPRESS
@@ -109,31 +73,6 @@ def add_common_flags(parser: argparse.ArgumentParser, *, top: bool = False) -> N
 # ---------------------------------------------------------------------------------------------------
 # Checks shared by the subcommands (all before any capture)
 # ---------------------------------------------------------------------------------------------------
-
-
-def resolve_hw(name: str):
-    """--hw NAME as a Hardware: UserError for an unknown name or 'calibrate' without a GPU."""
-    from fxopt.hardware import ALIASES, PRESETS, get_hardware
-
-    key = name.lower().replace("_", "-")
-    if key == "calibrate":
-        require_cuda("--hw calibrate", "use a datasheet preset instead, e.g. --hw h100")
-        with progress.stage("calibrating: copy bandwidth and bf16 matmul rate of this GPU"):
-            return get_hardware(name)
-    if ALIASES.get(key, key) not in PRESETS:
-        close = difflib.get_close_matches(key, [*PRESETS, *ALIASES], n=1)
-        guess = f"did you mean {close[0]!r}? " if close else ""
-        raise UserError(f"unknown hardware {name!r}", f"{guess}choose one of {', '.join(sorted(PRESETS))} "
-                                                      "or 'calibrate'")
-    return get_hardware(name)
-
-
-def default_seq(model, wanted: int) -> int:
-    """`wanted`, or the model's position limit if that is smaller."""
-    from fxopt import zoo
-
-    limit = zoo.position_limit(model)
-    return min(wanted, limit) if limit else wanted
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from fxopt import numerics, pipeline
+from fxopt.cli_args import DTYPES, MODEL_HELP, nonnegative_int, positive_int
 from fxopt.codegen.greedy import greedy_pick
 from fxopt.passes import kv_cache as kv
 from fxopt.passes.infra import PassContext
@@ -670,7 +671,6 @@ def _refuse_non_causal(spec: str, model) -> None:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from fxopt import zoo
-    from fxopt.cli import DTYPES
     from fxopt.errors import check_output
     from fxopt.progress import note, progress, stage
 
@@ -738,7 +738,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def add_cli(subparsers) -> argparse.ArgumentParser:
     """Register `fxopt generate MODEL --batch --prompt-len --new-tokens`."""
-    from fxopt.cli import MODEL_HELP, nonnegative_int, positive_int
 
     parser = subparsers.add_parser("generate", help="generate over an automatically inserted KV cache; prints "
                                                     "tokens/s, ms per token and achieved bandwidth")
