@@ -34,6 +34,8 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from fxopt.nodes import meta_val as _val
+
 aten = torch.ops.aten
 
 # ----------------------------------------------------------------------------- compute types
@@ -128,10 +130,6 @@ def normalized_args(node: fx.Node) -> dict[str, Any]:
         else:
             out[arg.name] = None
     return out
-
-
-def _val(x):
-    return x.meta.get("val") if isinstance(x, fx.Node) else x
 
 
 def _rank(x) -> int | None:

@@ -46,6 +46,8 @@ import sympy
 import torch
 from torch import fx
 
+from fxopt.nodes import size_expr as _expr
+
 aten = torch.ops.aten
 
 #: What each subgraph is compiled with unless options say otherwise (fxopt.optimize's defaults).
@@ -564,12 +566,6 @@ def _key(value):
     if isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool, torch.Tensor)):
         raise TypeError("not a plain argument")
     return (type(value).__name__, value)
-
-
-def _expr(size) -> sympy.Expr:
-    if isinstance(size, (torch.SymInt, torch.SymFloat, torch.SymBool)):
-        return sympy.sympify(size.node.expr)
-    return sympy.sympify(size)
 
 
 def _same_dims(a, b) -> bool:

@@ -47,6 +47,9 @@ import torch
 from torch import fx
 
 from fxopt.codegen import attention_op
+from fxopt.nodes import node_val as _val
+from fxopt.nodes import op_name
+from fxopt.nodes import size_expr as _expr
 from fxopt.passes import cost as cost_pass
 from fxopt.passes import masks
 from fxopt.passes.infra import PassContext, PassResult, add_constant, finish
@@ -139,19 +142,9 @@ MaskPart = masks.MaskPart
 
 
 # --------------------------------------------------------------------------------------------- helpers
-def _val(node: Any):
-    return node.meta.get("val") if isinstance(node, fx.Node) else None
-
-
 def _tensor(node: Any) -> torch.Tensor | None:
     val = _val(node)
     return val if isinstance(val, torch.Tensor) else None
-
-
-def _expr(size) -> sympy.Expr:
-    if isinstance(size, (torch.SymInt, torch.SymFloat, torch.SymBool)):
-        return sympy.sympify(size.node.expr)
-    return sympy.sympify(size)
 
 
 def _same(a, b) -> bool:
@@ -174,10 +167,7 @@ def _arg(node: fx.Node, index: int, name: str, default=None):
 
 
 def _op_name(node: fx.Node) -> str:
-    target = node.target
-    if isinstance(target, torch._ops.OpOverload):
-        return str(target).removeprefix("aten.")
-    return getattr(target, "__name__", str(target)) if node.op == "call_function" else node.op
+    return op_name(node, namespace=False)
 
 
 def _gm(node: fx.Node) -> fx.GraphModule:

@@ -43,6 +43,8 @@ import torch
 from torch import fx
 
 import fxopt.codegen.attention_op  # noqa: F401  (registers torch.ops.fxopt.*)
+from fxopt.nodes import meta_val as _val
+from fxopt.nodes import op_name as _op_name
 from fxopt.passes import masks
 from fxopt.passes.infra import PassContext, PassResult, add_constant, finish
 
@@ -66,13 +68,6 @@ def _refuse(node: fx.Node, why: str, hint: str = "") -> KVCacheError:
     if hint:
         msg += f"\n  {hint}"
     return KVCacheError(msg)
-
-
-def _op_name(node: fx.Node) -> str:
-    target = node.target
-    if isinstance(target, torch._ops.OpOverload):
-        return f"{target.namespace}.{target.__name__}" if target.namespace != "aten" else f"aten.{target.__name__}"
-    return getattr(target, "__name__", str(target))
 
 
 def _source_line(node: fx.Node) -> str:
@@ -99,10 +94,6 @@ _LIBRARY_DIRS = tuple(os.path.join(os.path.dirname(os.path.abspath(f)), "") for 
 # ------------------------------------------------------------------------------------------------
 # Small helpers over node metadata
 # ------------------------------------------------------------------------------------------------
-
-
-def _val(node) -> Any:
-    return node.meta.get("val") if isinstance(node, fx.Node) else node
 
 
 def _is_tensor_node(node) -> bool:

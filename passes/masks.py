@@ -34,6 +34,8 @@ from sympy.core.relational import Relational
 from sympy.logic.boolalg import Boolean, BooleanFunction
 from torch import fx
 
+from fxopt.nodes import node_val as _val
+
 aten = torch.ops.aten
 
 #: A fill or additive value at or below this hides a key (exp(-1e4) underflows to 0 in fp16..fp64).
@@ -90,10 +92,6 @@ class _Elem:
 
 
 # --------------------------------------------------------------------------------------------- helpers
-def _val(node: Any):
-    return node.meta.get("val") if isinstance(node, fx.Node) else None
-
-
 def _size_expr(size) -> Any:
     if isinstance(size, (torch.SymInt, torch.SymFloat, torch.SymBool)):
         return sympy.sympify(size.node.expr)

@@ -39,6 +39,7 @@ from typing import Any
 import torch
 from torch import fx
 
+from fxopt.nodes import meta_val as _val
 from fxopt.passes import cost as cost_pass
 from fxopt.passes.infra import PassContext, PassResult, finish
 
@@ -180,10 +181,6 @@ def _positional_args(node: fx.Node) -> list | None:
     if node.kwargs.get("bias") is not None:
         args.append(node.kwargs["bias"])
     return args
-
-
-def _val(node):
-    return node.meta.get("val") if isinstance(node, fx.Node) else node
 
 
 # ------------------------------------------------------------------------------------------ the rewriter

@@ -29,6 +29,7 @@ from torch import fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from fxopt.codegen import rope as rope_codegen
+from fxopt.nodes import node_val as _val
 from fxopt.passes import cost as cost_pass
 from fxopt.passes.infra import PassContext, PassResult
 from fxopt.passes.matmul import Rewriter, Rule, run_rules
@@ -43,10 +44,6 @@ CACHE_WRITE = torch.ops.fxopt.cache_write.default
 # ------------------------------------------------------------------------------------------ reading the graph
 def _is(node, target) -> bool:
     return isinstance(node, fx.Node) and node.op == "call_function" and node.target is target
-
-
-def _val(node):
-    return node.meta.get("val") if isinstance(node, fx.Node) else None
 
 
 def _bound(value, d: int, default: int) -> int | None:

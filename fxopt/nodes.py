@@ -1,0 +1,39 @@
+"""Small facts about torch.fx nodes that every layer reads: their fake values, sizes as sympy, op names.
+
+Foundation layer: imports nothing of fxopt, so codegen and the passes share one definition of each.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import sympy
+import torch
+from torch import fx
+
+
+def meta_val(x: Any) -> Any:
+    """An fx node's meta["val"] (its fake value); anything else is its own value (a constant argument)."""
+    return x.meta.get("val") if isinstance(x, fx.Node) else x
+
+
+def node_val(x: Any) -> Any:
+    """An fx node's meta["val"]; None for anything that is not a node."""
+    return x.meta.get("val") if isinstance(x, fx.Node) else None
+
+
+def size_expr(size: Any) -> sympy.Expr:
+    """A size (int, SymInt, SymFloat, SymBool) as a sympy expression in the export's symbols."""
+    if isinstance(size, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+        return sympy.sympify(size.node.expr)
+    return sympy.sympify(size)
+
+
+def op_name(node: fx.Node, *, namespace: bool = True) -> str:
+    """'aten.add.Tensor' (or 'add.Tensor' without the aten namespace) for an ATen call; a function's name
+    otherwise; the node's op ('placeholder', ...) when it calls nothing."""
+    target = node.target
+    if isinstance(target, torch._ops.OpOverload):
+        name = str(target)
+        return name if namespace else name.removeprefix("aten.")
+    return getattr(target, "__name__", str(target)) if node.op in ("call_function", "call_method") else node.op
