@@ -7,6 +7,9 @@ activation is written once instead of written, read and written again by a separ
 cuBLASLt declines the call, PyTorch runs addmm and then the tanh GELU itself: the same function. On the CPU
 (whose `_addmm_activation` uses the exact erf GELU) it is the reference below.
 
+The fold is opt-in (`optimize(..., epilogues=True)`): its speed and its CUDA numerics have not been measured on
+a GPU yet (tests/gpu/test_epilogue_gpu.py and benchmarks/epilogue.py are there to do it).
+
 Reference, test and benchmark: `linear_gelu_tanh_reference`, tests/codegen/test_epilogue.py (CPU) and
 tests/gpu/test_epilogue_gpu.py (CUDA, against float64), `python benchmarks/epilogue.py`.
 """

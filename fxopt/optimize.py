@@ -142,7 +142,7 @@ def _precompile(optimized: OptimizedModule, args: tuple, kwargs: dict) -> bool:
 
 
 #: Keyword options `optimize` takes beyond its named parameters: passes to turn off, generator settings.
-PASS_OPTIONS = ("rope",)
+PASS_OPTIONS = ("rope", "epilogues")
 GENERATOR_OPTIONS = ("dtype", "device", "use_cuda_graph", "fuse_decode")
 
 

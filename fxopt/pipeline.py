@@ -51,7 +51,8 @@ FORWARD: tuple[Step, ...] = (
     Step("cost", cost.run),  # FLOPs and bytes per node, symbolic in b, s -> meta["fxopt.cost"]
     Step("attention", attention.run, "attention"),  # attention subgraphs -> one fxopt::attention call each
     Step("matmul", matmul.run, "matmul"),  # sibling linears -> one over concatenated weights; unaligned N padded
-    Step("epilogues", matmul.run_epilogues, "matmul"),  # bias + GELU(tanh) folded into the GEMM (cuBLASLt)
+    Step("epilogues", matmul.run_epilogues, "epilogues"),  # bias + GELU(tanh) folded into the GEMM (cuBLASLt);
+    # opt-in (optimize(..., epilogues=True)) until its speed is measured on a GPU
     Step("rope", rope.run, "rope"),  # x*cos + rotate_half(x)*sin -> one fxopt::rope kernel (rotate_half won't fuse)
     Step("fusion", fusion.run, "fuse", needs=("cost",)),  # memory-bound regions -> one generated Triton kernel each
     Step("recost", cost.run),  # costs of what the rewrites made (fused calls keep theirs)

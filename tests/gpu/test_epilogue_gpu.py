@@ -34,7 +34,7 @@ def test_gpt2_mlp_is_folded_and_matches_eager():
     torch.manual_seed(0)
     model = models.build("gpt2-tiny", device="cuda", dtype=torch.float32).eval()
     inputs = model.example_inputs(2, 64, device="cuda")
-    fast = fxopt.optimize(model, inputs)
+    fast = fxopt.optimize(model, inputs, epilogues=True)
     assert fast.program.results["epilogues"].counts["gelu_tanh_epilogue"] == model.config.n_layers
     with torch.no_grad():
         torch.testing.assert_close(fast(**inputs), model(**inputs), rtol=1e-4, atol=1e-4)
