@@ -11,6 +11,8 @@ import sympy
 import torch
 from torch import fx
 
+from fxopt.opnames import BOOKKEEPING
+
 
 def meta_val(x: Any) -> Any:
     """An fx node's meta["val"] (its fake value); anything else is its own value (a constant argument)."""
@@ -37,3 +39,9 @@ def op_name(node: fx.Node, *, namespace: bool = True) -> str:
         name = str(target)
         return name if namespace else name.removeprefix("aten.")
     return getattr(target, "__name__", str(target)) if node.op in ("call_function", "call_method") else node.op
+
+
+
+def is_bookkeeping(node: fx.Node) -> bool:
+    """A node that is graph bookkeeping (fxopt.opnames.BOOKKEEPING), by its op name."""
+    return op_name(node, namespace=False) in BOOKKEEPING or str(node.target) in BOOKKEEPING

@@ -11,6 +11,7 @@ import torch
 from fxopt import numerics
 from fxopt.capture import capture
 from fxopt.cuda_graphs import GraphedForward
+from fxopt.nodes import is_bookkeeping
 from fxopt.pipeline import Program, make_context, run_passes
 
 
@@ -74,7 +75,6 @@ STAYED_REASON = {
     "other": "no fusion rule for this op",
     "unknown": "no cost or fusion rule for this op",
 }
-BOOKKEEPING = ("sym_size", "getitem", "_guards_fn", "_assert", "sym_constrain")
 
 
 def stayed_pytorch(gm: torch.fx.GraphModule) -> list[str]:
@@ -85,7 +85,7 @@ def stayed_pytorch(gm: torch.fx.GraphModule) -> list[str]:
 
     counts: Counter = Counter()
     for node in gm.graph.nodes:
-        if node.op != "call_function" or any(b in str(node.target) for b in BOOKKEEPING):
+        if node.op != "call_function" or is_bookkeeping(node):
             continue
         name = str(node.target).removeprefix("aten.")
         if name.startswith("fxopt."):

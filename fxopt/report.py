@@ -4,12 +4,11 @@ Everything here consumes the report dict built by the analysis (see `fxopt annot
 mapping with "model", "hardware", "sizes", "nodes" (graph order), "layers", "total", "regions" and
 "attention". This module never imports torch: it only formats numbers that were already computed.
 
-    format_table(report, max_rows=None) -> str      aligned text table, node rows + layer rows + TOTAL
+    format_table(report, max_rows=None, all_nodes=False) -> str   text table: node rows + layer rows + TOTAL
     write_json(report, path)
     to_dot(report) -> str / write_dot / write_svg   nodes coloured by roofline bound, regions as clusters
     to_html(report) -> str / write_html             self-contained page: roofline, sortable tables, graph
     roofline_axes(report) -> RooflineAxes           the log-log map (AI, FLOP/s) -> SVG pixels of the plot
-    progress(iterable, total, desc)                 a quiet stderr progress line for long loops
 """
 
 from __future__ import annotations
@@ -21,20 +20,16 @@ import os
 import re
 import shutil
 import subprocess
-import sys
-import time
-from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-from fxopt import config
+from fxopt.opnames import BOOKKEEPING
 
 __all__ = [
     "GraphvizNotFoundError",
     "RooflineAxes",
     "format_table",
-    "progress",
     "roofline_axes",
     "to_dot",
     "to_html",
@@ -232,14 +227,8 @@ def _pct(part: float, whole: float) -> str:
     return f"{100.0 * part / whole:.1f}%"
 
 
-# Graph bookkeeping that costs nothing: size reads, tuple unpacking, export's guard call and runtime asserts.
-BOOKKEEPING = frozenset({"getitem", "sym_size.int", "sym_numel", "sym_stride.int", "sym_storage_offset",
-                         "call_module:_guards_fn", "_assert_scalar", "_assert_tensor_metadata",
-                         "sym_constrain_range_for_size"})
-
-
 def is_bookkeeping(node: dict) -> bool:
-    """A report node that is graph bookkeeping (see BOOKKEEPING) with no cost of its own."""
+    """A report node that is graph bookkeeping (fxopt.opnames.BOOKKEEPING) with no cost of its own."""
     return short_op(str(node.get("op", ""))) in BOOKKEEPING and not (_f(node.get("flops")) or _node_bytes(node))
 
 
@@ -1014,59 +1003,6 @@ def to_html(report: dict) -> str:
 
 def write_html(report: dict, path: str | os.PathLike) -> None:
     Path(path).write_text(to_html(report), encoding="utf-8")
-
-
-# --------------------------------------------------------------------------------------------------------
-# Progress
-# --------------------------------------------------------------------------------------------------------
-
-T = TypeVar("T")
-_clock = time.monotonic  # tests replace this
-
-
-def progress(iterable: Iterable[T], total: int | None = None, desc: str = "") -> Iterator[T]:
-    """Yield from `iterable`, showing "desc: i/total (p%) t s" on stderr once the loop has run for 1 s.
-
-    The line is rewritten in place with \\r at most 10 times a second and finished with a newline. It is
-    shown only when stderr is a terminal, or when FXOPT_PROGRESS=1 (FXOPT_PROGRESS=0 turns it off).
-    """
-    if total is None:
-        try:
-            total = len(iterable)  # type: ignore[arg-type]
-        except TypeError:
-            total = None
-    setting = config.get("progress")
-    stream = sys.stderr
-    enabled = setting if setting is not None else bool(getattr(stream, "isatty", lambda: False)())
-    if not enabled:
-        yield from iterable
-        return
-
-    start = _clock()
-    last = None
-    shown = False
-    i = 0
-
-    def draw(now: float) -> None:
-        frac = f" ({100.0 * i / total:.0f}%)" if total else ""
-        of = f"/{total}" if total is not None else ""
-        stream.write(f"\r{desc + ': ' if desc else ''}{i}{of}{frac} {now - start:.1f}s")
-        stream.flush()
-
-    try:
-        for item in iterable:
-            yield item
-            i += 1
-            now = _clock()
-            if now - start >= 1.0 and (last is None or now - last >= 0.1):
-                draw(now)
-                last = now
-                shown = True
-    finally:
-        if shown:
-            draw(_clock())
-            stream.write("\n")
-            stream.flush()
 
 
 def format_rewrites(report: dict) -> str:

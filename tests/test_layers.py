@@ -1,8 +1,9 @@
 """The package's import graph (built here with ast from the source): no circles among module-level imports,
 and none running from a lower layer to a higher one:
 
-    foundation (config, nodes, hardware, errors, progress) <- models <- codegen <- passes <- core <- api and tools
+    foundation <- models <- codegen <- passes <- core <- api and tools
 
+foundation: config, nodes, opnames, hardware, errors, progress;
 core: capture, pipeline, numerics, zoo, cuda_graphs; api and tools: everything else in fxopt/, the package's
 __init__ included (it re-exports the API)."""
 
@@ -15,7 +16,7 @@ import networkx as nx
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = (("fxopt", "fxopt"), ("models", "fxopt.models"), ("codegen", "fxopt.codegen"), ("passes", "fxopt.passes"))
-FOUNDATION = {"fxopt.config", "fxopt.nodes", "fxopt.hardware", "fxopt.errors", "fxopt.progress"}
+FOUNDATION = {"fxopt.config", "fxopt.nodes", "fxopt.opnames", "fxopt.hardware", "fxopt.errors", "fxopt.progress"}
 CORE = {"fxopt.capture", "fxopt.pipeline", "fxopt.numerics", "fxopt.zoo", "fxopt.cuda_graphs"}
 
 

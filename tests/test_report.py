@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import html.parser
-import io
 import json
 import math
 import os
@@ -547,63 +546,6 @@ def test_browser_renders_without_errors(tmp_path):
     assert "data-fxopt-error" in _root_tag(dom) and "undefinedFunction" in _root_tag(dom)
     assert _console_errors(stderr)
     assert time.perf_counter() - t0 < 30
-
-
-# --------------------------------------------------------------------------------------------------------
-# progress
-# --------------------------------------------------------------------------------------------------------
-
-class _Clock:
-    def __init__(self, step):
-        self.t, self.step = 0.0, step
-
-    def __call__(self):
-        self.t += self.step
-        return self.t
-
-
-class _TTY(io.StringIO):
-    def isatty(self):
-        return True
-
-
-def test_progress_starts_after_one_second_and_throttles(monkeypatch):
-    stream = _TTY()
-    monkeypatch.setattr(rp.sys, "stderr", stream)
-    monkeypatch.delenv("FXOPT_PROGRESS", raising=False)
-    monkeypatch.setattr(rp, "_clock", _Clock(0.01))  # each item takes 10 ms: 500 items = 5 s
-    items = list(rp.progress(range(500), 500, "cost"))
-    assert items == list(range(500))
-    out = stream.getvalue()
-    updates = out.split("\r")[1:]
-    assert updates and out.endswith("\n")
-    assert len(updates) <= 5 * 10 + 2  # at most ~10 updates per second
-    assert updates[0].startswith("cost: ") and not updates[0].startswith("cost: 0/")
-    first = int(updates[0].split()[1].split("/")[0])
-    assert first >= 99  # nothing before 1 s (100 items)
-    assert updates[-1].startswith("cost: 500/500 (100%)")
-
-
-def test_progress_quiet_when_fast_or_not_a_tty(monkeypatch):
-    stream = _TTY()
-    monkeypatch.setattr(rp.sys, "stderr", stream)
-    monkeypatch.delenv("FXOPT_PROGRESS", raising=False)
-    monkeypatch.setattr(rp, "_clock", _Clock(1e-4))  # 500 items in 0.05 s: too fast to show
-    assert list(rp.progress(range(500), 500, "x")) == list(range(500))
-    assert stream.getvalue() == ""
-
-    plain = io.StringIO()  # not a terminal
-    monkeypatch.setattr(rp.sys, "stderr", plain)
-    monkeypatch.setattr(rp, "_clock", _Clock(0.01))
-    assert list(rp.progress(iter(range(300)), None, "x")) == list(range(300))
-    assert plain.getvalue() == ""
-    monkeypatch.setenv("FXOPT_PROGRESS", "1")  # forced on
-    assert list(rp.progress(iter(range(300)), None, "x")) == list(range(300))
-    assert "x: 300" in plain.getvalue()
-    monkeypatch.setenv("FXOPT_PROGRESS", "0")
-    monkeypatch.setattr(rp.sys, "stderr", _TTY())
-    list(rp.progress(range(300), 300, "x"))
-    assert rp.sys.stderr.getvalue() == ""
 
 
 def test_table_leaves_out_bookkeeping_nodes_unless_asked():
