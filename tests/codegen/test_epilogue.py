@@ -30,3 +30,12 @@ def test_the_fold_needs_a_bias_and_one_dtype():
     assert "no bias" in epilogue.supports(x, weight, None)
     assert "mixed dtypes" in epilogue.supports(x.half(), weight, bias)
     assert "one value per output column" in epilogue.supports(x, weight, torch.randn(4, 16))
+
+
+def test_non_contiguous_and_broadcast_inputs():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(24, 6, generator=g).t()  # (6, 24), transposed strides
+    weight = torch.randn(24, 40, generator=g).t()  # (40, 24), transposed
+    bias = torch.randn(1, generator=g).expand(40)  # stride 0
+    out = torch.ops.fxopt.linear_gelu_tanh(x, weight, bias)
+    torch.testing.assert_close(out.double(), gelu_tanh_float64(x, weight, bias), rtol=1e-5, atol=1e-5)

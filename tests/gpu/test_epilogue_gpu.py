@@ -30,6 +30,16 @@ def test_epilogue_matches_the_formula(dtype, tol, rows, k, n):
     assert err <= tol * max(1.0, want.abs().max().item()), err
 
 
+def test_non_contiguous_and_broadcast_inputs():
+    g = torch.Generator("cuda").manual_seed(1)
+    x = torch.randn(64, 96, device="cuda", generator=g).t().to(torch.bfloat16)  # (96, 64), transposed
+    weight = torch.randn(64, 128, device="cuda", generator=g).t().to(torch.bfloat16)  # (128, 64), transposed
+    bias = torch.randn(1, device="cuda", generator=g).to(torch.bfloat16).expand(128)  # stride 0
+    got = torch.ops.fxopt.linear_gelu_tanh(x, weight, bias)
+    want = gelu_tanh_float64(x, weight, bias)
+    assert (got.double() - want).abs().max().item() <= 2e-2 * max(1.0, want.abs().max().item())
+
+
 def test_gpt2_mlp_is_folded_and_matches_eager():
     torch.manual_seed(0)
     model = models.build("gpt2-tiny", device="cuda", dtype=torch.float32).eval()
