@@ -29,10 +29,8 @@ own). Results change only by float rounding (the same dot products, computed by 
 
 from __future__ import annotations
 
-import heapq
 import math
 import operator
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,7 +39,8 @@ from torch import fx
 
 from fxopt.nodes import meta_val as _val
 from fxopt.passes import cost as cost_pass
-from fxopt.passes.infra import PassContext, PassResult, finish
+from fxopt.passes.infra import PassContext, PassResult
+from fxopt.passes.rules import LAYOUT_TARGETS, DownstreamVals, Rewriter, Rule, apply_rules, fetch, run_rules  # noqa: F401  (fetch, Rewriter: also read by tests)
 
 aten = torch.ops.aten
 
@@ -56,7 +55,6 @@ CACHE_WRITE = torch.ops.fxopt.cache_write.default
 SLICE = aten.slice.Tensor
 MATMUL_TARGETS = (aten.linear.default, aten.mm.default, aten.matmul.default, aten.addmm.default)
 TRANSPOSES = (aten.t.default, aten.transpose.int, aten.permute.default, aten.numpy_T.default)
-LAYOUT_TARGETS = set(cost_pass.LAYOUT_OPS) | {operator.getitem}
 
 
 def min_align(dtype: torch.dtype) -> int:
@@ -76,21 +74,6 @@ def aligned_size(n: int, dtype: torch.dtype) -> int:
 
 
 # ------------------------------------------------------------------------------------------ reading the graph
-class DownstreamVals(dict):
-    """New meta['val'] per downstream layout node, plus the views that must become reshapes."""
-
-    def __init__(self):
-        super().__init__()
-        self.reshapes: set[fx.Node] = set()
-
-
-def fetch(gm: fx.GraphModule, target: str) -> Any:
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
 def _const(gm: fx.GraphModule, node) -> torch.Tensor | None:
     """The tensor a get_attr node names, else None."""
     if isinstance(node, fx.Node) and node.op == "get_attr":
@@ -181,147 +164,6 @@ def _positional_args(node: fx.Node) -> list | None:
     if node.kwargs.get("bias") is not None:
         args.append(node.kwargs["bias"])
     return args
-
-
-# ------------------------------------------------------------------------------------------ the rewriter
-class Rewriter:
-    """What the rules share: the graph, its FakeTensorMode, new-node bookkeeping, counts and notes."""
-
-    def __init__(self, gm: fx.GraphModule, ctx: PassContext, fake_mode):
-        self.gm, self.ctx, self.fake_mode = gm, ctx, fake_mode
-        self.counts: dict[str, int] = {}
-        self.notes: list[str] = []
-        self.touched: set[str] = set()  # get_attr targets some rewrite stopped reading
-        self.costed = any(cost_pass.COST_KEY in n.meta for n in gm.graph.nodes)
-        self.made: dict[tuple, str] = {}  # (kind, source targets, size) -> buffer name, so a weight is made once
-
-    @classmethod
-    def over(cls, gm: fx.GraphModule, ctx: PassContext) -> Rewriter | None:
-        """A rewriter over gm's fake values (their FakeTensorMode), or None when gm has none."""
-        from torch._guards import detect_fake_mode
-
-        vals = [n.meta.get("val") for n in gm.graph.nodes]
-        fake_mode = detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
-        return None if fake_mode is None else cls(gm, ctx, fake_mode)
-
-    def count(self, key: str, by: int = 1) -> None:
-        self.counts[key] = self.counts.get(key, 0) + by
-
-    # -- fake values
-    def fake_run(self, target, args, kwargs=None, env: dict | None = None):
-        """target(*args) on the fake values of the arg nodes (env overrides), under the graph's fake mode."""
-        env = env or {}
-        look = lambda n: env[n] if n in env else n.meta["val"]
-        fargs = fx.node.map_arg(args, look)
-        fkwargs = fx.node.map_arg(kwargs or {}, look)
-        with self.fake_mode:
-            if target is LINEAR:
-                return _linear_val(*fargs)
-            return target(*fargs, **fkwargs)
-
-    def fake_weight(self, tensor: torch.Tensor):
-        try:
-            return self.fake_mode.from_tensor(tensor, static_shapes=True)
-        except Exception:  # noqa: BLE001 - e.g. the weight is already fake: an empty of its layout will do
-            with self.fake_mode:
-                return torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype, device=tensor.device)
-
-    def downstream_vals(self, replaced: dict[fx.Node, Any], *, copy_if_needed: bool = False
-                        ) -> dict[fx.Node, Any] | str:
-        """New meta["val"] of the layout ops that view the `replaced` nodes' outputs (old node -> new value),
-        transitively. A string (the reason) when one of them fails over the new strides, e.g. a view."""
-        order = {n: i for i, n in enumerate(self.gm.graph.nodes)}
-        env = dict(replaced)
-        heap = [(order[u], id(u), u) for r in replaced for u in r.users]
-        heapq.heapify(heap)
-        seen: set[fx.Node] = set()
-        out = DownstreamVals()
-        while heap:
-            _, _, node = heapq.heappop(heap)
-            if node in seen:
-                continue
-            seen.add(node)
-            if node.op != "call_function" or node.target not in LAYOUT_TARGETS:
-                continue  # computes a fresh tensor: layout changes stop here
-            try:
-                env[node] = self.fake_run(node.target, node.args, node.kwargs, env)
-            except Exception as exc:  # noqa: BLE001 - any failure means the rewrite is not safe as it is
-                if not copy_if_needed or node.target is not aten.view.default:
-                    return f"`{node.name}` ({node.target}) fails over the new strides: {type(exc).__name__}"
-                try:  # a view that can no longer alias (e.g. merging the sliced dim) may copy instead
-                    env[node] = self.fake_run(aten.reshape.default, node.args, node.kwargs, env)
-                except Exception:  # noqa: BLE001
-                    return f"`{node.name}` ({node.target}) fails over the new strides: {type(exc).__name__}"
-                out.reshapes.add(node)
-            if cost_pass.tensor_vals(env[node]):  # tensors (or a split's list): their strides may have changed
-                out[node] = env[node]
-            for user in node.users:
-                heapq.heappush(heap, (order[user], id(user), user))
-        return out
-
-    def apply_vals(self, vals: dict[fx.Node, Any]) -> None:
-        for node in getattr(vals, "reshapes", ()):
-            node.target = aten.reshape.default  # copies where the padded layout cannot be viewed
-            self.count("view_to_reshape")
-        for node, val in vals.items():
-            node.meta["val"] = val
-            node.meta.pop("tensor_meta", None)
-
-    # -- new nodes
-    def register(self, key: tuple, hint: str, make: Callable[[], torch.Tensor]) -> str:
-        """A new buffer on gm (made once per key), returning its name."""
-        if key in self.made:
-            return self.made[key]
-        name = "fxopt_" + hint.replace(".", "_").removeprefix("fxopt_")
-        while hasattr(self.gm, name):
-            name += "_"
-        with torch.no_grad():
-            tensor = make()
-        self.gm.register_buffer(name, tensor)
-        self.made[key] = name
-        return name
-
-    def get_attr(self, name: str) -> fx.Node:
-        node = self.gm.graph.get_attr(name)
-        node.meta["val"] = self.fake_weight(fetch(self.gm, name))
-        return node
-
-    def call(self, target, args, like: fx.Node) -> fx.Node:
-        """A call_function node with its fake value, cost and `like`'s module stack (insertion point: the caller's)."""
-        node = self.gm.graph.call_function(target, args)
-        node.meta["val"] = self.fake_run(target, args)
-        for key in ("nn_module_stack", "stack_trace"):
-            if key in like.meta:
-                node.meta[key] = like.meta[key]
-        if self.costed:
-            node.meta[cost_pass.COST_KEY] = cost_pass.node_cost(self.ctx, node)
-        return node
-
-    def drop_if_unused(self, *nodes: fx.Node | None) -> None:
-        for node in nodes:
-            if isinstance(node, fx.Node) and not node.users and node.graph is self.gm.graph:
-                if node.op == "get_attr":
-                    self.touched.add(node.target)
-                self.gm.graph.erase_node(node)
-
-    def drop_unread_attributes(self) -> int:
-        """Delete from gm the tensors some rewrite stopped reading and no get_attr reads any more."""
-        read = {n.target for n in self.gm.graph.nodes if n.op == "get_attr"}
-        dropped = 0
-        for target in sorted(self.touched - read):
-            owner_path, _, attr = target.rpartition(".")
-            owner = self.gm.get_submodule(owner_path) if owner_path else self.gm
-            if hasattr(owner, attr):
-                delattr(owner, attr)
-                dropped += 1
-        return dropped
-
-
-def _linear_val(x, w, bias=None):
-    """linear's result (..., N), dense, built from the shapes: under torch 2.11 the fake linear over a symbolic
-    batch raised "Cannot call numel() on tensor with symbolic sizes/strides", which left every match unrewritten
-    on the GPU machine (measured 2026-11-21); the value itself needs no kernel to know."""
-    return x.new_empty((*x.shape[:-1], w.shape[0]))
 
 
 def _slice_last(rw: Rewriter, out: fx.Node, start: int, end: int, like: fx.Node) -> fx.Node:
@@ -515,17 +357,6 @@ def pad_n(rw: Rewriter, match: PadMatch) -> None:
 
 
 # ------------------------------------------------------------------------------------------ the table
-@dataclass(frozen=True)
-class Rule:
-    """pattern: the graph -> candidate matches; check: a match -> the reason to leave it (None: rewrite it);
-    rewrite: does it. Rules run in order, each over the graph the previous ones left."""
-
-    name: str
-    pattern: Callable[[fx.GraphModule], list]
-    check: Callable[[Rewriter, Any], str | None]
-    rewrite: Callable[[Rewriter, Any], None]
-
-
 RULES: tuple[Rule, ...] = (
     Rule("fuse_siblings", sibling_linears, check_siblings, fuse_siblings),
     Rule("pad_n", unaligned_matmuls, check_pad, pad_n),
@@ -960,40 +791,6 @@ def _describe(match) -> str:
     if isinstance(match, SiblingGroup):
         return "+".join(m.node.name for m in match.members)
     return match.m.node.name
-
-
-def apply_rules(gm: fx.GraphModule, ctx: PassContext, rules: tuple[Rule, ...], describe, label: str
-                ) -> tuple[Rewriter | None, list[str]]:
-    """Run a table of rules in order over gm (shared by the matmul and rope passes): each rule's matches are
-    checked, rewritten or left with a note "<rule>: left <match>: <reason>"; counts per rule in rw.counts.
-    Returns (None, [why]) when the graph has no fake values to rewrite with."""
-    rw = Rewriter.over(gm, ctx)
-    if rw is None:
-        return None, [f"{label}: the graph has no fake meta['val'] (propagate it first); unchanged"]
-    for rule in rules:
-        rw.counts.setdefault(rule.name, 0)
-        for match in rule.pattern(gm):
-            reason = rule.check(rw, match)
-            if reason is not None:
-                rw.notes.append(f"{rule.name}: left {describe(match)}: {reason}")
-                continue
-            rule.rewrite(rw, match)
-            rw.count(rule.name)
-    return rw, rw.notes
-
-
-def run_rules(gm: fx.GraphModule, ctx: PassContext, rules: tuple[Rule, ...], describe, label: str
-              ) -> tuple[PassResult, Rewriter | None]:
-    """apply_rules, then the graph finished if anything changed and the notes in ctx.report (shared by the
-    matmul and rope passes); returns the result and the rewriter (None when nothing could be rewritten)."""
-    rw, notes = apply_rules(gm, ctx, rules, describe, label)
-    if rw is None:
-        return PassResult(False, notes), None
-    changed = any(rw.counts.get(rule.name) for rule in rules)
-    if changed:
-        finish(gm)
-    ctx.report.extend(f"{label}: {note}" for note in rw.notes)
-    return PassResult(changed, rw.notes, rw.counts), rw
 
 
 def run(gm: fx.GraphModule, ctx: PassContext) -> PassResult:

@@ -32,7 +32,7 @@ from fxopt.codegen import rope as rope_codegen
 from fxopt.nodes import node_val as _val
 from fxopt.passes import cost as cost_pass
 from fxopt.passes.infra import PassContext, PassResult
-from fxopt.passes.matmul import Rewriter, Rule, run_rules
+from fxopt.passes.rules import Rewriter, Rule, run_rules
 
 aten = torch.ops.aten
 ADD, MUL, NEG, CAT, SLICE = aten.add.Tensor, aten.mul.Tensor, aten.neg.default, aten.cat.default, aten.slice.Tensor

@@ -16,7 +16,7 @@ from torch import fx, nn
 from fxopt import models
 from fxopt.generate import build_generator
 from fxopt.optimize import optimize
-from fxopt.passes import matmul
+from fxopt.passes import matmul, rules
 from fxopt.pipeline import compile_model
 
 aten = torch.ops.aten
@@ -323,21 +323,21 @@ def test_unaligned_head_behind_views_is_padded_and_a_merging_view_becomes_a_resh
 
 @pytest.mark.parametrize("shape", [(5, 16), (2, 3, 16), (2, 3, 4, 16)])
 def test_linear_value_from_shapes_matches_linear(shape):
-    """The pass's shape-built linear value (no fake kernel run, see _linear_val) equals what aten.linear returns:
+    """The rule engine's shape-built linear value (no fake kernel run, see rules._linear_val) equals what aten.linear returns:
     shape, strides and dtype, for a symbolic batch too."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
     x, w = torch.randn(shape), torch.randn(24, 16)
     real = torch.nn.functional.linear(x, w)
-    built = matmul._linear_val(x, w)
+    built = rules._linear_val(x, w)
     assert (built.shape, built.stride(), built.dtype) == (real.shape, real.stride(), real.dtype)
 
     mode = FakeTensorMode(shape_env=ShapeEnv())
     fx_ = mode.from_tensor(x)  # dynamic dims: symbolic sizes
     with mode:
         fw = torch.empty(24, 16)
-        sym = matmul._linear_val(fx_, fw)
+        sym = rules._linear_val(fx_, fw)
     assert len(sym.shape) == len(shape) and int(sym.shape[-1]) == 24
     assert [int(d) for d in sym.shape] == list(real.shape)
 
