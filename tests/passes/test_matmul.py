@@ -323,7 +323,8 @@ def test_unaligned_head_behind_views_is_padded_and_a_merging_view_becomes_a_resh
 
 @pytest.mark.parametrize("shape", [(5, 16), (2, 3, 16), (2, 3, 4, 16)])
 def test_linear_value_from_shapes_matches_linear(shape):
-    """The rule engine's shape-built linear value (no fake kernel run, see rules._linear_val) equals what aten.linear returns:
+    """The rule engine's shape-built linear value (no fake kernel run, see rules._linear_val) equals what
+    aten.linear returns:
     shape, strides and dtype, for a symbolic batch too."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.symbolic_shapes import ShapeEnv
