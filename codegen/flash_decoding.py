@@ -46,7 +46,7 @@ import triton
 import triton.language as tl
 
 from fxopt import config
-from fxopt.codegen.flash_attention import (
+from fxopt.codegen.attention_common import (
     _INTERPRET,
     _LOG2E_C,
     LOG2E,
@@ -258,7 +258,7 @@ def _decode_split_kernel(
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     HKV, GROUP, SQ, MAX_LEN, CHUNK, NUM_SPLITS, ML_BASE, q_offset, qk_scale,
-    window, cap_in, cap_out,  # sliding window (keys), soft-cap constants (flash_attention.score_logits)
+    window, cap_in, cap_out,  # sliding window (keys), soft-cap constants (attention_common.score_logits)
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, Q_OFF_MODE: tl.constexpr, DOT_PREC: tl.constexpr, HAS_START: tl.constexpr,
     PDL: tl.constexpr, PREFETCH_N: tl.constexpr, LINES: tl.constexpr, TMA: tl.constexpr,

@@ -207,7 +207,9 @@ def test_kernel_path_is_active():
 
 def test_cpu_fallback_uses_reference(monkeypatch):
     """CPU tensors without the interpreter compute the reference (same semantics, kv_len included)."""
-    monkeypatch.setattr(fa, "_INTERPRET", False)
+    from fxopt.codegen import attention_common
+
+    monkeypatch.setattr(attention_common, "_INTERPRET", False)  # where _use_kernel reads it
     q, k, v = make_qkv(1, 2, 1, 5, 9, 32, torch.float32, device="cpu")
     kv_len = torch.tensor([6])
     out = flash_attention(q, k, v, causal=True, q_offset=4, kv_len=kv_len)
