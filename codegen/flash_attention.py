@@ -45,23 +45,17 @@ import triton
 import triton.language as tl
 
 from fxopt import config
-from fxopt.codegen.attention_common import (  # noqa: F401  (shared with flash_decoding; re-exported)
+from fxopt.codegen.attention_common import (  # noqa: F401  (re-exported: callers read them here)
     _INTERPRET,
     _LOG2E_C,
-    FP32_DOT_PRECISION,
     LOG2E,
     MAX_GRID_Y,
     MAX_HEAD_DIM,
-    MAX_WINDOW,
     SUPPORTED_DTYPES,
     TMA_ENABLED,
     TensorDescriptor,
     _block_d,
     _dot_precision,
-    _is_num,
-    _min,
-    _offsets_tensor,
-    _relu,
     _use_kernel,
     attention_flops,
     attention_hbm_bytes,
@@ -71,7 +65,6 @@ from fxopt.codegen.attention_common import (  # noqa: F401  (shared with flash_d
     kv_descriptors,
     online_softmax_step,
     score_logits,
-    tanh_f32,
     tma_compatible,
     use_tma,
 )
