@@ -676,6 +676,9 @@ def _plan_explicit(acc: list[tuple[str, fx.Node, Any]]) -> Plan:
         elif role == "mask":
             if past_softcap:
                 raise NoMatch("a mask applied inside the soft-cap's tanh")
+            if detail.value is not None and not detail.value * scale <= HIDDEN_AT_MOST:
+                raise NoMatch(f"mask fill value {detail.value:g} times the scale {scale:g} after it no longer hides "
+                              f"(need <= {HIDDEN_AT_MOST:g})")
             parts.append(dataclasses.replace(detail, scale=scale) if scale != 1.0 else detail)
     parts.reverse()
     q, q_factor, q_nodes = _absorb_q_scale(qk.args[0])
@@ -821,10 +824,10 @@ def _bias_from_parts(graph: fx.Graph, plan: Plan, like: fx.Node, made: list[fx.N
             term = part.node
             if part.scale != 1.0:
                 term = _new_node(graph, aten.mul.Tensor, (term, part.scale), like, made)
-        elif part.kind in ("fill", "hide"):
-            term = _new_node(graph, aten.where.Scalar, (part.node, part.value, 0.0), like, made)
+        elif part.kind in ("fill", "hide"):  # a fill before a scale hides with the scaled value
+            term = _new_node(graph, aten.where.Scalar, (part.node, part.value * part.scale, 0.0), like, made)
         else:
-            term = _new_node(graph, aten.where.Scalar, (part.node, 0.0, part.value), like, made)
+            term = _new_node(graph, aten.where.Scalar, (part.node, 0.0, part.value * part.scale), like, made)
         if _tensor(term).dtype != dtype:
             term = _new_node(graph, aten._to_copy.default, (term,), like, made, {"dtype": dtype})
         terms.append(term)
@@ -1033,8 +1036,8 @@ def normalize_batched(gm: fx.GraphModule) -> int:
             continue
         if node.target in BMM and _from_softmax(_unmerged(node.args[0])):
             p, v = _unmerged(node.args[0]), _unmerged(node.args[1])
-            if v is None:
-                continue
+            if v is None or not _same(_tensor(p).shape[1], _tensor(v).shape[1]):
+                continue  # the (b*h) rows of p and v must split the same way to pair up as 4-d
             made: list[fx.Node] = []
             with graph.inserting_before(node):
                 out = _new_node(graph, aten.matmul.default, (p, v), node, made)  # (b, h, sq, d)
@@ -1058,8 +1061,8 @@ def _normalize_scores(graph: fx.Graph, node: fx.Node) -> int:
         return 0
     qi, ki = (1, 2) if node.target in BADDBMM else (0, 1)
     q, kt = _unmerged(node.args[qi]), _unmerged_kt(node.args[ki])
-    if q is None or kt is None or _tensor(q).shape[1] != out.shape[1]:
-        return 0
+    if q is None or kt is None or not all(_same(_tensor(t).shape[1], out.shape[1]) for t in (q, kt[1])):
+        return 0  # q's, k's and the scores' (b*h) rows must split into the same heads
     beta, alpha = node.kwargs.get("beta", 1), node.kwargs.get("alpha", 1)
     if not all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in (beta, alpha)):
         return 0

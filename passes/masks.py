@@ -943,6 +943,9 @@ def classify(parts: list[MaskPart], *, is_causal: bool, q_val: torch.Tensor, k_v
             expr, kind = it.elem(part.node, shape)
             if not part.scale > 0:
                 raise Unprovable(f"a scale {part.scale} after the mask (it must be positive to keep hiding)")
+            if part.value is not None and not part.value * part.scale <= HIDDEN_AT_MOST:
+                raise Unprovable(f"fill value {part.value:g} scaled by {part.scale:g} no longer hides "
+                                 f"(need <= {HIDDEN_AT_MOST:g})")
             if part.kind in ("fill", "hide"):
                 hidden.append(_as_bool(expr, kind))
             elif part.kind == "keep":

@@ -474,3 +474,21 @@ def test_explain_cli_subcommand():
         assert args.func(args) == 0
     text = out.getvalue()
     assert "2 attention-like site(s): 2 rewritten" in text and "FLASH_PREFILL" in text
+
+
+class FillThenShrink(Projected):
+    """masked_fill(-1e4) then a scale of 1e-3: the filled scores end at -10, which eager does not hide."""
+
+    def core(self, q, k, v):
+        s = q.shape[-2]
+        hidden = torch.ones(s, s, dtype=torch.bool, device=q.device).triu(1)
+        return torch.softmax((q @ k.transpose(-1, -2)).masked_fill(hidden, -1e4) * 1e-3, dim=-1) @ v
+
+
+def test_a_fill_value_the_scale_makes_visible_is_not_rewritten():
+    model = FillThenShrink().eval()
+    kwargs, dims = x_inputs()
+    captured, _, result = rewrite(model, kwargs, dims)
+    assert not attention_nodes(captured.gm) and result.counts["unmatched"] == 1
+    assert any("no longer hides" in note for note in result.notes)
+    assert_matches_eager(model, captured, kwargs)
