@@ -19,7 +19,6 @@ import torch
 from fxopt import config
 
 ENABLED = config.get("pdl")
-_INTERPRET = config.get("interpret")  # read once: use_pdl runs at every launch
 
 
 @functools.cache
@@ -36,7 +35,7 @@ def hopper_or_later(device: torch.device) -> bool:
 
 def use_pdl(device: torch.device) -> bool:
     """Launch with PDL on this device: a CUDA GPU of sm_90 or later, not the interpreter, FXOPT_PDL != 0."""
-    if not ENABLED or _INTERPRET:
+    if not ENABLED or config.get("interpret"):
         return False
     return hopper_or_later(device)
 
