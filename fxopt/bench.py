@@ -154,15 +154,17 @@ def predicted_forward_ms(optimized, hw) -> float:
 def bench_model(spec: str, *, batch: int = 8, seq: int | None = None, dtype=torch.bfloat16,
                 attn_impl: str | None = None, device: str | None = None, hw: str = "h100", compile: bool = True,
                 backend: bool | None = None, regions: bool = True, cuda_graphs: bool | None = None,
-                attention: bool = True, profile: bool = False,
-                min_run_time: float = 0.5, default_seq: int = 1024, **overrides) -> BenchResult:
+                attention: bool = True, profile: bool = False, epilogues: bool = False,
+                max_autotune: bool = False, min_run_time: float = 0.5, default_seq: int = 1024, **overrides) -> BenchResult:
     """Eager vs fxopt vs torch.compile on one model, with the roofline prediction and copy bandwidth.
 
     backend (default: as `compile`): also time torch.compile(model, backend="fxopt"), fxopt's passes run on
     each Dynamo subgraph, beside fxopt.optimize; its largest difference from eager is reported too.
 
     seq None: default_seq, or the model's position limit if smaller. A batch or seq the model cannot take is a
-    UserError before anything is captured. min_run_time: seconds each CPU timing runs for."""
+    UserError before anything is captured. min_run_time: seconds each CPU timing runs for.
+    epilogues: also time fxopt with GEMM epilogues folded (optimize(..., epilogues=True)).
+    max_autotune: also time torch.compile(mode="max-autotune") (its first call takes minutes)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if attn_impl is not None:
         overrides["attn_impl"] = attn_impl
@@ -198,6 +200,13 @@ def bench_model(spec: str, *, batch: int = 8, seq: int | None = None, dtype=torc
         if optimized.graphs is not None:  # the same program launched kernel by kernel: the host's share
             plain = {**optimized.fixed_kwargs, **inputs}
             variants["fxopt_no_graphs"] = lambda: optimized.gm(**plain)
+        if epilogues:
+            with stage("optimizing again with GEMM epilogues folded"):
+                folded = optimize(model, inputs, hw=hardware, attention=attention, cuda_graphs=cuda_graphs,
+                                  epilogues=True)
+                folded(**inputs)
+            whole["epilogues_max_abs_diff"] = _max_abs_diff(folded(**inputs), fxopt_call())
+            variants["fxopt_epilogues"] = lambda: folded(**inputs)
         if compile:
             start = time.perf_counter()
             with stage("torch.compile first call"):
@@ -213,6 +222,15 @@ def bench_model(spec: str, *, batch: int = 8, seq: int | None = None, dtype=torc
                         graphed(**inputs)
                     _sync(device)
                 variants["compile_reduce_overhead"] = lambda: _cloned(graphed(**inputs))
+            if max_autotune:
+                start = time.perf_counter()
+                with stage("torch.compile(mode='max-autotune') first call (minutes)"):
+                    tuned = torch.compile(model, mode="max-autotune")
+                    for _ in range(3):
+                        tuned(**inputs)
+                    _sync(device)
+                whole["max_autotune_first_call_s"] = time.perf_counter() - start
+                variants["compile_max_autotune"] = lambda: _cloned(tuned(**inputs))
         if compile if backend is None else backend:
             start = time.perf_counter()
             with stage("torch.compile(backend='fxopt') first call"):
@@ -233,6 +251,8 @@ def bench_model(spec: str, *, batch: int = 8, seq: int | None = None, dtype=torc
         whole["speedup_vs_eager"] = whole["eager_ms"] / whole["fxopt_ms"]
         if compile:
             whole["speedup_vs_compile"] = whole["compile_ms"] / whole["fxopt_ms"]
+            best = min(v for k, v in whole.items() if k.startswith("compile") and k.endswith("_ms"))
+            whole["speedup_vs_compile_best"] = best / whole["fxopt_ms"]
             whole["optimize_vs_compile_wall"] = whole["optimize_wall_s"] / whole["compile_first_call_s"]
         result.whole = whole
         if regions:
@@ -323,6 +343,10 @@ def add_cli(subparsers) -> None:
     parser.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
                         help="fxopt's forward replayed from a CUDA graph per input shape (default: on a GPU); "
                              "with graphs on, the same program without them is timed too")
+    parser.add_argument("--epilogues", action="store_true",
+                        help="also time fxopt with bias+GELU folded into the GEMM (optimize(..., epilogues=True))")
+    parser.add_argument("--max-autotune", action="store_true",
+                        help="also time torch.compile(mode='max-autotune'), whose first call takes minutes")
     parser.add_argument("--layers", type=positive_int, default=None,
                         help="override the preset's layer count (default: the preset's)")
     parser.add_argument("--no-attention", action="store_true", help="fuse only: leave attention as captured")
@@ -401,8 +425,8 @@ def _cmd_bench(args) -> int:
     result = bench_model(args.model, batch=batch, seq=args.seq, default_seq=defaults["seq"], dtype=DTYPES[dtype],
                          attn_impl=args.attn_impl, hw=hw, compile=compile, backend=args.backend,
                          regions=regions, cuda_graphs=args.cuda_graphs,
-                         attention=not args.no_attention, profile=args.profile,
-                         min_run_time=defaults["min_run_time"], **overrides)
+                         attention=not args.no_attention, profile=args.profile, epilogues=args.epilogues,
+                         max_autotune=args.max_autotune, min_run_time=defaults["min_run_time"], **overrides)
     print(format_result(result))
     if args.json:
         with open(args.json, "w") as f:

@@ -4,7 +4,9 @@ MODEL is one of
   * a models/ preset name: ``gpt2-medium``, ``llama-70b-like`` (``fxopt.models.PRESETS``);
   * a factory path ``package.module:factory`` returning a module (or ``(module, example_kwargs)``);
   * ``hf:MODEL_TYPE[,key=value...]``: a transformers config built from its defaults, random weights
-    (needs the ``hf`` extra; nothing is downloaded), e.g. ``hf:llama,num_hidden_layers=2``.
+    (needs the ``hf`` extra; nothing is downloaded), e.g. ``hf:llama,num_hidden_layers=2``;
+  * ``hf:NAME[,key=value...]`` for a published checkpoint's architecture in HF_CONFIGS (its config.json's
+    sizes, random weights), e.g. ``hf:llama-3.2-1b`` or ``hf:mistral-7b,num_hidden_layers=4``.
 """
 
 from __future__ import annotations
@@ -81,6 +83,31 @@ def _parse_value(text: str) -> Any:
             pass
     return {"true": True, "false": False, "none": None}.get(text.lower(), text)
 
+#: Published checkpoints' architectures (the sizes in their config.json), as hf: specs: the real-model rows of
+#: the benchmarks, built with random weights.
+HF_CONFIGS = {
+    "llama-3.2-1b": "llama,hidden_size=2048,intermediate_size=8192,num_hidden_layers=16,num_attention_heads=32,"
+                    "num_key_value_heads=8,head_dim=64,vocab_size=128256,tie_word_embeddings=true,"
+                    "rope_theta=500000.0,max_position_embeddings=131072,rms_norm_eps=1e-05",
+    "mistral-7b": "mistral,hidden_size=4096,intermediate_size=14336,num_hidden_layers=32,num_attention_heads=32,"
+                  "num_key_value_heads=8,head_dim=128,vocab_size=32768,sliding_window=none,rope_theta=1000000.0,"
+                  "max_position_embeddings=32768,rms_norm_eps=1e-05",
+    "qwen2.5-0.5b": "qwen2,hidden_size=896,intermediate_size=4864,num_hidden_layers=24,num_attention_heads=14,"
+                    "num_key_value_heads=2,vocab_size=151936,tie_word_embeddings=true,rope_theta=1000000.0,"
+                    "max_position_embeddings=32768,rms_norm_eps=1e-06,use_sliding_window=false",
+    "qwen3-0.6b": "qwen3,hidden_size=1024,intermediate_size=3072,num_hidden_layers=28,num_attention_heads=16,"
+                  "num_key_value_heads=8,head_dim=128,vocab_size=151936,tie_word_embeddings=true,"
+                  "rope_theta=1000000.0,max_position_embeddings=40960,rms_norm_eps=1e-06",
+    "gpt2-medium": "gpt2,n_embd=1024,n_layer=24,n_head=16,n_positions=1024,vocab_size=50257",
+}
+
+
+def _expand_hf(spec: str) -> str:
+    """An hf:NAME spec with a published architecture's name expanded into its fields (later fields win)."""
+    name, _, rest = spec.partition(",")
+    known = HF_CONFIGS.get(name.lower())
+    return known + ("," + rest if rest else "") if known else spec
+
 
 def _load_hf(spec: str, *, device, dtype, **overrides) -> torch.nn.Module:
     try:
@@ -88,7 +115,7 @@ def _load_hf(spec: str, *, device, dtype, **overrides) -> torch.nn.Module:
     except ImportError as exc:  # pragma: no cover - depends on the extra
         raise UserError("hf: models need transformers, which is not installed",
                         "pip install -e '.[hf]'") from exc
-    model_type, *pairs = spec.split(",")
+    model_type, *pairs = _expand_hf(spec).split(",")
     bad = [pair for pair in pairs if "=" not in pair or not pair.split("=", 1)[0]]
     if not model_type or bad:
         raise UserError(f"bad hf: model spec 'hf:{spec}'" + (f" (no key=value in {bad[0]!r})" if bad else ""),
@@ -97,7 +124,9 @@ def _load_hf(spec: str, *, device, dtype, **overrides) -> torch.nn.Module:
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     if model_type not in CONFIG_MAPPING:
-        raise UserError(f"unknown transformers model type {model_type!r}", "e.g. hf:llama, hf:gpt2, hf:mistral")
+        raise UserError(f"unknown transformers model type {model_type!r}",
+                        "e.g. hf:llama, hf:gpt2, hf:mistral, or a published architecture: "
+                        + ", ".join(f"hf:{name}" for name in HF_CONFIGS))
     try:
         config = transformers.AutoConfig.for_model(
             model_type, **{k: _parse_value(v) for k, v in fields.items()}, **overrides

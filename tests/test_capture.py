@@ -113,3 +113,23 @@ def test_a_dim_the_model_pins_is_named_at_capture_and_at_call():
     torch.testing.assert_close(fast(x=x), model(x))
     with pytest.raises(ValueError, match="`x` dim 0 is 3"):
         fast(x=torch.randn(3, 5, 8))
+
+
+# Published parameter counts of the checkpoints HF_CONFIGS reproduces (model cards / config.json arithmetic)
+PUBLISHED_PARAMS = {"llama-3.2-1b": 1.236e9, "mistral-7b": 7.248e9, "qwen2.5-0.5b": 0.494e9, "qwen3-0.6b": 0.596e9,
+                    "gpt2-medium": 0.355e9}
+
+
+@pytest.mark.parametrize("name", sorted(zoo.HF_CONFIGS))
+def test_named_hf_configs_have_the_published_sizes(name):
+    pytest.importorskip("transformers")
+    model = zoo.load_model(f"hf:{name}", device="meta", dtype=torch.bfloat16)
+    params = sum(p.numel() for p in model.parameters())
+    assert params == pytest.approx(PUBLISHED_PARAMS[name], rel=2e-3)
+
+
+def test_named_hf_config_fields_can_be_overridden():
+    pytest.importorskip("transformers")
+    model = zoo.load_model("hf:llama-3.2-1b,num_hidden_layers=1,vocab_size=256", device="meta")
+    assert model.config.num_hidden_layers == 1 and model.config.vocab_size == 256
+    assert model.config.hidden_size == 2048  # the named architecture's other fields stay
