@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fxopt.bench_fused import _time, swiglu
+from fxopt.bench.fused import _time, swiglu
 from fxopt.codegen.fused import compile_region, region_from_fn
 
 ROUNDS = 3

@@ -2,7 +2,7 @@
 
     fxopt.optimize(model, example_inputs, ...)   faster module (or, with kv_cache=True, a generator)
     fxopt.analyze(model_or_preset, ...)          per-node FLOPs, bytes, intensity and roofline bound
-    fxopt.bench.bench_model(preset, ...)         eager vs fxopt vs torch.compile
+    fxopt.bench.forward.bench_model(preset, ...) eager vs fxopt vs torch.compile
 """
 
 __version__ = "0.1.0"

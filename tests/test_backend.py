@@ -165,7 +165,7 @@ def test_options_and_training_graphs(references):
 
 
 def test_bench_times_the_backend_beside_optimize():
-    from fxopt.bench import bench_model
+    from fxopt.bench.forward import bench_model
 
     result = bench_model("gpt2-tiny", batch=2, seq=32, dtype=torch.float32, device="cpu", compile=False,
                          backend=True, regions=False, min_run_time=0.05)

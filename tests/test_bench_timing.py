@@ -1,6 +1,6 @@
 """The benchmarks' interleaved timing: every round visits all variants, each round starting one later."""
 
-from fxopt.bench_fused import interleaved_runs
+from fxopt.bench.fused import interleaved_runs
 
 
 def test_rounds_rotate_the_order_and_time_each_variant_once_per_round():

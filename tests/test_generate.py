@@ -302,7 +302,7 @@ def test_bench_decode_smoke_on_cpu(capsys):
     """The benchmark's plumbing at toy size: every row runs on the same weights (HF twin included), and in
     fp32 all rows generate the same greedy tokens."""
     pytest.importorskip("transformers")
-    from fxopt import bench_decode
+    from fxopt.bench import decode as bench_decode
 
     model = models.build("llama-tiny")
     hf = bench_decode.hf_llama_from(model)

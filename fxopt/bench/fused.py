@@ -1,6 +1,6 @@
 """Benchmark of generated fused kernels against eager PyTorch, torch.compile and copy bandwidth.
 
-    python -m fxopt.bench_fused [--out results.json]
+    python -m fxopt.bench.fused [--out results.json]
 
 On a CUDA GPU, in one run: the device-to-device copy bandwidth (fxopt.hardware), then for
 each chain the median time (triton.testing.do_bench, return_mode="median", after warm-up)
@@ -264,7 +264,7 @@ def main(argv=None) -> int:
     from fxopt import cli
     from fxopt.errors import check_output, require_cuda
 
-    parser = cli.Parser(prog="python -m fxopt.bench_fused", description=__doc__.splitlines()[0])
+    parser = cli.Parser(prog="python -m fxopt.bench.fused", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="bench_fused.json", metavar="PATH", help="where to write the JSON results")
     cli.add_common_flags(parser, top=True)
     argv = list(sys.argv[1:] if argv is None else argv)

@@ -76,7 +76,7 @@ def time_interleaved(fns: dict[str, Any], device: torch.device, rounds: int = 5,
         return timed
     from triton.testing import do_bench
 
-    from fxopt.bench_fused import interleaved_runs
+    from fxopt.bench.fused import interleaved_runs
 
     with stage(f"timing {', '.join(fns)} ({rounds} interleaved rounds)"):
         for fn in fns.values():  # warm-up outside the rounds
@@ -369,13 +369,14 @@ def _cmd_bench(args) -> int:
         check_output(args.json, "--json")
     if args.suite:
         require_cuda(f"bench --suite {args.suite}", "run the kernel suites on a machine with an NVIDIA GPU")
-        from fxopt import bench_attention, bench_fused
+        from fxopt.bench import attention as bench_attention
+        from fxopt.bench import fused as bench_fused
 
         {"fused": bench_fused, "attention": bench_attention}[args.suite].run(args.json)
         return 0
     if args.decode:
         require_cuda("bench --decode", "on CPU time one model with 'fxopt generate MODEL'")
-        from fxopt import bench_decode
+        from fxopt.bench import decode as bench_decode
 
         model = args.model or "llama-1b-like"
         if model not in models.PRESETS:

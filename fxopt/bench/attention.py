@@ -1,7 +1,7 @@
 """Attention kernel benchmark: fxopt FlashAttention / Flash-Decoding against PyTorch's SDPA backends and
 the GPU's copy bandwidth, every peer measured in the same run on the same GPU.
 
-    python -m fxopt.bench_attention [--quick] [--json out.json] [--sections prefill,decode,window,memory]
+    python -m fxopt.bench.attention [--quick] [--json out.json] [--sections prefill,decode,window,memory]
 
 Timings are triton.testing.do_bench medians after a warm-up call (compilation and autotuning happen
 outside the timed region). Sections:

@@ -1,10 +1,10 @@
 """Where a decode step's time goes: ms/token from CUDA-graph replay, the top GPU kernels, kernels per step,
 weight bytes per token and the bandwidth they imply.
 
-    python -m fxopt.profile_decode llama-1b-like --batch 1 --prompt 512
-    python -m fxopt.profile_decode llama-1b-like --batch 1 --prompt 512 --compare   # matmul pass on and off
+    python -m fxopt.bench.profile_decode llama-1b-like --batch 1 --prompt 512
+    python -m fxopt.bench.profile_decode llama-1b-like --batch 1 --prompt 512 --compare   # matmul pass on and off
 
-The generator is built as fxopt/bench_decode.py builds it (models/ preset, bf16, build_generator, decode step
+The generator is built as fxopt/bench/decode.py builds it (models/ preset, bf16, build_generator, decode step
 fused by the fusion pass and captured in a CUDA graph). After a warm-up generate(), the prompt is prefilled and
 one decode step taken; then the step's CUDA graph is replayed from that cache length (each replay feeds its
 greedy pick to the next and advances the slot, as greedy generate() does; every loop restarts at that length):
@@ -145,7 +145,7 @@ def profile_variant(model, *, batch: int, prompt: int, new: int, matmul: bool, r
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fxopt.profile_decode", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m fxopt.bench.profile_decode", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", nargs="?", default="llama-1b-like", help="a models/ preset")
     parser.add_argument("--batch", type=int, default=1)

@@ -21,8 +21,8 @@ batch 1 / prompt 8192 / 256 new. Per row and config:
 Greedy decoding with eos disabled; `match` is the share of fxopt's tokens equal to HF static+compile's
 (bf16: a near-tie can flip a token and the continuation with it).
 
-    python -m fxopt.bench_decode                                # everything above, json to bench_decode.json
-    python -m fxopt.bench_decode --configs 1x512x256 --rows fxopt,hf-static-compile
+    python -m fxopt.bench.decode                                # everything above, json to bench_decode.json
+    python -m fxopt.bench.decode --configs 1x512x256 --rows fxopt,hf-static-compile
 """
 
 from __future__ import annotations
@@ -312,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     class Formatter(argparse.RawDescriptionHelpFormatter, cli.HelpFormatter):
         pass
 
-    parser = cli.Parser(prog="python -m fxopt.bench_decode", description=__doc__, formatter_class=Formatter)
+    parser = cli.Parser(prog="python -m fxopt.bench.decode", description=__doc__, formatter_class=Formatter)
     parser.add_argument("model", nargs="?", default="llama-1b-like", help="a models/ preset")
     parser.add_argument("--override", action="append", default=[], help="config field=value (e.g. n_layers=2)")
     add_arguments(parser)
