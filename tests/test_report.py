@@ -319,7 +319,7 @@ def test_write_svg(tmp_path, monkeypatch):
         assert "<svg" in svg and "cluster_fused_0" not in svg or "fused_0" in svg
     rp.write_dot(report, tmp_path / "g.dot")
     assert (tmp_path / "g.dot").read_text() == rp.to_dot(report)
-    monkeypatch.setattr(rp.shutil, "which", lambda name: None)
+    monkeypatch.setattr("shutil.which", lambda name: None)
     with pytest.raises(rp.GraphvizNotFoundError, match="apt-get install graphviz"):
         rp.write_svg(report, tmp_path / "h.svg")
     assert "Graph not drawn" in rp.to_html(report)

@@ -1,20 +1,9 @@
-"""Renderers for the annotated-graph report: plain-text table, JSON, Graphviz DOT/SVG, one-page HTML.
-
-Everything here consumes the report dict built by the analysis (see `fxopt annotate`): a JSON-serialisable
-mapping with "model", "hardware", "sizes", "nodes" (graph order), "layers", "total", "regions" and
-"attention". This module never imports torch: it only formats numbers that were already computed.
-
-    format_table(report, max_rows=None, all_nodes=False) -> str   text table: node rows + layer rows + TOTAL
-    write_json(report, path)
-    to_dot(report) -> str / write_dot / write_svg   nodes coloured by roofline bound, regions as clusters
-    to_html(report) -> str / write_html             self-contained page: roofline, sortable tables, graph
-    roofline_axes(report) -> RooflineAxes           the log-log map (AI, FLOP/s) -> SVG pixels of the plot
-"""
+"""The report as one self-contained HTML page: the roofline plot (inline SVG), sortable node and layer
+tables, and the graph when it is small enough to lay out."""
 
 from __future__ import annotations
 
 import html
-import json
 import math
 import os
 import re
@@ -24,457 +13,28 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fxopt.opnames import BOOKKEEPING
-
-__all__ = [
-    "GraphvizNotFoundError",
-    "RooflineAxes",
-    "format_table",
-    "roofline_axes",
-    "to_dot",
-    "to_html",
-    "write_dot",
-    "write_html",
-    "write_json",
-    "write_svg",
-]
+from fxopt.report.graph import render_svg, to_dot
+from fxopt.report.numbers import (
+    SI_PREFIXES,
+    as_float,
+    fmt_ai,
+    fmt_bytes,
+    fmt_flops,
+    fmt_rate,
+    fmt_shape,
+    fmt_time,
+    intensity,
+    layer_summaries,
+    node_bytes,
+    report_total,
+    short_op,
+    sizes_text,
+)
+from fxopt.report.text import percent
 
 # Graphs larger than this are not laid out for the HTML page (dot's layout time grows quickly);
 # the page says so and points at `write_dot` / `dot -Tsvg` instead.
 HTML_GRAPH_MAX_NODES = 1500
-DOT_TIMEOUT_S = 120.0
-
-
-# --------------------------------------------------------------------------------------------------------
-# Number formatting
-# --------------------------------------------------------------------------------------------------------
-
-_SI = ["", "k", "M", "G", "T", "P", "E"]
-_BYTES = ["B", "KB", "MB", "GB", "TB", "PB"]
-_TIME = [(1.0, "s"), (1e-3, "ms"), (1e-6, "µs"), (1e-9, "ns")]
-
-
-def _num(x: float) -> str:
-    """Three significant figures, no exponent, for 0.001 <= |x| < 1000."""
-    ax = abs(x)
-    if ax >= 99.95:
-        return f"{x:.0f}"
-    if ax >= 9.995:
-        return f"{x:.1f}"
-    if ax >= 0.9995:
-        return f"{x:.2f}"
-    return f"{x:.3g}"
-
-
-def _prefixed(x: float | None, units: list[str], base: float = 1000.0) -> str:
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "-"
-    if x == 0:
-        return "0" if units[0] == "" else f"0 {units[0]}"
-    if math.isinf(x):
-        return "inf"
-    ax = abs(x)
-    i = min(len(units) - 1, max(0, int(math.log(ax, base)))) if ax >= base else 0
-    if i < len(units) - 1 and ax / base**i >= 999.95:  # rounds up into the next prefix
-        i += 1
-    text = _num(x / base**i)
-    return f"{text} {units[i]}".rstrip() if units[i] else text
-
-
-def fmt_flops(x: float | None) -> str:
-    """2.1e9 -> '2.10 G' (FLOP count; the column header carries the unit)."""
-    return _prefixed(x, _SI)
-
-
-def fmt_bytes(x: float | None) -> str:
-    """4.2e6 -> '4.20 MB' (decimal units, matching datasheet bandwidths)."""
-    return _prefixed(x, _BYTES)
-
-
-def fmt_time(x: float | None) -> str:
-    """2.1e-6 -> '2.10 µs'."""
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "-"
-    if x == 0:
-        return "0 s"
-    for scale, unit in _TIME:
-        if abs(x) >= scale * 0.99995 or unit == "ns":
-            value = x / scale
-            if round(abs(value), 1) >= 999.95 and unit != "s":
-                continue
-            return f"{_num(value)} {unit}"
-    return f"{x:.3g} s"  # pragma: no cover
-
-
-def fmt_ai(x: float | None) -> str:
-    """Arithmetic intensity in FLOP/byte: '330', '0.250', '1,365'."""
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "-"
-    if math.isinf(x):
-        return "inf"
-    if x == 0:
-        return "0"
-    if abs(x) >= 999.5:
-        return f"{x:,.0f}"
-    return _num(x)
-
-
-def fmt_rate(x: float, unit: str) -> str:
-    """9.894e14, 'FLOP/s' -> '989 TFLOP/s'."""
-    number, _, prefix = _prefixed(x, _SI).partition(" ")
-    return f"{number} {prefix}{unit}"
-
-
-def fmt_shape(shapes: Any) -> str:
-    if not shapes:
-        return "-"
-    if isinstance(shapes, (list, tuple)) and shapes and not isinstance(shapes[0], (list, tuple)):
-        shapes = [shapes]  # a single shape given flat
-    parts = []
-    for shape in shapes:
-        if shape is None:
-            parts.append("?")
-        elif isinstance(shape, (list, tuple)):
-            parts.append("×".join(str(d) for d in shape) if shape else "scalar")
-        else:
-            parts.append(str(shape))
-    return ", ".join(parts)
-
-
-def short_op(op: str) -> str:
-    """'aten.linear.default' -> 'linear'; other names unchanged."""
-    op = op or ""
-    if op.startswith("<built-in function "):  # operator.getitem and friends
-        op = op[len("<built-in function "):-1]
-    if op.startswith("aten."):
-        op = op[5:]
-    if op.endswith(".default"):
-        op = op[: -len(".default")]
-    return op
-
-
-def _f(x: Any) -> float:
-    """A report number as float (None / missing -> 0)."""
-    try:
-        return float(x) if x is not None else 0.0
-    except (TypeError, ValueError):
-        return 0.0
-
-
-def _node_bytes(n: dict) -> float:
-    if "bytes" in n and n.get("bytes") is not None:
-        return _f(n["bytes"])
-    return _f(n.get("bytes_read")) + _f(n.get("bytes_written"))
-
-
-def _intensity(flops: float, nbytes: float) -> float | None:
-    if nbytes > 0:
-        return flops / nbytes
-    return math.inf if flops > 0 else None
-
-
-def _layers(report: dict) -> list[dict]:
-    """Per-layer rows from the report, or grouped from the nodes when the report has none."""
-    layers = report.get("layers")
-    if layers:
-        return list(layers)
-    groups: dict[str, dict] = {}
-    for n in report.get("nodes", []):
-        g = groups.setdefault(n.get("layer") or "", {"layer": n.get("layer") or "", "flops": 0.0,
-                                                    "bytes": 0.0, "time_s": 0.0})
-        g["flops"] += _f(n.get("flops"))
-        g["bytes"] += _node_bytes(n)
-        g["time_s"] += _f(n.get("time_s"))
-    return list(groups.values())
-
-
-def _total(report: dict) -> dict:
-    """The report's total, with any missing number summed from the nodes."""
-    total = dict(report.get("total") or {})
-    nodes = report.get("nodes", [])
-    if total.get("flops") is None:
-        total["flops"] = sum(_f(n.get("flops")) for n in nodes)
-    if total.get("bytes") is None:
-        total["bytes"] = sum(_node_bytes(n) for n in nodes)
-    if total.get("time_s") is None:
-        total["time_s"] = sum(_f(n.get("time_s")) for n in nodes)
-    return total
-
-
-def _sizes_text(report: dict) -> str:
-    sizes = report.get("sizes") or {}
-    return ", ".join(f"{k}={v}" for k, v in sizes.items())
-
-
-# --------------------------------------------------------------------------------------------------------
-# Plain-text table
-# --------------------------------------------------------------------------------------------------------
-
-_COLUMNS = ["name", "op", "kind", "shape", "FLOPs", "bytes", "AI", "bound", "time", "%time", "region"]
-_RIGHT = {"FLOPs", "bytes", "AI", "time", "%time"}
-_MAX_WIDTH = {"name": 40, "op": 36, "shape": 28, "region": 16}
-
-
-def _clip(text: str, width: int | None) -> str:
-    if width is None or len(text) <= width:
-        return text
-    return text[: width - 1] + "…"
-
-
-def _pct(part: float, whole: float) -> str:
-    if whole <= 0:
-        return "-"
-    return f"{100.0 * part / whole:.1f}%"
-
-
-def is_bookkeeping(node: dict) -> bool:
-    """A report node that is graph bookkeeping (fxopt.opnames.BOOKKEEPING) with no cost of its own."""
-    return short_op(str(node.get("op", ""))) in BOOKKEEPING and not (_f(node.get("flops")) or _node_bytes(node))
-
-
-def format_table(report: dict, *, max_rows: int | None = None, all_nodes: bool = False) -> str:
-    """An aligned plain-text table of the report.
-
-    Node rows (graph order; bookkeeping nodes left out unless `all_nodes`, then at most `max_rows` of them,
-    then a "… N more nodes" line), then one row per
-    layer, then TOTAL, then a line with the symbolic total formulas. Numbers carry human units:
-    FLOPs k/M/G/T, bytes B/KB/MB/GB, time ns/µs/ms/s; AI is FLOP per byte.
-    """
-    nodes = report.get("nodes", [])
-    total = _total(report)
-    total_time = _f(total.get("time_s"))
-    listed = nodes if all_nodes else [n for n in nodes if not is_bookkeeping(n)]
-    shown = listed if max_rows is None else listed[: max(0, max_rows)]
-
-    node_rows = []
-    for n in shown:
-        flops, nbytes = _f(n.get("flops")), _node_bytes(n)
-        ai = n.get("intensity")
-        if ai is None:
-            ai = _intensity(flops, nbytes)
-        cost = [fmt_flops(flops), fmt_bytes(nbytes), fmt_ai(ai), str(n.get("bound", "")),
-                fmt_time(_f(n.get("time_s"))), _pct(_f(n.get("time_s")), total_time)]
-        if n.get("bound") == "unknown" and not (flops or nbytes):
-            cost = ["?", "?", "?", "unknown", "?", "?"]  # not free: its cost is not known
-        node_rows.append([str(n.get("name", "")), short_op(str(n.get("op", ""))), str(n.get("kind", "")),
-                          fmt_shape(n.get("shapes")), *cost, str(n.get("region") or "-")])
-
-    layer_rows = []
-    for layer in _layers(report):
-        flops, nbytes, t = _f(layer.get("flops")), _f(layer.get("bytes")), _f(layer.get("time_s"))
-        layer_rows.append([
-            str(layer.get("layer") or "(top level)"), "", "layer", "", fmt_flops(flops), fmt_bytes(nbytes),
-            fmt_ai(_intensity(flops, nbytes)), "", fmt_time(t), _pct(t, total_time), "",
-        ])
-    tf, tb = _f(total.get("flops")), _f(total.get("bytes"))
-    total_row = ["TOTAL", "", f"{len(nodes)} nodes", "", fmt_flops(tf), fmt_bytes(tb),
-                 fmt_ai(_intensity(tf, tb)), "", fmt_time(total_time), _pct(total_time, total_time), ""]
-
-    all_rows = node_rows + layer_rows + [total_row]
-    widths = []
-    for i, col in enumerate(_COLUMNS):
-        cap = _MAX_WIDTH.get(col)
-        w = max([len(col)] + [min(len(r[i]), cap or 10**9) for r in all_rows])
-        widths.append(w)
-
-    template = "  ".join(f"{{:{'>' if col in _RIGHT else '<'}{w}}}" for col, w in zip(_COLUMNS, widths))
-    capped = [(i, _MAX_WIDTH[col]) for i, col in enumerate(_COLUMNS) if col in _MAX_WIDTH]
-
-    def line(cells: list[str]) -> str:
-        for i, cap in capped:
-            if len(cells[i]) > cap:
-                cells = cells[:i] + [_clip(cells[i], cap)] + cells[i + 1:]
-        return template.format(*cells).rstrip()
-
-    rule = "  ".join("-" * w for w in widths)
-    hw = report.get("hardware") or {}
-    head = (f"{report.get('model', 'model')} on {hw.get('name', '?')} ({hw.get('dtype', '?')})"
-            + (f" at {_sizes_text(report)}" if report.get("sizes") else ""))
-    out = [head, line(_COLUMNS), rule]
-    out.extend(line(r) for r in node_rows)
-    hidden = len(listed) - len(shown)
-    if hidden > 0:
-        out.append(f"… {hidden} more nodes")
-    if len(nodes) > len(listed):
-        out.append(f"({len(nodes) - len(listed)} bookkeeping nodes not listed: size reads, getitem, guards; "
-                   "--all-nodes lists them)")
-    out.append(rule)
-    out.extend(line(r) for r in layer_rows)
-    out.append(rule)
-    out.append(line(total_row))
-    fe, be = total.get("flops_expr"), total.get("bytes_expr")
-    if fe or be:
-        at = f"   (numbers above at {_sizes_text(report)})" if report.get("sizes") else ""
-        out.append(f"symbolic total: FLOPs = {fe or '?'};  bytes = {be or '?'}{at}")
-    return "\n".join(out)
-
-
-# --------------------------------------------------------------------------------------------------------
-# JSON
-# --------------------------------------------------------------------------------------------------------
-
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None  # strict JSON: no Infinity / NaN
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if x is None or isinstance(x, (str, int, bool)):
-        return x
-    if isinstance(x, Path):
-        return str(x)
-    try:  # numpy / sympy numbers
-        return _jsonable(float(x)) if not isinstance(x, (set, frozenset)) else sorted(map(str, x))
-    except (TypeError, ValueError):
-        return str(x)
-
-
-def write_json(report: dict, path: str | os.PathLike) -> None:
-    """Write the report as strict JSON (non-finite floats become null, other objects their str)."""
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(_jsonable(report), f, indent=1, ensure_ascii=False, allow_nan=False)
-        f.write("\n")
-
-
-# --------------------------------------------------------------------------------------------------------
-# Graphviz
-# --------------------------------------------------------------------------------------------------------
-
-BOUND_FILL = {"compute": "#f4a261", "memory": "#8ecae6", "free": "#e0e0e0", "unknown": "#ffffff"}
-REGION_COLOR = "#c0392b"
-
-
-class GraphvizNotFoundError(RuntimeError):
-    """The `dot` binary is not installed."""
-
-
-def _dq(text: Any) -> str:
-    """A DOT double-quoted ID: escape backslashes, quotes and newlines (so any name stays valid DOT)."""
-    s = str(text).replace("\\", "\\\\").replace('"', '\\"')
-    s = s.replace("\r", "").replace("\n", "\\n")
-    return f'"{s}"'
-
-
-def _dot_node_attrs(n: dict, attention: dict[str, dict]) -> str:
-    flops, nbytes = _f(n.get("flops")), _node_bytes(n)
-    bound = str(n.get("bound") or "unknown")
-    kind = str(n.get("kind") or "")
-    name, op = str(n.get("name", "")), short_op(str(n.get("op", "")))
-    lines = [name] if name.startswith(op.split(".")[0]) else [name, op]
-    if flops or nbytes:
-        lines.append(f"{fmt_rate(flops, 'FLOP')} · {fmt_bytes(nbytes)}")
-        lines.append(f"{bound} · {fmt_time(_f(n.get('time_s')))}")
-    if n.get("name") in attention and attention[n["name"]].get("kernel"):
-        lines.append(f"kernel: {attention[n['name']]['kernel']}")
-    if n.get("note"):
-        lines.append(str(n["note"]))
-    label = "\\n".join(_dq(x)[1:-1] for x in lines)
-    if bound == "unknown" or kind == "unknown":
-        fill, style = BOUND_FILL["unknown"], "dashed,rounded"
-    elif bound == "free" or kind == "layout":
-        fill, style = BOUND_FILL["free"], "filled,rounded"
-    else:
-        fill, style = BOUND_FILL.get(bound, BOUND_FILL["unknown"]), "filled,rounded"
-    tooltip = f"{n.get('name', '')}: {n.get('op', '')} {fmt_shape(n.get('shapes'))}"
-    return (f'[label="{label}", fillcolor="{fill}", style="{style}", '
-            f"tooltip={_dq(tooltip)}]")
-
-
-def to_dot(report: dict) -> str:
-    """Graphviz DOT source of the annotated graph.
-
-    One box per report node, labelled with its name, op, FLOPs · bytes and bound · time, filled by roofline
-    bound (compute orange, memory blue, free/layout grey, unknown white and dashed); edges from each
-    node's "inputs" (inputs that are not report nodes are left out); each fused region is a
-    `subgraph cluster_<id>` outline labelled with its bytes before → after. Every ID is quoted and
-    escaped, so the source is valid DOT for any node names and any graph size.
-    """
-    nodes = report.get("nodes", [])
-    names = {n.get("name") for n in nodes}
-    attention = {a.get("node"): a for a in report.get("attention") or []}
-    hw = report.get("hardware") or {}
-    title = f"{report.get('model', '')} on {hw.get('name', '')} at {_sizes_text(report)}"
-
-    region_of: dict[str, str] = {}
-    regions = list(report.get("regions") or [])
-    for r in regions:
-        for name in r.get("nodes", []):
-            region_of.setdefault(name, r["id"])
-    for n in nodes:
-        if n.get("region") and n.get("name") not in region_of:
-            region_of[n["name"]] = n["region"]
-    known_regions = {r["id"] for r in regions}
-    for rid in sorted(set(region_of.values()) - known_regions):
-        regions.append({"id": rid, "nodes": []})
-
-    big = len(nodes) > 2000
-    out = ["digraph fxopt {"]
-    graph_attrs = f'label={_dq(title)}, labelloc=t, fontname="Helvetica", fontsize=14, rankdir=TB'
-    if big:  # keep layout time bounded on huge graphs
-        graph_attrs += ", nslimit=2, mclimit=0.2, remincross=false"
-    out.append(f"  graph [{graph_attrs}];")
-    out.append('  node [shape=box, fontname="Helvetica", fontsize=10, margin="0.12,0.04", penwidth=0.8];')
-    out.append('  edge [color="#7f7f7f", arrowsize=0.6];')
-
-    members: dict[str, list[dict]] = {r["id"]: [] for r in regions}
-    loose: list[dict] = []
-    for n in nodes:
-        rid = region_of.get(n.get("name"))
-        (members[rid] if rid in members else loose).append(n)
-
-    for r in regions:
-        before, after = r.get("bytes_before"), r.get("bytes_after")
-        label = str(r["id"])
-        if before is not None and after is not None:
-            label += f"\n{fmt_bytes(_f(before))} → {fmt_bytes(_f(after))}"
-        if r.get("predicted_speedup"):
-            label += f" ({_f(r['predicted_speedup']):.2g}× predicted)"
-        out.append(f"  subgraph {_dq('cluster_' + str(r['id']))} {{")
-        out.append(f'    label={_dq(label)}; style="dashed,rounded"; color="{REGION_COLOR}"; '
-                   f'fontcolor="{REGION_COLOR}"; penwidth=1.5;')
-        for n in members[r["id"]]:
-            out.append(f"    {_dq(n.get('name', ''))} {_dot_node_attrs(n, attention)};")
-        out.append("  }")
-    for n in loose:
-        out.append(f"  {_dq(n.get('name', ''))} {_dot_node_attrs(n, attention)};")
-    for n in nodes:
-        target = _dq(n.get("name", ""))
-        seen = set()
-        for src in n.get("inputs") or []:
-            if src in names and src not in seen:
-                seen.add(src)
-                out.append(f"  {_dq(src)} -> {target};")
-    out.append("}")
-    return "\n".join(out) + "\n"
-
-
-def write_dot(report: dict, path: str | os.PathLike) -> None:
-    Path(path).write_text(to_dot(report), encoding="utf-8")
-
-
-def _dot_binary() -> str:
-    dot = shutil.which("dot")
-    if dot is None:
-        raise GraphvizNotFoundError(
-            "rendering SVG needs Graphviz's `dot` program, which is not installed; install it "
-            "(Debian/Ubuntu: apt-get install graphviz; macOS: brew install graphviz) or write the "
-            "DOT source instead (--format dot)")
-    return dot
-
-
-def _render_svg(dot_source: str, timeout: float | None = DOT_TIMEOUT_S) -> str:
-    proc = subprocess.run([_dot_binary(), "-Tsvg"], input=dot_source.encode("utf-8"),
-                          capture_output=True, timeout=timeout, check=False)
-    if proc.returncode != 0:
-        err = proc.stderr.decode(errors="replace")[:500]
-        raise RuntimeError(f"dot failed (exit {proc.returncode}): {err}")
-    return proc.stdout.decode("utf-8")
-
-
-def write_svg(report: dict, path: str | os.PathLike, *, timeout: float | None = DOT_TIMEOUT_S) -> None:
-    """Render the graph to SVG with Graphviz's `dot`; GraphvizNotFoundError if it is not installed."""
-    Path(path).write_text(_render_svg(to_dot(report), timeout), encoding="utf-8")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -524,9 +84,9 @@ class RooflineAxes:
 
 def _peaks(report: dict) -> tuple[float, float, float]:
     hw = report.get("hardware") or {}
-    bw = _f(hw.get("bandwidth")) or 1.0
-    peak = _f(hw.get("peak_flops")) or 1.0
-    vec = _f(hw.get("peak_flops_vector"))
+    bw = as_float(hw.get("bandwidth")) or 1.0
+    peak = as_float(hw.get("peak_flops")) or 1.0
+    vec = as_float(hw.get("peak_flops_vector"))
     return bw, peak, vec
 
 
@@ -535,11 +95,11 @@ def _plot_points(report: dict) -> list[tuple[dict, float, float]]:
     bw, peak, _ = _peaks(report)
     points = []
     for n in report.get("nodes", []):
-        flops, nbytes = _f(n.get("flops")), _node_bytes(n)
+        flops, nbytes = as_float(n.get("flops")), node_bytes(n)
         if flops <= 0 or nbytes <= 0:
             continue
         ai = flops / nbytes
-        t = _f(n.get("time_s"))
+        t = as_float(n.get("time_s"))
         rate = flops / t if t > 0 else min(peak, ai * bw)
         points.append((n, ai, rate))
     return points
@@ -579,8 +139,8 @@ def _ai_tick(v: float) -> str:
 
 def _rate_tick(v: float) -> str:
     """Decade tick labels: 1e12 -> '1T', 1e13 -> '10T', 1e14 -> '100T'."""
-    i = max(0, min(len(_SI) - 1, int(math.floor(math.log10(v) / 3 + 1e-9))))
-    return f"{v / 1000.0**i:g}{_SI[i]}"
+    i = max(0, min(len(SI_PREFIXES) - 1, int(math.floor(math.log10(v) / 3 + 1e-9))))
+    return f"{v / 1000.0**i:g}{SI_PREFIXES[i]}"
 
 
 def _e(x: Any) -> str:
@@ -693,19 +253,19 @@ def roofline_svg(report: dict) -> str:
                  f'font-size="12">memory {fmt_rate(bw, "B/s")}</text>')
     # points: biggest first so small ones stay visible on top
     points = _plot_points(report)
-    total_time = sum(_f(n.get("time_s")) for n, _, _ in points) or 1.0
+    total_time = sum(as_float(n.get("time_s")) for n, _, _ in points) or 1.0
     index = {id(n): i for i, n in enumerate(report.get("nodes", []))}
     kinds_count: dict[str, int] = {}
     o.append('<g class="points" clip-path="url(#plotclip)" stroke="#ffffff" stroke-width="0.8">')
-    for n, ai, rate in sorted(points, key=lambda p: -_f(p[0].get("time_s"))):
+    for n, ai, rate in sorted(points, key=lambda p: -as_float(p[0].get("time_s"))):
         kind = str(n.get("kind") or "unknown")
         kinds_count[kind] = kinds_count.get(kind, 0) + 1
-        share = _f(n.get("time_s")) / total_time
+        share = as_float(n.get("time_s")) / total_time
         r = min(14.0, 3.5 + 40.0 * math.sqrt(share))
         px, py = ax(ai, rate)
         tip = (f"{n.get('name', '')}\n{n.get('op', '')}  [{kind}]\nAI {fmt_ai(ai)} FLOP/B · "
-               f"{fmt_rate(_f(n.get('flops')), 'FLOP')} · {fmt_bytes(_node_bytes(n))}\n"
-               f"time {fmt_time(_f(n.get('time_s')))} ({n.get('bound', '?')}-bound)")
+               f"{fmt_rate(as_float(n.get('flops')), 'FLOP')} · {fmt_bytes(node_bytes(n))}\n"
+               f"time {fmt_time(as_float(n.get('time_s')))} ({n.get('bound', '?')}-bound)")
         o.append(f'<a href="#node-{index.get(id(n), 0)}"><circle class="pt" cx="{_p(px)}" cy="{_p(py)}" '
                  f'r="{r:.1f}" fill="{KIND_COLOR.get(kind, "#444")}" fill-opacity="0.78" '
                  f'data-name="{_e(n.get("name", ""))}"><title>{_e(tip)}</title></circle></a>')
@@ -747,9 +307,9 @@ def roofline_svg(report: dict) -> str:
              f'{lx0 + 6},{ly - 4}"/><text x="{lx0 + 30}" y="{ly}">ridge point</text>')
     ly += 30
     o.append(f'<text x="{lx0}" y="{ly}" fill="#555">circle area ∝ predicted time</text>')
-    skipped = [n for n in report.get("nodes", []) if (_f(n.get("flops")) <= 0) != (_node_bytes(n) <= 0)]
+    skipped = [n for n in report.get("nodes", []) if (as_float(n.get("flops")) <= 0) != (node_bytes(n) <= 0)]
     if skipped:
-        sb = sum(_node_bytes(n) for n in skipped)
+        sb = sum(node_bytes(n) for n in skipped)
         ly += 18
         o.append(f'<text x="{lx0}" y="{ly}" fill="#555">{len(skipped)} zero-FLOP '
                  f'node{"s" if len(skipped) != 1 else ""}</text>')
@@ -867,7 +427,7 @@ def _graph_section(report: dict) -> str:
                 "too many for an in-page layout. Write the DOT file and render it with "
                 "<code>dot -Tsvg</code>.</p>")
     try:
-        svg = _render_svg(to_dot(report))
+        svg = render_svg(to_dot(report))
     except (RuntimeError, OSError, subprocess.TimeoutExpired) as err:
         return f'<p class="note">Graph not drawn: {_e(err)}</p>'
     start = svg.find("<svg")
@@ -880,19 +440,19 @@ def to_html(report: dict) -> str:
     """One self-contained HTML page (no external scripts, fonts or requests) for the report."""
     hw = report.get("hardware") or {}
     nodes = report.get("nodes", [])
-    total = _total(report)
+    total = report_total(report)
     bw, peak, vec = _peaks(report)
-    tf, tb, tt = _f(total.get("flops")), _f(total.get("bytes")), _f(total.get("time_s"))
-    mem_time = sum(_f(n.get("time_s")) for n in nodes if n.get("bound") == "memory")
+    tf, tb, tt = as_float(total.get("flops")), as_float(total.get("bytes")), as_float(total.get("time_s"))
+    mem_time = sum(as_float(n.get("time_s")) for n in nodes if n.get("bound") == "memory")
     model = _e(report.get("model", "model"))
 
     cards = [
         ("predicted time", fmt_time(tt)), ("FLOPs", fmt_flops(tf)), ("bytes moved", fmt_bytes(tb)),
-        ("arithmetic intensity", f"{fmt_ai(_intensity(tf, tb))} FLOP/B"),
-        ("time memory-bound", _pct(mem_time, tt)), ("nodes", str(len(nodes))),
+        ("arithmetic intensity", f"{fmt_ai(intensity(tf, tb))} FLOP/B"),
+        ("time memory-bound", percent(mem_time, tt)), ("nodes", str(len(nodes))),
     ]
     if total.get("params"):
-        cards.append(("parameters", fmt_flops(_f(total["params"]))))
+        cards.append(("parameters", fmt_flops(as_float(total["params"]))))
     hw_text = (f"{hw.get('name', '?')} · {hw.get('dtype', '?')} · {fmt_rate(bw, 'B/s')} · "
                f"{fmt_rate(peak, 'FLOP/s')} matmul" + (f" · {fmt_rate(vec, 'FLOP/s')} vector" if vec else ""))
 
@@ -901,7 +461,7 @@ def to_html(report: dict) -> str:
                     '<meta name="viewport" content="width=device-width, initial-scale=1">',
                     f"<title>fxopt annotate — {model}</title>", f"<style>{_CSS}</style>", "</head>", "<body>"]
     o.append(f"<h1>{model}</h1>")
-    o.append(f'<div class="meta">{_e(hw_text)} · evaluated at {_e(_sizes_text(report) or "-")}</div>')
+    o.append(f'<div class="meta">{_e(hw_text)} · evaluated at {_e(sizes_text(report) or "-")}</div>')
     o.append('<div class="cards">' + "".join(
         f'<div class="card"><div class="v">{_e(v)}</div><div class="k">{_e(k)}</div></div>' for k, v in cards)
         + "</div>")
@@ -917,15 +477,15 @@ def to_html(report: dict) -> str:
     o.append('<table id="layers" class="sortable"><thead><tr>'
              + "".join(_th(c, c != "layer") for c in ("layer", "FLOPs", "bytes", "AI", "time", "%time"))
              + "</tr></thead><tbody>")
-    for layer in _layers(report):
-        f, b, t = _f(layer.get("flops")), _f(layer.get("bytes")), _f(layer.get("time_s"))
-        ai = _intensity(f, b)
+    for layer in layer_summaries(report):
+        f, b, t = as_float(layer.get("flops")), as_float(layer.get("bytes")), as_float(layer.get("time_s"))
+        ai = intensity(f, b)
         o.append("<tr>" + _td(layer.get("layer") or "(top level)") + _td(fmt_flops(f), f, "n")
                  + _td(fmt_bytes(b), b, "n") + _td(fmt_ai(ai), ai, "n") + _td(fmt_time(t), t, "n")
-                 + _td(_pct(t, tt), t, "n") + "</tr>")
+                 + _td(percent(t, tt), t, "n") + "</tr>")
     o.append("</tbody><tfoot><tr>" + _td("TOTAL") + _td(fmt_flops(tf), tf, "n") + _td(fmt_bytes(tb), tb, "n")
-             + _td(fmt_ai(_intensity(tf, tb)), None, "n") + _td(fmt_time(tt), tt, "n")
-             + _td(_pct(tt, tt), None, "n")
+             + _td(fmt_ai(intensity(tf, tb)), None, "n") + _td(fmt_time(tt), tt, "n")
+             + _td(percent(tt, tt), None, "n")
              + "</tr></tfoot></table>")
 
     # node table
@@ -937,10 +497,10 @@ def to_html(report: dict) -> str:
              + "".join(_th(c, num) for c, num in cols) + "</tr></thead><tbody>")
     rows = []
     for i, n in enumerate(nodes):
-        f, b, t = _f(n.get("flops")), _node_bytes(n), _f(n.get("time_s"))
+        f, b, t = as_float(n.get("flops")), node_bytes(n), as_float(n.get("time_s"))
         ai = n.get("intensity")
         if ai is None:
-            ai = _intensity(f, b)
+            ai = intensity(f, b)
         bound = str(n.get("bound") or "")
         unknown = bound == "unknown" and not (f or b)
         tip = f' title="{_e(n.get("flops_expr", ""))} FLOPs; {_e(n.get("bytes_expr", ""))} bytes"' \
@@ -950,9 +510,9 @@ def to_html(report: dict) -> str:
             + _td(short_op(n.get("op", "")))
             + _td(n.get("kind", "")) + _td(n.get("layer") or "") + _td(fmt_shape(n.get("shapes")))
             + _td("?" if unknown else fmt_flops(f), f, "n") + _td("?" if unknown else fmt_bytes(b), b, "n")
-            + _td("?" if unknown else fmt_ai(ai), _f(ai) if ai is not None else None, "n")
+            + _td("?" if unknown else fmt_ai(ai), as_float(ai) if ai is not None else None, "n")
             + _td(bound, None, f"b-{_e(bound)}") + _td("?" if unknown else fmt_time(t), t, "n")
-            + _td("?" if unknown else _pct(t, tt), t, "n")
+            + _td("?" if unknown else percent(t, tt), t, "n")
             + _td(n.get("region") or "") + _td(n.get("note") or "") + "</tr>")
     o.append("\n".join(rows))
     o.append("</tbody></table></div>")
@@ -967,12 +527,12 @@ def to_html(report: dict) -> str:
                                      "predicted speedup", "kernel"))
                  + "</tr></thead><tbody>")
         for r in regions:
-            bb, ba = _f(r.get("bytes_before")), _f(r.get("bytes_after"))
+            bb, ba = as_float(r.get("bytes_before")), as_float(r.get("bytes_after"))
             sp = r.get("predicted_speedup")
             o.append("<tr>" + _td(r.get("id", "")) + _td(", ".join(map(str, r.get("nodes", []))))
                      + _td(fmt_bytes(bb), bb, "n") + _td(fmt_bytes(ba), ba, "n")
                      + _td(fmt_bytes(bb - ba), bb - ba, "n")
-                     + _td(f"{_f(sp):.2f}×" if sp else "-", _f(sp) if sp else None, "n")
+                     + _td(f"{as_float(sp):.2f}×" if sp else "-", as_float(sp) if sp else None, "n")
                      + _td(r.get("kernel") or "-") + "</tr>")
         o.append("</tbody></table>")
     else:
@@ -985,7 +545,7 @@ def to_html(report: dict) -> str:
                            for c in ("node", "bytes before", "bytes after", "kernel"))
                  + "</tr></thead><tbody>")
         for a in attention:
-            bb, ba = _f(a.get("bytes_before")), _f(a.get("bytes_after"))
+            bb, ba = as_float(a.get("bytes_before")), as_float(a.get("bytes_after"))
             o.append("<tr>" + _td(a.get("node", "")) + _td(fmt_bytes(bb), bb, "n")
                      + _td(fmt_bytes(ba), ba, "n")
                      + _td(a.get("kernel") or "-") + "</tr>")
@@ -1003,22 +563,3 @@ def to_html(report: dict) -> str:
 
 def write_html(report: dict, path: str | os.PathLike) -> None:
     Path(path).write_text(to_html(report), encoding="utf-8")
-
-
-def format_rewrites(report: dict) -> str:
-    """Text lines for fusion regions and attention rewrites: bytes before and after each."""
-    lines = []
-    regions = report.get("regions") or []
-    if regions:
-        before = sum(r["bytes_before"] for r in regions)
-        after = sum(r["bytes_after"] for r in regions)
-        lines.append(f"fusion: {len(regions)} regions, {fmt_bytes(before)} -> {fmt_bytes(after)} moved")
-        for r in regions:
-            speedup = r.get("predicted_speedup")
-            lines.append(f"  {r['id']}: {', '.join(r['nodes'])}: {fmt_bytes(r['bytes_before'])} -> "
-                         f"{fmt_bytes(r['bytes_after'])}" + (f", predicted {speedup:.2f}x" if speedup else ""))
-    for a in report.get("attention") or []:
-        reason = f" ({a['reason']})" if a.get("reason") else ""
-        lines.append(f"attention {a.get('module') or a['node']}: {a['pattern']} -> {a['kernel']}{reason}, "
-                     f"mask={a['mask']}, {fmt_bytes(a['bytes_before'])} -> {fmt_bytes(a['bytes_after'])}")
-    return "\n".join(lines)
