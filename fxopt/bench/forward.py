@@ -20,6 +20,7 @@ import torch
 from torch import fx
 
 from fxopt import models, zoo
+from fxopt.bench.timeline import Timeline, format_timelines, launch_timeline
 from fxopt.cli_args import DTYPES, HW_HELP, MODEL_HELP, positive_int, resolve_hw
 from fxopt.hardware import get_hardware, measure_copy_bandwidth
 from fxopt.optimize import optimize
@@ -44,10 +45,12 @@ class BenchResult:
     config: dict[str, Any]
     rows: list[dict[str, Any]] = field(default_factory=list)
     whole: dict[str, Any] = field(default_factory=dict)
+    timelines: dict[str, Timeline] = field(default_factory=dict)  # --profile: host and GPU time per variant
 
     def to_json(self) -> str:
         return json.dumps({"model": self.model, "device": self.device, "config": self.config,
-                           "regions": self.rows, "forward": self.whole}, indent=2, default=str)
+                           "regions": self.rows, "forward": self.whole,
+                           "timelines": {k: t.row() for k, t in self.timelines.items()}}, indent=2, default=str)
 
 
 def time_ms(fn, device: torch.device, min_run_time: float = 0.5) -> float:
@@ -155,7 +158,8 @@ def bench_model(spec: str, *, batch: int = 8, seq: int | None = None, dtype=torc
                 attn_impl: str | None = None, device: str | None = None, hw: str = "h100", compile: bool = True,
                 backend: bool | None = None, regions: bool = True, cuda_graphs: bool | None = None,
                 attention: bool = True, profile: bool = False, epilogues: bool = False,
-                max_autotune: bool = False, min_run_time: float = 0.5, default_seq: int = 1024, **overrides) -> BenchResult:
+                max_autotune: bool = False, min_run_time: float = 0.5, default_seq: int = 1024,
+                **overrides) -> BenchResult:
     """Eager vs fxopt vs torch.compile on one model, with the roofline prediction and copy bandwidth.
 
     backend (default: as `compile`): also time torch.compile(model, backend="fxopt"), fxopt's passes run on
@@ -248,6 +252,8 @@ def bench_model(spec: str, *, batch: int = 8, seq: int | None = None, dtype=torc
             print("== fxopt ==\n" + top_kernels(fxopt_call))
             if compile:
                 print("== torch.compile ==\n" + top_kernels(lambda: compiled(**inputs)))
+            with stage("profiling each variant's timeline (host launches, GPU busy and idle)"):
+                result.timelines = {name: launch_timeline(fn) for name, fn in variants.items()}
         whole["speedup_vs_eager"] = whole["eager_ms"] / whole["fxopt_ms"]
         if compile:
             whole["speedup_vs_compile"] = whole["compile_ms"] / whole["fxopt_ms"]
@@ -307,6 +313,8 @@ def format_result(result: BenchResult) -> str:
         for row in result.rows:
             lines.append("  ".join(_fmt(row.get(c, "")).ljust(w) for c, w in zip(columns, widths)))
     lines.append("whole forward: " + ", ".join(f"{k}={_fmt(v)}" for k, v in result.whole.items()))
+    if result.timelines:
+        lines.append("timeline of one call per variant (torch.profiler):\n" + format_timelines(result.timelines))
     return "\n".join(lines)
 
 
@@ -350,7 +358,9 @@ def add_cli(subparsers) -> None:
     parser.add_argument("--layers", type=positive_int, default=None,
                         help="override the preset's layer count (default: the preset's)")
     parser.add_argument("--no-attention", action="store_true", help="fuse only: leave attention as captured")
-    parser.add_argument("--profile", action="store_true", help="print the top GPU kernels of each variant")
+    parser.add_argument("--profile", action="store_true",
+                        help="print the top GPU kernels of each variant, and each variant's timeline: launches, "
+                             "host time per launch, GPU busy and idle time, GPU time per kernel family")
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON")
     parser.add_argument("--decode", action="store_true",
                         help="generation instead: eager recompute, HF caches, HF static+compile and fxopt (GPU)")
