@@ -318,6 +318,34 @@ def test_bench_decode_smoke_on_cpu(capsys):
     assert "fxopt" in capsys.readouterr().out
 
 
+
+@pytest.mark.parametrize("spec", [
+    "hf:qwen2,num_hidden_layers=2,hidden_size=64,intermediate_size=128,num_attention_heads=4,"
+    "num_key_value_heads=2,vocab_size=256",
+    "hf:gpt2,n_layer=2,n_embd=64,n_head=4,vocab_size=256",
+])
+def test_bench_decode_takes_an_hf_spec_and_its_model_is_its_own_hf_peer(spec):
+    """bench --decode on an hf: spec: the HF model is the peer row (no twin), fp32 greedy tokens of every row
+    equal eager recompute's (HF eager cache's too), and the eos of the random config does not stop a row."""
+    pytest.importorskip("transformers")
+    from fxopt.bench import decode as bench_decode
+
+    rows = ("eager-recompute", "hf-eager-cache", "fxopt", "fxopt-unfused")
+    report = bench_decode.run(spec, dtype="fp32", configs=((2, 8, 6),), rows=rows, repeat=1, device="cpu",
+                              recompute_steps=0)
+    got = {r["row"]: r for r in report["rows"]}
+    assert all(not r["error"] for r in got.values()), [r["error"] for r in got.values()]
+    assert all(r["match"] == 1.0 and r["timed_new"] == 6 for r in got.values())
+
+
+def test_bench_decode_refuses_a_model_that_is_not_a_causal_lm():
+    from fxopt.bench import decode as bench_decode
+    from fxopt.errors import UserError
+
+    with pytest.raises(UserError, match="not a causal LM"):
+        bench_decode.run("bert-tiny", dtype="fp32", configs=((1, 8, 2),), rows=("fxopt",), device="cpu")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_batch_one_decode_program_runs_its_linears_as_gemvs(llama, dtype):
     """At batch 1 every linear of the decode program (q/k/v and gate/up already fused, o, down, lm_head)

@@ -1,8 +1,10 @@
 """`fxopt bench MODEL --decode`: generation throughput, fxopt against its peers, in one run on one GPU.
 
-Rows, all on the same config and the same weights:
+MODEL is any causal LM: a models/ preset, a factory, or an hf: spec (hf:llama-3.2-1b builds that
+architecture with random weights). Rows, all on the same config and the same weights:
   eager recompute     the cache-less model, full forward over the whole sequence for every new token
-  hf eager cache      HF LlamaForCausalLM (our weights copied in) with its own DynamicCache, eager
+  hf eager cache      the HF model with its own DynamicCache, eager: an HF model itself; a Llama preset's
+                      weight-copied HF twin (LlamaForCausalLM); other models have no HF rows
   hf static+compile   the same HF model, generate(cache_implementation="static") with torch.compile
                       (mode="reduce-overhead": CUDA graphs) -- the reference ratios are taken against
   fxopt               the automatic KV cache: eager prefill, decode step (fused by the fusion pass)
@@ -18,8 +20,8 @@ batch 1 / prompt 8192 / 256 new. Per row and config:
   weights/s   bytes of weights one decode step must stream (every weight once; embedding tables only the
               rows looked up) per second, and as % of the copy bandwidth measured in the same run
   KV/s        K/V bytes a step reads (mean cache length over the generation) per second
-Greedy decoding with eos disabled; `match` is the share of fxopt's tokens equal to HF static+compile's
-(bf16: a near-tie can flip a token and the continuation with it).
+Greedy decoding with eos disabled; `match` is the share of each row's tokens equal to HF static+compile's
+(eager recompute's where there is no HF row; bf16: a near-tie can flip a token and the continuation with it).
 
     python -m fxopt.bench.decode                                # everything above, json to bench_decode.json
     python -m fxopt.bench.decode --configs 1x512x256 --rows fxopt,hf-static-compile
@@ -38,7 +40,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from fxopt import models, zoo
 from fxopt.cli_args import nonnegative_int, positive_int
+from fxopt.errors import UserError
 from fxopt.generate import Generator, build_generator
 from fxopt.progress import stage
 
@@ -103,6 +107,45 @@ def hf_llama_from(model: torch.nn.Module, *, attn_implementation: str = "sdpa") 
     return hf.eval()
 
 
+def is_hf_causal_lm(model: torch.nn.Module) -> bool:
+    return callable(getattr(model, "generate", None)) and getattr(model, "generation_config", None) is not None
+
+
+def load_causal_lm(spec: str, device, dtype: torch.dtype, longest: int, overrides: dict | None, *, hf_peer: bool
+                   ) -> tuple[torch.nn.Module, torch.nn.Module | None, dict]:
+    """The model to bench (a preset, a factory or an hf: spec), its HF peer (an HF model is its own; a Llama
+    preset gets a weight-copied HF twin; others none) and the preset overrides used. Raises UserError for a
+    model that is not a causal LM or whose position table is shorter than the longest config."""
+    overrides = dict(overrides or {})
+    if spec in models.PRESETS:
+        cfg = models.get_config(spec, **overrides)
+        if getattr(cfg, "max_positions", longest) < longest:
+            overrides["max_positions"] = longest  # RoPE tables long enough for the longest config
+        model = models.build(spec, device=device, dtype=dtype, **overrides)
+        if not getattr(model, "is_causal_lm", False):
+            raise UserError(f"{spec} is not a causal LM", "bench --decode takes a model that maps input_ids "
+                                                          "to next-token logits")
+        hf = hf_llama_from(model) if hf_peer and type(model).__name__ == "Llama" else None
+        return model, hf, overrides
+    if overrides:
+        raise UserError("--override sets a preset's config fields", "put fields in the spec: hf:llama,key=value")
+    model = zoo.load_model(spec, device=device, dtype=dtype)
+    zoo.check_sizes(model, spec, seq=longest, seq_flag="prompt + new")
+    hf = None
+    if is_hf_causal_lm(model):
+        model.generation_config.eos_token_id = None  # every run generates all its tokens
+        model.generation_config.pad_token_id = 0
+        hf = model if hf_peer else None
+    return model, hf, overrides
+
+
+def prompt_ids(model: torch.nn.Module, batch: int, prompt: int) -> torch.Tensor:
+    """(batch, prompt) random token ids, the same for every row (seeded)."""
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None) or 256
+    generator = torch.Generator().manual_seed(0)
+    return torch.randint(0, vocab, (batch, prompt), generator=generator).to(next(model.parameters()).device)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Timing
 # ---------------------------------------------------------------------------------------------------
@@ -128,7 +171,8 @@ def _time(fn: Callable[[], object], repeat: int, device) -> float:
 @torch.no_grad()
 def _recompute_generate(model, ids: torch.Tensor, new: int) -> torch.Tensor:
     for _ in range(new):
-        nxt = model(ids)[:, -1].argmax(-1)
+        out = model(input_ids=ids)
+        nxt = getattr(out, "logits", out)[:, -1].argmax(-1)
         ids = torch.cat([ids, nxt[:, None]], dim=1)
     return ids
 
@@ -175,36 +219,25 @@ def run(model_name: str = "llama-1b-like", *, dtype: str = "bf16", configs=DEFAU
         repeat: int = 3, recompute_steps: int = 32, device: str = "cuda", json_path: str | None = None,
         overrides: dict | None = None) -> dict:
     """Measure every row on every (batch, prompt, new) config; print one table; return (and dump) json."""
-    from fxopt import models
-
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("bench_decode measures on a GPU; pass device='cpu' only for a smoke run")
     torch_dtype = DTYPES[dtype]
     longest = max(p + n for _, p, n in configs)
-    overrides = dict(overrides or {})
-    cfg = models.get_config(model_name, **overrides)
-    if getattr(cfg, "max_positions", longest) < longest:
-        overrides["max_positions"] = longest  # RoPE tables long enough for the longest config
-    model = models.build(model_name, device=device, dtype=torch_dtype, **overrides)
-    if not getattr(model, "is_causal_lm", False):
-        raise ValueError(f"{model_name} is not a causal LM")
+    model, hf, overrides = load_causal_lm(model_name, device, torch_dtype, longest, overrides,
+                                          hf_peer=any(r.startswith("hf-") for r in rows))
     copy_bw = None
     if device == "cuda":
         from fxopt.hardware import measure_copy_bandwidth
 
         copy_bw = measure_copy_bandwidth()
 
-    hf = None
-    if any(r.startswith("hf-") for r in rows):
-        hf = hf_llama_from(model) if type(model).__name__ == "Llama" else None
-
     with stage(f"capturing {model_name} and inserting the KV cache"):
-        base = build_generator(model, model.example_inputs(1, 8), max_seq_len=8, max_batch=1)
+        base = build_generator(model, zoo.example_inputs(model, 1, 8), max_seq_len=8, max_batch=1)
     programs, weight_bytes = base.programs, base.weight_bytes  # one capture; caches sized per config below
     del base
     results: list[Measurement] = []
     for batch, prompt, new in configs:
-        ids = model.example_inputs(batch, prompt, seed=0)["input_ids"]
+        ids = prompt_ids(model, batch, prompt)
         gen = Generator(programs, max_seq_len=prompt + new, max_batch=batch, device=torch.device(device),
                         weight_bytes=weight_bytes)
         plain = Generator(programs, max_seq_len=prompt + new, max_batch=batch, device=torch.device(device),
@@ -239,8 +272,9 @@ def run(model_name: str = "llama-1b-like", *, dtype: str = "bf16", configs=DEFAU
         for m in config_rows:
             if ref is not None and m.tokens_per_s == m.tokens_per_s:
                 m.ratio_vs_ref = m.tokens_per_s / ref.tokens_per_s
-            if REFERENCE_ROW in tokens and m.row in tokens:
-                a, b = tokens[m.row][:, prompt:], tokens[REFERENCE_ROW][:, prompt:]
+            match_ref = REFERENCE_ROW if REFERENCE_ROW in tokens else "eager-recompute"
+            if match_ref in tokens and m.row in tokens:
+                a, b = tokens[m.row][:, prompt:], tokens[match_ref][:, prompt:]
                 n = min(a.shape[1], b.shape[1])
                 m.match = float((a[:, :n] == b[:, :n]).float().mean())
         results.extend(config_rows)
@@ -306,14 +340,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from fxopt import cli, models
-    from fxopt.errors import UserError, check_output, require_cuda
+    from fxopt import cli
+    from fxopt.errors import check_output, require_cuda
 
     class Formatter(argparse.RawDescriptionHelpFormatter, cli.HelpFormatter):
         pass
 
     parser = cli.Parser(prog="python -m fxopt.bench.decode", description=__doc__, formatter_class=Formatter)
-    parser.add_argument("model", nargs="?", default="llama-1b-like", help="a models/ preset")
+    parser.add_argument("model", nargs="?", default="llama-1b-like",
+                        help="a causal LM: a models/ preset, package.module:factory or hf:MODEL_TYPE / hf:NAME")
     parser.add_argument("--override", action="append", default=[], help="config field=value (e.g. n_layers=2)")
     add_arguments(parser)
     cli.add_common_flags(parser, top=True)
@@ -324,8 +359,6 @@ def main(argv: list[str] | None = None) -> int:
 
         args = parser.parse_args(argv)
         cli.progress.configure(enabled=not args.quiet)
-        if args.model not in models.PRESETS:
-            raise UserError(f"unknown preset {args.model!r}", f"presets: {', '.join(sorted(models.PRESETS))}")
         bad = [o for o in args.override if "=" not in o]
         if bad:
             raise UserError(f"bad --override {bad[0]!r}", "write field=value, e.g. --override n_layers=2")
