@@ -67,3 +67,12 @@ def test_no_module_imports_a_higher_layer():
     graph = module_level_imports()
     upward = sorted((a, b) for a, b in graph.edges() if layer(b) > layer(a))
     assert upward == []
+
+
+def test_every_package_directory_is_listed_in_pyproject():
+    """A subpackage missing from pyproject's `packages` imports from a checkout but not once installed."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {name for name, path in modules().items() if path.name == "__init__.py"}
+    assert found == listed
