@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 
+import sympy
 import torch
 import triton
 import triton.language as tl
@@ -125,7 +126,6 @@ def _min(x, y):
     """min for numbers, sympy.Min once either side is symbolic (the cost pass passes sympy sizes)."""
     if _is_num(x) and _is_num(y):
         return min(x, y)
-    import sympy
 
     return sympy.Min(x, y)
 
@@ -133,7 +133,6 @@ def _min(x, y):
 def _relu(x):
     if _is_num(x):
         return max(x, 0)
-    import sympy
 
     return sympy.Max(x, 0)
 

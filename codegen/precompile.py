@@ -20,6 +20,10 @@ import contextlib
 import os
 from concurrent.futures import ThreadPoolExecutor
 
+import torch
+
+from fxopt import config
+
 
 def _async_compile_mode():
     try:  # Triton >= 3.4; a private module, so its absence only means serial compiles
@@ -32,7 +36,6 @@ def _async_compile_mode():
 
 def available() -> bool:
     """This Triton can compile asynchronously, and FXOPT_PRECOMPILE is not 0."""
-    from fxopt import config
 
     return config.get("precompile") and _async_compile_mode()[0] is not None
 
@@ -85,14 +88,12 @@ def _launcher_key(kernel):
 
 
 def _current_cuda_device():
-    import torch
 
     return torch.cuda.current_device() if torch.cuda.is_available() else None
 
 
 def _load_on(device):
     """Build a compiled kernel's launcher and load it on `device` (what Triton does at its first launch)."""
-    import torch
 
     def load(kernel):
         init_handles = getattr(kernel, "_init_handles", None)  # Triton's (private) lazy loader
@@ -113,6 +114,5 @@ AUTOTUNE_VARIABLES = ("FXOPT_AUTOTUNE", "FXOPT_ATTN_AUTOTUNE", "FXOPT_ROPE_AUTOT
 def autotuning() -> bool:
     """Whether any kernel family times its configs on first use (then no dry run: see the module doc), by
     the families' own switch (each falls back to FXOPT_AUTOTUNE; fxopt/config.py)."""
-    from fxopt import config
 
     return any(config.get(family) for family in AUTOTUNE_FAMILIES)

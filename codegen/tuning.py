@@ -10,13 +10,13 @@ from __future__ import annotations
 import inspect
 
 import triton
+from triton.testing import do_bench
 
 WARMUP_MS, REP_MS = 5, 25
 
 
 def autotune_options() -> dict:
     """Keyword arguments for triton.autotune that this Triton accepts."""
-    from triton.testing import do_bench
 
     params = inspect.signature(triton.autotune).parameters
     options: dict = {}

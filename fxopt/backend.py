@@ -36,6 +36,7 @@ Program with every pass's result, or why it fell back); `reset()` clears that lo
 from __future__ import annotations
 
 import collections
+import operator
 import re
 import warnings
 from collections.abc import Callable, Sequence
@@ -45,8 +46,16 @@ from typing import Any
 import sympy
 import torch
 from torch import fx
+from torch._dynamo import exc as dynamo_exc
+from torch._dynamo.backends.common import aot_autograd
+from torch._functorch.aot_autograd import make_boxed_func
+from torch._guards import TracingContext, detect_fake_mode
+from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
 
+from fxopt import pipeline
+from fxopt.capture import Captured, role_symbol
 from fxopt.nodes import size_expr as _expr
+from fxopt.passes.fusion import FusedRegionModule
 
 aten = torch.ops.aten
 
@@ -56,6 +65,7 @@ DEFAULT_OPTIONS: dict[str, Any] = {
     "attention": True,
     "matmul": True,
     "rope": None,  # None: follows "fuse", as in fxopt.optimize
+    "epilogues": None,  # None: follows "matmul", as in fxopt.optimize
     "hw": None,  # a fxopt.hardware preset name or Hardware; None: h100
     "dump_dir": None,
     "freeze": True,  # weights and buffers become constants of the graph (see the module docstring)
@@ -89,7 +99,6 @@ class SubgraphProgram:
         counts: collections.Counter = collections.Counter()
         if self.gm is None:
             return counts
-        from fxopt.passes.fusion import FusedRegionModule
 
         for node in self.gm.graph.nodes:
             if node.op == "call_module" and isinstance(self.gm.get_submodule(node.target), FusedRegionModule):
@@ -155,8 +164,6 @@ def fxopt_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], *, options:
     `options` are fxopt.optimize's keywords (fuse, attention, matmul, rope, hw, dump_dir, and freeze);
     `mode` (torch.compile's) is accepted and ignored.
     """
-    from torch._dynamo.backends.common import aot_autograd
-    from torch._functorch.aot_autograd import make_boxed_func
 
     opts = _resolve_options(options)
     dynamo_inputs = list(example_inputs)
@@ -214,7 +221,6 @@ class _CompiledSubgraph:
 
 
 def _compile_inference(aten_gm: fx.GraphModule, dynamo_inputs: list, dynamo_names: list[str], opts: dict):
-    from torch._subclasses.fake_tensor import unset_fake_temporarily
 
     record = SubgraphProgram(_next_index(), aten_gm)
     _remember(record)
@@ -242,7 +248,6 @@ def _optimize(aten_gm: fx.GraphModule, record: SubgraphProgram, dynamo_inputs: l
               opts: dict):
     """Freeze, normalize, build the context, run pipeline.FORWARD on a copy of aten_gm; -> (Program, kept
     input indices). Any exception comes out as _PassFailed naming the stage (the pass) it came from."""
-    from fxopt import pipeline
 
     stage = "copy"
     try:
@@ -274,6 +279,8 @@ def _resolve_options(options: dict | None) -> dict:
     opts = {**DEFAULT_OPTIONS, **(options or {})}
     if opts["rope"] is None:
         opts["rope"] = opts["fuse"]
+    if opts["epilogues"] is None:
+        opts["epilogues"] = opts["matmul"]
     return opts
 
 
@@ -303,7 +310,6 @@ def _first_line(exc: BaseException) -> str:
 
 def _must_propagate(exc: BaseException) -> bool:
     """Dynamo's control-flow exceptions (restart the analysis) are not failures."""
-    from torch._dynamo import exc as dynamo_exc
 
     restart = tuple(getattr(dynamo_exc, name) for name in ("TensorifyScalarRestartAnalysis", "RestartAnalysis")
                     if hasattr(dynamo_exc, name))
@@ -334,8 +340,6 @@ def _freeze(gm: fx.GraphModule, dynamo_inputs: list, dynamo_names: list[str]) ->
     and buffers) that the graph neither mutates nor returns a view of. Returns the indices of the inputs the
     graph still takes, and the attribute names of the frozen ones. Anything unexpected: freeze nothing.
     """
-    from torch._guards import TracingContext
-    from torch._subclasses.fake_tensor import FakeTensor
 
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     everything = list(range(len(placeholders)))
@@ -433,9 +437,7 @@ def _normalize_sdpa(gm: fx.GraphModule) -> int:
     would run (flash on CPU, flash/efficient/cudnn on CUDA); the attention pass reads the op above them,
     as torch.export keeps it. Only when nothing but the output is used and there is no dropout.
     """
-    import operator
 
-    from torch._guards import detect_fake_mode
 
     variants = _sdpa_variants()
     changed = 0
@@ -480,7 +482,6 @@ def _captured(gm: fx.GraphModule):
     Dynamo's names (s27 ...) and are evaluated at their hints. (capture._name_symbols does this by input
     name for exported graphs; duplicated here for graphs without input names.)
     """
-    from fxopt.capture import Captured, role_symbol
 
     symbols: dict[sympy.Symbol, sympy.Symbol] = {}
     sizes: dict[str, int] = {}
@@ -516,7 +517,6 @@ def _cse(gm: fx.GraphModule) -> int:
     aot_autograd traces each `x.view(...)` anew, so the three projections of one hidden state read three
     identical views; merged, they are siblings the matmul pass can concatenate.
     """
-    import operator
 
     seen: dict[tuple, fx.Node] = {}
     merged = 0
@@ -544,7 +544,6 @@ def _cse(gm: fx.GraphModule) -> int:
 
 
 def _pure(target) -> bool:
-    import operator
 
     if target is operator.getitem:
         return True
@@ -606,7 +605,6 @@ def _restore_matmul(gm: fx.GraphModule) -> int:
     the attention pass reads q @ k^T and p @ v as matmuls. Rewritten only where matmul's own fake value
     has the shape, dtype and device of the view it replaces.
     """
-    from torch._guards import detect_fake_mode
 
     changed = 0
     for node in list(gm.graph.nodes):
@@ -659,7 +657,6 @@ def _restore_linear(gm: fx.GraphModule) -> int:
     """`view(mm(view(x, [-1, K]), t(W)), [..., N])` -> `aten.linear(x, W)`, with addmm(b, ...) -> linear(x, W, b);
     a 2-D x without the views too. F.linear is traced that way; the matmul pass fuses sibling *linears*.
     Rewritten only where linear's own fake value has the shape, dtype and device of what it replaces."""
-    from torch._guards import detect_fake_mode
 
     changed = 0
     for node in list(gm.graph.nodes):

@@ -20,6 +20,9 @@ import sympy
 import torch
 from torch import fx
 from torch.export import Dim
+from torch.fx.experimental import proxy_tensor
+
+from fxopt.errors import CaptureError  # noqa: F401  (raised here, defined with the other refusals)
 
 # Role of a dynamic input dim -> the short symbol formulas use.
 ROLE_SYMBOLS = {"batch": "b", "seq": "s", "src_seq": "s_src", "cache": "n", "new": "q"}
@@ -58,10 +61,6 @@ class Captured:
     @property
     def role_values(self) -> dict[sympy.Symbol, int]:
         return {role_symbol(role): size for role, size in self.sizes.items()}
-
-
-class CaptureError(RuntimeError):
-    """torch.export could not trace the model; the message names the construct and a fix."""
 
 
 def default_dynamic_dims(model: torch.nn.Module, kwargs: dict[str, Any]) -> dict[str, dict[int, str]]:
@@ -161,7 +160,6 @@ def _stack_traces(record: bool):
         finally:
             torch.fx.config.do_not_emit_stack_traces = saved
     else:
-        from torch.fx.experimental import proxy_tensor
 
         tracer = proxy_tensor._ModuleStackTracer
         init = tracer.__init__

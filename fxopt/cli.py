@@ -14,9 +14,26 @@ import shutil
 import sys
 from collections.abc import Callable
 
-from fxopt import progress
-from fxopt.cli_args import DTYPES, HW_HELP, MODEL_HELP, default_seq, nonnegative_int, positive_int, resolve_hw  # noqa: F401  (the shared argument vocabulary, re-exported)
-from fxopt.errors import UserError, check_output, debug_enabled, require_cuda, user_error
+from fxopt import explain, generate, progress, zoo
+from fxopt import report as render
+from fxopt.analyze import analyze
+from fxopt.bench import forward as bench
+from fxopt.cli_args import (  # noqa: F401  (the shared argument vocabulary and parser, re-exported)
+    DTYPES,
+    HW_HELP,
+    MODEL_HELP,
+    HelpFormatter,
+    Parser,
+    add_common_flags,
+    default_seq,
+    guarded,
+    nonnegative_int,
+    positive_int,
+    report_error,
+    resolve_hw,
+)
+from fxopt.errors import UserError, check_output, debug_enabled, require_cuda, require_positive
+from fxopt.hardware import calibrate
 
 ANNOTATE_SEQ = 128
 
@@ -24,50 +41,6 @@ ANNOTATE_SEQ = 128
 # ---------------------------------------------------------------------------------------------------
 # argparse: one-line errors, defaults in --help, argument types
 # ---------------------------------------------------------------------------------------------------
-
-
-class HelpFormatter(argparse.HelpFormatter):
-    """Appends "(default: X)" to every option with a real default (not None/False, not already said)."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        if "%(default)" in text or "default:" in text or "default " in text:
-            return text
-        if action.default in (None, False, argparse.SUPPRESS) or isinstance(action.default, bool):
-            return text
-        if action.option_strings or action.nargs in (argparse.OPTIONAL, argparse.ZERO_OR_MORE):
-            return f"{text} (default: %(default)s)".strip()
-        return text
-
-
-class Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are UserErrors (one line and a hint, exit 2, no usage dump)."""
-
-    def __init__(self, *args, formatter_class=HelpFormatter, **kwargs):
-        super().__init__(*args, formatter_class=formatter_class, **kwargs)
-
-    def parse_args(self, args=None, namespace=None):
-        """As argparse's, with an unrecognized argument blamed on the subcommand it was given to."""
-        parsed, extras = self.parse_known_args(args, namespace)
-        if extras:
-            command = getattr(parsed, "command", None)
-            prog = f"{self.prog} {command}" if command else self.prog
-            raise UserError(f"{command + ': ' if command else ''}unrecognized arguments: {' '.join(extras)}",
-                            f"see '{prog} --help'")
-        return parsed
-
-    def error(self, message: str):
-        command = self.prog.removeprefix("fxopt").strip()
-        raise UserError(f"{command + ': ' if command else ''}{message}", f"see '{self.prog} --help'")
-
-
-def add_common_flags(parser: argparse.ArgumentParser, *, top: bool = False) -> None:
-    """--debug and --quiet, accepted before or after the subcommand."""
-    default = False if top else argparse.SUPPRESS
-    parser.add_argument("--debug", action="store_true", default=default,
-                        help="show the Python traceback of an error (also FXOPT_DEBUG=1)")
-    parser.add_argument("-q", "--quiet", action="store_true", default=default,
-                        help="no progress lines or notes on stderr")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -91,9 +64,6 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_annotate(args: argparse.Namespace) -> int:
-    from fxopt import report as render
-    from fxopt import zoo
-    from fxopt.analyze import analyze
 
     outputs = [("--json", args.json, render.write_json), ("--dot", args.dot, render.write_dot),
                ("--svg", args.svg, render.write_svg), ("--html", args.html, render.write_html)]
@@ -133,7 +103,6 @@ def cmd_annotate(args: argparse.Namespace) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from fxopt.hardware import calibrate
 
     require_cuda("fxopt calibrate", "on this machine use a datasheet preset instead: --hw h100 (or a10, "
                                     "a100-80gb, h200)")
@@ -150,8 +119,6 @@ def _checked_explain(func: Callable[[argparse.Namespace], int]) -> Callable[[arg
     """explain's own command, after the size checks every subcommand makes."""
 
     def run(args: argparse.Namespace) -> int:
-        from fxopt import zoo
-        from fxopt.errors import require_positive
 
         require_positive("--batch", getattr(args, "batch", None))
         require_positive("--seq", getattr(args, "seq", None))
@@ -192,8 +159,6 @@ def build_parser() -> argparse.ArgumentParser:
     annotate.add_argument("--no-fusion", action="store_true", help="do not outline fusion regions")
     annotate.set_defaults(func=cmd_annotate)
 
-    from fxopt import explain, generate
-    from fxopt.bench import forward as bench
 
     bench.add_cli(sub)
     explain.add_cli(sub)
@@ -210,34 +175,6 @@ def build_parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------------------------------------------
 # main: the one place errors become exit codes
 # ---------------------------------------------------------------------------------------------------
-
-
-def report_error(err: UserError) -> int:
-    """Print `fxopt: error: ...` (and the hint) on stderr; returns the exit code, 2."""
-    sys.stderr.flush()
-    print("\n".join(err.lines()), file=sys.stderr)
-    return err.exit_code
-
-
-def guarded(func: Callable[[], int], *, debug: bool = False,
-            model: str | Callable[[], str | None] | None = None) -> int:
-    """Run func(); a user error (UserError, or a known library error from bad input) -> message and 2.
-
-    With `debug` (or FXOPT_DEBUG=1) the exception propagates with its traceback. Anything else is a bug
-    and propagates too."""
-    debug = debug or debug_enabled()
-    try:
-        return func() or 0
-    except KeyboardInterrupt:
-        if debug:
-            raise
-        print("fxopt: interrupted", file=sys.stderr)
-        return 130
-    except Exception as exc:  # noqa: BLE001 - only known user errors are turned into messages
-        err = None if debug else user_error(exc, model=model() if callable(model) else model)
-        if err is None:
-            raise
-        return report_error(err)
 
 
 def main(argv: list[str] | None = None) -> int:

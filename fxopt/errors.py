@@ -11,12 +11,19 @@ and exits 2; `--debug` or FXOPT_DEBUG=1 shows the traceback instead. Anything el
 keeps its traceback. `user_error(exc)` maps the few library exceptions that also mean "bad input"
 (fxopt's KV-cache refusal, a bad generation request, a capture failure of the user's own model) to one.
 
-UserError is a ValueError, so library callers that caught the ValueErrors these replaced still do.
+UserError is a ValueError, so library callers that caught the ValueErrors these replaced still do. The
+library's own refusals are defined here too (and re-exported where they are raised), so that this module,
+which every layer imports, imports none of them.
 """
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
+
+import torch
+
+from fxopt import config
 
 
 class UserError(ValueError):
@@ -33,10 +40,20 @@ class UserError(ValueError):
         return [f"fxopt: error: {self.problem}"] + ([f"  {self.hint}"] if self.hint else [])
 
 
+class CaptureError(RuntimeError):
+    """torch.export could not trace the model; the message names the construct and a fix."""
+
+
+class KVCacheError(ValueError):
+    """The model cannot take a KV cache; the message names the node that shows why."""
+
+
+class GenerationError(ValueError):
+    """Bad generation request (shape, dtype, device, capacity): raised before any state changes."""
+
+
 def debug_enabled() -> bool:
     """FXOPT_DEBUG=1 (or true/yes/on): show tracebacks instead of one-line errors."""
-    from fxopt import config
-
     try:
         return bool(config.get("debug"))
     except ValueError:  # a malformed FXOPT_DEBUG must not hide the error being reported
@@ -51,8 +68,6 @@ def require_positive(name: str, value: int | None, hint: str = "") -> None:
 
 def require_cuda(what: str, hint: str = "") -> None:
     """UserError when there is no usable CUDA device (CPU-only torch build, or no GPU/driver)."""
-    import torch
-
     if torch.cuda.is_available():
         return
     if torch.version.cuda is None:
@@ -64,8 +79,6 @@ def require_cuda(what: str, hint: str = "") -> None:
 
 def check_output(path: str, flag: str) -> None:
     """UserError unless `path` can be written: its directory exists and is writable, it is not a directory."""
-    from pathlib import Path
-
     target = Path(path)
     parent = target.parent if str(target.parent) else Path(".")
     if target.is_dir():
@@ -77,36 +90,22 @@ def check_output(path: str, flag: str) -> None:
         raise UserError(f"cannot write {flag} {path}: permission denied", "choose a path you can write")
 
 
-def user_error(exc: BaseException, *, model: str | None = None) -> UserError | None:
-    """`exc` as a UserError when it is a known user-input error type, else None (a bug: keep the traceback)."""
+def user_error(exc: BaseException, *, model: str | None = None, preset: bool = False) -> UserError | None:
+    """`exc` as a UserError when it is a known user-input error type, else None (a bug: keep the traceback).
+    `model`: the spec the user gave; `preset`: whether it names one of fxopt's models (whose capture
+    failures are fxopt's bugs, not the user's)."""
     if isinstance(exc, UserError):
         return exc
-    try:
-        from fxopt.passes.kv_cache import KVCacheError
-    except ImportError:  # pragma: no cover
-        KVCacheError = ()  # noqa: N806
-    if KVCacheError and isinstance(exc, KVCacheError):
+    if isinstance(exc, KVCacheError):
         name = f"model {model!r}" if model else "the model"
         detail = str(exc).splitlines()[0].removeprefix("kv_cache: ").removeprefix("cannot insert a KV cache: ")
         return UserError(f"{name} cannot take a KV cache: {detail}",
                          "generate needs a causal decoder (e.g. gpt2-tiny, llama-tiny, hf:llama)")
-    try:
-        from fxopt.generate import GenerationError
-    except ImportError:  # pragma: no cover
-        GenerationError = ()  # noqa: N806
-    if GenerationError and isinstance(exc, GenerationError):
+    if isinstance(exc, GenerationError):
         return UserError(f"bad generation request: {str(exc).splitlines()[0]}",
                          "check --batch, --prompt-len, --new-tokens and --max-seq-len")
-    from fxopt.capture import CaptureError
-
-    if isinstance(exc, CaptureError) and model is not None and not _is_preset(model):
+    if isinstance(exc, CaptureError) and model is not None and not preset:
         lines = str(exc).splitlines()
         return UserError(lines[0] + (" " + " ".join(lines[1:2]) if len(lines) > 1 else ""),
                          " ".join(lines[2:]) or "run it with --debug for the full trace")
     return None
-
-
-def _is_preset(spec: str) -> bool:
-    from fxopt import models
-
-    return spec in models.PRESETS

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from fxopt import zoo
 from fxopt.capture import capture
 from fxopt.passes.attention import AttentionInfo
 from fxopt.pipeline import EXPLAIN, make_context, run_passes
@@ -104,7 +105,6 @@ def format_explanation(candidates: list[Candidate], *, title: str | None = None)
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from fxopt import zoo
 
     model = zoo.load_model(args.model)
     example_kwargs = zoo.example_inputs(model, 2, 16)

@@ -29,11 +29,15 @@ from typing import Any
 
 import torch
 
-from fxopt import numerics, pipeline
+from fxopt import models, numerics, pipeline, zoo
+from fxopt.capture import capture
 from fxopt.cli_args import DTYPES, MODEL_HELP, nonnegative_int, positive_int
 from fxopt.codegen.greedy import greedy_pick
+from fxopt.errors import GenerationError, UserError, check_output, require_cuda  # noqa: F401  (GenerationError: re-exported)
+from fxopt.hardware import measure_copy_bandwidth
 from fxopt.passes import kv_cache as kv
 from fxopt.passes.infra import PassContext
+from fxopt.progress import note, progress, stage
 
 
 def _same_device(a: torch.device, b: torch.device) -> bool:
@@ -43,10 +47,6 @@ def _same_device(a: torch.device, b: torch.device) -> bool:
         return False
     current = torch.cuda.current_device() if a.type == "cuda" else 0
     return (a.index if a.index is not None else current) == (b.index if b.index is not None else current)
-
-
-class GenerationError(ValueError):
-    """Bad generation request (shape, dtype, device, capacity): raised before any state changes."""
 
 
 @dataclass
@@ -578,7 +578,6 @@ def build_generator(model: torch.nn.Module, example_kwargs: dict[str, Any], *, m
     Raises kv_cache.KVCacheError, naming the node, when the model cannot take a cache (bidirectional
     attention, positions mixed outside attention).
     """
-    from fxopt.capture import capture
 
     model_device, model_dtype = _model_device_dtype(model)
     device = torch.device(device) if device is not None else model_device
@@ -619,7 +618,6 @@ CLI_NEW_TOKENS = 128
 
 def _cli_device(requested: str | None) -> str:
     """--device as a torch device string; UserError for a device this machine does not have."""
-    from fxopt.errors import UserError, require_cuda
 
     if requested is None:
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -639,7 +637,6 @@ def _cli_device(requested: str | None) -> str:
 
 def _cli_lengths(args: argparse.Namespace, spec: str, limit: int | None) -> tuple[int, int, int]:
     """(prompt_len, new_tokens, max_seq_len) from the flags and the model's position limit (None: no table)."""
-    from fxopt.errors import UserError
 
     prompt = args.prompt_len or (min(CLI_PROMPT_LEN, max(1, limit // 2)) if limit else CLI_PROMPT_LEN)
     if limit and prompt >= limit:
@@ -662,7 +659,6 @@ def _cli_lengths(args: argparse.Namespace, spec: str, limit: int | None) -> tupl
 
 def _refuse_non_causal(spec: str, model) -> None:
     """UserError for a model (or model class) that says it is not a causal LM (`is_causal_lm = False`)."""
-    from fxopt.errors import UserError
 
     if getattr(model, "is_causal_lm", None) is False:
         raise UserError(f"{spec} is not a causal LM (its attention is bidirectional or encoder-decoder): it "
@@ -670,16 +666,12 @@ def _refuse_non_causal(spec: str, model) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from fxopt import zoo
-    from fxopt.errors import check_output
-    from fxopt.progress import note, progress, stage
 
     device = _cli_device(args.device)
     dtype_name = args.dtype or ("bf16" if device.startswith("cuda") else "fp32")
     dtype = DTYPES[dtype_name]
     if args.json:
         check_output(args.json, "--json")
-    from fxopt import models
 
     if args.model in models.PRESETS:  # a preset: check what its config says before building it
         _refuse_non_causal(args.model, models.MODEL_CLASSES[type(models.PRESETS[args.model])])
@@ -708,7 +700,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
     achieved = moved["total"] / (stats.ms_per_token * 1e-3)
     copy_bw = None
     if device.startswith("cuda"):
-        from fxopt.hardware import measure_copy_bandwidth
 
         with stage("measuring copy bandwidth"):
             copy_bw = measure_copy_bandwidth()
@@ -758,17 +749,6 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--json", default=None, metavar="PATH", help="write the figures to this file")
     parser.set_defaults(func=cmd_generate)
     return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m fxopt.generate MODEL ...`: the same as `fxopt generate MODEL ...`."""
-    from fxopt.cli import main as cli_main
-
-    return cli_main(["generate", *(argv if argv is not None else sys.argv[1:])])
-
-
-if __name__ == "__main__":
-    sys.exit(main())
 
 
 def _logits_of(out):

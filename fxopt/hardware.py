@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 import torch
+from triton.testing import do_bench
 
 TERA = 1e12
 GIGA = 1e9
@@ -88,7 +89,6 @@ def get_hardware(name: str | Hardware | None) -> Hardware:
 
 def measure_copy_bandwidth(nbytes: int = 1 << 30, device: str = "cuda") -> float:
     """Device-to-device copy bandwidth in bytes/s, counting bytes read plus bytes written."""
-    from triton.testing import do_bench
 
     src = torch.randn(nbytes // 4, device=device)
     dst = torch.empty_like(src)
@@ -98,7 +98,6 @@ def measure_copy_bandwidth(nbytes: int = 1 << 30, device: str = "cuda") -> float
 
 def measure_matmul_rate(n: int = 8192, dtype: torch.dtype = torch.bfloat16, device: str = "cuda") -> float:
     """Dense matmul rate in FLOP/s on random (never zero) operands."""
-    from triton.testing import do_bench
 
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)

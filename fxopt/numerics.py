@@ -13,6 +13,10 @@ import torch
 from torch import fx
 from torch.utils import _pytree as pytree
 
+from fxopt.codegen.loader import ops_use_kernels
+from fxopt.errors import GenerationError
+from fxopt.zoo import position_limit as limit
+
 ERROR_FACTOR = {torch.float16: 3.0, torch.bfloat16: 3.0}
 NAN_REFERENCE_RTOL = 1e-4
 FLOOR = {torch.float16: 1e-3, torch.bfloat16: 1e-2, torch.float32: 1e-6, torch.float64: 1e-12}
@@ -67,7 +71,6 @@ def _tensors(output) -> list[torch.Tensor]:
 PAST_THRESHOLD = 8
 def position_limit(model: torch.nn.Module) -> int | None:
     """Positions the model can embed (its position table), None when unbounded: fxopt.zoo's reading."""
-    from fxopt.zoo import position_limit as limit
 
     return limit(model)
 
@@ -119,7 +122,6 @@ def _comparable(output: torch.Tensor, kwargs: dict) -> torch.Tensor | None:
 
 
 def _kernels_statement(args: tuple, kwargs: dict) -> str:
-    from fxopt.codegen.loader import ops_use_kernels
 
     tensors = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
     if tensors and all(ops_use_kernels(t) for t in tensors):
@@ -187,7 +189,6 @@ def verify_generator(model: torch.nn.Module, gen, kwargs: dict) -> str:
         out = model(input_ids=x) if "input_ids" in kwargs else model(x)
         return getattr(out, "logits", out[0] if isinstance(out, (tuple, list)) else out)
 
-    from fxopt.generate import GenerationError
 
     try:
         error = gen.verify(full_forward, prompt, prefill_len=max(1, min(seq, prompt.shape[1] - 1)))

@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import inspect
 import time
+from collections import Counter
 from typing import Any
 
 import torch
+from torch.utils import _pytree as pytree
 
 from fxopt import numerics
-from fxopt.capture import capture
+from fxopt.capture import capture, pinned_message
+from fxopt.codegen import precompile
 from fxopt.cuda_graphs import GraphedForward
+from fxopt.generate import build_generator
 from fxopt.nodes import is_bookkeeping
+from fxopt.passes.cost import COST_KEY
 from fxopt.pipeline import Program, make_context, run_passes
 
 
@@ -46,7 +51,6 @@ class OptimizedModule(torch.nn.Module):
         wrong = [(name, axis, role, size) for name, axis, role, size in pinned
                  if isinstance(given.get(name), torch.Tensor) and given[name].shape[axis] != size]
         if wrong:
-            from fxopt.capture import pinned_message
 
             got = ", ".join(f"`{n}` dim {a} is {given[n].shape[a]}" for n, a, _, _ in wrong)
             raise ValueError(f"{got}, but " + pinned_message(wrong, "was captured static"))
@@ -79,9 +83,7 @@ STAYED_REASON = {
 
 def stayed_pytorch(gm: torch.fx.GraphModule) -> list[str]:
     """The ops left as PyTorch calls in the optimized graph, by op and count, with why (views are free)."""
-    from collections import Counter
 
-    from fxopt.passes.cost import COST_KEY
 
     counts: Counter = Counter()
     for node in gm.graph.nodes:
@@ -116,7 +118,6 @@ def split_inputs(model: torch.nn.Module, example_inputs) -> tuple[tuple, dict[st
 
 
 def _on_cuda(args: tuple, kwargs: dict) -> bool:
-    from torch.utils import _pytree as pytree
 
     tensors = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
     return bool(tensors) and all(t.is_cuda for t in tensors)
@@ -125,9 +126,7 @@ def _on_cuda(args: tuple, kwargs: dict) -> bool:
 def _precompile(optimized: OptimizedModule, args: tuple, kwargs: dict) -> bool:
     """Compile all of the program's Triton kernels at once (a dry call, see codegen/precompile.py) so the
     first real call does not compile them one by one. Only on CUDA inputs and without autotuning."""
-    from torch.utils import _pytree as pytree
 
-    from fxopt.codegen import precompile
 
     tensors = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
     if not tensors or not all(t.is_cuda for t in tensors) or precompile.autotuning() or not precompile.available():
@@ -186,11 +185,12 @@ def optimize(
     cuda_graphs (default: on when the example's tensors are on a GPU): the forward is captured in a CUDA graph
     per input-shape bucket and replayed (fxopt/cuda_graphs.py: outputs are copies, at most MAX_GRAPHS
     buckets, autograd calls run uncaptured); the generator has its own decode graphs.
+    Further options: rope=False keeps RoPE as PyTorch ops; epilogues=False keeps a linear's bias + GELU(tanh)
+    out of its GEMM (default: as `matmul`).
     """
     _check_options(options, kv_cache)
     args, kwargs = split_inputs(model, example_inputs)
     if kv_cache:
-        from fxopt.generate import build_generator
 
         ids = numerics.token_ids(kwargs)
         max_batch = max_batch or (int(ids.shape[0]) if ids is not None else 1)
@@ -212,8 +212,8 @@ def optimize(
     captured = capture(model, kwargs, dynamic_dims, args=args, source_lines=False)  # errors here name nodes
     capture_seconds = time.perf_counter() - start
     ctx = make_context(
-        captured, hw, None, {"fuse": fuse, "rope": fuse, "attention": attention, "matmul": matmul, "dump_dir": dump_dir,
-         **options}
+        captured, hw, None, {"fuse": fuse, "rope": fuse, "attention": attention, "matmul": matmul,
+                             "epilogues": matmul, "dump_dir": dump_dir, **options}
     )
     if cuda_graphs is None:
         cuda_graphs = _on_cuda(args, kwargs)

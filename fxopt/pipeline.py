@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from fxopt.capture import Captured, capture
+from fxopt.capture import Captured, capture, role_symbol
 from fxopt.hardware import Hardware, get_hardware
 from fxopt.passes import attention, cost, fusion, kv_cache, matmul, rope
 from fxopt.passes.infra import PassContext, PassResult
@@ -51,8 +51,7 @@ FORWARD: tuple[Step, ...] = (
     Step("cost", cost.run),  # FLOPs and bytes per node, symbolic in b, s -> meta["fxopt.cost"]
     Step("attention", attention.run, "attention"),  # attention subgraphs -> one fxopt::attention call each
     Step("matmul", matmul.run, "matmul"),  # sibling linears -> one over concatenated weights; unaligned N padded
-    Step("epilogues", matmul.run_epilogues, "epilogues"),  # bias + GELU(tanh) folded into the GEMM (cuBLASLt);
-    # opt-in (optimize(..., epilogues=True)) until its speed is measured on a GPU
+    Step("epilogues", matmul.run_epilogues, "epilogues"),  # bias + GELU(tanh) folded into the GEMM (cuBLASLt)
     Step("rope", rope.run, "rope"),  # x*cos + rotate_half(x)*sin -> one fxopt::rope kernel (rotate_half won't fuse)
     Step("fusion", fusion.run, "fuse", needs=("cost",)),  # memory-bound regions -> one generated Triton kernel each
     Step("recost", cost.run),  # costs of what the rewrites made (fused calls keep theirs)
@@ -110,7 +109,6 @@ def make_context(
     options: dict[str, Any] | None = None,
 ) -> PassContext:
     """Context whose formulas evaluate at `sizes` (role -> size; the example's sizes by default)."""
-    from fxopt.capture import role_symbol
 
     values = dict(captured.sizes)
     values.update(sizes or {})

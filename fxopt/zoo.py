@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from fxopt import models
-from fxopt.errors import UserError
+from fxopt.errors import UserError, require_positive
 
 #: Config fields that bound the sequence length (a learned position table, a RoPE/sinusoid table, a mask).
 POSITION_FIELDS = ("max_positions", "max_seq_len", "n_positions", "max_position_embeddings", "n_ctx",
@@ -65,7 +65,6 @@ def spec_position_limit(spec: str) -> int | None:
 def check_sizes(model: torch.nn.Module | Any, spec: str, *, batch: int | None = None, seq: int | None = None,
                 seq_flag: str = "--seq") -> None:
     """UserError for a batch/seq <= 0, or a seq past the model's position table (before any capture)."""
-    from fxopt.errors import require_positive
 
     require_positive("--batch", batch)
     require_positive(seq_flag, seq)

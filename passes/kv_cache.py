@@ -43,6 +43,7 @@ import torch
 from torch import fx
 
 import fxopt.codegen.attention_op  # noqa: F401  (registers torch.ops.fxopt.*)
+from fxopt.errors import KVCacheError  # noqa: F401  (raised here, defined with the other refusals)
 from fxopt.nodes import meta_val as _val
 from fxopt.nodes import op_name as _op_name
 from fxopt.passes import masks
@@ -54,10 +55,6 @@ CACHED_ATTENTION = torch.ops.fxopt.cached_attention.default
 CACHE_WRITE = torch.ops.fxopt.cache_write.default
 SDPA = aten.scaled_dot_product_attention.default
 INT_MAX = 2**63 - 1
-
-
-class KVCacheError(ValueError):
-    """The model cannot take a KV cache; the message names the node that shows why."""
 
 
 def _refuse(node: fx.Node, why: str, hint: str = "") -> KVCacheError:

@@ -23,17 +23,32 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import time
 
 import torch
+import torch.nn.functional as F
+import triton
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from triton.testing import do_bench, do_bench_cudagraph
 
 from fxopt import config
+from fxopt.codegen import flash_decoding as fd
+from fxopt.codegen import pdl
+from fxopt.codegen.flash_attention import attention_flops, flash_attention
+from fxopt.codegen.flash_decoding import (
+    DEFAULT_SM_COUNT,
+    _device_sm_count,
+    choose_num_splits,
+    decode_attention,
+    decode_hbm_bytes,
+)
+from fxopt.hardware import measure_copy_bandwidth
 
 GIB = 1 << 30
 
 
 def _do_bench(fn, quick: bool) -> float:
     """Median milliseconds of fn() after one untimed warm-up call."""
-    from triton.testing import do_bench
 
     fn()
     torch.cuda.synchronize()
@@ -43,7 +58,6 @@ def _do_bench(fn, quick: bool) -> float:
 def _do_bench_graph(fn) -> float | None:
     """Median milliseconds of fn() replayed from a CUDA graph (no launch overhead), or None."""
     try:
-        from triton.testing import do_bench_cudagraph
 
         fn()
         torch.cuda.synchronize()
@@ -55,7 +69,6 @@ def _do_bench_graph(fn) -> float | None:
 
 def _host_us(fn, n: int = 200) -> float:
     """Microseconds of host time per call of fn (launch overhead: no synchronisation inside the loop)."""
-    import time
 
     fn()
     torch.cuda.synchronize()
@@ -68,7 +81,6 @@ def _host_us(fn, n: int = 200) -> float:
 
 
 def _sdpa_backends():
-    from torch.nn.attention import SDPBackend
 
     return {
         "sdpa-flash": SDPBackend.FLASH_ATTENTION,
@@ -84,8 +96,6 @@ def _time_sdpa(backend, q, k, v, *, causal, quick, gqa=False, graph=False, attn_
     GQA (fewer KV heads) uses enable_gqa=True when this torch and backend take it; otherwise K/V are
     repeated to the query heads outside the timed region (the note says so). attn_mask: passed through
     (a boolean mask: True = attend)."""
-    import torch.nn.functional as F
-    from torch.nn.attention import sdpa_kernel
 
     note = ""
     kwargs = {"is_causal": causal}
@@ -131,7 +141,6 @@ def _fmt(x):
 
 
 def bench_prefill(results, copy_bw, quick):
-    from fxopt.codegen.flash_attention import attention_flops, flash_attention
 
     b, h, n, d = (1, 8, 1024, 128) if quick else (4, 32, 4096, 128)
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -160,8 +169,6 @@ def bench_prefill(results, copy_bw, quick):
 def _without_pdl(fn):
     """fn() with flash_decoding's merge kernel launched after the split kernel ends, not early (programmatic
     dependent launch off; fresh launch plans), then the default restored."""
-    from fxopt.codegen import flash_decoding as fd
-    from fxopt.codegen import pdl
 
     saved, pdl.ENABLED = pdl.ENABLED, False
     fd._PLANS.clear()
@@ -173,13 +180,6 @@ def _without_pdl(fn):
 
 
 def bench_decode(results, copy_bw, quick, *, hq, hkv, n, label, sweep=False):
-    from fxopt.codegen.flash_decoding import (
-        DEFAULT_SM_COUNT,
-        _device_sm_count,
-        choose_num_splits,
-        decode_attention,
-        decode_hbm_bytes,
-    )
 
     d = 128
     gen = torch.Generator(device="cuda").manual_seed(1)
@@ -281,8 +281,6 @@ def _window_sdpa_rows(results, label, q, k, v, mask, ms, work, quick, *, unit_na
 
 def bench_window(results, copy_bw, quick):
     """Sliding window (HF Mistral's: query p sees keys p - window < j <= p) in both kernels."""
-    from fxopt.codegen.flash_attention import attention_flops, flash_attention
-    from fxopt.codegen.flash_decoding import decode_attention, decode_hbm_bytes
 
     b, hq, hkv, d = 1, 32, 8, 128
     n, w = (4096, 1024) if quick else (16384, 4096)
@@ -345,7 +343,6 @@ def bench_window(results, copy_bw, quick):
 
 
 def bench_memory(results, quick):
-    from fxopt.codegen.flash_attention import flash_attention
 
     b, h, d = 1, 32, 128
     sizes = (1024, 2048) if quick else (4096, 8192, 16384, 32768)
@@ -379,9 +376,7 @@ def run(out_json=None, *, quick=False, sections=SECTIONS) -> list[dict]:
     """Run the sections (default all) on the present GPU; print a table; write the rows to out_json."""
     if not torch.cuda.is_available():
         raise SystemExit("bench_attention needs a CUDA GPU")
-    import triton
 
-    from fxopt.hardware import measure_copy_bandwidth
 
     results: list[dict] = []
     device = torch.cuda.get_device_name()

@@ -40,11 +40,13 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from fxopt import models, zoo
+from fxopt import cli_args, models, progress, zoo
 from fxopt.cli_args import nonnegative_int, positive_int
-from fxopt.errors import UserError
+from fxopt.errors import UserError, check_output, require_cuda
 from fxopt.generate import Generator, build_generator
+from fxopt.hardware import measure_copy_bandwidth
 from fxopt.progress import stage
+from fxopt.zoo import _parse_value
 
 ROWS = ("eager-recompute", "hf-eager-cache", "hf-static-compile", "fxopt", "fxopt-unfused")
 REFERENCE_ROW = "hf-static-compile"
@@ -227,7 +229,6 @@ def run(model_name: str = "llama-1b-like", *, dtype: str = "bf16", configs=DEFAU
                                           hf_peer=any(r.startswith("hf-") for r in rows))
     copy_bw = None
     if device == "cuda":
-        from fxopt.hardware import measure_copy_bandwidth
 
         copy_bw = measure_copy_bandwidth()
 
@@ -340,25 +341,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from fxopt import cli
-    from fxopt.errors import check_output, require_cuda
 
-    class Formatter(argparse.RawDescriptionHelpFormatter, cli.HelpFormatter):
+    class Formatter(argparse.RawDescriptionHelpFormatter, cli_args.HelpFormatter):
         pass
 
-    parser = cli.Parser(prog="python -m fxopt.bench.decode", description=__doc__, formatter_class=Formatter)
+    parser = cli_args.Parser(prog="python -m fxopt.bench.decode", description=__doc__, formatter_class=Formatter)
     parser.add_argument("model", nargs="?", default="llama-1b-like",
                         help="a causal LM: a models/ preset, package.module:factory or hf:MODEL_TYPE / hf:NAME")
     parser.add_argument("--override", action="append", default=[], help="config field=value (e.g. n_layers=2)")
     add_arguments(parser)
-    cli.add_common_flags(parser, top=True)
+    cli_args.add_common_flags(parser, top=True)
     argv = list(sys.argv[1:] if argv is None else argv)
 
     def go() -> int:
-        from fxopt.zoo import _parse_value
 
         args = parser.parse_args(argv)
-        cli.progress.configure(enabled=not args.quiet)
+        progress.configure(enabled=not args.quiet)
         bad = [o for o in args.override if "=" not in o]
         if bad:
             raise UserError(f"bad --override {bad[0]!r}", "write field=value, e.g. --override n_layers=2")
@@ -382,9 +380,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     try:
-        return cli.guarded(go, debug="--debug" in argv)
+        return cli_args.guarded(go, debug="--debug" in argv)
     finally:
-        cli.progress.configure(enabled=None)
+        progress.configure(enabled=None)
 
 
 if __name__ == "__main__":

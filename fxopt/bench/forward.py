@@ -17,16 +17,26 @@ from functools import partial
 from typing import Any
 
 import torch
+import triton
 from torch import fx
+from torch.profiler import ProfilerActivity, profile
+from torch.utils import _pytree as pytree
+from torch.utils.benchmark import Timer
+from triton.testing import do_bench
 
 from fxopt import models, zoo
+from fxopt.bench import attention as bench_attention
+from fxopt.bench import decode as bench_decode
+from fxopt.bench import fused as bench_fused
+from fxopt.bench.fused import interleaved_runs
 from fxopt.bench.timeline import Timeline, format_timelines, launch_timeline
 from fxopt.cli_args import DTYPES, HW_HELP, MODEL_HELP, positive_int, resolve_hw
+from fxopt.errors import UserError, check_output, require_cuda
 from fxopt.hardware import get_hardware, measure_copy_bandwidth
 from fxopt.optimize import optimize
 from fxopt.passes.cost import COST_KEY
 from fxopt.passes.fusion import FusedRegionModule
-from fxopt.progress import progress, stage
+from fxopt.progress import note, progress, stage
 
 GPU_ONLY = "n/a (GPU only)"
 
@@ -56,10 +66,8 @@ class BenchResult:
 def time_ms(fn, device: torch.device, min_run_time: float = 0.5) -> float:
     """Median milliseconds of fn(): do_bench on CUDA, torch.utils.benchmark on CPU (for min_run_time s)."""
     if device.type == "cuda":
-        from triton.testing import do_bench
 
         return do_bench(fn, warmup=50, rep=300, return_mode="median")
-    from torch.utils.benchmark import Timer
 
     return Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time).median * 1e3
 
@@ -77,9 +85,7 @@ def time_interleaved(fns: dict[str, Any], device: torch.device, rounds: int = 5,
             with stage(f"timing {name} forward"):
                 timed[name] = time_ms(fn, device, min_run_time)
         return timed
-    from triton.testing import do_bench
 
-    from fxopt.bench.fused import interleaved_runs
 
     with stage(f"timing {', '.join(fns)} ({rounds} interleaved rounds)"):
         for fn in fns.values():  # warm-up outside the rounds
@@ -104,7 +110,6 @@ class _RegionInputs(fx.Interpreter):
 def bench_regions(optimized, args, kwargs, device, copy_bw, hw, compile_regions: bool,
                   min_run_time: float = 0.5) -> list[dict[str, Any]]:
     """Each fused region alone: its kernel vs its ops run eagerly vs torch.compile of the same ops."""
-    from torch.utils import _pytree as pytree
 
     recorder = _RegionInputs(optimized.gm)
     with torch.no_grad():
@@ -138,7 +143,6 @@ def bench_regions(optimized, args, kwargs, device, copy_bw, hw, compile_regions:
 
 def top_kernels(fn, n: int = 12) -> str:
     """The n GPU kernels taking the most time in one call of fn (torch.profiler), as a text table."""
-    from torch.profiler import ProfilerActivity, profile
 
     fn()
     torch.cuda.synchronize()
@@ -167,7 +171,7 @@ def bench_model(spec: str, *, batch: int = 8, seq: int | None = None, dtype=torc
 
     seq None: default_seq, or the model's position limit if smaller. A batch or seq the model cannot take is a
     UserError before anything is captured. min_run_time: seconds each CPU timing runs for.
-    epilogues: also time fxopt with GEMM epilogues folded (optimize(..., epilogues=True)).
+    epilogues: also time fxopt without GEMM epilogues (optimize(..., epilogues=False)), the fold's gain.
     max_autotune: also time torch.compile(mode="max-autotune") (its first call takes minutes)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if attn_impl is not None:
@@ -205,12 +209,12 @@ def bench_model(spec: str, *, batch: int = 8, seq: int | None = None, dtype=torc
             plain = {**optimized.fixed_kwargs, **inputs}
             variants["fxopt_no_graphs"] = lambda: optimized.gm(**plain)
         if epilogues:
-            with stage("optimizing again with GEMM epilogues folded"):
-                folded = optimize(model, inputs, hw=hardware, attention=attention, cuda_graphs=cuda_graphs,
-                                  epilogues=True)
-                folded(**inputs)
-            whole["epilogues_max_abs_diff"] = _max_abs_diff(folded(**inputs), fxopt_call())
-            variants["fxopt_epilogues"] = lambda: folded(**inputs)
+            with stage("optimizing again without GEMM epilogues"):
+                unfolded = optimize(model, inputs, hw=hardware, attention=attention, cuda_graphs=cuda_graphs,
+                                    epilogues=False)
+                unfolded(**inputs)
+            whole["epilogues_max_abs_diff"] = _max_abs_diff(unfolded(**inputs), fxopt_call())
+            variants["fxopt_no_epilogues"] = lambda: unfolded(**inputs)
         if compile:
             start = time.perf_counter()
             with stage("torch.compile first call"):
@@ -286,7 +290,6 @@ def _warm_process(model, inputs, device) -> None:
     first of fxopt or torch.compile to run would otherwise pay alone."""
     model(**inputs)
     if device.type == "cuda":
-        import triton
 
         triton.runtime.driver.active.utils  # noqa: B018 (builds/loads Triton's CUDA helper module)
     _sync(device)
@@ -351,8 +354,8 @@ def add_cli(subparsers) -> None:
     parser.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
                         help="fxopt's forward replayed from a CUDA graph per input shape (default: on a GPU); "
                              "with graphs on, the same program without them is timed too")
-    parser.add_argument("--epilogues", action="store_true",
-                        help="also time fxopt with bias+GELU folded into the GEMM (optimize(..., epilogues=True))")
+    parser.add_argument("--compare-epilogues", dest="epilogues", action="store_true",
+                        help="also time fxopt without bias+GELU folded into the GEMM (optimize(..., epilogues=False))")
     parser.add_argument("--max-autotune", action="store_true",
                         help="also time torch.compile(mode='max-autotune'), whose first call takes minutes")
     parser.add_argument("--layers", type=positive_int, default=None,
@@ -372,21 +375,16 @@ def add_cli(subparsers) -> None:
 
 
 def _cmd_bench(args) -> int:
-    from fxopt.errors import UserError, check_output, require_cuda
-    from fxopt.progress import note
 
     if args.json:
         check_output(args.json, "--json")
     if args.suite:
         require_cuda(f"bench --suite {args.suite}", "run the kernel suites on a machine with an NVIDIA GPU")
-        from fxopt.bench import attention as bench_attention
-        from fxopt.bench import fused as bench_fused
 
         {"fused": bench_fused, "attention": bench_attention}[args.suite].run(args.json)
         return 0
     if args.decode:
         require_cuda("bench --decode", "on CPU time one model with 'fxopt generate MODEL'")
-        from fxopt.bench import decode as bench_decode
 
         model = args.model or "llama-1b-like"
         try:

@@ -28,8 +28,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from triton.testing import do_bench
 
+from fxopt import cli_args, progress
 from fxopt.codegen.fused import compile_region, region_from_fn
+from fxopt.errors import check_output, require_cuda
 from fxopt.hardware import measure_copy_bandwidth
 from fxopt.progress import stage
 
@@ -115,7 +118,6 @@ def _bytes(inputs, outputs) -> int:
 
 
 def _time(fn, args) -> float:
-    from triton.testing import do_bench
 
     for _ in range(3):
         fn(*args)
@@ -261,17 +263,15 @@ def _print_table(meta: dict, results: list[dict]) -> None:
 
 
 def main(argv=None) -> int:
-    from fxopt import cli
-    from fxopt.errors import check_output, require_cuda
 
-    parser = cli.Parser(prog="python -m fxopt.bench.fused", description=__doc__.splitlines()[0])
+    parser = cli_args.Parser(prog="python -m fxopt.bench.fused", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="bench_fused.json", metavar="PATH", help="where to write the JSON results")
-    cli.add_common_flags(parser, top=True)
+    cli_args.add_common_flags(parser, top=True)
     argv = list(sys.argv[1:] if argv is None else argv)
 
     def go() -> int:
         args = parser.parse_args(argv)
-        cli.progress.configure(enabled=not args.quiet)
+        progress.configure(enabled=not args.quiet)
         require_cuda("bench_fused", "run it on a machine with an NVIDIA GPU")
         if args.out:
             check_output(args.out, "--out")
@@ -279,9 +279,9 @@ def main(argv=None) -> int:
         return 0
 
     try:
-        return cli.guarded(go, debug="--debug" in argv)
+        return cli_args.guarded(go, debug="--debug" in argv)
     finally:
-        cli.progress.configure(enabled=None)
+        progress.configure(enabled=None)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,13 @@ import sys
 import time
 
 import torch
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
+
+from fxopt import models
+from fxopt.generate import batch_buckets, build_generator
+from fxopt.hardware import measure_copy_bandwidth
+from fxopt.zoo import _parse_value
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 MATMUL_OPS = (torch.ops.aten.linear.default, torch.ops.aten.mm.default, torch.ops.aten.addmm.default,
@@ -58,10 +65,7 @@ def _program_census(program: torch.fx.GraphModule) -> dict[str, int]:
 
 def profile_variant(model, *, batch: int, prompt: int, new: int, matmul: bool, replays: int, steps: int, top: int,
                     repeat: int, copy_bw: float | None) -> dict:
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
 
-    from fxopt.generate import batch_buckets, build_generator
 
     label = "matmul pass on" if matmul else "matmul pass off"
     print(f"\n=== {label} ===", flush=True)
@@ -163,9 +167,6 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         parser.error("profile_decode profiles a CUDA GPU")
 
-    from fxopt import models
-    from fxopt.hardware import measure_copy_bandwidth
-    from fxopt.zoo import _parse_value
 
     overrides = dict((k, _parse_value(v)) for k, v in (o.split("=", 1) for o in args.override))
     cfg = models.get_config(args.model, **overrides)

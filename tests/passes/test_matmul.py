@@ -101,7 +101,7 @@ def test_gpt2_lm_head_padded_embedding_keeps_original(gpt2):
     cfg = gpt2.config
     before = snapshot(gpt2)
     kwargs = gpt2.example_inputs(2, 8)
-    optimized = optimize(gpt2, kwargs)
+    optimized = optimize(gpt2, kwargs, epilogues=False)  # every linear stays aten.linear (c_fc: no GELU fold)
     result = optimized.program.results["matmul"]
     assert result.counts["pad_n"] == 1 and result.counts["fuse_siblings"] == 0
     gm = optimized.gm
