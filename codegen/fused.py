@@ -4,7 +4,9 @@ A region is a `torch.fx.GraphModule` cut out of a captured model by the fusion p
 placeholders are the region's external inputs (tensors broadcastable to one iteration
 space, or Python scalars), `call_function` nodes are ATen ops from the tables in
 `fxopt.codegen.ops`, and the output node returns a tuple. `generate_source` turns it into
-one Python module holding Triton kernels and a launcher `launch(*inputs)`;
+one Python module holding Triton kernels and a launcher `launch(*inputs)` (what every such
+module shares — config choice, launch plans, bf16 rounding — it imports from
+`fxopt.codegen.fused_runtime`);
 `compile_region` writes that module to the dump dir, loads it and wraps it in a
 `FusedKernel` that dispatches CUDA tensors to Triton, CPU tensors under TRITON_INTERPRET=1
 to the Triton interpreter, and other CPU tensors to the region itself (the reference).
@@ -164,6 +166,8 @@ _RESERVED = set(keyword.kwlist) | set(dir(builtins)) | {
     "lead_sizes", "lead_strides", "col_strides", "WHOLE_ROW_MAX_N", "POINTWISE_CONFIGS", "ROW_CONFIGS",
     "LOOP_CONFIGS", "ValueError", "inspect", "TILE_CONFIGS", "ROWS_T", "BLOCK_C", "size0_bucket", "pid_c",
     "pid_r", "AUTOTUNE", "ROW_BYTES_PER_COLUMN", "TILE_BYTES", "ELEMENT_BYTES",
+    # names the preamble imports or binds (the runtime module and what is taken from it)
+    "rt", "functools", "_config", "_round_bf16", "prune_pointwise", "prune_rows",
 }
 _DERIVED = ("_ptr", "_row", "_off", "_acc", "_stride_n")
 
@@ -709,218 +713,50 @@ def _indent(lines: list[str], n: int = 1) -> list[str]:
     return [pad + s if s else s for s in lines]
 
 
-_PREAMBLE = '''
-import inspect
-import math
-import os
+# The generated module's imports and mode: every shared helper comes from fxopt.codegen.fused_runtime (as rt),
+# given the mode and knobs this module reads when it is imported (the loader keys modules by them).
+_PREAMBLE = """
+import functools
 
 import torch
 import triton
 import triton.language as tl
 
 from fxopt import config as _config
-from fxopt.codegen.tuning import autotune_options as _autotune_options
+from fxopt.codegen import fused_runtime as rt
 
 INTERPRET = _config.get("interpret")
 # Timing every config is opt-in (FXOPT_AUTOTUNE=1 or FXOPT_FUSED_AUTOTUNE=1); by default the first
 # (pruned) config runs, so the first call of an optimized model costs compiles, not a tuning sweep.
 AUTOTUNE = _config.get("fused_autotune")
+autotune = functools.partial(rt.autotune, interpret=INTERPRET, tune=AUTOTUNE)
+# applied before every fp32 -> bf16 cast: rounds to nearest even in the interpreter (which truncates)
+_round_bf16 = rt.round_bf16_for(INTERPRET)
+"""
 
 
-class _FixedConfig:
-    """One config instead of autotuning: the first that `prune` keeps, chosen once per value of the autotune key
-    (triton.autotune, too, prunes once per key), so a repeated launch costs a lookup, not a prune."""
-
-    def __init__(self, fn, configs, prune, key=()):
-        self.fn, self.configs, self.prune = fn, configs, prune
-        self.key_at = [(fn.arg_names.index(name), name) for name in key]
-        self.chosen = {}
-
-    def config(self, args, kwargs):
-        key = tuple(args[i] if i < len(args) else kwargs[name] for i, name in self.key_at)
-        config = self.chosen.get(key)
-        if config is None:
-            configs = self.configs
-            if self.prune is not None:
-                configs = self.prune(configs, dict(zip(self.fn.arg_names, args)), **kwargs)
-            config = self.chosen[key] = configs[0]
-        return config
-
-    def __getitem__(self, grid):
-        def run(*args, **kwargs):
-            config = self.config(args, kwargs)
-            return self.fn[grid](*args, **kwargs, **config.kwargs, num_warps=config.num_warps)
-
-        return run
+def _pointwise_globals(element_bytes: int) -> str:
+    """A pointwise module's constants: its configs and the pruner that orders them by its element size."""
+    return (
+        "# bytes of an element of the widest input or output\n"
+        f"ELEMENT_BYTES = {element_bytes}\n"
+        "POINTWISE_CONFIGS = rt.pointwise_configs(INTERPRET)\n"
+        "TILE_CONFIGS = rt.tile_configs(INTERPRET)\n"
+        "prune_pointwise = rt.pointwise_pruner(ELEMENT_BYTES)"
+    )
 
 
-def autotune(configs, key, prune=None):
-    if INTERPRET:  # nothing to time: the (single) interpreter config
-        return lambda fn: _FixedConfig(fn, configs[:1], None)
-    if not AUTOTUNE:
-        return lambda fn: _FixedConfig(fn, configs, prune, key)
-    return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": prune} if prune else None,
-                           **_autotune_options())
-
-
-def _collapse(shape, strides, max_dims):
-    """Drop size-1 dims and merge neighbours every tensor walks contiguously.
-
-    Returns (ndim, sizes, per-tensor strides), innermost dim first, padded to max_dims.
-    """
-    dims = []
-    for i, size in enumerate(shape):
-        if size == 1:
-            continue
-        st = [s[i] for s in strides]
-        if dims and all(p == q * size for p, q in zip(dims[-1][1], st)):
-            dims[-1] = (dims[-1][0] * size, st)
-        else:
-            dims.append((size, st))
-    dims = dims[::-1] or [(1, [0] * len(strides))]
-    pad = max_dims - len(dims)
-    sizes = [d[0] for d in dims] + [1] * pad
-    per_tensor = [[d[1][i] for d in dims] + [0] * pad for i in range(len(strides))]
-    return len(dims), sizes, per_tensor
-
-
-def _needs_int64(numel, tensors):
-    """int64 offsets when an element index or any input offset can pass 2**31."""
-    reach = max([numel] + [sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride())) for t in tensors])
-    return reach + (1 << 24) >= 2**31
-
-
-if INTERPRET:
-
-    @triton.jit
-    def _round_bf16(x):
-        # The interpreter truncates fp32 -> bf16 where GPUs round to nearest even: round here so
-        # CPU tests see GPU numerics (then the cast is exact).
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        return tl.where(x != x, x, bits.to(tl.float32, bitcast=True))
-
-else:
-
-    @triton.jit
-    def _round_bf16(x):
-        return x
-
-
-_PLANS = {}
-
-
-def _plan(make, tensors, max_dims):
-    """Launch parameters per input layout (shapes and strides), cached."""
-    key = (make.__name__, max_dims) + tuple((t.shape, t.stride()) for t in tensors)
-    plan = _PLANS.get(key)
-    if plan is None:
-        if len(_PLANS) > 4096:
-            _PLANS.clear()
-        plan = _PLANS[key] = make(tensors, max_dims)
-    return plan
-'''
-
-_POINTWISE_PLAN = '''
-
-def _pointwise_plan(tensors, max_dims):
-    shape = torch.broadcast_shapes(*(t.shape for t in tensors))
-    numel = math.prod(shape)
-    scalar = [t.numel() == 1 for t in tensors]
-    contiguous = all(s or (t.shape == shape and t.is_contiguous()) for t, s in zip(tensors, scalar))
-    expanded = [t.expand(shape) for t in tensors]
-    ndim, sizes, strides = _collapse(shape, [e.stride() for e in expanded], max_dims)
-    bucket = triton.next_power_of_2(max(numel, 1))
-    return shape, numel, bucket, contiguous, scalar, ndim, sizes, strides, _needs_int64(numel, expanded)
-
-
-def _prune_pointwise_configs(configs, named_args, **kwargs):
-    """All configs, the one whose threads each load ~32 bytes of the widest tensor first (the default
-    without autotuning)."""
-    def bytes_per_thread(c):
-        return c.kwargs["BLOCK"] * ELEMENT_BYTES / (32 * c.num_warps)
-
-    return sorted(configs, key=lambda c: abs(math.log2(bytes_per_thread(c) / 32)))
-
-
-def _prune_tile_configs(configs, named_args, **kwargs):
-    """2-D tiles of ROWS_T x BLOCK_C: BLOCK_C = the inner dim's power-of-2 bucket up to 2048; the rows
-    fill 2048-element tiles on 4 warps or 4096 on 8 (8 or 16 elements per thread)."""
-    c_bucket = named_args.get("size0_bucket", kwargs.get("size0_bucket"))
-    if c_bucket is None:
-        return configs
-    block_c = max(16, min(c_bucket, 2048))
-    keep = [c for c in configs if c.kwargs["BLOCK_C"] == block_c]
-    return keep or configs[:1]
-
-
-if INTERPRET:
-    POINTWISE_CONFIGS = [triton.Config({"BLOCK": 256}, num_warps=4)]
-    TILE_CONFIGS = [triton.Config({"ROWS_T": 4, "BLOCK_C": 16}, num_warps=4)]
-else:
-    # the first _prune_pointwise_configs puts first is the default when not autotuning. Measured (H200,
-    # 2026-11-21): SwiGLU 8192 x 4096 bf16 runs 2048 x 4 warps 1 % faster than 2048 x 8; chain E in fp32
-    # runs 2048 x 8 1 % faster than 2048 x 4: 32 bytes per thread either way.
-    POINTWISE_CONFIGS = [triton.Config({"BLOCK": b}, num_warps=w) for b in (2048, 1024, 4096) for w in (8, 4)]
-    # (measured on an H200, 8192 x 4096 bf16 with a broadcast row: 2048-element tiles on 4 warps first)
-    TILE_CONFIGS = [
-        triton.Config({"ROWS_T": max(1, tile // c), "BLOCK_C": c}, num_warps=w)
-        for c in (16, 32, 64, 128, 256, 512, 1024, 2048) for tile, w in ((2048, 4), (4096, 8))
-    ]
-'''
-
-_ROW_PLAN = '''
-
-def _row_plan(tensors, max_lead):
-    shape = torch.broadcast_shapes(*(t.shape for t in tensors))
-    n_cols, lead = shape[-1], shape[:-1]
-    n_rows = math.prod(lead)
-    expanded = [t.expand(shape) for t in tensors]
-    lead_dims, lead_sizes, lead_strides = _collapse(lead, [e.stride()[:-1] for e in expanded], max_lead)
-    col_strides = [e.stride(-1) for e in expanded]
-    index_64 = _needs_int64(n_rows * n_cols, expanded)
-    return shape, n_rows, n_cols, lead_dims, lead_sizes, lead_strides, col_strides, index_64
-
-
-def _prune_row_configs(configs, named_args, **kwargs):
-    """Whole-row tiles of ROWS x BLOCK_N: 2-8K elements (or one long row), 8-32 per thread. The first kept
-    (the default without autotuning) moves about TILE_BYTES per program: ROWS from ROW_BYTES_PER_COLUMN."""
-    block_n = named_args.get("n_bucket", kwargs.get("n_bucket"))
-    if block_n is None:
-        return configs
-    keep = []
-    for c in configs:
-        rows = c.kwargs["ROWS"]
-        tile = rows * block_n
-        per_thread = tile // (32 * c.num_warps)
-        fits = tile in (2048, 4096, 8192) or (rows == 1 and block_n > 8192) or (rows == 64 and tile < 2048)
-        # big tiles on 16 warps measured slower (H200, 4096-wide rows): at least 16 elements per thread there
-        if fits and (16 if tile >= 4096 else 8) <= per_thread <= 32:
-            keep.append(c)
-    if not keep:
-        return [triton.Config({"ROWS": 1}, num_warps=8)]
-    target_rows = max(1, TILE_BYTES // (block_n * ROW_BYTES_PER_COLUMN))
-    return sorted(keep, key=lambda c: abs(math.log2(c.kwargs["ROWS"] / target_rows)))  # stable: order kept
-
-
-# Default tile: ~32 KB moved per program. Measured (H200, 8192 x 4096 bf16, 2026-11-21): LayerNorm (4 bytes
-# a column) 3 % faster on 2 rows than 1; RMSNorm + residual (8 bytes a column) 2 % faster on 1 row than 2.
-TILE_BYTES = 32 * 1024
-
-
-if INTERPRET:
-    ROW_CONFIGS = [triton.Config({"ROWS": 2}, num_warps=4)]
-    LOOP_CONFIGS = [triton.Config({"ROWS": 1, "BLOCK_N": 128}, num_warps=4)]
-else:
-    # the first kept by _prune_row_configs (LOOP_CONFIGS[0]) is the default when not autotuning
-    ROW_CONFIGS = [
-        triton.Config({"ROWS": r}, num_warps=w) for r in (1, 2, 4, 8, 16, 32, 64) for w in (8, 4, 16, 2, 1)
-    ]
-    LOOP_CONFIGS = [
-        triton.Config({"ROWS": 1, "BLOCK_N": b}, num_warps=w)
-        for b, w in ((2048, 8), (1024, 4), (2048, 4), (4096, 8), (4096, 16))
-    ]
-'''
+def _row_globals(row_bytes_per_column: int) -> str:
+    """A row-reduction module's constants: the whole-row limit, its configs and its row pruner."""
+    return (
+        "# rows longer than this are reduced in a loop over column blocks\n"
+        f"WHOLE_ROW_MAX_N = {WHOLE_ROW_MAX_N}\n"
+        "# bytes each column of a row reads and writes (inputs that vary by row, outputs)\n"
+        f"ROW_BYTES_PER_COLUMN = {row_bytes_per_column}\n"
+        "ROW_CONFIGS = rt.row_configs(INTERPRET)\n"
+        "LOOP_CONFIGS = rt.loop_configs(INTERPRET)\n"
+        "prune_rows = rt.row_pruner(ROW_BYTES_PER_COLUMN)"
+    )
 
 
 class _Emitter:
@@ -989,7 +825,7 @@ class _Emitter:
         body = head + self._value_lines(needed, load_contig) + stores
         contiguous = self._kernel(
             f"{k}_contiguous", params, body,
-            'autotune(POINTWISE_CONFIGS, key=["numel_bucket"], prune=_prune_pointwise_configs)',
+            'autotune(POINTWISE_CONFIGS, key=["numel_bucket"], prune=prune_pointwise)',
             "Contiguous inputs: linear offsets (an input of one element is loaded once).\n" + reads,
         )
 
@@ -1003,7 +839,7 @@ class _Emitter:
         body += stores
         strided = self._kernel(
             f"{k}_strided", params, body,
-            'autotune(POINTWISE_CONFIGS, key=["numel_bucket"], prune=_prune_pointwise_configs)',
+            'autotune(POINTWISE_CONFIGS, key=["numel_bucket"], prune=prune_pointwise)',
             "Any strides (0 = broadcast): dims innermost first, NDIM of them after collapsing.\n" + reads,
         )
 
@@ -1028,7 +864,7 @@ class _Emitter:
         body += stores
         tiled = self._kernel(
             f"{k}_tiled", params, body,
-            'autotune(TILE_CONFIGS, key=["size0_bucket", "numel_bucket"], prune=_prune_tile_configs)',
+            'autotune(TILE_CONFIGS, key=["size0_bucket", "numel_bucket"], prune=rt.prune_tile_configs)',
             "Two collapsed dims (size0 inner, size1 outer), any strides: ROWS_T x BLOCK_C tiles.\n"
             + reads.replace("BLOCK elements", "ROWS_T*BLOCK_C elements").replace(
                 "*BLOCK bytes", "*ROWS_T*BLOCK_C bytes"),
@@ -1149,7 +985,7 @@ class _Emitter:
         body += self._row_stores(self.outs)
         reductions = ", ".join(f"{v.op}({v.deps[0].name})" for v in needed if v.kind == "reduce")
         whole = self._kernel(
-            f"{k}_row", params, body, 'autotune(ROW_CONFIGS, key=["n_bucket"], prune=_prune_row_configs)',
+            f"{k}_row", params, body, 'autotune(ROW_CONFIGS, key=["n_bucket"], prune=prune_rows)',
             f"Whole rows in registers (BLOCK_N >= N): reductions {reductions}.\n"
             f"# Each program handles ROWS rows: it {self._reads_note()}\n# {self._flops_note()}.",
         )
@@ -1256,11 +1092,11 @@ class _Emitter:
         if low.kind == "pointwise":
             dmax = max(1, low.rank)
             lines.append(f"    shape, numel, bucket, contiguous, scalar, ndim, sizes, strides, index_64 = "
-                         f"_plan(_pointwise_plan, tensors, {dmax})")
+                         f"rt.plan(rt.pointwise_plan, tensors, {dmax})")
         else:
             lmax = max(1, low.rank - 1)
             lines.append(f"    shape, n_rows, n_cols, lead_dims, lead_sizes, lead_strides, col_strides, index_64 = "
-                         f"_plan(_row_plan, tensors, {lmax})")
+                         f"rt.plan(rt.row_plan, tensors, {lmax})")
         for o in self.outs:
             lines.append(f"    {o.name} = torch.empty({o.alloc}, dtype={o.dtype}, device={first}.device)")
         out_ptrs = [f"{o.name}.view(torch.uint8)" if o.dtype == torch.bool else o.name for o in self.outs]
@@ -1370,16 +1206,14 @@ def _safe_name(name: str) -> str:
 
 
 def _module_code(low: _Lowering, kname: str) -> str:
-    """The generated module minus its header: preamble, plan helpers, kernels named `kname_*`, launcher."""
+    """The generated module minus its header: imports (the shared runtime, fxopt.codegen.fused_runtime), the
+    module's constants, kernels named `kname_*`, launcher."""
     em = _Emitter(low, kname)
-    parts = [_PREAMBLE.rstrip()]
+    parts = [_PREAMBLE.strip("\n")]
     if low.kind == "pointwise":
-        parts.append(f"# bytes of an element of the widest input or output\nELEMENT_BYTES = {em.element_bytes()}"
-                     + _POINTWISE_PLAN.rstrip())
+        parts.append(_pointwise_globals(em.element_bytes()))
     elif low.kind == "rows":
-        parts.append(f"# rows longer than this are reduced in a loop over column blocks\nWHOLE_ROW_MAX_N = "
-                     f"{WHOLE_ROW_MAX_N}\n# bytes each column of a row reads and writes (inputs that vary by row, "
-                     f"outputs)\nROW_BYTES_PER_COLUMN = {em.row_bytes_per_column()}" + _ROW_PLAN.rstrip())
+        parts.append(_row_globals(em.row_bytes_per_column()))
     parts += [HELPERS[h] for h in low.helpers]
     if low.kind == "pointwise":
         parts.append(em.pointwise())

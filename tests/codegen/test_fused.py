@@ -32,6 +32,7 @@ from fused_chains import (  # noqa: E402
     swiglu,
 )
 
+from fxopt.codegen import fused_runtime as rt  # noqa: E402
 from fxopt.codegen import loader, ops  # noqa: E402
 from fxopt.codegen.fused import (  # noqa: E402
     FusedKernel,
@@ -369,39 +370,15 @@ def test_int64_index_path(tmp_path, monkeypatch):
     for fn, kinds, layout in cases:
         args = chain_inputs(kinds, (4, 9), torch.float32, layout)
         kernel = run_check(fn, *args, tmp_path=tmp_path)
-        module = kernel.module
-        monkeypatch.setattr(module, "_needs_int64", lambda numel, tensors: True)
-        module._PLANS.clear()
+        make = rt.pointwise_plan if hasattr(kernel.module, "ELEMENT_BYTES") else rt.row_plan
+        monkeypatch.setattr(rt, "needs_int64", lambda numel, tensors: True)
+        rt.PLANS.clear()
         try:
-            source_flags = module._plan(module._pointwise_plan if hasattr(module, "_pointwise_plan")
-                                        else module._row_plan, [a for a in args], 2)
-            assert source_flags[-1] is True
+            assert rt.plan(make, [a for a in args], 2)[-1] is True
             torch.testing.assert_close(kernel(*args)[0], fn(*args))
         finally:
-            module._PLANS.clear()
-
-
-def test_needs_int64_decision(tmp_path):
-    kernel = compile_region(region_from_fn(chain_e, *[torch.randn(2, 2)] * 4), "i64", dump_dir=tmp_path)
-    mod = kernel.module
-    small = torch.empty(64, 64, device="meta")
-    big = torch.empty(1 << 16, 1 << 16, device="meta")
-    assert not mod._needs_int64(small.numel(), [small])
-    assert mod._needs_int64(big.numel(), [big])
-    strided = torch.empty(4, 1 << 30, device="meta")[:, :2]  # few elements, far-apart rows
-    assert mod._needs_int64(strided.numel(), [strided])
-
-
-def test_collapse():
-    src = generate_source(region_from_fn(chain_e, *[torch.randn(2, 2)] * 4), "collapse")
-    scope = {}
-    exec(compile(src, "<collapse>", "exec"), scope)
-    collapse = scope["_collapse"]
-    # contiguous 3-D collapses to 1 dim; a broadcast row keeps 2
-    assert collapse((2, 3, 4), [(12, 4, 1)], 3) == (1, [24, 1, 1], [[1, 0, 0]])
-    assert collapse((2, 3, 4), [(12, 4, 1), (0, 0, 1)], 3) == (2, [4, 6, 1], [[1, 4, 0], [1, 0, 0]])
-    assert collapse((1, 5), [(5, 1)], 2) == (1, [5, 1], [[1, 0]])
-    assert collapse((), [()], 1) == (1, [1], [[0]])
+            monkeypatch.undo()
+            rt.PLANS.clear()
 
 
 # ----------------------------------------------------------------------------- source, cache, dispatch
@@ -411,7 +388,7 @@ def test_header_names_nodes(tmp_path):
     region = region_from_fn(rmsnorm_residual, torch.randn(4, 8), torch.randn(4, 8), torch.randn(8))
     lines = ["predicted bytes: 1234", "predicted FLOPs: 56"]
     kernel = compile_region(region, "rms_header", dump_dir=tmp_path, header_lines=lines)
-    header = kernel.source.split("import math")[0]
+    header = kernel.source[: len(kernel.source) - len(loader.code_of(kernel.source))]
     for node in region.graph.nodes:
         if node.op == "call_function":
             assert node.name in header and str(node.target) in header
@@ -714,8 +691,8 @@ def test_gpu_config_lists_and_defaults(tmp_path, monkeypatch):
     monkeypatch.setenv("FXOPT_FUSED_AUTOTUNE", "0")
     scope = vars(loader.load_kernel_module(src, tmp_path))  # decorates only: nothing is compiled
     assert not scope["INTERPRET"] and not scope["AUTOTUNE"]
-    assert isinstance(scope[f"{generate_kernel(region).name}_row"], scope["_FixedConfig"])
-    prune, configs = scope["_prune_row_configs"], scope["ROW_CONFIGS"]
+    assert isinstance(scope[f"{generate_kernel(region).name}_row"], rt.FixedConfig)
+    prune, configs = scope["prune_rows"], scope["ROW_CONFIGS"]
     for block_n in [16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192]:
         kept = prune(configs, {"n_bucket": block_n})
         assert kept, block_n
@@ -807,10 +784,10 @@ def test_default_row_tile_moves_about_32_kb_per_program(tmp_path):
     rms = compile_region(region_from_fn(rmsnorm_residual, x, x.clone(), w), "rms_tile", dump_dir=tmp_path).module
     assert (ln.ROW_BYTES_PER_COLUMN, rms.ROW_BYTES_PER_COLUMN) == (4, 8)
     configs = [triton.Config({"ROWS": r}, num_warps=w) for r in (1, 2, 4, 8) for w in (8, 4, 16)]
-    first = {m.ROW_BYTES_PER_COLUMN: m._prune_row_configs(configs, {"n_bucket": 4096})[0] for m in (ln, rms)}
+    first = {m.ROW_BYTES_PER_COLUMN: m.prune_rows(configs, {"n_bucket": 4096})[0] for m in (ln, rms)}
     assert first[4].kwargs["ROWS"] * 4096 * 4 == 32 * 1024
     assert first[8].kwargs["ROWS"] * 4096 * 8 == 32 * 1024
-    short_rows = ln._prune_row_configs(configs, {"n_bucket": 1024})[0]  # 4 KB a row -> 8 rows
+    short_rows = ln.prune_rows(configs, {"n_bucket": 1024})[0]  # 4 KB a row -> 8 rows
     assert short_rows.kwargs["ROWS"] == 8
 
 
@@ -827,7 +804,7 @@ def test_fixed_config_prunes_once_per_key_value(tmp_path, monkeypatch):
 
     def prune(configs, named_args, **kwargs):
         seen.append(named_args["n_bucket"])
-        return scope["_prune_row_configs"](configs, named_args, **kwargs)
+        return scope["prune_rows"](configs, named_args, **kwargs)
 
     row.prune = prune
     names = row.fn.arg_names
@@ -836,7 +813,7 @@ def test_fixed_config_prunes_once_per_key_value(tmp_path, monkeypatch):
     assert seen == [512, 4096]
     for n, configs in picks.items():
         assert all(c is configs[0] for c in configs)
-        assert configs[0] is scope["_prune_row_configs"](scope["ROW_CONFIGS"], {"n_bucket": n})[0]
+        assert configs[0] is scope["prune_rows"](scope["ROW_CONFIGS"], {"n_bucket": n})[0]
     assert picks[512][0] is not picks[4096][0]
     by_keyword = row.config(args_for(512)[:names.index("n_bucket")], {"n_bucket": 4096})  # key passed by name
     assert by_keyword is picks[4096][0] and seen == [512, 4096]
@@ -852,6 +829,6 @@ def test_default_pointwise_block_loads_32_bytes_per_thread(tmp_path):
                                dump_dir=tmp_path).module
     assert (swiglu_mod.ELEMENT_BYTES, chain_mod.ELEMENT_BYTES) == (2, 4)
     for mod in (swiglu_mod, chain_mod):
-        first = mod._prune_pointwise_configs(configs, {})[0]
+        first = mod.prune_pointwise(configs, {})[0]
         assert first.kwargs["BLOCK"] * mod.ELEMENT_BYTES / (32 * first.num_warps) == 32
-        assert len(mod._prune_pointwise_configs(configs, {})) == len(configs)  # autotuning still sees all
+        assert len(mod.prune_pointwise(configs, {})) == len(configs)  # autotuning still sees all
