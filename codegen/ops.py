@@ -313,7 +313,7 @@ def _cast_emit(a, attrs, types):
         if src == "i1":
             return cast(x, src, "fp32")  # 0/1 are exact
         x = cast(x, src, "fp32")
-        if dtype == torch.bfloat16:  # _round_bf16: see the generated preamble (interpreter rounding)
+        if dtype == torch.bfloat16:  # _round_bf16: fused_runtime.round_bf16_for (interpreter rounding)
             return f"tl.cast(_round_bf16({x}), tl.bfloat16).to(tl.float32)"
         return f"tl.cast({x}, tl.float16).to(tl.float32)"
     if dst != "fp32" and dst != "i1" and src == "fp32":
