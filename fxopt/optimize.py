@@ -18,6 +18,7 @@ from fxopt.generate import build_generator
 from fxopt.nodes import is_bookkeeping
 from fxopt.passes.cost import COST_KEY
 from fxopt.pipeline import Program, make_context, run_passes
+from fxopt.tensor_parallel import shard_model, world_size_for
 
 
 class OptimizedModule(torch.nn.Module):
@@ -150,7 +151,7 @@ def _check_options(options: dict[str, Any], kv_cache: bool) -> None:
     unknown = sorted(set(options) - set(accepted))
     if unknown:
         named = ("hw, fuse, attention, matmul, verify, dump_dir, dynamic_dims, kv_cache, max_seq_len, max_batch, "
-                 "cuda_graphs, "
+                 "cuda_graphs, tensor_parallel, "
                  + ", ".join(accepted))
         raise TypeError(f"optimize: unknown option{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
                         f"accepted: {named}" + ("" if kv_cache else f" (with kv_cache=True also "
@@ -172,6 +173,7 @@ def optimize(
     max_seq_len: int | None = None,
     max_batch: int | None = None,
     cuda_graphs: bool | None = None,
+    tensor_parallel: int | str | None = None,
     **options,
 ):
     """Capture `model`, rewrite attention, fuse memory-bound regions into generated Triton kernels.
@@ -187,9 +189,16 @@ def optimize(
     buckets, autograd calls run uncaptured); the generator has its own decode graphs.
     Further options: rope=False keeps RoPE as PyTorch ops; epilogues=False keeps a linear's bias + GELU(tanh)
     out of its GEMM (default: as `matmul`).
+    tensor_parallel=N (or "auto": the world size; torch.distributed initialised, N its world size): this rank's
+    Megatron shard of the captured forward (fxopt/tensor_parallel.py), no other pass run on it yet.
     """
     _check_options(options, kv_cache)
     args, kwargs = split_inputs(model, example_inputs)
+    if tensor_parallel is not None:
+        world_size_for(tensor_parallel)  # refuses a mismatch with the initialised group
+        if kv_cache or args:
+            raise TypeError("optimize(tensor_parallel=...): keyword inputs and kv_cache=False only, for now")
+        return shard_model(model, kwargs)
     if kv_cache:
 
         ids = numerics.token_ids(kwargs)
