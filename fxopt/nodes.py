@@ -24,6 +24,27 @@ def node_val(x: Any) -> Any:
     return x.meta.get("val") if isinstance(x, fx.Node) else None
 
 
+def tensor_val(x: Any) -> torch.Tensor | None:
+    """An fx node's meta["val"] when it is a tensor; None for anything else (sizes, tuples, constants)."""
+    val = node_val(x)
+    return val if isinstance(val, torch.Tensor) else None
+
+
+def node_arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
+    """A call's argument given by position `index` or keyword `name`, else `default` (export keeps either)."""
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+def fetch_attr(gm: fx.GraphModule, target: str) -> Any:
+    """The attribute of gm a get_attr target names (a dotted path: a buffer, parameter or constant)."""
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
 def size_expr(size: Any) -> sympy.Expr:
     """A size (int, SymInt, SymFloat, SymBool) as a sympy expression in the export's symbols."""
     if isinstance(size, (torch.SymInt, torch.SymFloat, torch.SymBool)):
@@ -41,7 +62,23 @@ def op_name(node: fx.Node, *, namespace: bool = True) -> str:
     return getattr(target, "__name__", str(target)) if node.op in ("call_function", "call_method") else node.op
 
 
-
 def is_bookkeeping(node: fx.Node) -> bool:
     """A node that is graph bookkeeping (fxopt.opnames.BOOKKEEPING), by its op name."""
     return op_name(node, namespace=False) in BOOKKEEPING or str(node.target) in BOOKKEEPING
+
+
+def aten_ops(*names: str) -> frozenset:
+    """The ATen overloads named 'packet.overload' (e.g. fxopt.opnames' sets); names this torch lacks are skipped."""
+    found = []
+    for name in names:
+        packet, overload = name.split(".")
+        op = getattr(getattr(torch.ops.aten, packet, None), overload, None)
+        if op is not None:
+            found.append(op)
+    return frozenset(found)
+
+
+def aten_packets(*names: str) -> frozenset:
+    """The ATen overload packets (every overload of an op) of 'packet.overload' or 'packet' names this torch has."""
+    packets = {name.split(".")[0] for name in names}
+    return frozenset(getattr(torch.ops.aten, p) for p in packets if hasattr(torch.ops.aten, p))
