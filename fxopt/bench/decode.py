@@ -45,6 +45,7 @@ from fxopt.cli_args import nonnegative_int, positive_int
 from fxopt.errors import UserError, check_output, require_cuda
 from fxopt.generate import Generator, build_generator
 from fxopt.hardware import measure_copy_bandwidth
+from fxopt.models.inputs import random_token_ids
 from fxopt.progress import stage
 from fxopt.zoo import _parse_value
 
@@ -142,10 +143,9 @@ def load_causal_lm(spec: str, device, dtype: torch.dtype, longest: int, override
 
 
 def prompt_ids(model: torch.nn.Module, batch: int, prompt: int) -> torch.Tensor:
-    """(batch, prompt) random token ids, the same for every row (seeded)."""
+    """(batch, prompt) random token ids, the same for every row (seeded; the presets' own example tokens)."""
     vocab = getattr(getattr(model, "config", None), "vocab_size", None) or 256
-    generator = torch.Generator().manual_seed(0)
-    return torch.randint(0, vocab, (batch, prompt), generator=generator).to(next(model.parameters()).device)
+    return random_token_ids(batch, prompt, vocab, seed=0, device=next(model.parameters()).device)
 
 
 # ---------------------------------------------------------------------------------------------------
