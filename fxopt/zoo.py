@@ -83,7 +83,8 @@ def _parse_value(text: str) -> Any:
     return {"true": True, "false": False, "none": None}.get(text.lower(), text)
 
 #: Published checkpoints' architectures (the sizes in their config.json), as hf: specs: the real-model rows of
-#: the benchmarks, built with random weights.
+#: the benchmarks, built with random weights. Sizes only: Llama-3.2-1B's llama3 rope_scaling is left out (it
+#: changes the RoPE frequencies, not the work per token).
 HF_CONFIGS = {
     "llama-3.2-1b": "llama,hidden_size=2048,intermediate_size=8192,num_hidden_layers=16,num_attention_heads=32,"
                     "num_key_value_heads=8,head_dim=64,vocab_size=128256,tie_word_embeddings=true,"

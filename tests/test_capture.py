@@ -115,17 +115,36 @@ def test_a_dim_the_model_pins_is_named_at_capture_and_at_call():
         fast(x=torch.randn(3, 5, 8))
 
 
-# Published parameter counts of the checkpoints HF_CONFIGS reproduces (model cards / config.json arithmetic)
-PUBLISHED_PARAMS = {"llama-3.2-1b": 1.236e9, "mistral-7b": 7.248e9, "qwen2.5-0.5b": 0.494e9, "qwen3-0.6b": 0.596e9,
-                    "gpt2-medium": 0.355e9}
+def _decoder_params(*, vocab, d, layers, heads, kv_heads, head_dim, ff, qkv_bias=False, qk_norm=False,
+                    tied=True) -> int:
+    """Parameters of a Llama-family decoder from its published sizes: embedding, per layer q/k/v/o, gated MLP
+    (3 matrices), 2 RMSNorms (+ q/k bias, + per-head q/k norms), final norm, lm_head unless tied."""
+    q, kv = heads * head_dim, kv_heads * head_dim
+    layer = d * q + 2 * d * kv + q * d + 3 * d * ff + 2 * d
+    layer += (q + 2 * kv) if qkv_bias else 0
+    layer += 2 * head_dim if qk_norm else 0
+    return vocab * d + layers * layer + d + (0 if tied else vocab * d)
+
+
+# The published sizes of the checkpoints HF_CONFIGS names (their config.json), through the architecture's formula
+PUBLISHED_PARAMS = {
+    "llama-3.2-1b": _decoder_params(vocab=128256, d=2048, layers=16, heads=32, kv_heads=8, head_dim=64, ff=8192),
+    "mistral-7b": _decoder_params(vocab=32768, d=4096, layers=32, heads=32, kv_heads=8, head_dim=128, ff=14336,
+                                  tied=False),
+    "qwen2.5-0.5b": _decoder_params(vocab=151936, d=896, layers=24, heads=14, kv_heads=2, head_dim=64, ff=4864,
+                                    qkv_bias=True),
+    "qwen3-0.6b": _decoder_params(vocab=151936, d=1024, layers=28, heads=16, kv_heads=8, head_dim=128, ff=3072,
+                                  qk_norm=True),
+    # GPT-2: token + 1024 position rows, per layer 12 d^2 + 13 d (4 matrices, their biases, 2 LayerNorms), final LN
+    "gpt2-medium": 50257 * 1024 + 1024 * 1024 + 24 * (12 * 1024**2 + 13 * 1024) + 2 * 1024,
+}
 
 
 @pytest.mark.parametrize("name", sorted(zoo.HF_CONFIGS))
 def test_named_hf_configs_have_the_published_sizes(name):
     pytest.importorskip("transformers")
     model = zoo.load_model(f"hf:{name}", device="meta", dtype=torch.bfloat16)
-    params = sum(p.numel() for p in model.parameters())
-    assert params == pytest.approx(PUBLISHED_PARAMS[name], rel=2e-3)
+    assert sum(p.numel() for p in model.parameters()) == PUBLISHED_PARAMS[name]
 
 
 def test_named_hf_config_fields_can_be_overridden():
