@@ -10,22 +10,26 @@ per step, multiplied by the matching chunk of x (read from L2 by every program),
 tile in fp32, reduced over K once at the end. No split-K: N / BLOCK_N programs already fill the GPU at
 these sizes, and a split would need a second pass or atomics.
 
-    fxopt::gemv(x, weight, bias?, residual?, norm_weight?, eps, glu) -> (..., N) (N / 2 with glu)
-        x (..., K) with one row. Optional prologue: RMSNorm of x times norm_weight. Optional epilogues:
-        silu(gate) * up over W's two halves (glu), then + residual. On CPU: the same eager ops.
+    fxopt::gemv(x, weight, bias?, residual?, norm_weight?, eps, glu, norm_bias?, layer_norm, act) -> (..., N)
+        x (..., K) with one row; N / 2 outputs with glu. Optional prologue: RMSNorm of x times norm_weight, or
+        with layer_norm LayerNorm of x times norm_weight plus norm_bias. Optional epilogues, in this order:
+        + bias, silu(gate) * up over W's two halves (glu), act ("gelu_tanh": GPT-2's GELU, "gelu": the erf
+        one), + residual. On CPU: the same eager ops.
 
-    fxopt::gemv_qkv(x, weight, bias?, norm_weight?, eps, cos?, sin?, k_cache, v_cache, pos) -> q
-        the attention input projection of a decode step: the GEMV, then the split into heads, RoPE on q and k
-        and the writes of k and v into the caches at slot pos, in the same kernel (see below).
+    fxopt::gemv_qkv(x, weight, bias?, norm_weight?, eps, cos?, sin?, k_cache, v_cache, pos, norm_bias?,
+                    layer_norm) -> q
+        the attention input projection of a decode step: the GEMV (with the same norm prologues), then the split
+        into heads, RoPE on q and k and the writes of k and v into the caches at slot pos, in the same kernel.
 
-The decode pass (passes/matmul.DECODE_RULES) folds a layer's norms, SwiGLU product, residual adds, RoPE and
-cache writes into its GEMVs, so a Llama layer's decode step is 4 GEMVs and attention's 2 kernels. On Hopper each GEMV is
-launched with programmatic dependent launch: it starts streaming its weights while the previous kernel ends.
+The decode pass (passes/matmul.DECODE_RULES) folds a layer's norms, SwiGLU product or GELU, residual adds, RoPE
+and cache writes into its GEMVs, so a Llama or GPT-2 layer's decode step is 4 GEMVs and attention's 2 kernels.
+On Hopper each GEMV is launched with programmatic dependent launch: it starts streaming its weights while the
+previous kernel ends.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -63,30 +67,65 @@ def _round(v, like_ptr):
 
 
 @triton.jit
-def _load_x(x_ptr, g_ptr, k, K, NORM: tl.constexpr, EVEN_K: tl.constexpr):
-    """A chunk of the GEMV's input x (fp32), and the same times the norm weight g with NORM (else x again)."""
+def _load_x(x_ptr, g_ptr, nb_ptr, k, K, mean, rstd, NORM: tl.constexpr, LAYER: tl.constexpr,
+            NORM_BIAS: tl.constexpr, EVEN_K: tl.constexpr):
+    """A chunk of the GEMV's input x (fp32), and the vector the product reads: x * g for RMSNorm (rstd is
+    applied after the sweep), LayerNorm(x) * g + b with LAYER (rounded to x's dtype, as eager's tensor holds
+    it), else x again."""
     if EVEN_K:
         x = tl.load(x_ptr + k).to(tl.float32)
     else:
         x = tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32)
     xg = x
     if NORM:
-        xg = x * tl.load(g_ptr + k, mask=k < K, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + k, mask=k < K, other=0.0).to(tl.float32)
+        if LAYER:
+            xg = (x - mean) * rstd * g
+            if NORM_BIAS:
+                xg += tl.load(nb_ptr + k, mask=k < K, other=0.0).to(tl.float32)
+            xg = tl.where(k < K, _round(xg, x_ptr), 0.0)
+        else:
+            xg = x * g
     return x, xg
 
 
 @triton.jit
-def _products(x_ptr, g_ptr, w_rows, u_rows, row_ok, K, eps,
-              NORM: tl.constexpr, PAIRED: tl.constexpr, PDL: tl.constexpr, BLOCK_K: tl.constexpr,
-              EVEN_K: tl.constexpr):
-    """(W[rows] · x, W[u_rows] · x) in fp32 for one program's rows, x RMSNorm'd first with NORM; the second
-    is the first again unless PAIRED. The bulk of the kernel: W's rows are read once, x from L2.
+def _row_stats(x_ptr, K, eps, BLOCK_K: tl.constexpr):
+    """(mean, 1 / sqrt(var + eps)) of x's K elements in fp32, var biased as LayerNorm's. One pass of sums of
+    d = x - c, c the first chunk's mean: exact for any c, and free of the cancellation of E[x²] - E[x]² when
+    |mean| >> std. x (K elements) comes from L2: every program reads it once more than without the norm."""
+    cols = tl.arange(0, BLOCK_K)  # (BLOCK_K,)
+    x = tl.load(x_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
+    c = tl.sum(x, axis=0) / tl.minimum(K, BLOCK_K)
+    d = tl.where(cols < K, x - c, 0.0)
+    s1 = d
+    s2 = d * d
+    for k0 in range(BLOCK_K, K, BLOCK_K):
+        k = k0 + cols
+        d = tl.where(k < K, tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32) - c, 0.0)
+        s1 += d
+        s2 += d * d
+    m = tl.sum(s1, axis=0) / K
+    var = tl.maximum(tl.sum(s2, axis=0) / K - m * m, 0.0)
+    return c + m, tl.rsqrt(var + eps)
+
+
+@triton.jit
+def _products(x_ptr, g_ptr, nb_ptr, w_rows, u_rows, row_ok, K, eps,
+              NORM: tl.constexpr, LAYER: tl.constexpr, NORM_BIAS: tl.constexpr, PAIRED: tl.constexpr,
+              PDL: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+    """(W[rows] · x, W[u_rows] · x) in fp32 for one program's rows, x normalised first with NORM (RMSNorm, or
+    LayerNorm with LAYER); the second is the first again unless PAIRED. The bulk of the kernel: W's rows are
+    read once, x from L2.
 
     RMSNorm(x) * g = rstd * (g * x) with one rstd for the whole row, so W · RMSNorm(x) = rstd * (W · (g * x)):
     the sum of squares is gathered in the same pass over x and applied once at the end. (Eager rounds
     x * rstd and g * that to the model's dtype before the matmul; skipping those roundings is closer to the
-    exact result, and saves every program a dependent pass over x before its first product.)"""
-    cols = tl.arange(0, BLOCK_K)  # (BLOCK_K,)
+    exact result, and saves every program a dependent pass over x before its first product.)
+    LayerNorm subtracts the mean before the product (factoring it out, W · x - mean * (W · 1), would cancel
+    badly when |mean| >> std), so its mean and variance take a pass over x before the sweep, and the
+    normalised chunks are rounded as eager's LayerNorm output is."""
+    cols = tl.arange(0, BLOCK_K)
     # W is a constant: its first chunk is requested before waiting for the kernel that produces x
     w = _load_w(w_rows, cols, row_ok, K, EVEN_K)  # (BLOCK_N, BLOCK_K)
     if PAIRED:
@@ -94,16 +133,20 @@ def _products(x_ptr, g_ptr, w_rows, u_rows, row_ok, K, eps,
     if PDL:  # launched early (programmatic dependent launch): let the next kernel launch, wait for x
         tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
-    x, xg = _load_x(x_ptr, g_ptr, cols, K, NORM, EVEN_K)
-    squares = x * x  # (BLOCK_K,), used with NORM
+    mean = 0.0
+    rstd = 1.0
+    if NORM and LAYER:
+        mean, rstd = _row_stats(x_ptr, K, eps, BLOCK_K)
+    x, xg = _load_x(x_ptr, g_ptr, nb_ptr, cols, K, mean, rstd, NORM, LAYER, NORM_BIAS, EVEN_K)
+    squares = x * x  # (BLOCK_K,), used with RMSNorm
     acc = w.to(tl.float32) * xg[None, :]  # (BLOCK_N, BLOCK_K)
     acc_u = acc
     if PAIRED:
         acc_u = u.to(tl.float32) * xg[None, :]
     for k0 in range(BLOCK_K, K, BLOCK_K):
         k = k0 + cols
-        x, xg = _load_x(x_ptr, g_ptr, k, K, NORM, EVEN_K)
-        if NORM:
+        x, xg = _load_x(x_ptr, g_ptr, nb_ptr, k, K, mean, rstd, NORM, LAYER, NORM_BIAS, EVEN_K)
+        if NORM and not LAYER:
             squares += x * x
         acc += _load_w(w_rows, k, row_ok, K, EVEN_K).to(tl.float32) * xg[None, :]
         if PAIRED:
@@ -112,31 +155,50 @@ def _products(x_ptr, g_ptr, w_rows, u_rows, row_ok, K, eps,
     y_u = y
     if PAIRED:
         y_u = tl.sum(acc_u, axis=1)
-    if NORM:
+    if NORM and not LAYER:
         rstd = tl.rsqrt(tl.sum(squares, axis=0) / K + eps)
         y = y * rstd
         y_u = y_u * rstd
     return y, y_u
 
 
+ACTS = {"none": 0, "gelu_tanh": 1, "gelu": 2}  # the activation epilogues: act -> the kernel's ACT
+
+
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, bias_ptr, res_ptr, g_ptr, y_ptr, N, K, stride_wn, up_row, eps,
-                 HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr, NORM: tl.constexpr, GLU: tl.constexpr,
-                 PDL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+def _activation(y, ACT: tl.constexpr):
+    """GELU of y (fp32): ACT 1 the tanh approximation, y/2 * (1 + tanh(u)) = y * sigmoid(2u) with
+    u = sqrt(2/pi) * (y + 0.044715 y³) (the sigmoid form has no cancellation for negative y); 2 the erf one."""
+    if ACT == 1:
+        out = y * tl.sigmoid(1.5957691216057308 * (y + 0.044715 * y * y * y))
+    else:
+        out = 0.5 * y * (1.0 + tl.erf(y * 0.7071067811865476))
+    return out
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, bias_ptr, res_ptr, g_ptr, nb_ptr, y_ptr, N, K, stride_wn, up_row, eps,
+                 HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr, NORM: tl.constexpr, LAYER: tl.constexpr,
+                 NORM_BIAS: tl.constexpr, GLU: tl.constexpr, ACT: tl.constexpr, PDL: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
     # One program: BLOCK_N outputs (BLOCK_N rows of W; with GLU also the BLOCK_N "up" rows up_row further).
-    # Reads those rows of W once (the bulk), x (and g) from L2, writes BLOCK_N outputs.
+    # Reads those rows of W once (the bulk), x (and g, the norm bias) from L2 (x twice with LayerNorm),
+    # writes BLOCK_N outputs.
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
     row_ok = rows < N
     w_rows = w_ptr + rows.to(tl.int64)[:, None] * stride_wn  # (BLOCK_N, 1)
     u_rows = w_rows + up_row.to(tl.int64) * stride_wn
-    y, up = _products(x_ptr, g_ptr, w_rows, u_rows, row_ok, K, eps, NORM, GLU, PDL, BLOCK_K, EVEN_K)
+    y, up = _products(x_ptr, g_ptr, nb_ptr, w_rows, u_rows, row_ok, K, eps, NORM, LAYER, NORM_BIAS, GLU, PDL,
+                      BLOCK_K, EVEN_K)
     if HAS_BIAS:
         y += tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
     y = _round(y, y_ptr)
     if GLU:  # silu(gate) * up, each rounded as eager's bf16 tensors are
         up = _round(up, y_ptr)
         y = _round(_round(y * tl.sigmoid(y), y_ptr) * up, y_ptr)
+    if ACT != 0:  # GELU of the rounded projection, itself rounded: eager's two tensors
+        y = _round(_activation(y, ACT), y_ptr)
     if RESIDUAL:
         y += tl.load(res_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
     tl.store(y_ptr + rows, _round(y, y_ptr).to(y_ptr.dtype.element_ty), mask=row_ok)
@@ -161,14 +223,18 @@ def tuning_configs(n: int, k: int) -> list[triton.Config]:
 
 @dataclass(frozen=True)
 class Folded:
-    """What the kernel folds around the product: a bias, RMSNorm of x (times norm_weight) before it, the
-    gate/up SwiGLU product (W holds the gate rows, then as many up rows) and a residual add after it."""
+    """What the kernel folds around the product: a bias; before it RMSNorm of x times norm_weight, or with
+    layer_norm LayerNorm of x times norm_weight plus norm_bias; after it the gate/up SwiGLU product (W holds
+    the gate rows, then as many up rows), an activation (`act`, one of ACTS) and a residual add."""
 
     bias: torch.Tensor | None = None
     residual: torch.Tensor | None = None
     norm_weight: torch.Tensor | None = None
     eps: float = 0.0
     glu: bool = False
+    norm_bias: torch.Tensor | None = None
+    layer_norm: bool = False
+    act: str = "none"
 
 
 _TUNED: dict[tuple, triton.Config] = {}
@@ -179,11 +245,12 @@ def _launch(x, w, y, config, ep: Folded = Folded()) -> None:
     block_n, block_k = config.kwargs["BLOCK_N"], config.kwargs["BLOCK_K"]
     pdl = use_pdl(x.device)  # weights stream while the previous kernel ends (codegen/pdl.py)
     _gemv_kernel[(triton.cdiv(n_out, block_n),)](
-        x, w, _or(ep.bias, y), _or(ep.residual, y), _or(ep.norm_weight, y), y, n_out, k, w.stride(0),
-        n_out if ep.glu else 0, ep.eps,
+        x, w, _or(ep.bias, y), _or(ep.residual, y), _or(ep.norm_weight, y), _or(ep.norm_bias, y), y, n_out, k,
+        w.stride(0), n_out if ep.glu else 0, ep.eps,
         HAS_BIAS=ep.bias is not None, RESIDUAL=ep.residual is not None, NORM=ep.norm_weight is not None,
-        GLU=ep.glu, PDL=pdl, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0,
-        num_warps=config.num_warps, **launch_options(pdl))
+        LAYER=ep.layer_norm, NORM_BIAS=ep.norm_bias is not None, GLU=ep.glu, ACT=ACTS[ep.act], PDL=pdl,
+        BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0, num_warps=config.num_warps,
+        **launch_options(pdl))
 
 
 def _or(tensor, placeholder):
@@ -194,7 +261,8 @@ def _config_for(x, w, y, ep: Folded) -> triton.Config:
     n, k = w.shape
     if not config.get("gemv_autotune") or _INTERPRET:
         return default_config(n, k, ep.glu)
-    key = (n, k, w.dtype, ep.bias is not None, ep.residual is not None, ep.norm_weight is not None, ep.glu)
+    key = (n, k, w.dtype, ep.bias is not None, ep.residual is not None, ep.norm_weight is not None, ep.glu,
+           ep.layer_norm, ep.norm_bias is not None, ep.act)
     if key not in _TUNED:
         from triton.testing import do_bench
 
@@ -226,13 +294,24 @@ def supports(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
         return "bias is not a contiguous vector of the weight's dtype"
     if not _is_vector(ep.residual, n_out, w.dtype) or not _is_vector(ep.norm_weight, w.shape[1], w.dtype):
         return "residual or norm weight is not a contiguous vector of the weight's dtype"
+    return _supports_norm(w, ep) or (None if ep.act in ACTS else f"activation {ep.act!r}")
+
+
+def _supports_norm(w: torch.Tensor, ep: Folded) -> str | None:
+    """Why the kernel cannot take ep's norm prologue (the part gemv and gemv_qkv share), or None."""
+    if ep.layer_norm and ep.norm_weight is None:
+        return "a LayerNorm without a weight"
+    if ep.norm_bias is not None and not ep.layer_norm:
+        return "a norm bias without LayerNorm"
+    if not _is_vector(ep.norm_bias, w.shape[1], w.dtype):
+        return "norm bias is not a contiguous vector of the weight's dtype"
     return None
 
 
 def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, ep: Folded | None = None
          ) -> torch.Tensor:
     """x @ w.T (+ bias), with `ep`'s prologue / epilogues, through the kernel (x: one row of K)."""
-    ep = Folded(bias=bias) if ep is None else Folded(bias, ep.residual, ep.norm_weight, ep.eps, ep.glu)
+    ep = replace(ep or Folded(), bias=bias)
     n_out = w.shape[0] // 2 if ep.glu else w.shape[0]
     x_row = x.reshape(-1).contiguous()  # (K,)
     y = torch.empty(n_out, device=x.device, dtype=x.dtype)  # (N,)
@@ -241,40 +320,56 @@ def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, ep:
 
 
 def gemv_reference(x, w, bias=None, ep: Folded = Folded()) -> torch.Tensor:
-    """The eager ops the fused kernel replaces, in their order and dtypes (LlamaRMSNorm, linear, SwiGLU, +)."""
-    if ep.norm_weight is not None:
-        xf = x.to(torch.promote_types(x.dtype, torch.float32))
-        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + ep.eps)
-        x = ep.norm_weight * normed.to(x.dtype)
+    """The eager ops the fused kernel replaces, in their order and dtypes (LlamaRMSNorm or LayerNorm, linear,
+    SwiGLU or GELU, +)."""
+    x = norm_reference(x, ep)
     y = F.linear(x, w, bias)
     if ep.glu:
         gate, up = y.chunk(2, dim=-1)
         y = F.silu(gate) * up
+    if ep.act != "none":
+        y = F.gelu(y, approximate="tanh" if ep.act == "gelu_tanh" else "none")
     if ep.residual is not None:
         y = ep.residual.reshape(y.shape) + y
     return y
 
 
+def norm_reference(x: torch.Tensor, ep: Folded) -> torch.Tensor:
+    """x through ep's norm prologue as eager computes it: LlamaRMSNorm (fp32 inside, the normalised row rounded
+    to x's dtype, then times the weight), or F.layer_norm over the last dim; x itself without one."""
+    if ep.norm_weight is None:
+        return x
+    if ep.layer_norm:
+        return F.layer_norm(x, x.shape[-1:], ep.norm_weight, ep.norm_bias, ep.eps)
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))
+    normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + ep.eps)
+    x = ep.norm_weight * normed.to(x.dtype)
+    return x if ep.norm_bias is None else x + ep.norm_bias
+
+
 @torch.library.custom_op("fxopt::gemv", mutates_args=())
 def gemv_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
             residual: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None, eps: float = 0.0,
-            glu: bool = False) -> torch.Tensor:
-    ep = Folded(bias, residual, norm_weight, eps, glu)
+            glu: bool = False, norm_bias: torch.Tensor | None = None, layer_norm: bool = False,
+            act: str = "none") -> torch.Tensor:
+    ep = Folded(bias, residual, norm_weight, eps, glu, norm_bias, layer_norm, act)
     if ops_use_kernels(x) and supports(x, weight, bias, ep) is None:
         return gemv(x, weight, bias, ep)
     return gemv_reference(x, weight, bias, ep)
 
 
 @gemv_op.register_fake
-def _(x, weight, bias, residual=None, norm_weight=None, eps=0.0, glu=False):
+def _(x, weight, bias, residual=None, norm_weight=None, eps=0.0, glu=False, norm_bias=None, layer_norm=False,
+      act="none"):
     return x.new_empty(x.shape[:-1] + (weight.shape[0] // 2 if glu else weight.shape[0],))
 
 
 # --------------------------------------------------------------------------------------------------
 # The attention block's input projection, with what follows it in a decode step folded in:
 #
-#     fxopt::gemv_qkv(x, weight, bias?, norm_weight?, eps, cos?, sin?, k_cache, v_cache, pos) -> q
-#         y = gemv(x, [W_q; W_k; W_v]) with the RMSNorm prologue; q, k, v = y split into heads of d;
+#     fxopt::gemv_qkv(x, weight, bias?, norm_weight?, eps, cos?, sin?, k_cache, v_cache, pos, norm_bias?,
+#                     layer_norm) -> q
+#         y = gemv(x, [W_q; W_k; W_v]) with the RMSNorm or LayerNorm prologue; q, k, v = y split into heads of d;
 #         q, k rotated by RoPE (cos, sin: the step's one row of d) when given;
 #         k_cache[:, :, pos] = k and v_cache[:, :, pos] = v in place; returns q (1, q_heads, 1, d).
 #
@@ -286,11 +381,11 @@ def _(x, weight, bias, residual=None, norm_weight=None, eps=0.0, glu=False):
 
 
 @triton.jit
-def _gemv_qkv_kernel(x_ptr, w_ptr, bias_ptr, g_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, pos_ptr,
+def _gemv_qkv_kernel(x_ptr, w_ptr, bias_ptr, g_ptr, nb_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, pos_ptr,
                      K, stride_wn, eps, q_heads, kv_heads, s_cos, s_sin, s_kh, s_ks, s_kd, s_vh, s_vs, s_vd,
-                     HAS_BIAS: tl.constexpr, NORM: tl.constexpr, ROPE: tl.constexpr, PDL: tl.constexpr,
-                     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     EVEN_K: tl.constexpr):
+                     HAS_BIAS: tl.constexpr, NORM: tl.constexpr, LAYER: tl.constexpr, NORM_BIAS: tl.constexpr,
+                     ROPE: tl.constexpr, PDL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
     # One program: BLOCK_N row pairs (lo = head * d + j, hi = lo + d / 2) of W, i.e. 2 * BLOCK_N outputs.
     HALF: tl.constexpr = HEAD_DIM // 2
     pairs = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
@@ -301,7 +396,8 @@ def _gemv_qkv_kernel(x_ptr, w_ptr, bias_ptr, g_ptr, cos_ptr, sin_ptr, q_ptr, k_p
     lo = head * HEAD_DIM + j  # (BLOCK_N,) rows of W
     w_lo = w_ptr + lo.to(tl.int64)[:, None] * stride_wn  # (BLOCK_N, 1)
     w_hi = w_lo + HALF * stride_wn
-    y_lo, y_hi = _products(x_ptr, g_ptr, w_lo, w_hi, pair_ok, K, eps, NORM, True, PDL, BLOCK_K, EVEN_K)
+    y_lo, y_hi = _products(x_ptr, g_ptr, nb_ptr, w_lo, w_hi, pair_ok, K, eps, NORM, LAYER, NORM_BIAS, True, PDL,
+                           BLOCK_K, EVEN_K)
     if HAS_BIAS:
         y_lo += tl.load(bias_ptr + lo, mask=pair_ok, other=0.0).to(tl.float32)
         y_hi += tl.load(bias_ptr + lo + HALF, mask=pair_ok, other=0.0).to(tl.float32)
@@ -343,8 +439,8 @@ def q_dtype(x: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None)
 def supports_qkv(x, weight, bias, ep: Folded, cos, sin, k_cache, v_cache, pos) -> str | None:
     """None when gemv_qkv's kernel covers the call, else why not (the op then runs the reference)."""
     reason = supports(x, weight, bias, ep)
-    if reason is not None or ep.glu or ep.residual is not None:
-        return reason or "a GLU or residual epilogue"
+    if reason is not None or ep.glu or ep.residual is not None or ep.act != "none":
+        return reason or "a GLU, activation or residual epilogue"
     q_heads, kv_heads, d = qkv_heads(weight, k_cache)
     if d % 2 or weight.shape[0] != (q_heads + 2 * kv_heads) * d or q_heads < 1:
         return f"{weight.shape[0]} rows are not q, k and v heads of {d}"
@@ -389,11 +485,12 @@ def gemv_qkv(x, weight, bias, ep: Folded, cos, sin, k_cache, v_cache, pos) -> to
     sin_row = sin.reshape(-1) if rope else x_row
     pdl = use_pdl(x.device)
     _gemv_qkv_kernel[(triton.cdiv(n // 2, block_n),)](
-        x_row, weight, _or(bias, x_row), _or(ep.norm_weight, x_row), cos_row, sin_row, q, k_cache, v_cache, pos,
-        k, weight.stride(0), ep.eps, q_heads, kv_heads, cos_row.stride(0), sin_row.stride(0),
-        k_cache.stride(1), k_cache.stride(2), k_cache.stride(3), v_cache.stride(1), v_cache.stride(2),
-        v_cache.stride(3),
-        HAS_BIAS=bias is not None, NORM=ep.norm_weight is not None, ROPE=rope, PDL=pdl, HEAD_DIM=d,
+        x_row, weight, _or(bias, x_row), _or(ep.norm_weight, x_row), _or(ep.norm_bias, x_row), cos_row, sin_row,
+        q, k_cache, v_cache, pos, k, weight.stride(0), ep.eps, q_heads, kv_heads, cos_row.stride(0),
+        sin_row.stride(0), k_cache.stride(1), k_cache.stride(2), k_cache.stride(3), v_cache.stride(1),
+        v_cache.stride(2), v_cache.stride(3),
+        HAS_BIAS=bias is not None, NORM=ep.norm_weight is not None, LAYER=ep.layer_norm,
+        NORM_BIAS=ep.norm_bias is not None, ROPE=rope, PDL=pdl, HEAD_DIM=d,
         BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0, num_warps=config.num_warps,
         **launch_options(pdl))
     return q
@@ -402,14 +499,18 @@ def gemv_qkv(x, weight, bias, ep: Folded, cos, sin, k_cache, v_cache, pos) -> to
 @torch.library.custom_op("fxopt::gemv_qkv", mutates_args=("k_cache", "v_cache"))
 def gemv_qkv_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, norm_weight: torch.Tensor | None,
                 eps: float, cos: torch.Tensor | None, sin: torch.Tensor | None, k_cache: torch.Tensor,
-                v_cache: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    ep = Folded(norm_weight=norm_weight, eps=eps)
+                v_cache: torch.Tensor, pos: torch.Tensor, norm_bias: torch.Tensor | None = None,
+                layer_norm: bool = False) -> torch.Tensor:
+    """The q/k/v projection of a decode step with its head split, RoPE and cache writes (see above). The
+    LayerNorm arguments come last: the decode pass passes them by keyword, so a node's ten positional
+    arguments stay what passes/cost.py reads."""
+    ep = Folded(norm_weight=norm_weight, eps=eps, norm_bias=norm_bias, layer_norm=layer_norm)
     if ops_use_kernels(x) and supports_qkv(x, weight, bias, ep, cos, sin, k_cache, v_cache, pos) is None:
         return gemv_qkv(x, weight, bias, ep, cos, sin, k_cache, v_cache, pos)
     return gemv_qkv_reference(x, weight, bias, ep, cos, sin, k_cache, v_cache, pos)
 
 
 @gemv_qkv_op.register_fake
-def _(x, weight, bias, norm_weight, eps, cos, sin, k_cache, v_cache, pos):
+def _(x, weight, bias, norm_weight, eps, cos, sin, k_cache, v_cache, pos, norm_bias=None, layer_norm=False):
     q_heads, _, d = qkv_heads(weight, k_cache)
     return x.new_empty((1, q_heads, 1, d), dtype=q_dtype(x, cos, sin))

@@ -1,6 +1,14 @@
 """Attention pass: every attention subgraph -> one ``torch.ops.fxopt.attention`` call.
 
-Recognition is data. ``PATTERNS`` is a table of (name, steps, plan) entries:
+Rewriting is data, run by the rule engine every pass shares (passes/rules.py). ``RULES`` holds one
+``Rule(name, pattern, check, rewrite)`` per attention form: its pattern lists the form's sites (an sdpa
+call; a softmax fed by a matmul) with the root a match walks back from, its check matches the site's
+``Pattern`` and builds the :class:`Plan` or gives the reason to leave it, its rewrite puts one fxopt
+attention call in the Plan's place. Every site is counted (per rule, or "unmatched" with its reason),
+all are decided on the graph as captured and rewritten in graph order. ``BATCHED_RULES`` first view 3-d
+batched products (Bloom's baddbmm over (b*h, s, d)) as the 4-d ones the patterns match.
+
+The matching language is ``PATTERNS``, a table of (name, steps, plan) entries:
 
 * ``steps`` is a chain of :class:`Step` matchers walked *backward* from the pattern's root node;
   each step names the ops it accepts, how the walk continues (which input, and what the step
@@ -46,13 +54,15 @@ import sympy
 import torch
 from torch import fx
 
+from fxopt import opnames
 from fxopt.codegen import attention_op
+from fxopt.nodes import aten_ops, fetch_attr, node_arg, op_name, tensor_val
 from fxopt.nodes import node_val as _val
-from fxopt.nodes import op_name
 from fxopt.nodes import size_expr as _expr
 from fxopt.passes import cost as cost_pass
 from fxopt.passes import masks
 from fxopt.passes.infra import PassContext, PassResult, add_constant, finish
+from fxopt.passes.rules import Rewriter, Rule, apply_rules
 
 aten = torch.ops.aten
 ATTENTION_KEY = "fxopt.attention"
@@ -63,32 +73,22 @@ HIDDEN_AT_MOST = masks.HIDDEN_AT_MOST
 MAX_EVAL_NUMEL = 1 << 24
 
 
-def _ops(*names: str) -> frozenset:
-    found = []
-    for name in names:
-        packet, overload = name.split(".")
-        op = getattr(getattr(aten, packet, None), overload, None)
-        if op is not None:
-            found.append(op)
-    return frozenset(found)
-
-
-MATMUL = _ops("matmul.default")
-SOFTMAX = _ops("softmax.int", "_softmax.default", "_safe_softmax.default")
-SDPA = _ops("scaled_dot_product_attention.default")
-DROPOUT = _ops("dropout.default")
-CASTS = _ops("to.dtype", "_to_copy.default", "to.dtype_layout", "type_as.default")
-IDENTITY = _ops("clone.default", "contiguous.default", "alias.default", "detach.default")
+MATMUL = aten_ops("matmul.default")
+SOFTMAX = aten_ops("softmax.int", "_softmax.default", "_safe_softmax.default")
+SDPA = aten_ops("scaled_dot_product_attention.default")
+DROPOUT = aten_ops(*opnames.DROPOUT)
+CASTS = aten_ops(*opnames.CASTS)
+IDENTITY = aten_ops(*opnames.IDENTITY)
 PASSTHROUGH = DROPOUT | CASTS | IDENTITY
-MASKED_FILL = _ops("masked_fill.Scalar", "masked_fill.Tensor")
-WHERE = _ops("where.self", "where.ScalarOther", "where.ScalarSelf")
-ADD = _ops("add.Tensor")
+MASKED_FILL = aten_ops("masked_fill.Scalar", "masked_fill.Tensor")
+WHERE = aten_ops("where.self", "where.ScalarOther", "where.ScalarSelf")
+ADD = aten_ops("add.Tensor")
 MASK_OPS = MASKED_FILL | WHERE | ADD
-MUL = _ops("mul.Tensor", "mul.Scalar", "mul_.Tensor", "mul_.Scalar")  # in place: Falcon's `scores *= c`
-DIV = _ops("div.Tensor", "div.Scalar", "div_.Tensor", "div_.Scalar")
+MUL = aten_ops("mul.Tensor", "mul.Scalar", "mul_.Tensor", "mul_.Scalar")  # in place: Falcon's `scores *= c`
+DIV = aten_ops("div.Tensor", "div.Scalar", "div_.Tensor", "div_.Scalar")
 SCALE_OPS = MUL | DIV
-RESHAPES = _ops("reshape.default", "view.default", "_unsafe_view.default")
-OTHER_SCORE_OPS = _ops("bmm.default", "einsum.default", "baddbmm.default", "mm.default")
+RESHAPES = aten_ops(*opnames.RESHAPES)
+OTHER_SCORE_OPS = aten_ops("bmm.default", "einsum.default", "baddbmm.default", "mm.default")
 
 
 class NoMatch(Exception):
@@ -142,11 +142,6 @@ MaskPart = masks.MaskPart
 
 
 # --------------------------------------------------------------------------------------------- helpers
-def _tensor(node: Any) -> torch.Tensor | None:
-    val = _val(node)
-    return val if isinstance(val, torch.Tensor) else None
-
-
 def _same(a, b) -> bool:
     return sympy.expand(_expr(a) - _expr(b)) == 0
 
@@ -156,29 +151,12 @@ def _same_shape(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def _is_4d(node: Any) -> bool:
-    t = _tensor(node)
+    t = tensor_val(node)
     return t is not None and t.dim() == 4
-
-
-def _arg(node: fx.Node, index: int, name: str, default=None):
-    if len(node.args) > index:
-        return node.args[index]
-    return node.kwargs.get(name, default)
-
-
-def _op_name(node: fx.Node) -> str:
-    return op_name(node, namespace=False)
 
 
 def _gm(node: fx.Node) -> fx.GraphModule:
     return node.graph.owning_module
-
-
-def _fetch_attr(gm: fx.GraphModule, target: str):
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def _parameter_names(gm: fx.GraphModule) -> set[str]:
@@ -247,7 +225,7 @@ def _evaluate_constant(output: fx.Node) -> Any:
         elif node.op == "get_attr":
             if node.target in params:
                 raise Unevaluable(f"depends on the parameter `{node.target}`")
-            value = _fetch_attr(gm, node.target)
+            value = fetch_attr(gm, node.target)
             if isinstance(value, torch.Tensor):
                 if value.device.type == "meta":
                     raise Unevaluable(f"buffer `{node.target}` has no values (meta device)")
@@ -266,7 +244,7 @@ def _evaluate_constant(output: fx.Node) -> Any:
             try:
                 result = target(*args, **kwargs)
             except Exception as exc:  # noqa: BLE001 - any failure means "cannot evaluate here"
-                raise Unevaluable(f"{_op_name(node)} failed: {exc}") from exc
+                raise Unevaluable(f"{op_name(node, namespace=False)} failed: {exc}") from exc
             if isinstance(result, torch.Tensor) and result.numel() > MAX_EVAL_NUMEL:
                 raise Unevaluable("mask too large to evaluate")
             env[node] = result
@@ -361,7 +339,8 @@ def _walk(node: fx.Node, steps: tuple[Step, ...], i: int, acc: list, root: fx.No
     if node.op == "call_function" and node.target in step.ops and (step.applies is None or step.applies(node)):
         choices: list | str
         if node is not root and len(node.users) != 1:
-            choices = f"{_op_name(node)} ({step.role}) is also used outside the attention (e.g. returned)"
+            name = op_name(node, namespace=False)
+            choices = f"{name} ({step.role}) is also used outside the attention (e.g. returned)"
         else:
             choices = step.follow(node)
         if isinstance(choices, str):
@@ -380,7 +359,7 @@ def _walk(node: fx.Node, steps: tuple[Step, ...], i: int, acc: list, root: fx.No
         specific = step.mismatch(node) if step.mismatch else None
         fails.add(specific is not None, len(acc),
                   specific or f"expected {step.role} ({', '.join(sorted(str(o) for o in step.ops))}), "
-                              f"found {_op_name(node)}")
+                              f"found {op_name(node, namespace=False)}")
     if (step.optional or step.repeat) and i + 1 < len(steps):
         return _walk(node, steps, i + 1, acc, root, fails)
     return None
@@ -409,10 +388,10 @@ def _follow_pv(node: fx.Node):
 def _follow_passthrough(node: fx.Node):
     src = node.args[0]
     if node.target in DROPOUT:
-        if _arg(node, 2, "train", False) is not False:
+        if node_arg(node, 2, "train", False) is not False:
             return "dropout in training mode"
         return [(src, None)]
-    out, inp = _tensor(node), _tensor(src)
+    out, inp = tensor_val(node), tensor_val(src)
     if node.target in CASTS and out is not None and inp is not None:
         if not (out.is_floating_point() and inp.is_floating_point()):
             return f"cast from {inp.dtype} to {out.dtype}"
@@ -424,8 +403,8 @@ def _follow_passthrough(node: fx.Node):
 
 
 def _follow_softmax(node: fx.Node):
-    val = _tensor(node)
-    dim = _arg(node, 1, "dim")
+    val = tensor_val(node)
+    dim = node_arg(node, 1, "dim")
     if val is None or not isinstance(dim, int) or dim % val.dim() != val.dim() - 1:
         return "softmax not over the last dim"
     return [(node.args[0], None)]
@@ -465,7 +444,7 @@ def _follow_mask(node: fx.Node):
 
 
 def _is_scalar_like(node: Any) -> bool:
-    t = _tensor(node)
+    t = tensor_val(node)
     return t is None or all(isinstance(d, int) and d == 1 for d in t.shape)
 
 
@@ -475,7 +454,7 @@ def _follow_scale(node: fx.Node):
     for scores, factor in options:
         if not (isinstance(scores, fx.Node) and _is_4d(scores)) or not _is_scalar_like(factor):
             continue
-        if node.target in DIV and _arg(node, 2, "rounding_mode") is not None:
+        if node.target in DIV and node_arg(node, 2, "rounding_mode") is not None:
             return "division with a rounding mode"
         try:
             value = _scalar(factor)
@@ -498,11 +477,11 @@ def _qk_mismatch(node: fx.Node) -> str | None:
     if node.op == "call_function" and node.target in MASK_OPS:
         return "a mask is applied before the scale (scores must be scaled first)"
     if node.op == "call_function" and node.target in OTHER_SCORE_OPS:
-        return f"scores computed by {_op_name(node)} (only a 4-d matmul q @ kᵀ is matched)"
+        return f"scores computed by {op_name(node, namespace=False)} (only a 4-d matmul q @ kᵀ is matched)"
     return None
 
 
-TANH = _ops("tanh.default")
+TANH = aten_ops("tanh.default")
 
 
 def _follow_softcap(node: fx.Node):
@@ -543,8 +522,8 @@ SDPA_STEP = Step("sdpa", SDPA, lambda node: [])
 def _full_slice(node: fx.Node) -> bool:
     if node.target != aten.slice.Tensor:
         return False
-    start, step = _arg(node, 2, "start"), _arg(node, 4, "step", 1)
-    inp, out = _tensor(node.args[0]), _tensor(node)
+    start, step = node_arg(node, 2, "start"), node_arg(node, 4, "step", 1)
+    inp, out = tensor_val(node.args[0]), tensor_val(node)
     return start in (None, 0) and step == 1 and inp is not None and out is not None and _same_shape(inp, out)
 
 
@@ -561,11 +540,11 @@ def unrepeat_kv(node: fx.Node) -> tuple[fx.Node, int, list[fx.Node]]:
     Only repeats that put copy r of KV head j at head j * groups + r are undone -- the grouping the
     attention op uses (query head h reads KV head h // groups); `repeat` (tiling) is left alone.
     """
-    out = _tensor(node)
+    out = tensor_val(node)
     if out is None or out.dim() != 4:
         return node, 1, []
     if node.target == aten.repeat_interleave.self_int:
-        x, reps, dim = node.args[0], node.args[1], _arg(node, 2, "dim")
+        x, reps, dim = node.args[0], node.args[1], node_arg(node, 2, "dim")
         if isinstance(reps, int) and reps > 1 and dim in (1, -3) and _is_4d(x):
             return x, reps, [node]
         return node, 1, []
@@ -581,7 +560,7 @@ def unrepeat_kv(node: fx.Node) -> tuple[fx.Node, int, list[fx.Node]]:
         return node, 1, []
     seen.append(unsq)
     base = _skip_slices(unsq.args[0], seen)
-    x, e = _tensor(base), _tensor(expand)
+    x, e = tensor_val(base), tensor_val(expand)
     if x is None or e is None or x.dim() != 4 or e.dim() != 5:
         return node, 1, []
     groups = e.shape[2]
@@ -611,7 +590,7 @@ def _absorb_q_scale(q: fx.Node) -> tuple[fx.Node, float, list[fx.Node]]:
         options = [(q.args[0], q.args[1])] if q.target in DIV else [(q.args[0], q.args[1]), (q.args[1], q.args[0])]
         for x, factor in options:
             if isinstance(x, fx.Node) and _is_4d(x) and _is_scalar_like(factor):
-                tx, tq = _tensor(x), _tensor(q)
+                tx, tq = tensor_val(x), tensor_val(q)
                 if not _same_shape(tx, tq) or tx.dtype != tq.dtype:
                     continue
                 try:
@@ -625,7 +604,7 @@ def _absorb_q_scale(q: fx.Node) -> tuple[fx.Node, float, list[fx.Node]]:
 
 
 def _check_qkv(q: fx.Node, k: fx.Node, v: fx.Node, k_transposed: bool, root: fx.Node) -> None:
-    tq, tk, tv = _tensor(q), _tensor(k), _tensor(v)
+    tq, tk, tv = tensor_val(q), tensor_val(k), tensor_val(v)
     if any(t is None or t.dim() != 4 for t in (tq, tk, tv)):
         raise NoMatch("q, k, v are not 4-d (b, h, s, d)")
     kshape = list(tk.shape)
@@ -643,7 +622,7 @@ def _check_qkv(q: fx.Node, k: fx.Node, v: fx.Node, k_transposed: bool, root: fx.
         raise NoMatch(f"query heads {hq} not a multiple of key/value heads {hkv}")
     if not (tq.dtype == tk.dtype == tv.dtype):
         raise NoMatch(f"q, k, v dtypes differ ({tq.dtype}, {tk.dtype}, {tv.dtype})")
-    out = _tensor(root)
+    out = tensor_val(root)
     expected = tuple(tq.shape[:-1]) + (tv.shape[-1],)
     if out is None or out.dim() != 4 or not all(_same(a, e) for a, e in zip(out.shape, expected)):
         raise NoMatch("output shape is not (b, hq, sq, dv)")
@@ -697,9 +676,9 @@ def _plan_explicit(acc: list[tuple[str, fx.Node, Any]]) -> Plan:
 def _plan_sdpa(acc: list[tuple[str, fx.Node, Any]]) -> Plan:
     node = acc[0][1]
     q, k, v = node.args[0], node.args[1], node.args[2]
-    mask = _arg(node, 3, "attn_mask")
-    dropout_p = _arg(node, 4, "dropout_p", 0.0)
-    is_causal = _arg(node, 5, "is_causal", False)
+    mask = node_arg(node, 3, "attn_mask")
+    dropout_p = node_arg(node, 4, "dropout_p", 0.0)
+    is_causal = node_arg(node, 5, "is_causal", False)
     scale = node.kwargs.get("scale", node.args[6] if len(node.args) > 6 else None)
     enable_gqa = node.kwargs.get("enable_gqa", node.args[7] if len(node.args) > 7 else False)
     if not isinstance(dropout_p, (int, float)) or dropout_p != 0:
@@ -708,7 +687,7 @@ def _plan_sdpa(acc: list[tuple[str, fx.Node, Any]]) -> Plan:
         raise NoMatch("is_causal is not a constant")
     if not all(_is_4d(t) for t in (q, k, v)):
         raise NoMatch("q, k, v are not 4-d (b, h, s, d)")
-    d = _tensor(q).shape[-1]
+    d = tensor_val(q).shape[-1]
     if scale is None:
         if not isinstance(d, int):
             raise NoMatch("head dim is dynamic and no scale is given")
@@ -718,35 +697,34 @@ def _plan_sdpa(acc: list[tuple[str, fx.Node, Any]]) -> Plan:
     extra: list[fx.Node] = []
     groups = 1
     if enable_gqa:
-        hq, hkv = _tensor(q).shape[1], _tensor(k).shape[1]
+        hq, hkv = tensor_val(q).shape[1], tensor_val(k).shape[1]
         groups = hq // hkv if isinstance(hq, int) and isinstance(hkv, int) and hkv else 1
     else:
         k, v, groups, extra = _kv_groups(k, v)
     parts = []
     if isinstance(mask, fx.Node):
-        tm = _tensor(mask)
+        tm = tensor_val(mask)
         parts = [MaskPart("keep", mask, float("-inf")) if tm is not None and tm.dtype == torch.bool
                  else MaskPart("add", mask)]
     elif mask is not None:
         raise NoMatch("attn_mask is not a tensor")
-    if is_causal and not _same(_tensor(q).shape[2], _tensor(k).shape[2]):
+    if is_causal and not _same(tensor_val(q).shape[2], tensor_val(k).shape[2]):
         raise NoMatch("is_causal with sq != skv (top-left aligned causal mask)")
     _check_qkv(q, k, v, False, node)
     return Plan("sdpa", node, node, q, k, v, scale, parts, is_causal, False, groups, [node], extra)
 
 
-#: The pattern table: (name, steps walked backward from the root, plan/check). Matches are counted per name.
-PATTERNS: tuple[Pattern, ...] = (
-    Pattern("sdpa", (SDPA_STEP,), _plan_sdpa),
-    Pattern("explicit", (PV, PASS, SOFTMAX_STEP, PASS, MASK, SOFTCAP, SCALE, PASS, PRESCALE_MASK, SCALE, PASS, QK),
-            _plan_explicit),
-)
+#: The pattern table: (name, steps walked backward from the root, plan/check); RULES' checks match them.
+SDPA_PATTERN = Pattern("sdpa", (SDPA_STEP,), _plan_sdpa)
+EXPLICIT_PATTERN = Pattern("explicit", (PV, PASS, SOFTMAX_STEP, PASS, MASK, SOFTCAP, SCALE, PASS, PRESCALE_MASK, SCALE,
+                                        PASS, QK), _plan_explicit)
+PATTERNS: tuple[Pattern, ...] = (SDPA_PATTERN, EXPLICIT_PATTERN)
 
 
 # --------------------------------------------------------------------------------------------- masks
 def _classify(plan: Plan, ctx: PassContext | None, cache: dict) -> MaskDecision:
     """The mask's form, proved from the graph that builds it (passes/masks.py), cached per mask."""
-    tq, tk = _tensor(plan.q), _tensor(plan.k)
+    tq, tk = tensor_val(plan.q), tensor_val(plan.k)
     sq, skv = tq.shape[2], (tk.shape[3] if plan.k_transposed else tk.shape[2])
     key = (tuple((p.kind, p.node, p.value, p.scale) for p in plan.parts), plan.is_causal, str(_expr(sq)),
            str(_expr(skv)), str(_expr(tq.shape[0])), str(_expr(tq.shape[1])))
@@ -762,7 +740,7 @@ def _classify(plan: Plan, ctx: PassContext | None, cache: dict) -> MaskDecision:
 
 def _structural(plan: Plan, square: bool) -> MaskDecision | None:
     """GPT-2's `tril_buffer[:s, :s] == 0` filled with -inf, recognised without the buffer's values."""
-    sq = _tensor(plan.q).shape[2]
+    sq = tensor_val(plan.q).shape[2]
     if not square or plan.is_causal or len(plan.parts) != 1 or plan.parts[0].kind != "fill":
         return None
     eq = plan.parts[0].node
@@ -772,16 +750,16 @@ def _structural(plan: Plan, square: bool) -> MaskDecision | None:
     while isinstance(node, fx.Node) and node.target == aten.slice.Tensor:
         slices.append(node)
         node = node.args[0]
-    buf = _tensor(node)
+    buf = tensor_val(node)
     if not (isinstance(node, fx.Node) and node.op == "get_attr"):
         return None
-    value = _fetch_attr(_gm(node), node.target)
+    value = fetch_attr(_gm(node), node.target)
     if not (isinstance(value, torch.Tensor) and value.device.type == "meta"):
         return None  # real values were there to evaluate: the evaluation's verdict stands
     if not (buf is not None and buf.dim() == 2
-            and len(slices) == 2 and {_arg(s, 1, "dim", 0) % 2 for s in slices} == {0, 1}
-            and all(_arg(s, 2, "start") in (None, 0) and _arg(s, 4, "step", 1) == 1 for s in slices)
-            and _tensor(eq).dim() == 2 and all(_same(d, sq) for d in _tensor(eq).shape)):  # buf[:sq, :sq]
+            and len(slices) == 2 and {node_arg(s, 1, "dim", 0) % 2 for s in slices} == {0, 1}
+            and all(node_arg(s, 2, "start") in (None, 0) and node_arg(s, 4, "step", 1) == 1 for s in slices)
+            and tensor_val(eq).dim() == 2 and all(_same(d, sq) for d in tensor_val(eq).shape)):  # buf[:sq, :sq]
         return None
     return MaskDecision("causal", True, evidence=f"assumed from the idiom `{node.target}[:s, :s] == 0` "
                         "(buffer values unavailable, e.g. on the meta device)")
@@ -817,7 +795,7 @@ def _new_node(graph: fx.Graph, target, args: tuple, like: fx.Node, made: list[fx
 
 def _bias_from_parts(graph: fx.Graph, plan: Plan, like: fx.Node, made: list[fx.Node]) -> fx.Node:
     """One additive float mask (q's dtype) equal to the sum of the plan's mask parts."""
-    dtype = _tensor(plan.q).dtype
+    dtype = tensor_val(plan.q).dtype
     terms = []
     for part in plan.parts:
         if part.kind == "add":
@@ -828,7 +806,7 @@ def _bias_from_parts(graph: fx.Graph, plan: Plan, like: fx.Node, made: list[fx.N
             term = _new_node(graph, aten.where.Scalar, (part.node, part.value * part.scale, 0.0), like, made)
         else:
             term = _new_node(graph, aten.where.Scalar, (part.node, 0.0, part.value * part.scale), like, made)
-        if _tensor(term).dtype != dtype:
+        if tensor_val(term).dtype != dtype:
             term = _new_node(graph, aten._to_copy.default, (term,), like, made, {"dtype": dtype})
         terms.append(term)
     bias = terms[0]
@@ -847,12 +825,12 @@ def _meta_tensor(ctx: PassContext | None, val: torch.Tensor) -> torch.Tensor:
 
 def _kernel(ctx: PassContext | None, node: fx.Node) -> tuple[str, str]:
     q, k, v, kpm, bias, causal, scale = node.args
-    metas = [_meta_tensor(ctx, _tensor(t)) if isinstance(t, fx.Node) else None for t in (q, k, v, kpm, bias)]
-    features = {name: (_meta_tensor(ctx, _tensor(value)) if isinstance(value, fx.Node) else value)
+    metas = [_meta_tensor(ctx, tensor_val(t)) if isinstance(t, fx.Node) else None for t in (q, k, v, kpm, bias)]
+    features = {name: (_meta_tensor(ctx, tensor_val(value)) if isinstance(value, fx.Node) else value)
                 for name, value in node.kwargs.items()}
     kernel, reason = attention_op.kernel_choice(*metas, causal=causal, scale=scale, **features)
     if kernel == "flash":  # the label: a dynamic query length is prefill (the op picks per call at run time)
-        sq = _tensor(q).shape[2]
+        sq = tensor_val(q).shape[2]
         few = isinstance(sq, int) and sq <= attention_op.DECODE_MAX_QUERIES
         kernel = "flash_decode" if few else "flash_prefill"
     return kernel, reason
@@ -867,7 +845,7 @@ def _erase_dead(graph: fx.Graph, seeds: list[fx.Node]) -> list[fx.Node]:
         node = work.pop()
         if node in gone or node.users or node.op in ("placeholder", "output", "call_module"):
             continue
-        eval_dropout = node.target in DROPOUT and _arg(node, 2, "train", False) is False
+        eval_dropout = node.target in DROPOUT and node_arg(node, 2, "train", False) is False
         if node.op == "call_function" and not eval_dropout and node.is_impure():
             continue
         inputs = node.all_input_nodes
@@ -905,7 +883,7 @@ def rewrite(gm: fx.GraphModule, plan: Plan, decision: MaskDecision, ctx: PassCon
             k = _new_node(graph, aten.transpose.int, (plan.k, -2, -1), root, new_nodes)
         kpm = None
         source = decision.padding_source
-        if source is not None and _tensor(source).dtype == torch.bool:
+        if source is not None and tensor_val(source).dtype == torch.bool:
             kpm = source
         elif source is not None:
             if source not in shared or shared[source].graph is not graph:
@@ -959,17 +937,36 @@ def rewrite(gm: fx.GraphModule, plan: Plan, decision: MaskDecision, ctx: PassCon
 # --------------------------------------------------------------------------------------------- sites
 @dataclass
 class Site:
-    """One attention-like place in the graph: a softmax fed by a matmul, or an sdpa call."""
+    """One attention-like place in the graph, a softmax fed by a matmul or an sdpa call: a match of RULES.
+
+    A rule's pattern finds it with the `root` its Pattern walks back from; the rule's check fills `plan` or
+    `reason`; its rewrite records what it made (the attention node and its info, the bytes it moved)."""
 
     anchor: fx.Node
     kind: str  # softmax | sdpa
     module: str
     plan: Plan | None = None
     reason: str = ""
+    root: fx.Node | None = None  # sdpa: the call itself; softmax: the P @ V matmul it feeds (None: none does)
+    new_node: fx.Node | None = None  # rewritten: the fxopt attention node now in its place
+    info: AttentionInfo | None = None  # rewritten: what the pass decided (also the node's meta)
+    outcome: str = ""  # rewritten: why its mask stays general or the SDPA fallback runs ("" for neither)
+    entry: dict | None = None  # rewritten: its PassResult.attention_rewrites entry (bytes before and after)
+
+    @property
+    def where(self) -> str:
+        return self.module or self.anchor.name
+
+    def record(self) -> dict:
+        """Its PassResult.attention_sites entry, what `fxopt explain` and the report read."""
+        done = self.new_node is not None
+        return {"node": self.anchor.name, "module": self.module, "kind": self.kind, "matched": done,
+                "pattern": self.plan.pattern if done else None, "reason": self.outcome if done else self.reason,
+                "info": self.info, "new_node": self.new_node.name if done else None}
 
 
 #: Ops a softmax's input may pass through on its way from the q·kᵀ matmul (for `explain`).
-SCORE_PATH = PASSTHROUGH | MASK_OPS | SCALE_OPS | RESHAPES | _ops(
+SCORE_PATH = PASSTHROUGH | MASK_OPS | SCALE_OPS | RESHAPES | aten_ops(
     "transpose.int", "permute.default", "expand.default", "unsqueeze.default", "squeeze.dim", "slice.Tensor",
     "sub.Tensor", "neg.default", "tanh.default")
 
@@ -986,21 +983,21 @@ def _attention_like(softmax: fx.Node, hops: int = 8) -> bool:
             if node.target in MATMUL | OTHER_SCORE_OPS:
                 return True
             if node.target in SCORE_PATH:
-                nxt.extend(n for n in node.all_input_nodes if _tensor(n) is not None)
+                nxt.extend(n for n in node.all_input_nodes if tensor_val(n) is not None)
         frontier = nxt
     return False
 
 
-# --------------------------------------------------------------------------------------------- 3-d attention
-BMM = _ops("bmm.default")
-BADDBMM = _ops("baddbmm.default")
+# --------------------------------------------------------------------------------------------- 3-d helpers
+BMM = aten_ops("bmm.default")
+BADDBMM = aten_ops("baddbmm.default")
 
 
 def _unmerged(node: Any) -> fx.Node | None:
     """The 4-d (B, H, S, D) tensor that `node` = reshape to (B*H, S, D) merges the leading dims of, else None."""
     if not (isinstance(node, fx.Node) and node.op == "call_function" and node.target in RESHAPES):
         return None
-    src, out, inp = node.args[0], _tensor(node), _tensor(node.args[0])
+    src, out, inp = node.args[0], tensor_val(node), tensor_val(node.args[0])
     if out is None or inp is None or out.dim() != 3 or inp.dim() != 4:
         return None
     merged = _expr(inp.shape[0]) * _expr(inp.shape[1])
@@ -1026,175 +1023,266 @@ def _from_softmax(node: Any) -> bool:
     return isinstance(node, fx.Node) and node.target in SOFTMAX
 
 
-def normalize_batched(gm: fx.GraphModule) -> int:
-    """Rewrite 3-d batched attention (Bloom: baddbmm(alibi, q, kᵀ) on (B*H, S, D) views, viewed back to
-    (B, H, Sq, Skv), softmax, bmm with v) into the 4-d matmuls the PATTERNS match. Exact: the same products,
-    scale and bias; only the (B, H) merge moves. Returns how many products were rewritten."""
-    graph, count = gm.graph, 0
-    for node in list(graph.nodes):
-        if node.op != "call_function":
-            continue
-        if node.target in BMM and _from_softmax(_unmerged(node.args[0])):
-            p, v = _unmerged(node.args[0]), _unmerged(node.args[1])
-            if v is None or not _same(_tensor(p).shape[1], _tensor(v).shape[1]):
-                continue  # the (b*h) rows of p and v must split the same way to pair up as 4-d
-            made: list[fx.Node] = []
-            with graph.inserting_before(node):
-                out = _new_node(graph, aten.matmul.default, (p, v), node, made)  # (b, h, sq, d)
-                flat = _new_node(graph, aten.flatten.using_ints, (out, 0, 1), node, made)  # (b*h, sq, d)
-            node.replace_all_uses_with(flat)
-            graph.erase_node(node)
-            count += 1
-        elif node.target in BMM | BADDBMM and len(node.users) == 1:
-            count += _normalize_scores(graph, node)
-    if count:
-        graph.eliminate_dead_code()
-        gm.recompile()
-    return count
+def _positions(gm: fx.GraphModule) -> dict[fx.Node, int]:
+    return {node: i for i, node in enumerate(gm.graph.nodes)}
 
 
-def _normalize_scores(graph: fx.Graph, node: fx.Node) -> int:
-    """view4(baddbmm(bias, q3, kᵀ3, beta, alpha)) -> alpha * (q @ kᵀ) + beta * bias, all (b, h, sq, skv)."""
-    view = next(iter(node.users))
-    out = _tensor(view)
-    if view.target not in RESHAPES or out is None or out.dim() != 4 or not isinstance(out.shape[1], int):
-        return 0
+# --------------------------------------------------------------------------------------------- 3-d products
+@dataclass
+class Product:
+    """A 3-d batched product (bmm / baddbmm over (b*h, s, d) views) and the 4-d operands BATCHED_RULES read."""
+
+    node: fx.Node
+    p: fx.Node | None = None  # P @ V: the 4-d probabilities and values behind the merged views
+    v: fx.Node | None = None
+    view: fx.Node | None = None  # scores: the view back to (b, h, sq, skv), replaced by the 4-d scores
+    q: fx.Node | None = None
+    kt: tuple[str, fx.Node] | None = None  # ("transpose", k) or ("as_is", kᵀ), 4-d
+    alpha: float = 1
+    beta: float = 1
+
+
+def batched_pv(gm: fx.GraphModule) -> list[Product]:
+    """bmm(merge(P), ·) where P is a softmax's output (through dropouts, casts, copies)."""
+    return [Product(n, p=_unmerged(n.args[0])) for n in gm.graph.nodes
+            if n.op == "call_function" and n.target in BMM and _from_softmax(_unmerged(n.args[0]))]
+
+
+def check_batched_pv(rw: Rewriter | None, m: Product) -> str | None:
+    """V must be a merged 4-d tensor whose (b*h) rows split into the heads P's do, to pair up as 4-d."""
+    m.v = _unmerged(m.node.args[1])
+    if m.v is None:
+        return "v is not a (b*h, s, d) view of a 4-d tensor"
+    if not _same(tensor_val(m.p).shape[1], tensor_val(m.v).shape[1]):
+        return "the (b*h) rows of p and v split into different heads"
+    return None
+
+
+def pv_to_4d(rw: Rewriter, m: Product) -> None:
+    """bmm(merge(P), merge(V)) -> flatten(P @ V, 0, 1): the same (b*h, sq, d) values."""
+    graph, node, made = rw.gm.graph, m.node, []
+    with graph.inserting_before(node):
+        out = _new_node(graph, aten.matmul.default, (m.p, m.v), node, made)  # (b, h, sq, d)
+        flat = _new_node(graph, aten.flatten.using_ints, (out, 0, 1), node, made)  # (b*h, sq, d)
+    node.replace_all_uses_with(flat)
+    graph.erase_node(node)
+
+
+def batched_scores(gm: fx.GraphModule) -> list[Product]:
+    """Single-use bmm / baddbmm products that are not a softmax's P @ V (batched_pv's)."""
+    return [Product(n) for n in gm.graph.nodes
+            if n.op == "call_function" and n.target in BMM | BADDBMM and len(n.users) == 1
+            and not (n.target in BMM and _from_softmax(_unmerged(n.args[0])))]
+
+
+def check_batched_scores(rw: Rewriter | None, m: Product) -> str | None:
+    """view4(baddbmm(bias, q3, kᵀ3, beta, alpha)): a 4-d view with static heads, q and kᵀ merged from 4-d
+    tensors of those heads, constant alpha and beta, a bias of (1 or b*h) rows."""
+    node = m.node
+    m.view = next(iter(node.users))
+    out = tensor_val(m.view)
+    if m.view.target not in RESHAPES or out is None or out.dim() != 4 or not isinstance(out.shape[1], int):
+        return "not viewed back to 4-d (b, h, sq, skv) with a static head count"
     qi, ki = (1, 2) if node.target in BADDBMM else (0, 1)
-    q, kt = _unmerged(node.args[qi]), _unmerged_kt(node.args[ki])
-    if q is None or kt is None or not all(_same(_tensor(t).shape[1], out.shape[1]) for t in (q, kt[1])):
-        return 0  # q's, k's and the scores' (b*h) rows must split into the same heads
-    beta, alpha = node.kwargs.get("beta", 1), node.kwargs.get("alpha", 1)
-    if not all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in (beta, alpha)):
-        return 0
-    made: list[fx.Node] = []
+    m.q, m.kt = _unmerged(node.args[qi]), _unmerged_kt(node.args[ki])
+    if m.q is None or m.kt is None or not all(_same(tensor_val(t).shape[1], out.shape[1]) for t in (m.q, m.kt[1])):
+        return "q's, k's and the scores' (b*h) rows do not split into the same heads"
+    m.beta, m.alpha = node.kwargs.get("beta", 1), node.kwargs.get("alpha", 1)
+    if not all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in (m.beta, m.alpha)):
+        return "alpha or beta is not a constant"
+    if node.target in BADDBMM and m.beta != 0:
+        tb, heads = tensor_val(node.args[0]), out.shape[1]
+        if tb is None or tb.dim() != 3 or not (_same(tb.shape[0], 1) or sympy.expand(
+                _expr(tb.shape[0]) - _expr(tensor_val(m.q).shape[0]) * heads) == 0):
+            return "the bias is not a 3-d tensor of 1 or b*h rows"
+    return None
+
+
+def scores_to_4d(rw: Rewriter, m: Product) -> None:
+    """view4(baddbmm(bias, q3, kᵀ3, beta, alpha)) -> alpha * (q @ kᵀ) + beta * bias, all (b, h, sq, skv)."""
+    graph, node, view, made = rw.gm.graph, m.node, m.view, []
     with graph.inserting_before(view):
-        how, k = kt
+        how, k = m.kt
         if how == "transpose":
             k = _new_node(graph, aten.transpose.int, (k, -2, -1), view, made)  # (b, h, d, skv)
-        scores = _new_node(graph, aten.matmul.default, (q, k), view, made)  # (b, h, sq, skv)
-        if alpha != 1:
-            scores = _new_node(graph, aten.mul.Tensor, (scores, alpha), view, made)
-        if node.target in BADDBMM and beta != 0:
-            bias, heads = node.args[0], out.shape[1]
-            tb = _tensor(bias)
-            if tb is None or tb.dim() != 3 or not (_same(tb.shape[0], 1) or sympy.expand(
-                    _expr(tb.shape[0]) - _expr(_tensor(q).shape[0]) * heads) == 0):
-                for n in reversed(made):
-                    graph.erase_node(n)
-                return 0
-            merged = _expr(_tensor(q).shape[0]) * heads
-            if sympy.expand(_expr(tb.shape[0]) - merged) == 0:
+        scores = _new_node(graph, aten.matmul.default, (m.q, k), view, made)  # (b, h, sq, skv)
+        if m.alpha != 1:
+            scores = _new_node(graph, aten.mul.Tensor, (scores, m.alpha), view, made)
+        if node.target in BADDBMM and m.beta != 0:
+            bias, heads = node.args[0], tensor_val(view).shape[1]
+            merged = _expr(tensor_val(m.q).shape[0]) * heads
+            if sympy.expand(_expr(tensor_val(bias).shape[0]) - merged) == 0:
                 bias = _new_node(graph, aten.unflatten.int, (bias, 0, [-1, heads]), view, made)  # (b, h, ., skv)
-            if beta != 1:
-                bias = _new_node(graph, aten.mul.Tensor, (bias, beta), view, made)
+            if m.beta != 1:
+                bias = _new_node(graph, aten.mul.Tensor, (bias, m.beta), view, made)
             scores = _new_node(graph, aten.add.Tensor, (scores, bias), view, made)
     view.replace_all_uses_with(scores)
     graph.erase_node(view)
     graph.erase_node(node)
-    return 1
 
 
-def find_sites(gm: fx.GraphModule) -> list[Site]:
-    """Every attention-like site with its Plan, or the reason no pattern applies."""
-    outcomes: dict[fx.Node, tuple[Plan | None, str]] = {}
-    for node in gm.graph.nodes:
-        if node.op != "call_function":
-            continue
-        for pattern in PATTERNS:
-            if node.target in pattern.root_ops:
-                result = match(pattern, node)
-                if isinstance(result, Plan):
-                    outcomes[node] = (result, "")
-                    break
-                outcomes.setdefault(node, (None, result))
-    sites: list[Site] = []
-    for node in gm.graph.nodes:
-        if node.op != "call_function":
-            continue
-        if node.target in SDPA:
-            plan, reason = outcomes.get(node, (None, "no pattern matched"))
-            sites.append(Site(node, "sdpa", cost_pass.module_path(node), plan, reason))
-        elif node.target in SOFTMAX and _attention_like(node):
-            sites.append(_softmax_site(node, outcomes))
-    return sites
+#: 3-d batched attention (Bloom: baddbmm(alibi, q, kᵀ) on (B*H, S, D) views, viewed back to (B, H, Sq, Skv),
+#: softmax, bmm with v) -> the 4-d matmuls RULES match. Exact: the same products, scale and bias.
+BATCHED_RULES: tuple[Rule, ...] = (
+    Rule("batched_pv", batched_pv, check_batched_pv, pv_to_4d),
+    Rule("batched_scores", batched_scores, check_batched_scores, scores_to_4d),
+)
 
 
-def _softmax_site(softmax: fx.Node, outcomes: dict) -> Site:
-    site = Site(softmax, "softmax", cost_pass.module_path(softmax))
-    for plan, _ in outcomes.values():
-        if plan is not None and plan.anchor is softmax:
-            site.plan = plan
-            return site
+def normalize_batched(gm: fx.GraphModule, ctx: PassContext | None = None) -> int:
+    """BATCHED_RULES over gm, products in graph order; returns how many were rewritten. Their notes are not the
+    pass's: a product left 3-d is reported at its attention site ("P @ V computed by bmm", "scores computed by
+    baddbmm")."""
+    position = _positions(gm)
+    rw, _ = apply_rules(gm, ctx, BATCHED_RULES, lambda m: m.node.name, "attention",
+                        order=lambda m: position[m.node], fake=False)
+    count = sum(rw.counts[rule.name] for rule in BATCHED_RULES)
+    if count:
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
+    return count
+
+
+# --------------------------------------------------------------------------------------------- the rules
+def sdpa_sites(gm: fx.GraphModule) -> list[Site]:
+    """Every scaled_dot_product_attention call, its own root."""
+    return [Site(n, "sdpa", cost_pass.module_path(n), root=n) for n in gm.graph.nodes
+            if n.op == "call_function" and n.target in SDPA]
+
+
+def softmax_sites(gm: fx.GraphModule) -> list[Site]:
+    """Every softmax a matmul feeds (within a few score-path ops), rooted at the P @ V matmul it feeds."""
+    return [Site(n, "softmax", cost_pass.module_path(n), root=_pv_root(n)) for n in gm.graph.nodes
+            if n.op == "call_function" and n.target in SOFTMAX and _attention_like(n)]
+
+
+def _pv_root(softmax: fx.Node) -> fx.Node | None:
+    """The matmul the explicit Pattern walks back from to this softmax: the one its output reaches as the first
+    operand through single-use dropouts, casts and same-shape reshapes (the walk refuses any other path)."""
+    cur = softmax
+    while len(cur.users) == 1:
+        user = next(iter(cur.users))
+        if user.op != "call_function" or not user.args or user.args[0] is not cur:
+            return None
+        if user.target in MATMUL:
+            return user
+        if user.target not in PASSTHROUGH | RESHAPES:
+            return None
+        cur = user
+    return None
+
+
+def check_sdpa(rw: Rewriter | None, site: Site) -> str | None:
+    """The sdpa Pattern's Plan for the call, or why it does not apply (dropout, a traced flag, shapes, ...)."""
+    return _planned(site, match(SDPA_PATTERN, site.root))
+
+
+def check_explicit(rw: Rewriter | None, site: Site) -> str | None:
+    """The explicit Pattern's Plan walked back from the softmax's P @ V, or the most telling reason none applies."""
+    result = match(EXPLICIT_PATTERN, site.root) if site.root is not None else None
+    if isinstance(result, Plan) and result.anchor is site.anchor:
+        return _planned(site, result)
+    return _planned(site, _softmax_reason(site.anchor, {site.root: result}))
+
+
+def _planned(site: Site, result: Plan | str) -> str | None:
+    """Record a match's Plan (None: rewrite it) or its refusal (returned: the reason)."""
+    if isinstance(result, Plan):
+        site.plan = result
+        return None
+    site.reason = result
+    return result
+
+
+def _softmax_reason(softmax: fx.Node, tried: dict) -> str:
+    """Why no Plan covers this softmax: what its output goes to, or the explicit Pattern's refusal at that
+    matmul (`tried`: results already matched, by root)."""
+    if _follow_softmax(softmax) == "softmax not over the last dim":
+        return "softmax not over the last dim"
     cur = softmax
     while len(cur.users) == 1 and next(iter(cur.users)).target in PASSTHROUGH:
         cur = next(iter(cur.users))
     users = list(cur.users)
     if len(users) > 1:
-        site.reason = "the attention probabilities are also used outside the attention (e.g. returned)"
-    elif users and users[0].target in OTHER_SCORE_OPS:
-        site.reason = f"P @ V computed by {_op_name(users[0])} (only a 4-d matmul is matched)"
-    elif not users:
-        site.reason = "no matmul with v after softmax (its output is unused)"
-    elif users[0].target not in MATMUL or users[0].args[0] is not cur:
-        site.reason = f"no matmul with v after softmax (its output goes to {_op_name(users[0])})"
-    else:
-        site.reason = outcomes.get(users[0], (None, "no pattern matched"))[1]
-    if _follow_softmax(softmax) == "softmax not over the last dim":
-        site.reason = "softmax not over the last dim"
-    return site
+        return "the attention probabilities are also used outside the attention (e.g. returned)"
+    if users and users[0].target in OTHER_SCORE_OPS:
+        return f"P @ V computed by {op_name(users[0], namespace=False)} (only a 4-d matmul is matched)"
+    if not users:
+        return "no matmul with v after softmax (its output is unused)"
+    if users[0].target not in MATMUL or users[0].args[0] is not cur:
+        return f"no matmul with v after softmax (its output goes to {op_name(users[0], namespace=False)})"
+    result = tried[users[0]] if users[0] in tried else match(EXPLICIT_PATTERN, users[0])
+    return result if isinstance(result, str) else ""
+
+
+def rewrite_site(rw: Rewriter, site: Site) -> None:
+    """The site's Plan -> one fxopt attention node, its mask classified first (rw.memo: forms cached per mask,
+    key-padding masks built once for every site that reads them); the SDPA fallback is counted and noted."""
+    decision = _classify(site.plan, rw.ctx, rw.memo.setdefault("attention.mask_forms", {}))
+    site.new_node, site.entry = rewrite(rw.gm, site.plan, decision, rw.ctx, rw.memo.setdefault("attention.kpm", {}))
+    site.info = site.new_node.meta[ATTENTION_KEY]
+    site.outcome = decision.reason or site.info.fallback_reason
+    if site.info.kernel == "sdpa":
+        rw.count("fallback")
+        rw.notes.append(f"{site.where}: SDPA fallback: {site.info.fallback_reason}")
+
+
+def _unmatched(rule: Rule, site: Site, reason: str) -> str:
+    return f"{site.where}: attention-like {site.kind} not rewritten: {reason}"
+
+
+#: One rule per attention form, named as its Pattern (so PassResult.counts has a count per PATTERNS name). Sites a
+#: check leaves are counted "unmatched" and noted with the reason; rewrites on the SDPA fallback count "fallback".
+RULES: tuple[Rule, ...] = (
+    Rule("sdpa", sdpa_sites, check_sdpa, rewrite_site, refused="unmatched"),
+    Rule("explicit", softmax_sites, check_explicit, rewrite_site, refused="unmatched"),
+)
+
+
+def find_sites(gm: fx.GraphModule) -> list[Site]:
+    """Every attention-like site in graph order with its Plan, or the reason none applies: what RULES' patterns
+    and checks decide, without rewriting anything."""
+    sites = []
+    for rule in RULES:
+        for site in rule.pattern(gm):
+            rule.check(None, site)
+            sites.append(site)
+    position = _positions(gm)
+    return sorted(sites, key=lambda site: position[site.anchor])
 
 
 # --------------------------------------------------------------------------------------------- the pass
-
-
 def run(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-    """Replace every recognised attention with one fxopt attention node; report the rest."""
-    normalized = normalize_batched(gm)
-    sites = find_sites(gm)
-    counts = {pattern.name: 0 for pattern in PATTERNS}
-    counts.update(unmatched=0, fallback=0)
-    notes: list[str] = []
-    report: list[dict] = []
-    records: list[dict] = []
-    cache: dict = {}
-    shared: dict = {}
-    for site in sites:
-        record = {"node": site.anchor.name, "module": site.module, "kind": site.kind, "matched": False,
-                  "pattern": None, "reason": site.reason, "info": None, "new_node": None}
-        records.append(record)
-        where = site.module or site.anchor.name
-        if site.plan is None:
-            counts["unmatched"] += 1
-            notes.append(f"{where}: attention-like {site.kind} not rewritten: {site.reason}")
-            continue
-        decision = _classify(site.plan, ctx, cache)
-        node, entry = rewrite(gm, site.plan, decision, ctx, shared)
-        report.append(entry)
-        info = node.meta[ATTENTION_KEY]
-        counts[site.plan.pattern] += 1
-        record.update(matched=True, pattern=site.plan.pattern, info=info, new_node=node.name,
-                      reason=decision.reason or info.fallback_reason)
-        if info.kernel == "sdpa":
-            counts["fallback"] += 1
-            notes.append(f"{where}: SDPA fallback: {info.fallback_reason}")
+    """Replace every recognised attention with one fxopt attention node; report the rest.
+
+    RULES run through the shared engine: every site decided on the graph as found (after the 3-d products are
+    viewed as 4-d), then rewritten or noted in graph order -- sites do not overlap, and the order names the new
+    nodes and places a key-padding mask shared by several sites before the first of them."""
+    normalized = normalize_batched(gm, ctx)
+    position = _positions(gm)
+    rw, notes = apply_rules(gm, ctx, RULES, None, "attention", order=lambda site: position[site.anchor],
+                            note=_unmatched, keys=("fallback",), fake=False)
+    sites = [site for _, site, _ in rw.log]
     if normalized:
         notes.append(f"{normalized} 3-d batched (b*h, s, d) products viewed as 4-d (b, h, s, d) to be matched")
-    changed = bool(normalized) or any(counts[p.name] for p in PATTERNS)
+    changed = bool(normalized) or any(rw.counts[rule.name] for rule in RULES)
     if changed:
         finish(gm)
-    return PassResult(changed=changed, notes=notes, counts=counts, attention_sites=records,
-                      attention_rewrites=report)
+    return PassResult(changed=changed, notes=notes, counts=rw.counts, attention_sites=[s.record() for s in sites],
+                      attention_rewrites=[s.entry for s in sites if s.entry is not None])
 
 
 __all__ = [
     "ATTENTION_KEY",
     "AttentionInfo",
+    "BATCHED_RULES",
     "MaskDecision",
     "MaskPart",
     "NoMatch",
     "PATTERNS",
     "Pattern",
     "Plan",
+    "RULES",
     "Site",
     "Step",
     "find_sites",

@@ -43,11 +43,14 @@ import torch
 from torch import fx
 
 import fxopt.codegen.attention_op  # noqa: F401  (registers torch.ops.fxopt.*)
+from fxopt import opnames
 from fxopt.errors import KVCacheError  # noqa: F401  (raised here, defined with the other refusals)
+from fxopt.nodes import aten_packets, fetch_attr, node_arg, size_expr, tensor_val
 from fxopt.nodes import meta_val as _val
 from fxopt.nodes import op_name as _op_name
 from fxopt.passes import masks
 from fxopt.passes.infra import PassContext, PassResult, add_constant, finish
+from fxopt.passes.rules import Rewriter, Rule, apply_rules
 
 aten = torch.ops.aten
 ATTENTION = torch.ops.fxopt.attention.default
@@ -93,18 +96,8 @@ _LIBRARY_DIRS = tuple(os.path.join(os.path.dirname(os.path.abspath(f)), "") for 
 # ------------------------------------------------------------------------------------------------
 
 
-def _is_tensor_node(node) -> bool:
-    return isinstance(node, fx.Node) and isinstance(_val(node), torch.Tensor)
-
-
-def _expr(size) -> sympy.Expr:
-    if isinstance(size, torch.SymInt):
-        return sympy.sympify(size.node.expr)
-    return sympy.Integer(int(size))
-
-
 def _shape(node) -> tuple[sympy.Expr, ...]:
-    return tuple(_expr(d) for d in _val(node).shape)
+    return tuple(size_expr(d) for d in _val(node).shape)
 
 
 def _rank(node) -> int:
@@ -115,9 +108,11 @@ def _arg_expr(arg) -> sympy.Expr | None:
     """A size argument (int, SymInt node or meta SymInt) as a sympy expression."""
     if isinstance(arg, fx.Node):
         value = _val(arg)
-        return _expr(value) if isinstance(value, (int, torch.SymInt)) else None
+        if isinstance(value, bool):  # a node's boolean value reads as the integer it is
+            value = int(value)
+        return size_expr(value) if isinstance(value, (int, torch.SymInt)) else None
     if isinstance(arg, (int, torch.SymInt)) and not isinstance(arg, bool):
-        return _expr(arg)
+        return size_expr(arg)
     return None
 
 
@@ -145,15 +140,36 @@ def _packet(node: fx.Node):
 # ------------------------------------------------------------------------------------------------
 
 
-def _sdpa_to_attention(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
-    """aten.scaled_dot_product_attention -> fxopt::attention (same semantics, mask as attn_bias)."""
+def _sdpa_args(node: fx.Node) -> dict[str, Any]:
+    """An aten.scaled_dot_product_attention call's arguments by name, defaults filled in."""
     names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
     defaults = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
     bound = dict(defaults)
     bound.update(dict(zip(names, node.args)))
     bound.update(node.kwargs)
-    if bound["dropout_p"]:
-        raise _refuse(node, f"has attention dropout p={bound['dropout_p']}", "call the model in eval mode")
+    return bound
+
+
+def _sdpa_calls(gm: fx.GraphModule) -> list[fx.Node]:
+    """The raw sdpa calls the attention pass left (or that ran without it)."""
+    return [node for node in gm.graph.nodes if node.op == "call_function" and node.target == SDPA]
+
+
+def _check_sdpa(rw: Rewriter, node: fx.Node) -> str | None:
+    """Every sdpa call is normalised; one with attention dropout refuses the whole model."""
+    dropout_p = _sdpa_args(node)["dropout_p"]
+    if dropout_p:
+        raise _refuse(node, f"has attention dropout p={dropout_p}", "call the model in eval mode")
+    return None
+
+
+def _normalise_sdpa(rw: Rewriter, node: fx.Node) -> None:
+    _sdpa_to_attention(rw.gm, node)
+
+
+def _sdpa_to_attention(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
+    """aten.scaled_dot_product_attention -> fxopt::attention (same semantics, mask as attn_bias)."""
+    bound = _sdpa_args(node)
     q, k, v = bound["query"], bound["key"], bound["value"]
     scale = bound["scale"] if bound["scale"] is not None else _val(q).shape[-1] ** -0.5
     mask = bound["attn_mask"]
@@ -218,45 +234,71 @@ def _mask_form(node: fx.Node, args: dict[str, Any]):
     return form
 
 
+@dataclass
+class CausalMatch:
+    """An fxopt attention node, its arguments by name and, once proved, its mask's form."""
+
+    node: fx.Node
+    args: dict[str, Any] = field(default_factory=dict)
+    form: masks.MaskForm | None = None
+
+
+def _attention_calls(gm: fx.GraphModule) -> list[CausalMatch]:
+    return [CausalMatch(node) for node in gm.graph.nodes if node.op == "call_function" and node.target == ATTENTION]
+
+
+def _check_causal(rw: Rewriter, m: CausalMatch) -> str | None:
+    """A mask to drop once proved causal (or a causal window); a node without one is left as it is when causal.
+    Anything else refuses the whole model, naming the node."""
+    m.args = _attention_args(m.node)
+    if m.args["key_padding_mask"] is None and m.args["attn_bias"] is None:
+        if not m.args["causal"]:
+            raise _refuse(m.node, "is bidirectional attention (causal=False, no mask): every output row "
+                                  "depends on later positions", "only causal (decoder-only) models take a KV cache")
+        return "causal, no mask to prove"
+    m.form = _mask_form(m.node, m.args)
+    return None
+
+
+def _drop_proven_mask(rw: Rewriter, m: CausalMatch) -> None:
+    """causal=True (with the window and ALiBi slopes the form carries) in place of the mask, which goes dead."""
+    node, args, form = m.node, m.args, m.form
+    kwargs = dict(node.kwargs)
+    if form.window:
+        kwargs["window"] = form.window
+    if form.alibi_slopes is not None:
+        slopes = torch.tensor(form.alibi_slopes, dtype=torch.float32)
+        kwargs["alibi_slopes"] = add_constant(rw.gm, "alibi_slopes", slopes, node)
+    node.args = (args["q"], args["k"], args["v"], None, None, True, args["scale"])
+    node.kwargs = {k: v for k, v in kwargs.items() if k in ATTENTION_FEATURES}
+    info = node.meta.get("fxopt.attention")
+    if info is not None:
+        node.meta["fxopt.attention"] = dataclasses.replace(
+            info, causal=True, window=form.window, mask_kind=form.kind, alibi=form.alibi_slopes is not None,
+            evidence=form.evidence)
+
+
+#: The causal proof's rewrites, in order (the second sees the attention nodes the first made). Their checks raise
+#: KVCacheError for a model that cannot take a cache; an attention already causal and unmasked counts as "causal".
+CAUSAL_RULES: tuple[Rule, ...] = (
+    Rule("sdpa_normalised", _sdpa_calls, _check_sdpa, _normalise_sdpa),
+    Rule("masks_proven_causal", _attention_calls, _check_causal, _drop_proven_mask, refused="causal"),
+)
+
+
 def prove_causal(gm: fx.GraphModule, ids: fx.Node) -> dict[str, int]:
     """Normalise attention nodes to `fxopt::attention` with causal=True (and its window) and no mask, or refuse.
 
     Each remaining mask's form is proved from its graph (passes/masks.py): causal or a causal sliding window,
-    with ALiBi slopes where the bias carries them. Rewrites gm in place; proven masks become dead code.
+    with ALiBi slopes where the bias carries them. Rewrites gm in place (CAUSAL_RULES); proven masks become dead
+    code. Returns the counts: sdpa calls normalised, masks proven causal, attention nodes in all.
     """
-    counts = {"sdpa_normalised": 0, "masks_proven_causal": 0, "attention": 0}
     remove_dead_code(gm)  # attentions replaced by an earlier pass but left behind are not ours to check
-    for node in list(gm.graph.nodes):
-        if node.op == "call_function" and node.target == SDPA:
-            _sdpa_to_attention(gm, node)
-            counts["sdpa_normalised"] += 1
-    for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target != ATTENTION:
-            continue
-        counts["attention"] += 1
-        args = _attention_args(node)
-        if args["key_padding_mask"] is None and args["attn_bias"] is None:
-            if not args["causal"]:
-                raise _refuse(node, "is bidirectional attention (causal=False, no mask): every output row "
-                                    "depends on later positions", "only causal (decoder-only) models take a KV cache")
-            continue
-        form = _mask_form(node, args)
-        kwargs = dict(node.kwargs)
-        if form.window:
-            kwargs["window"] = form.window
-        if form.alibi_slopes is not None:
-            slopes = torch.tensor(form.alibi_slopes, dtype=torch.float32)
-            kwargs["alibi_slopes"] = add_constant(gm, "alibi_slopes", slopes, node)
-        node.args = (args["q"], args["k"], args["v"], None, None, True, args["scale"])
-        node.kwargs = {k: v for k, v in kwargs.items() if k in ATTENTION_FEATURES}
-        info = node.meta.get("fxopt.attention")
-        if info is not None:
-            node.meta["fxopt.attention"] = dataclasses.replace(
-                info, causal=True, window=form.window, mask_kind=form.kind, alibi=form.alibi_slopes is not None,
-                evidence=form.evidence)
-        counts["masks_proven_causal"] += 1
+    rw, _ = apply_rules(gm, None, CAUSAL_RULES, lambda m: getattr(m, "node", m).name, "kv_cache", fake=False)
     remove_dead_code(gm)
-    return counts
+    proven = rw.counts["masks_proven_causal"]
+    return {"sdpa_normalised": rw.counts["sdpa_normalised"], "masks_proven_causal": proven,
+            "attention": proven + rw.counts["causal"]}
 
 
 _DEAD_IF_ORPHAN = {aten._assert_tensor_metadata.default}
@@ -286,11 +328,11 @@ def remove_dead_code(gm: fx.GraphModule) -> int:
 DATA, POS, CONST, SIZE = "data", "pos", "const", "size"
 
 # Ops that only relabel or convert values elementwise (not tagged pointwise in ATen).
-ELEMENTWISE = {
-    aten.to, aten._to_copy, aten.alias, aten.detach, aten.contiguous, aten.type_as, aten.dropout,
-    aten.lift_fresh_copy, aten.clone, aten._assert_tensor_metadata,
-}
-VIEWS = {aten.view, aten.reshape, aten._unsafe_view, aten.flatten, aten.unflatten}
+# Every overload of the ops the attention pass walks through as casts, copies and dropout (fxopt.opnames).
+ELEMENTWISE = aten_packets(*opnames.CASTS, *opnames.IDENTITY, *opnames.DROPOUT) | {
+    aten.lift_fresh_copy, aten._assert_tensor_metadata}
+RESHAPES = aten_packets(*opnames.RESHAPES)  # view, reshape, _unsafe_view: repeat_kv's merge of the heads
+VIEWS = RESHAPES | {aten.flatten, aten.unflatten}
 CREATION = {aten.full, aten.zeros, aten.ones, aten.empty, aten.new_ones, aten.new_zeros, aten.new_full,
             aten.new_empty, aten.zeros_like, aten.ones_like, aten.full_like, aten.empty_like, aten.scalar_tensor}
 # Ops whose SymInt args may be the sequence length (as a size, not a value).
@@ -352,7 +394,7 @@ def find_token_input(gm: fx.GraphModule, ctx: PassContext | None = None, *, stri
     tensors = [n for n in gm.graph.nodes if n.op == "placeholder" and isinstance(_val(n), torch.Tensor)]
     candidates = [n for n in tensors if _val(n).dim() == 2 and not _val(n).dtype.is_floating_point]
     roles = ctx.symbols if ctx is not None else {}
-    by_role = [n for n in candidates if roles.get(_expr(_val(n).shape[1])) == sympy.Symbol("s", integer=True,
+    by_role = [n for n in candidates if roles.get(size_expr(_val(n).shape[1])) == sympy.Symbol("s", integer=True,
                                                                                           positive=True)]
     chosen = by_role or candidates
     if len(chosen) > 1 and not strict:
@@ -362,11 +404,11 @@ def find_token_input(gm: fx.GraphModule, ctx: PassContext | None = None, *, stri
         raise KVCacheError(f"kv_cache: needs a decoder-only model called with one (batch, seq) token-id tensor and "
                            f"no other tensor input; the captured graph takes: {names}")
     ids = chosen[0]
-    seq = _expr(_val(ids).shape[1])
+    seq = size_expr(_val(ids).shape[1])
     if not isinstance(seq, sympy.Symbol):
         raise KVCacheError(f"kv_cache: input `{ids.name}` was captured with a static sequence length {seq}; "
                            "capture with a dynamic seq dim (seq >= 2)")
-    batch = _expr(_val(ids).shape[0])
+    batch = size_expr(_val(ids).shape[0])
     return ids, seq, batch
 
 
@@ -403,7 +445,7 @@ def analyze(gm: fx.GraphModule, ctx: PassContext | None = None) -> Analysis:
 
 
 def _check_output(an: Analysis, node: fx.Node) -> None:
-    outs = [n for n in _flat_nodes(node.args) if _is_tensor_node(n)]
+    outs = [n for n in _flat_nodes(node.args) if tensor_val(n) is not None]
     if not outs:
         raise _refuse(node, "returns no tensor")
     logits = outs[0]
@@ -449,7 +491,7 @@ def _check_size_uses(an: Analysis, node: fx.Node) -> None:
         return
     for arg in _flat_nodes((node.args, node.kwargs)):
         value = _val(arg)
-        if isinstance(value, torch.SymInt) and an.has_seq(_expr(value)):
+        if isinstance(value, torch.SymInt) and an.has_seq(size_expr(value)):
             raise _refuse(node, f"uses the sequence length `{arg.name}` as a value: each output row would "
                                 "depend on how many tokens follow it")
 
@@ -503,7 +545,7 @@ def _position_source(an: Analysis, node: fx.Node) -> PositionSource | None:
             start, end, step = 0, args[0], 1
         else:
             start, end = args[0], args[1]
-            step = args[2] if len(args) > 2 else node.kwargs.get("step", 1)
+            step = node_arg(node, 2, "step", 1)
         end_e, start_e = _arg_expr(end), _arg_expr(start)
         if not an.has_seq(end_e):
             return None
@@ -590,37 +632,20 @@ def _in_axes(an: Analysis, arg) -> tuple[int, ...]:
 
 
 def _rule_for(node: fx.Node):
-    target, packet = node.target, _packet(node)
-    if target == ATTENTION:
-        return _rule_attention
-    if target is operator.getitem:
-        return _rule_getitem
-    if packet in ELEMENTWISE or (isinstance(target, torch._ops.OpOverload) and torch.Tag.pointwise in target.tags):
-        return _rule_pointwise
-    if packet in CREATION:
-        return _rule_creation
-    for table, rule in ((VIEWS, _rule_view), (REDUCE_DIM, _rule_reduce), (ALONG_DIM, _rule_along),
-                        (NORMS, _rule_norm), (MATMULS, _rule_matmul)):
-        if packet in table:
-            return rule
-    return {
-        aten.linear: _rule_linear, aten.transpose: _rule_permute, aten.permute: _rule_permute,
-        aten.t: _rule_permute, aten.movedim: _rule_permute, aten.unsqueeze: _rule_unsqueeze,
-        aten.squeeze: _rule_squeeze, aten.expand: _rule_expand, aten.broadcast_to: _rule_expand,
-        aten.slice: _rule_slice,
-        aten.narrow: _rule_slice, aten.select: _rule_select, aten.split: _rule_split,
-        aten.split_with_sizes: _rule_split, aten.chunk: _rule_split, aten.unbind: _rule_unbind,
-        aten.cat: _rule_cat, aten.stack: _rule_stack, aten.embedding: _rule_embedding,
-        aten.index_select: _rule_index_select, aten.repeat_interleave: _rule_repeat, aten.index: _rule_index,
-        aten.gather: _rule_gather, aten.repeat: _rule_repeat_tensor,
-    }.get(packet)
+    """The token-axis rule of node's op (TOKEN_AXIS_RULES); None: kv_cache does not know how the op moves tokens."""
+    target = node.target
+    if target in TOKEN_AXIS_RULES:  # fxopt::attention and getitem, keyed by target
+        return TOKEN_AXIS_RULES[target]
+    if isinstance(target, torch._ops.OpOverload) and torch.Tag.pointwise in target.tags:
+        return _rule_pointwise  # any op ATen tags pointwise, whatever its packet's row says
+    return TOKEN_AXIS_RULES.get(_packet(node))
 
 
 def _rule_pointwise(an, node):
     out_rank = _rank(node)
     axes: set[int] = set()
     for arg in _flat_nodes((node.args, node.kwargs)):
-        if _is_tensor_node(arg):
+        if tensor_val(arg) is not None:
             shift = out_rank - _rank(arg)
             axes |= {d + shift for d in _in_axes(an, arg)}
     return tuple(sorted(axes))
@@ -803,7 +828,7 @@ def _take_last(an: Analysis, node: fx.Node, x: fx.Node, dim: int) -> tuple[int, 
 def _rule_split(an, node):
     x = node.args[0]
     rank = _rank(x)
-    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+    dim = node_arg(node, 2, "dim", 0)
     dim = _norm_dim(dim, rank)
     axes = _in_axes(an, x)
     if dim in axes:
@@ -823,7 +848,7 @@ def _rule_unbind(an, node):
 def _rule_cat(an, node):
     tensors = node.args[0]
     rank = _rank(node)
-    dim = _norm_dim(node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0), rank)
+    dim = _norm_dim(node_arg(node, 1, "dim", 0), rank)
     axes: set[int] = set()
     for t in tensors:
         axes |= set(_in_axes(an, t))
@@ -872,7 +897,7 @@ def _rule_index(an, node):
     rank = _rank(x)
     x_axes = _in_axes(an, x)
     dims = [d for d, index in enumerate(indices) if index is not None]
-    if any(not isinstance(indices[d], fx.Node) or not _is_tensor_node(indices[d]) for d in dims):
+    if any(not isinstance(indices[d], fx.Node) or tensor_val(indices[d]) is None for d in dims):
         raise _refuse(node, "indexes with something other than tensors")
     if any(_val(indices[d]).dtype == torch.bool for d in dims):
         if x_axes or any(_in_axes(an, indices[d]) for d in dims):
@@ -908,9 +933,10 @@ def _constant_all(node: fx.Node, value: int) -> bool:
         if not isinstance(node, fx.Node):
             return False
     if node.op == "get_attr":
-        obj = node.graph.owning_module
-        for part in node.target.split("."):
-            obj = getattr(obj, part, None)
+        try:
+            obj = fetch_attr(node.graph.owning_module, node.target)
+        except AttributeError:  # a target the module lacks holds no constant
+            obj = None
         return (isinstance(obj, torch.Tensor) and not obj.dtype.is_floating_point and obj.numel() > 0
                 and bool((obj == value).all()))
     if node.op == "call_function" and _packet(node) in (aten.full, aten.scalar_tensor):
@@ -950,7 +976,7 @@ def _rule_repeat_tensor(an, node):
 
 def _rule_repeat(an, node):
     x = node.args[0]
-    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim")
+    dim = node_arg(node, 2, "dim")
     axes = _in_axes(an, x)
     if dim is None or _norm_dim(dim, _rank(x)) in axes or not isinstance(node.args[1], int):
         raise _refuse(node, "repeats along the token axis")
@@ -959,11 +985,11 @@ def _rule_repeat(an, node):
 
 def _reduce_dims(node, rank) -> tuple[list[int], bool]:
     args = list(node.args)
-    dim = args[1] if len(args) > 1 else node.kwargs.get("dim")
+    dim = node_arg(node, 1, "dim")
     keepdim = args[2] if len(args) > 2 and isinstance(args[2], bool) else node.kwargs.get("keepdim", False)
     if node.target in (aten.norm.ScalarOpt_dim,):
-        dim = args[2] if len(args) > 2 else node.kwargs.get("dim")
-        keepdim = args[3] if len(args) > 3 else node.kwargs.get("keepdim", False)
+        dim = node_arg(node, 2, "dim")
+        keepdim = node_arg(node, 3, "keepdim", False)
     if dim is None or dim == []:
         dims = list(range(rank))
     elif isinstance(dim, int):
@@ -997,11 +1023,11 @@ def _rule_reduce(an, node):
 def _rule_along(an, node):
     rank = _rank(node.args[0])
     if _packet(node) in (aten.topk, aten.kthvalue, aten.diff):
-        dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", -1)
+        dim = node_arg(node, 2, "dim", -1)
     elif _packet(node) in (aten.flip, aten.roll):
         dim = node.args[-1]
     else:
-        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", -1)
+        dim = node_arg(node, 1, "dim", -1)
     dims = [_norm_dim(d, rank) for d in ([dim] if isinstance(dim, int) else dim)]
     hint = ""
     if _packet(node) in (aten.softmax, aten._softmax):
@@ -1066,6 +1092,48 @@ def _rule_matmul(an, node):
     return tuple(sorted(out))
 
 
+def _first_wins(*rows: tuple[Any, Any]) -> dict[Any, Any]:
+    """{op: rule} from (ops, rule) rows; an op in several rows takes its first row's rule."""
+    table: dict[Any, Any] = {}
+    for ops, rule in rows:
+        for op in ops:
+            table.setdefault(op, rule)
+    return table
+
+
+#: How each op moves token axes, a transfer function per op (the analysis, not a rewrite): by target for
+#: fxopt::attention and getitem, else by ATen packet, rows in priority order. Ops ATen tags pointwise take
+#: _rule_pointwise before their packet's row (_rule_for).
+TOKEN_AXIS_RULES: dict[Any, Any] = _first_wins(
+    ({ATTENTION}, _rule_attention),
+    ({operator.getitem}, _rule_getitem),
+    (ELEMENTWISE, _rule_pointwise),
+    (CREATION, _rule_creation),
+    (VIEWS, _rule_view),
+    (REDUCE_DIM, _rule_reduce),
+    (ALONG_DIM, _rule_along),
+    (NORMS, _rule_norm),
+    (MATMULS, _rule_matmul),
+    ({aten.linear}, _rule_linear),
+    ({aten.transpose, aten.permute, aten.t, aten.movedim}, _rule_permute),
+    ({aten.unsqueeze}, _rule_unsqueeze),
+    ({aten.squeeze}, _rule_squeeze),
+    ({aten.expand, aten.broadcast_to}, _rule_expand),
+    ({aten.slice, aten.narrow}, _rule_slice),
+    ({aten.select}, _rule_select),
+    ({aten.split, aten.split_with_sizes, aten.chunk}, _rule_split),
+    ({aten.unbind}, _rule_unbind),
+    ({aten.cat}, _rule_cat),
+    ({aten.stack}, _rule_stack),
+    ({aten.embedding}, _rule_embedding),
+    ({aten.index_select}, _rule_index_select),
+    ({aten.repeat_interleave}, _rule_repeat),
+    ({aten.index}, _rule_index),
+    ({aten.gather}, _rule_gather),
+    ({aten.repeat}, _rule_repeat_tensor),
+)
+
+
 # ------------------------------------------------------------------------------------------------
 # 3. Programs
 # ------------------------------------------------------------------------------------------------
@@ -1126,7 +1194,7 @@ def _strip_repeat_kv(node: fx.Node) -> fx.Node:
         return n
 
     cur = skip_identity(node)
-    if cur.op != "call_function" or _packet(cur) not in (aten.reshape, aten.view, aten._unsafe_view):
+    if cur.op != "call_function" or _packet(cur) not in RESHAPES:
         return node
     expand = skip_identity(cur.args[0])
     if expand.op != "call_function" or _packet(expand) is not aten.expand:
@@ -1278,7 +1346,7 @@ class _Builder:
                 batched[node] = g.call_function(operator.getitem, (values, i))
 
         out_node = next(nd for nd in reversed(self.gm.graph.nodes) if nd.op == "output")
-        logits = [nd for nd in _flat_nodes(out_node.args) if _is_tensor_node(nd)][0]
+        logits = [nd for nd in _flat_nodes(out_node.args) if tensor_val(nd) is not None][0]
         attn_index = {node: i for i, node in enumerate(an.attention)}
 
         for node in an.live:
@@ -1325,10 +1393,7 @@ class _Builder:
         root: dict[str, Any] = {}
         for node in self.graph.nodes:
             if node.op == "get_attr":
-                obj = self.gm
-                for part in node.target.split("."):
-                    obj = getattr(obj, part)
-                root[node.target] = obj
+                root[node.target] = fetch_attr(self.gm, node.target)
             elif node.op == "call_module":
                 root[node.target] = self.modules[node.target]
         return root
@@ -1398,7 +1463,7 @@ def build_programs(gm: fx.GraphModule, an: Analysis) -> KVPrograms:
         kinds = sorted({f"{s.kind}" for s in an.sources.values()})
         notes.append(f"{len(an.sources)} position sources rewritten to per-row positions ({', '.join(kinds)})")
     logits = [n for n in _flat_nodes(next(n for n in reversed(gm.graph.nodes) if n.op == "output").args)
-              if _is_tensor_node(n)][0]
+              if tensor_val(n) is not None][0]
     return KVPrograms(programs["prefill"], programs["prefill_last"], programs["decode"], specs,
                       an.position_limit, notes, last_only=logits in an.last)
 

@@ -16,9 +16,11 @@ Two rewrites of matmuls whose weight is a constant of the GraphModule (a `get_at
                  the padded copy. K is never padded: that would need a copy of the activation at every call, so a
                  weight with an unaligned K is left alone and counted (`k_unaligned`).
 
-DECODE_RULES rewrite a static batch-1 decode program (after the rope pass): each constant-weight linear becomes
-fxopt::gemv (codegen/gemv.py), and the RMSNorm before it, the SwiGLU product and residual add after it, and for
-the q/k/v projection the head split, RoPE and K/V cache writes (fxopt::gemv_qkv) are folded into that kernel.
+DECODE_RULES rewrite a static batch-1 decode program (after the rope pass): each constant-weight linear (or mm /
+addmm, HF's Conv1D, whose (K, N) weight is read through a row-major copy made once) becomes fxopt::gemv
+(codegen/gemv.py), and the RMSNorm or LayerNorm before it, the SwiGLU product or GELU and the residual add after
+it, and for the q/k/v projection the head split, RoPE and K/V cache writes (fxopt::gemv_qkv) are folded into that
+kernel. Eval-mode dropouts are dropped first, so that a GPT-2 projection's residual add is its GEMV's user.
 
 A rewrite whose outputs become strided views is refused when a downstream view (`aten.view`) can no longer be
 taken over the new strides; the check re-runs every layout op downstream of the rewritten outputs under the
@@ -365,12 +367,13 @@ RULES: tuple[Rule, ...] = (
 
 # ------------------------------------------------------------------------------------------ decode: one-row GEMVs
 def one_row_linears(gm: fx.GraphModule) -> list[WeightMatmul]:
-    """linear(x, W[, b]) with W a constant (N, K) and x a single row of static size: decode at batch 1."""
+    """linear(x, W[, b]), mm / matmul(x, W') or addmm(b, x, W') (HF's Conv1D: W' stored (K, N)) with W constant
+    and x a single row of static size: decode at batch 1."""
     matches = []
     for node in gm.graph.nodes:
         m = as_weight_matmul(gm, node)
         x = _val(m.x) if m is not None else None
-        if m is not None and node.target is LINEAR and isinstance(x, torch.Tensor) and x.dim() >= 1:
+        if m is not None and isinstance(x, torch.Tensor) and x.dim() >= 1:
             rows = x.shape[:-1]
             if all(isinstance(d, int) for d in rows) and math.prod(rows) == 1:
                 matches.append(m)
@@ -383,21 +386,40 @@ def check_gemv(rw: Rewriter, m: WeightMatmul) -> str | None:
     bias = fetch(rw.gm, m.bias.target) if isinstance(m.bias, fx.Node) and m.bias.op == "get_attr" else None
     if m.bias is not None and bias is None:
         return "bias is computed, not a constant"
-    return gemv.supports(_val(m.x), m.tensor, bias)
+    if bias is not None and bias.dim() != 1:
+        return "bias is not a vector"
+    out, x = _val(m.node), _val(m.x)
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (*x.shape[:-1], m.n) or out.dtype != x.dtype:
+        return "the product's value is not x's rows times N"
+    # a weight stored (K, N) is read through its row-major (N, K) copy, made by the rewrite
+    weight = m.tensor if not m.transposed else torch.empty((m.n, m.k), dtype=m.tensor.dtype, device="meta")
+    return gemv.supports(x, weight, bias)
 
 
-# fxopt::gemv's arguments, by position
-G_X, G_W, G_BIAS, G_RES, G_NORM_W, G_EPS, G_GLU = range(7)
+# fxopt::gemv's arguments, by position, and the defaults of those after the bias
+G_X, G_W, G_BIAS, G_RES, G_NORM_W, G_EPS, G_GLU, G_NORM_B, G_LAYER, G_ACT = range(10)
+GEMV_DEFAULTS = (None, None, 0.0, False, None, False, "none")
 CASTS = (aten.to.dtype, aten._to_copy.default)
+
+
+def _row_major_weight(rw: Rewriter, m: WeightMatmul) -> fx.Node:
+    """The get_attr of W (N, K) row-major: the matmul's own, or for a weight stored (K, N) (Conv1D) a transposed
+    copy registered once per weight as a new buffer (the prefill program keeps reading the original)."""
+    if not m.transposed:
+        return m.weight
+    name = rw.register(("t", m.weight.target), f"{m.weight.target}_t", lambda: m.tensor.detach().t().contiguous())
+    return rw.get_attr(name)
 
 
 def to_gemv(rw: Rewriter, m: WeightMatmul) -> None:
     from fxopt.codegen import gemv  # noqa: F401 - registers fxopt::gemv
 
     with rw.gm.graph.inserting_before(m.node):
-        node = rw.call(torch.ops.fxopt.gemv.default, (m.x, m.weight, m.bias, None, None, 0.0, False), like=m.node)
+        args = (m.x, _row_major_weight(rw, m), m.bias) + GEMV_DEFAULTS
+        node = rw.call(torch.ops.fxopt.gemv.default, args, like=m.node)
     m.node.replace_all_uses_with(node)
     rw.gm.graph.erase_node(m.node)
+    rw.drop_if_unused(m.via, m.weight)
 
 
 def _gemvs(gm: fx.GraphModule) -> list[fx.Node]:
@@ -408,7 +430,7 @@ def _gemvs(gm: fx.GraphModule) -> list[fx.Node]:
 
 def _set_gemv_args(rw: Rewriter, node: fx.Node, changes: dict[int, Any]) -> None:
     """Change some of a gemv node's arguments (position -> value) and recompute its fake value."""
-    args = list(node.args)
+    args = list(node.args) + list(GEMV_DEFAULTS[len(node.args) - G_RES:])
     for index, value in changes.items():
         args[index] = value
     node.args = tuple(args)
@@ -419,6 +441,69 @@ def _set_gemv_args(rw: Rewriter, node: fx.Node, changes: dict[int, Any]) -> None
 
 def _only_user(node: fx.Node) -> fx.Node | None:
     return next(iter(node.users)) if len(node.users) == 1 else None
+
+
+RESHAPES = (aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.unsqueeze.default,
+            aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default)
+
+
+def _is_reshape(node) -> bool:
+    """node re-views its input keeping the row-major order of its elements: a reshape-like op, or a slice that
+    keeps the whole dim (HF's `hidden_states[:, slice(-0, None)]` before the lm_head)."""
+    if not isinstance(node, fx.Node) or node.op != "call_function" or not node.args \
+            or not isinstance(node.args[0], fx.Node):
+        return False
+    if node.target is SLICE:
+        out, src = _val(node), _val(node.args[0])
+        return isinstance(out, torch.Tensor) and isinstance(src, torch.Tensor) and out.shape == src.shape \
+            and (len(node.args) < 5 or node.args[4] == 1)
+    return node.target in RESHAPES
+
+
+def _reshapes_below(node: fx.Node) -> list[fx.Node]:
+    """The chain of reshapes reading node, each the only user of the one before (HF's Conv1D views its
+    (1, N) product back to (1, 1, N)); [] when node's user is no reshape."""
+    chain = []
+    while (user := _only_user(chain[-1] if chain else node)) is not None and _is_reshape(user):
+        chain.append(user)
+    return chain
+
+
+def _reshapes_above(node) -> tuple[Any, list[fx.Node]]:
+    """(source, chain): node's input through the reshapes node is made of, outermost first in chain."""
+    chain = []
+    while _is_reshape(node):
+        chain.append(node)
+        node = node.args[0]
+    return node, chain
+
+
+# ------------------------------------------------------------------------------------------ decode: dropouts
+def identity_dropouts(gm: fx.GraphModule) -> list[fx.Node]:
+    """dropout(x, p, train=False), or with p = 0: x itself (what an eval model's graph keeps between a
+    projection and its residual add)."""
+    out = []
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target is aten.dropout.default:
+            p = node.args[1] if len(node.args) > 1 else node.kwargs.get("p")
+            train = node.args[2] if len(node.args) > 2 else node.kwargs.get("train")
+            if train is False or p == 0:
+                out.append(node)
+    return out
+
+
+def check_dropout(rw: Rewriter, node: fx.Node) -> str | None:
+    x = node.args[0]
+    if not isinstance(x, fx.Node) or not isinstance(_val(x), torch.Tensor):
+        return "not a tensor"
+    if (_val(x).shape, _val(x).dtype) != (_val(node).shape, _val(node).dtype):
+        return "changes the shape or dtype"
+    return None
+
+
+def drop_dropout(rw: Rewriter, node: fx.Node) -> None:
+    node.replace_all_uses_with(node.args[0])
+    rw.gm.graph.erase_node(node)
 
 
 @dataclass
@@ -458,24 +543,115 @@ def fold_glu(rw: Rewriter, m: GluMatch) -> None:
 
 
 @dataclass
+class ActMatch:
+    gemv: fx.Node
+    act: str  # codegen/gemv.ACTS: "gelu_tanh" or "gelu"
+    src: fx.Node  # what the activation reads: the gemv, or the last of its reshapes
+    nodes: list[fx.Node]  # the activation's nodes, its output first
+
+
+def _scalar_operand(node, target, x) -> float | None:
+    """c when node is target(x, c) or target(c, x) with c a number (no kwargs), else None."""
+    if not isinstance(node, fx.Node) or node.target is not target or len(node.args) != 2 or node.kwargs:
+        return None
+    a, b = node.args
+    c = b if a is x else a if b is x else None
+    return float(c) if isinstance(c, (int, float)) and not isinstance(c, bool) else None
+
+
+def _near(value: float | None, expected: float) -> bool:
+    return value is not None and abs(value - expected) <= 1e-6 * abs(expected)
+
+
+def _spelled_gelu_tanh(v: fx.Node) -> list[fx.Node] | None:
+    """The nodes of 0.5 * v * (1 + tanh(sqrt(2/pi) * (v + 0.044715 * v**3))), output first, when they are
+    all of v's users and each is used only on the way (HF's NewGELUActivation, "gelu_new"); else None."""
+    mul, add = aten.mul.Tensor, aten.add.Tensor
+    half = next((u for u in v.users if _scalar_operand(u, mul, v) == 0.5), None)
+    cube = next((u for u in v.users if u.target is aten.pow.Tensor_Scalar and u.args[0] is v
+                 and u.args[1] in (3, 3.0)), None)
+    if half is None or cube is None or len(half.users) != 1:
+        return None
+    scaled = _only_user(cube)
+    if not _near(_scalar_operand(scaled, mul, cube), 0.044715):
+        return None
+    inner = _only_user(scaled)
+    if inner is None or inner.target is not add or inner.kwargs or set(inner.args) != {v, scaled}:
+        return None
+    arg = _only_user(inner)
+    if not _near(_scalar_operand(arg, mul, inner), math.sqrt(2 / math.pi)):
+        return None
+    tanh = _only_user(arg)
+    one_plus = _only_user(tanh) if tanh is not None and tanh.target is aten.tanh.default else None
+    if _scalar_operand(one_plus, add, tanh) != 1.0:
+        return None
+    out = _only_user(one_plus)
+    if out is None or out.target is not mul or out.kwargs or set(out.args) != {half, one_plus}:
+        return None
+    if set(v.users) != {half, cube, inner}:
+        return None
+    return [out, one_plus, tanh, arg, inner, scaled, cube, half]
+
+
+def gelu_after_gemv(gm: fx.GraphModule) -> list[ActMatch]:
+    """gelu(gemv(...)) (aten.gelu, tanh-approximated or exact, or the tanh form spelled out in ops), possibly
+    through reshapes of the gemv: the activation of GPT-2's MLP up-projection."""
+    matches = []
+    for g in _gemvs(gm):
+        src = (_reshapes_below(g) or [g])[-1]
+        user = _only_user(src)
+        if user is not None and user.target is aten.gelu.default and user.args[0] is src:
+            approximate = user.kwargs.get("approximate", user.args[1] if len(user.args) > 1 else "none")
+            act = {"tanh": "gelu_tanh", "none": "gelu"}.get(approximate)
+            if act is not None:
+                matches.append(ActMatch(g, act, src, [user]))
+        elif (spelled := _spelled_gelu_tanh(src)) is not None:
+            matches.append(ActMatch(g, "gelu_tanh", src, spelled))
+    return matches
+
+
+def check_act(rw: Rewriter, m: ActMatch) -> str | None:
+    g = m.gemv
+    if g.args[G_GLU] or g.args[G_RES] is not None or g.args[G_ACT] != "none":
+        return "the projection has a SwiGLU, residual or activation epilogue already"
+    out, src = _val(m.nodes[0]), _val(m.src)
+    if not isinstance(out, torch.Tensor) or (out.shape, out.dtype) != (src.shape, src.dtype):
+        return "the activation changes the shape or dtype"
+    return None
+
+
+def fold_act(rw: Rewriter, m: ActMatch) -> None:
+    _set_gemv_args(rw, m.gemv, {G_ACT: m.act})
+    m.nodes[0].replace_all_uses_with(m.src)
+    for node in m.nodes:  # users first
+        rw.gm.graph.erase_node(node)
+
+
+@dataclass
 class ResidualMatch:
     gemv: fx.Node
     add: fx.Node
+    out: fx.Node | None = None  # what the add reads of the gemv: the gemv, or the last of its reshapes
+
+    def __post_init__(self):
+        self.out = self.out or self.gemv
 
     @property
     def residual(self):
         """The add's other operand, read when used: an earlier rewrite may have replaced it."""
         a, b = self.add.args[:2]
-        return b if a is self.gemv else a
+        return b if a is self.out else a
 
 
 def residual_add_after_gemv(gm: fx.GraphModule) -> list[ResidualMatch]:
-    """residual + gemv(...) (either order) where the add is the gemv's only user."""
+    """residual + gemv(...) (either order), possibly through reshapes of the gemv, where each node of the
+    way is the only user of the one before."""
     matches = []
     for g in _gemvs(gm):
-        add = _only_user(g)
+        out = (_reshapes_below(g) or [g])[-1]
+        add = _only_user(out)
         if add is not None and add.target is aten.add.Tensor and len(add.args) == 2 and not add.kwargs:
-            matches.append(ResidualMatch(g, add))
+            matches.append(ResidualMatch(g, add, out))
     return matches
 
 
@@ -490,19 +666,20 @@ def _defined_before(graph: fx.Graph, first: fx.Node, second: fx.Node) -> bool:
 
 def check_residual(rw: Rewriter, m: ResidualMatch) -> str | None:
     residual = m.residual
-    if m.gemv.args[G_RES] is not None or not isinstance(residual, fx.Node) or residual is m.gemv:
+    if m.gemv.args[G_RES] is not None or not isinstance(residual, fx.Node) or residual is m.out:
         return "no tensor residual"
     out, res = _val(m.add), _val(residual)
     if not isinstance(res, torch.Tensor) or not _defined_before(rw.gm.graph, residual, m.gemv):
         return "the residual is computed after the GEMV"
-    if res.shape != out.shape or res.dtype != out.dtype or out.dtype != _val(m.gemv).dtype:
+    if res.shape != out.shape or res.dtype != out.dtype or out.dtype != _val(m.gemv).dtype \
+            or _val(m.out).shape != out.shape:
         return "the residual is broadcast or of another dtype"
     return None
 
 
 def fold_residual(rw: Rewriter, m: ResidualMatch) -> None:
-    _set_gemv_args(rw, m.gemv, {G_RES: m.residual})
-    m.add.replace_all_uses_with(m.gemv)
+    _set_gemv_args(rw, m.gemv, {G_RES: m.residual})  # read as a flat vector of N: its shape may differ
+    m.add.replace_all_uses_with(m.out)
     rw.gm.graph.erase_node(m.add)
 
 
@@ -581,6 +758,98 @@ def fold_norm(rw: Rewriter, m: NormMatch) -> None:
     rw.drop_if_unused(*m.chain)
 
 
+@dataclass
+class LayerNormMatch:
+    gemv: fx.Node
+    norm: fx.Node  # the normalised row: layer_norm(h, ...), or getitem 0 of native_layer_norm(h, ...)
+    nodes: list[fx.Node]  # the norm's nodes, its output first
+    reshapes: list[fx.Node]  # between the norm and the gemv's x, outermost first
+    source: fx.Node  # h
+    weight: Any
+    bias: Any
+    eps: float
+    shape: list  # normalized_shape
+    vals: dict[fx.Node, Any] = field(default_factory=dict)  # set by the check: the reshapes' values over h
+
+
+def match_layer_norm(node) -> tuple | None:
+    """(nodes, h, weight, bias, eps, normalized_shape) when node is aten.layer_norm(h, shape, w, b, eps) or
+    getitem(native_layer_norm(h, shape, w, b, eps), 0) whose mean and rstd nobody reads; else None."""
+    if not isinstance(node, fx.Node) or node.op != "call_function":
+        return None
+    nodes = [node]
+    if node.target is operator.getitem and node.args[1] == 0:
+        native = node.args[0]
+        if not isinstance(native, fx.Node) or native.target is not aten.native_layer_norm.default:
+            return None
+        rest = [u for u in native.users if u is not node]  # getitems of mean and rstd, which must be unread
+        if any(u.target is not operator.getitem or u.users for u in rest):
+            return None
+        nodes += rest + [native]
+        args = list(native.args)
+    elif node.target is aten.layer_norm.default and not node.kwargs:
+        args = list(node.args)
+    else:
+        return None
+    h, shape, weight, bias, eps = (args + [None, None, 1e-5][len(args) - 2:])[:5]  # the schema's defaults
+    if not isinstance(h, fx.Node) or not isinstance(eps, float):
+        return None
+    return nodes, h, weight, bias, eps, list(shape)
+
+
+def layer_norm_before_gemv(gm: fx.GraphModule) -> list[LayerNormMatch]:
+    """gemv(LayerNorm(h)) with possibly reshapes between (HF's Conv1D views its input to (rows, K)): the
+    norm before GPT-2's attention, MLP and lm_head projections."""
+    matches = []
+    for g in _gemvs(gm):
+        if g.args[G_NORM_W] is not None or not isinstance(g.args[G_X], fx.Node):
+            continue
+        norm, reshapes = _reshapes_above(g.args[G_X])
+        found = match_layer_norm(norm)
+        if found is not None:
+            nodes, h, weight, bias, eps, shape = found
+            matches.append(LayerNormMatch(g, norm, nodes, reshapes, h, weight, bias, eps, shape))
+    return matches
+
+
+def check_layer_norm(rw: Rewriter, m: LayerNormMatch) -> str | None:
+    """The norm's output must feed this GEMV alone (a norm read elsewhere too would be computed twice), over
+    the row's last dim, with constant weights of the row's dtype the kernel takes."""
+    from fxopt.codegen import gemv
+
+    path = [m.norm] + m.reshapes[::-1] + [m.gemv]  # the norm, its reshapes, the gemv
+    for node, nxt in zip(path, path[1:]):
+        others = [u.name for u in node.users if u is not nxt]
+        if others:  # another linear, or anything else: the norm stays, folding would compute it twice
+            return f"the LayerNorm's output is also read by {', '.join(others)}"
+    if any(a is path[-2] for i, a in enumerate(m.gemv.args) if i != G_X):
+        return "the LayerNorm's output is also the GEMV's residual"
+    h, x = _val(m.source), _val(m.gemv.args[G_X])
+    if not isinstance(h, torch.Tensor) or (h.dtype, h.numel()) != (x.dtype, x.shape[-1]) \
+            or [int(d) for d in m.shape] != [h.shape[-1]]:
+        return "the LayerNorm is not over the GEMV's row of K"
+    weight = _const(rw.gm, m.weight)
+    bias = _const(rw.gm, m.bias) if m.bias is not None else None
+    if weight is None or (m.bias is not None and bias is None):
+        return "the LayerNorm has no constant weight" if weight is None else "the LayerNorm's bias is computed"
+    vals = rw.downstream_vals({m.norm: h}) if m.reshapes else {}
+    if isinstance(vals, str):
+        return vals
+    m.vals = vals
+    ep = gemv.Folded(norm_weight=weight, norm_bias=bias, eps=m.eps, layer_norm=True)
+    return gemv.supports(x, _val(m.gemv.args[G_W]), _val(m.gemv.args[G_BIAS]), ep)
+
+
+def fold_layer_norm(rw: Rewriter, m: LayerNormMatch) -> None:
+    x = m.source
+    if m.reshapes:  # the reshapes now view h itself
+        m.reshapes[-1].replace_input_with(m.norm, m.source)
+        rw.apply_vals(m.vals)
+        x = m.gemv.args[G_X]
+    _set_gemv_args(rw, m.gemv, {G_X: x, G_NORM_W: m.weight, G_NORM_B: m.bias, G_EPS: m.eps, G_LAYER: True})
+    rw.drop_if_unused(*m.nodes)
+
+
 # ------------------------------------------------------------------------------------------ decode: q/k/v heads
 @dataclass
 class HeadsMatch:
@@ -609,22 +878,27 @@ def _split_heads(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
 SPLITS = (aten.split.Tensor, aten.split_with_sizes.default)
 
 
-def _three_parts(g: fx.Node) -> list[fx.Node] | None:
+def _three_parts(g: fx.Node) -> tuple[list[fx.Node], list[fx.Node]] | None:
     """g's output cut along its last dim into three consecutive pieces, in order: three slices (what
-    fuse_siblings leaves) or the getitems of one split (GPT-2's c_attn(x).split(d, dim=2))."""
+    fuse_siblings leaves) or the getitems of one split (GPT-2's c_attn(x).split(d, dim=2)), possibly of a
+    reshape of g (HF's Conv1D views its product back to (b, s, N)). Returns (pieces, the reshapes and split
+    between g and the pieces)."""
     n = _val(g).shape[-1]
-    if len(g.users) == 1 and next(iter(g.users)).target in SPLITS:
-        split = next(iter(g.users))
+    between = _reshapes_below(g)
+    src = (between or [g])[-1]
+    split = _only_user(src)
+    if split is not None and split.target in SPLITS:
+        rank = _val(src).dim()
         dim = split.args[2] if len(split.args) > 2 else split.kwargs.get("dim", 0)
         items = {u.args[1]: u for u in split.users if u.target is operator.getitem}
-        if dim % _val(g).dim() != _val(g).dim() - 1 or len(split.users) != 3 or sorted(items) != [0, 1, 2]:
+        if dim % rank != rank - 1 or _val(src).shape[-1] != n or len(split.users) != 3 or sorted(items) != [0, 1, 2]:
             return None
-        return [items[i] for i in range(3)]
+        return [items[i] for i in range(3)], between + [split]
     parts = sorted(((_last_dim_slice_of(u, g) or (-1, -1)), u.name, u) for u in g.users)
     bounds = [b for (start, end), _, _ in parts for b in (start, min(end, n))]
     if len(parts) != 3 or bounds != [0, bounds[1], bounds[1], bounds[3], bounds[3], n]:
         return None
-    return [node for _, _, node in parts]
+    return [node for _, _, node in parts], []
 
 
 def qkv_heads_after_gemv(gm: fx.GraphModule) -> list[HeadsMatch]:
@@ -633,8 +907,8 @@ def qkv_heads_after_gemv(gm: fx.GraphModule) -> list[HeadsMatch]:
     rewrites leave of a decode step's attention input."""
     matches = []
     for g in _gemvs(gm):
-        parts = _three_parts(g)
-        split = [_split_heads(node) for node in parts or ()]
+        parts, between = _three_parts(g) or ([], [])
+        split = [_split_heads(node) for node in parts]
         if not split or any(s is None for s in split):
             continue
         heads = [s[1] for s in split]
@@ -644,7 +918,7 @@ def qkv_heads_after_gemv(gm: fx.GraphModule) -> list[HeadsMatch]:
         if writes[0] is None or writes[0].target not in (ROPE_CACHE_WRITE, CACHE_WRITE) or writes[1] is None \
                 or writes[1].target is not CACHE_WRITE or any(w.args[1] is not h for w, h in zip(writes, heads[1:])):
             continue
-        splits = [s[0] for s in split] + parts + [u for u in g.users if u.target in SPLITS]
+        splits = [s[0] for s in split] + parts + between[::-1]
         matches.append(HeadsMatch(g, heads, splits, q, writes))
     return matches
 
@@ -668,6 +942,13 @@ def _qkv_args(m: HeadsMatch) -> tuple:
             k_write.args[0], v_write.args[0], k_write.args[-1])
 
 
+def _qkv_kwargs(m: HeadsMatch) -> dict[str, Any]:
+    """gemv_qkv's LayerNorm arguments, by keyword (passes/cost.py reads a node's ten positional ones)."""
+    g = m.gemv
+    args = list(g.args) + list(GEMV_DEFAULTS[len(g.args) - G_RES:])
+    return {"norm_bias": args[G_NORM_B], "layer_norm": True} if args[G_LAYER] else {}
+
+
 def _consumers(m: HeadsMatch) -> list[fx.Node]:
     """The nodes the fused op must precede: the writes, and q's rope or else q's readers."""
     return m.writes + ([m.q] if m.q is not m.heads[0] else list(m.heads[0].users))
@@ -677,7 +958,7 @@ def check_qkv(rw: Rewriter, m: HeadsMatch) -> str | None:
     from fxopt.codegen import gemv
 
     g, (k_write, v_write) = m.gemv, m.writes
-    if g.args[G_GLU] or g.args[G_RES] is not None:
+    if g.args[G_GLU] or g.args[G_RES] is not None or g.args[G_ACT] != "none":
         return "the projection has an epilogue already"
     if k_write.args[-1] is not v_write.args[-1]:
         return "k and v are written at different positions"
@@ -687,16 +968,19 @@ def check_qkv(rw: Rewriter, m: HeadsMatch) -> str | None:
     if rotated and not all(_same_value(a, b) for a, b in zip(m.q.args[1:3], k_write.args[2:4])):
         return "q and k are rotated by different tables"
     x, w, bias, norm_w, eps, cos, sin, k_cache, v_cache, pos = args = _qkv_args(m)
+    kwargs = _qkv_kwargs(m)
     vals = [_val(a) if isinstance(a, fx.Node) else a for a in args]
     q_heads, kv_heads, d = gemv.qkv_heads(vals[1], vals[7])
     if [tuple(_val(h).shape) for h in m.heads] != [(1, q_heads, 1, d), (1, kv_heads, 1, d), (1, kv_heads, 1, d)]:
         return "the head split does not match the caches' heads and head dim"
-    reason = gemv.supports_qkv(vals[0], vals[1], vals[2], gemv.Folded(norm_weight=vals[3], eps=eps), *vals[5:])
+    ep = gemv.Folded(norm_weight=vals[3], eps=eps, norm_bias=_val(kwargs.get("norm_bias")),
+                     layer_norm=kwargs.get("layer_norm", False))
+    reason = gemv.supports_qkv(vals[0], vals[1], vals[2], ep, *vals[5:])
     if reason is not None:
         return reason
     order = {node: i for i, node in enumerate(rw.gm.graph.nodes)}
     first = min(order[c] for c in _consumers(m))
-    if any(isinstance(a, fx.Node) and order[a] >= first for a in args):
+    if any(isinstance(a, fx.Node) and order[a] >= first for a in (*args, *kwargs.values())):
         return "an input is computed after q, k or v is first used"
     return None
 
@@ -708,16 +992,24 @@ def fold_qkv(rw: Rewriter, m: HeadsMatch) -> None:
     first = min(_consumers(m), key=order.__getitem__)
     with rw.gm.graph.inserting_before(first):
         node = rw.call(torch.ops.fxopt.gemv_qkv.default, _qkv_args(m), like=m.gemv)
+    if _qkv_kwargs(m):  # the LayerNorm prologue
+        node.kwargs = _qkv_kwargs(m)
+        node.meta["val"] = rw.fake_run(node.target, node.args, node.kwargs)
     m.q.replace_all_uses_with(node)
     k_tables = list(m.writes[0].args[2:4]) if m.writes[0].target is ROPE_CACHE_WRITE else []
-    rw.drop_if_unused(*m.writes, m.q, *m.heads, *m.splits, m.gemv, *k_tables)
+    # q is its heads' node when not rotated: each node dropped once
+    rw.drop_if_unused(*dict.fromkeys([*m.writes, m.q, *m.heads, *m.splits, m.gemv, *k_tables]))
 
 
 DECODE_RULES: tuple[Rule, ...] = (
+    Rule("identity_dropout", identity_dropouts, check_dropout, drop_dropout),  # eval dropout: x itself, so that
+    # the residual add after a projection is the GEMV's user
     Rule("gemv", one_row_linears, check_gemv, to_gemv),  # cuBLAS GEMV -> fxopt's (codegen/gemv.py)
     Rule("gemv_swiglu", swiglu_after_gemv, check_glu, fold_glu),  # silu(gate) * up: the GEMV's epilogue
+    Rule("gemv_gelu", gelu_after_gemv, check_act, fold_act),  # GELU (tanh or erf): epilogue, before + residual
     Rule("gemv_residual", residual_add_after_gemv, check_residual, fold_residual),  # + residual: epilogue
     Rule("gemv_rms_norm", rms_norm_before_gemv, check_norm, fold_norm),  # RMSNorm of x: prologue
+    Rule("gemv_layer_norm", layer_norm_before_gemv, check_layer_norm, fold_layer_norm),  # LayerNorm: prologue
     # split into heads, RoPE on q and k, K/V cache writes: the q/k/v GEMV's epilogue (after passes/rope.py)
     Rule("gemv_qkv", qkv_heads_after_gemv, check_qkv, fold_qkv),
 )
@@ -784,8 +1076,10 @@ def run_decode(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
 def _describe(match) -> str:
     if isinstance(match, WeightMatmul):
         return match.node.name
-    if isinstance(match, (GluMatch, ResidualMatch, NormMatch, HeadsMatch)):
+    if isinstance(match, (GluMatch, ActMatch, ResidualMatch, NormMatch, LayerNormMatch, HeadsMatch)):
         return match.gemv.name
+    if isinstance(match, fx.Node):
+        return match.name
     if isinstance(match, EpilogueMatch):
         return match.linear.name
     if isinstance(match, SiblingGroup):

@@ -1,10 +1,13 @@
-"""The rule engine the rewriting passes share (matmul, rope): a rule is (name, pattern, check, rewrite).
+"""The rule engine every rewriting pass shares (attention, matmul, rope, kv_cache): a rule is (name, pattern,
+check, rewrite).
 
-`pattern(gm)` lists candidate matches, `check(rw, match)` gives the reason to leave one (None: rewrite it),
-`rewrite(rw, match)` does it; rules run in table order, each over the graph the previous ones left, and
-every match is counted (or noted with its reason). The Rewriter carries what rewrites share: the graph's
-FakeTensorMode (new nodes get fake values and costs), new buffers made once, the layout ops downstream of
-a rewrite re-checked over new strides, and weights no node reads any more dropped from the GraphModule.
+`pattern(gm)` lists candidate matches, `check(rw, match)` gives the reason to leave one (None: rewrite it; a check
+may also raise, refusing the whole graph, as kv_cache does for a model that cannot take a cache), `rewrite(rw,
+match)` does it; rules run in table order, each over the graph the previous ones left (or, with `order`, all
+matches decided first and handled in one order across the table), and every match is counted (or noted with its
+reason). The Rewriter carries what rewrites share: the graph's FakeTensorMode (new nodes get fake values and
+costs), new buffers made once, values a table's rewrites reuse (`memo`), the log of every match, the layout ops
+downstream of a rewrite re-checked over new strides, and weights no node reads any more dropped from the GraphModule.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from typing import Any
 import torch
 from torch import fx
 
+from fxopt.nodes import fetch_attr as fetch  # noqa: F401  (matmul and its tests read it from here)
 from fxopt.passes import cost as cost_pass
 from fxopt.passes.infra import PassContext, PassResult, finish
 
@@ -34,33 +38,28 @@ class DownstreamVals(dict):
         self.reshapes: set[fx.Node] = set()
 
 
-def fetch(gm: fx.GraphModule, target: str) -> Any:
-    """The attribute of gm a get_attr target names (a dotted path)."""
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
 class Rewriter:
-    """What the rules share: the graph, its FakeTensorMode, new-node bookkeeping, counts and notes."""
+    """What the rules share: the graph, its FakeTensorMode, new-node bookkeeping, counts, notes and the match log."""
 
-    def __init__(self, gm: fx.GraphModule, ctx: PassContext, fake_mode):
+    def __init__(self, gm: fx.GraphModule, ctx: PassContext | None, fake_mode):
         self.gm, self.ctx, self.fake_mode = gm, ctx, fake_mode
         self.counts: dict[str, int] = {}
         self.notes: list[str] = []
+        self.log: list[tuple[str, Any, str | None]] = []  # every match handled: (rule, match, reason; None: rewritten)
+        self.memo: dict[Any, Any] = {}  # what a table's rewrites build once and reuse, keyed by the rules
         self.touched: set[str] = set()  # get_attr targets some rewrite stopped reading
         self.costed = any(cost_pass.COST_KEY in n.meta for n in gm.graph.nodes)
         self.made: dict[tuple, str] = {}  # (kind, source targets, size) -> buffer name, so a weight is made once
 
     @classmethod
-    def over(cls, gm: fx.GraphModule, ctx: PassContext) -> Rewriter | None:
-        """A rewriter over gm's fake values (their FakeTensorMode), or None when gm has none."""
+    def over(cls, gm: fx.GraphModule, ctx: PassContext | None, *, fake: bool = True) -> Rewriter | None:
+        """A rewriter over gm's fake values (their FakeTensorMode), or None when gm has none and `fake` asks for
+        them (fake=False: rules that make their own values or none; fake_mode is then None where gm has none)."""
         from torch._guards import detect_fake_mode
 
         vals = [n.meta.get("val") for n in gm.graph.nodes]
         fake_mode = detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
-        return None if fake_mode is None else cls(gm, ctx, fake_mode)
+        return None if fake_mode is None and fake else cls(gm, ctx, fake_mode)
 
     def count(self, key: str, by: int = 1) -> None:
         self.counts[key] = self.counts.get(key, 0) + by
@@ -185,39 +184,76 @@ def _linear_val(x, w, bias=None):
 @dataclass(frozen=True)
 class Rule:
     """pattern: the graph -> candidate matches; check: a match -> the reason to leave it (None: rewrite it);
-    rewrite: does it. Rules run in order, each over the graph the previous ones left."""
+    rewrite: does it. Rules run in order, each over the graph the previous ones left. Matches rewritten are
+    counted under `name`; matches left are noted, and counted under `refused` when it is set (several rules
+    may share one refusal count, e.g. the attention pass's "unmatched")."""
 
     name: str
     pattern: Callable[[fx.GraphModule], list]
     check: Callable[[Rewriter, Any], str | None]
     rewrite: Callable[[Rewriter, Any], None]
+    refused: str | None = None
 
 
-def apply_rules(gm: fx.GraphModule, ctx: PassContext, rules: tuple[Rule, ...], describe, label: str
-                ) -> tuple[Rewriter | None, list[str]]:
-    """Run a table of rules in order over gm (shared by the matmul and rope passes): each rule's matches are
-    checked, rewritten or left with a note "<rule>: left <match>: <reason>"; counts per rule in rw.counts.
-    Returns (None, [why]) when the graph has no fake values to rewrite with."""
-    rw = Rewriter.over(gm, ctx)
+Note = Callable[[Rule, Any, str], str]  # (rule, match, reason) -> the note for a match left
+
+
+def apply_rules(gm: fx.GraphModule, ctx: PassContext | None, rules: tuple[Rule, ...], describe, label: str, *,
+                order: Callable[[Any], Any] | None = None, note: Note | None = None, keys: tuple[str, ...] = (),
+                fake: bool = True) -> tuple[Rewriter | None, list[str]]:
+    """Run a table of rules over gm: each rule's matches are checked, rewritten or left with a note (by default
+    "<rule>: left <describe(match)>: <reason>"); counts per rule (and per refusal key, and per name in `keys`, which
+    the rewrites count themselves) in rw.counts, each present even when zero; every match in rw.log.
+
+    order: a sort key over matches. None: rule after rule, each over the graph the previous ones left. Given: every
+    rule's pattern and check run first, over the graph as found, and the matches are then rewritten or noted in key
+    order across the whole table -- for matches that do not overlap (each rewrite leaves the other matches'
+    subgraphs as they were) and must be handled, reported and named in one order (e.g. graph order).
+    fake: False for rules that need no FakeTensorMode (they make their own values, or none): any graph then runs.
+    Returns (None, [why]) when the graph has no fake values to rewrite with and `fake` asks for them."""
+    rw = Rewriter.over(gm, ctx, fake=fake)
     if rw is None:
         return None, [f"{label}: the graph has no fake meta['val'] (propagate it first); unchanged"]
-    for rule in rules:
-        rw.counts.setdefault(rule.name, 0)
-        for match in rule.pattern(gm):
-            reason = rule.check(rw, match)
-            if reason is not None:
-                rw.notes.append(f"{rule.name}: left {describe(match)}: {reason}")
-                continue
-            rule.rewrite(rw, match)
-            rw.count(rule.name)
+    note = note or (lambda rule, match, reason: f"{rule.name}: left {describe(match)}: {reason}")
+    if order is None:
+        for rule in rules:
+            _zero(rw, (rule,))
+            for match in rule.pattern(gm):
+                _settle(rw, rule, match, rule.check(rw, match), note)
+    else:
+        _zero(rw, rules)
+        decided = [(rule, match, rule.check(rw, match)) for rule in rules for match in rule.pattern(gm)]
+        for rule, match, reason in sorted(decided, key=lambda d: order(d[1])):
+            _settle(rw, rule, match, reason, note)
+    for key in keys:
+        rw.counts.setdefault(key, 0)
     return rw, rw.notes
 
 
-def run_rules(gm: fx.GraphModule, ctx: PassContext, rules: tuple[Rule, ...], describe, label: str
+def _zero(rw: Rewriter, rules: tuple[Rule, ...]) -> None:
+    """The rules' count keys, at zero until counted: their names, then their refusal keys."""
+    for key in [rule.name for rule in rules] + [rule.refused for rule in rules if rule.refused]:
+        rw.counts.setdefault(key, 0)
+
+
+def _settle(rw: Rewriter, rule: Rule, match, reason: str | None, note: Note) -> None:
+    """Rewrite one checked match (reason None) or note why it is left; count it either way and log it."""
+    rw.log.append((rule.name, match, reason))
+    if reason is None:
+        rule.rewrite(rw, match)
+        rw.count(rule.name)
+        return
+    rw.notes.append(note(rule, match, reason))
+    if rule.refused:
+        rw.count(rule.refused)
+
+
+def run_rules(gm: fx.GraphModule, ctx: PassContext, rules: tuple[Rule, ...], describe, label: str, **options
               ) -> tuple[PassResult, Rewriter | None]:
-    """apply_rules, then the graph finished if anything changed and the notes in ctx.report (shared by the
-    matmul and rope passes); returns the result and the rewriter (None when nothing could be rewritten)."""
-    rw, notes = apply_rules(gm, ctx, rules, describe, label)
+    """apply_rules (its keyword options too), then the graph finished if anything changed and the notes in
+    ctx.report (shared by the matmul and rope passes); returns the result and the rewriter (None when nothing
+    could be rewritten)."""
+    rw, notes = apply_rules(gm, ctx, rules, describe, label, **options)
     if rw is None:
         return PassResult(False, notes), None
     changed = any(rw.counts.get(rule.name) for rule in rules)

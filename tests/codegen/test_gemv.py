@@ -2,6 +2,7 @@
 CPU (odd N, K not a multiple of the chunk, bias or none, fp32/fp16/bf16), and the op's CPU fallback."""
 
 import os
+from dataclasses import replace
 
 import torch
 
@@ -61,7 +62,8 @@ def test_op_on_cpu_is_linear():
 
 def _float64(ep: gemv.Folded) -> gemv.Folded:
     as64 = lambda t: None if t is None else t.double()  # noqa: E731
-    return gemv.Folded(as64(ep.bias), as64(ep.residual), as64(ep.norm_weight), ep.eps, ep.glu)
+    return replace(ep, bias=as64(ep.bias), residual=as64(ep.residual), norm_weight=as64(ep.norm_weight),
+                   norm_bias=as64(ep.norm_bias))
 
 
 @interpreted
@@ -102,6 +104,102 @@ def test_reference_is_the_llama_spelling():
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
+# --------------------------------------------------------------------------------------------------
+# GPT-2's folds: LayerNorm (with or without its bias) before the product, GELU (tanh or erf) after the bias
+# --------------------------------------------------------------------------------------------------
+def _gpt2_case(dtype, k, n, *, norm_bias=True, act="none", residual=False, bias=True, offset=0.0, seed=0):
+    """x (1, 1, K) with a mean far from 0 (offset: LayerNorm's mean must be taken out exactly), W (N, K), the
+    projection's bias, and the Folded LayerNorm / activation / residual."""
+    gen = torch.Generator().manual_seed(seed)
+    x = (torch.randn(1, 1, k, generator=gen) * 3 + offset).to(dtype)
+    w = (torch.randn(n, k, generator=gen) / k**0.5).to(dtype)
+    b = torch.randn(n, generator=gen).to(dtype) if bias else None
+    ep = gemv.Folded(norm_weight=(1 + 0.2 * torch.randn(k, generator=gen)).to(dtype),
+                     norm_bias=(0.5 * torch.randn(k, generator=gen)).to(dtype) if norm_bias else None,
+                     eps=1e-5, layer_norm=True, act=act,
+                     residual=torch.randn(1, 1, n, generator=gen).to(dtype) if residual else None)
+    return x, w, b, ep
+
+
+def _check_against_float64(x, w, b, ep):
+    """The kernel's result against the eager chain's, both against float64: within FACTOR of eager's error."""
+    out = gemv.gemv(x, w, b, ep)
+    eager = gemv.gemv_reference(x, w, b, ep)
+    reference = gemv.gemv_reference(x.double(), w.double(), None if b is None else b.double(), _float64(ep))
+    assert out.shape == eager.shape and out.dtype == eager.dtype == x.dtype
+    error = (out.double() - reference).abs().max().item()
+    eager_error = (eager.double() - reference).abs().max().item()
+    assert error <= FACTOR[x.dtype] * eager_error + 1e-5, (error, eager_error)
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("k, n, norm_bias, offset", [(72, 22, True, 0.0), (33, 37, False, 0.0), (100, 5, True, 40.0),
+                                                     (64, 16, False, -7.0), (31, 9, True, 3.0)])
+def test_layer_norm_prologue_matches_float64(dtype, k, n, norm_bias, offset):
+    """LayerNorm(x) * g (+ b) before the product, over K and N that are not multiples of the tile (interpreter:
+    32 x 4), one chunk or several, with a mean far from 0."""
+    _check_against_float64(*_gpt2_case(dtype, k, n, norm_bias=norm_bias, offset=offset, seed=k + n))
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("act, norm, residual, k, n", [
+    ("gelu_tanh", False, False, 70, 13), ("gelu_tanh", True, False, 64, 38), ("gelu_tanh", False, True, 40, 21),
+    ("gelu_tanh", True, True, 33, 6), ("gelu", False, False, 50, 17), ("gelu", True, True, 96, 10)])
+def test_gelu_epilogue_matches_float64(dtype, act, norm, residual, k, n):
+    """+ bias, then GELU (tanh, as GPT-2; or erf), then + residual: with and without the LayerNorm prologue."""
+    x, w, b, ep = _gpt2_case(dtype, k, n, act=act, residual=residual, seed=k * n)
+    _check_against_float64(x, w, b, ep if norm else replace(ep, norm_weight=None, norm_bias=None, layer_norm=False))
+
+
+@interpreted
+def test_layer_norm_prologue_stats_survive_a_large_mean():
+    """fp32 rows of mean 1000 and std 1: E[x²] - E[x]² would lose every digit; the shifted sums do not."""
+    x, w, b, ep = _gpt2_case(torch.float32, 96, 12, offset=1000.0, seed=5)
+    x = x - x.mean() + 1000.0 + 0.3 * torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+    _check_against_float64(x, w, b, ep)
+
+
+def test_gpt2_reference_is_the_eager_block():
+    """gemv_reference (the op's CPU path) is nn.LayerNorm -> linear -> GELU(tanh) -> + residual exactly, and the
+    tanh GELU equals HF's spelled-out NewGELU (what the decode pass folds) to fp32 rounding."""
+    torch.manual_seed(0)
+    norm = torch.nn.LayerNorm(24)
+    norm.weight.data, norm.bias.data = torch.randn(24), torch.randn(24)
+    x, w, b, res = torch.randn(1, 1, 24), torch.randn(40, 24), torch.randn(40), torch.randn(1, 1, 40)
+    y = F.linear(norm(x), w, b)
+    expected = res + F.gelu(y, approximate="tanh")
+    ep = gemv.Folded(residual=res, norm_weight=norm.weight, norm_bias=norm.bias, eps=norm.eps, layer_norm=True,
+                     act="gelu_tanh")
+    torch.testing.assert_close(gemv.gemv_reference(x, w, b, ep), expected, rtol=0, atol=0)
+    spelled = 0.5 * y * (1.0 + torch.tanh(0.7978845608028654 * (y + 0.044715 * torch.pow(y, 3.0))))
+    torch.testing.assert_close(F.gelu(y, approximate="tanh"), spelled, rtol=1e-6, atol=1e-6)
+    erf = gemv.gemv_reference(x, w, b, replace(ep, act="gelu", residual=None))
+    torch.testing.assert_close(erf, F.gelu(y), rtol=0, atol=0)
+
+
+def test_op_on_cpu_takes_the_layer_norm_and_gelu_arguments():
+    """fxopt::gemv's new trailing arguments (norm_bias, layer_norm, act) by position and by keyword."""
+    x, w, b, ep = _gpt2_case(torch.float32, 24, 10, act="gelu_tanh", residual=True)
+    expected = gemv.gemv_reference(x, w, b, ep)
+    got = torch.ops.fxopt.gemv(x, w, b, ep.residual, ep.norm_weight, ep.eps, False, ep.norm_bias, True, "gelu_tanh")
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    got = torch.ops.fxopt.gemv(x, w, b, ep.residual, ep.norm_weight, ep.eps, norm_bias=ep.norm_bias, layer_norm=True,
+                               act="gelu_tanh")
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert torch.equal(torch.ops.fxopt.gemv(x, w, b), F.linear(x, w, b))  # the old calls are unchanged
+
+
+def test_supports_names_the_norm_and_activation_it_does_not_cover():
+    x, w, b, ep = _gpt2_case(torch.float32, 16, 8, act="gelu_tanh")
+    assert gemv.supports(x, w, b, ep) is None
+    assert gemv.supports(x, w, b, replace(ep, norm_weight=None)) == "a LayerNorm without a weight"
+    assert gemv.supports(x, w, b, replace(ep, layer_norm=False)) == "a norm bias without LayerNorm"
+    assert "norm bias" in gemv.supports(x, w, b, replace(ep, norm_bias=ep.norm_bias.half()))
+    assert gemv.supports(x, w, b, replace(ep, act="relu")) == "activation 'relu'"
+
+
 _AOT_SCRIPT = r"""
 from fxopt.codegen import gemv as G
 
@@ -109,26 +207,30 @@ def signature(ptr):
     ints = {"N": "i32", "K": "i32", "stride_wn": "i32", "up_row": "i32", "eps": "fp32"}
     return {p.name: ints.get(p.name, ptr) for p in G._gemv_kernel.params if not p.is_constexpr}
 
+# (norm, layer_norm, norm bias, glu, act, residual, pdl, even K): RMSNorm + SwiGLU, LayerNorm + GELU (GPT-2's
+# c_fc), LayerNorm without bias + erf GELU + residual over a ragged K, ...
+CASES = ((False, False, False, False, 0, False, False, True), (True, False, False, True, 0, False, True, True),
+         (False, False, False, False, 0, True, True, True), (True, True, True, False, 1, False, True, True),
+         (True, True, False, False, 2, True, False, False), (False, False, False, False, 1, True, True, True))
 for ptr in ("*bf16", "*fp32"):
-    for norm, glu, residual, pdl in ((False, False, False, False), (True, True, False, True),
-                                     (False, False, True, True)):
-        constexprs = dict(HAS_BIAS=False, RESIDUAL=residual, NORM=norm, GLU=glu, PDL=pdl, BLOCK_N=2,
-                          BLOCK_K=1024, EVEN_K=True)
+    for norm, layer, norm_bias, glu, act, residual, pdl, even_k in CASES:
+        constexprs = dict(HAS_BIAS=True, RESIDUAL=residual, NORM=norm, LAYER=layer, NORM_BIAS=norm_bias, GLU=glu,
+                          ACT=act, PDL=pdl, BLOCK_N=2, BLOCK_K=1024, EVEN_K=even_k)
         compiled = compile_sm90(G._gemv_kernel, signature(ptr), constexprs, num_warps=4)
         ptx = compiled.asm["ptx"]
         assert ("griddepcontrol.wait" in ptx) == pdl and ("griddepcontrol.launch_dependents" in ptx) == pdl
         if pdl:  # the weights' first chunk is requested before waiting for the previous kernel
             assert ptx.index("ld.global") < ptx.index("griddepcontrol.wait"), "weight loads after the wait"
-        print("compiled gemv", ptr, norm, glu, residual, pdl)
+        print("compiled gemv", ptr, norm, layer, glu, act, residual, pdl)
 """
 
 
 def test_gemv_kernel_compiles_for_sm90_without_a_gpu(tmp_path):
-    """Every prologue / epilogue combination the decode pass makes, and the PDL variant, lower to sm_90 PTX
-    (the interpreter tests above never lower the kernel)."""
+    """Every prologue / epilogue combination the decode pass makes (RMSNorm + SwiGLU, LayerNorm + GELU, ...),
+    and the PDL variant, lower to sm_90 PTX (the interpreter tests above never lower the kernel)."""
     from aot_sm90 import run_script
 
-    assert run_script(tmp_path, "aot_gemv", _AOT_SCRIPT).count("compiled gemv") == 6
+    assert run_script(tmp_path, "aot_gemv", _AOT_SCRIPT).count("compiled gemv") == 12
 
 
 # --------------------------------------------------------------------------------------------------
@@ -208,6 +310,37 @@ def test_qkv_kernel_matches_the_eager_chain(dtype, norm, rope, bias, heads):
 
 
 @interpreted
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("norm_bias, k, heads", [(True, 40, (4, 4)), (False, 33, (2, 1))])
+def test_qkv_kernel_with_layer_norm_matches_the_eager_chain(dtype, norm_bias, k, heads):
+    """GPT-2's attention input: LayerNorm(x) (with or without its bias), the fused c_attn GEMV with its bias,
+    the head split and both cache writes, no RoPE: against the eager chain in float64."""
+    q_heads, kv_heads = heads
+    x, w, b, _, cos, sin, caches, pos = _qkv_case(dtype, q_heads=q_heads, kv_heads=kv_heads, k=k, norm=False,
+                                                  rope=False, bias=True, seed=k)
+    gen = torch.Generator().manual_seed(k + 1)
+    x = x + 4.0  # LayerNorm's mean matters
+    ep = gemv.Folded(norm_weight=(1 + 0.2 * torch.randn(k, generator=gen)).to(dtype), eps=1e-5, layer_norm=True,
+                     norm_bias=torch.randn(k, generator=gen).to(dtype) if norm_bias else None)
+    assert gemv.supports_qkv(x, w, b, ep, cos, sin, *caches, pos) is None
+    k_cache, v_cache = (c.clone() for c in caches)
+    q = gemv.gemv_qkv(x, w, b, ep, cos, sin, k_cache, v_cache, pos)
+    eager = _qkv_eager(x, w, b, ep, cos, sin, caches, pos, n_heads=q_heads, n_kv_heads=kv_heads)
+    exact = _qkv_eager(x.double(), w.double(), b.double(), _float64(ep), None, None, [c.double() for c in caches],
+                       pos, n_heads=q_heads, n_kv_heads=kv_heads)
+    slot = int(pos)
+    for got, ours, ref in zip((q, k_cache, v_cache), eager, exact):
+        if got is not q:
+            got, ours, ref = got[:, :, slot], ours[:, :, slot], ref[:, :, slot]
+        error = (got.double() - ref).abs().max().item()
+        eager_error = (ours.double() - ref).abs().max().item()
+        assert error <= FACTOR[dtype] * eager_error + 1e-5, (error, eager_error)
+    q_op = torch.ops.fxopt.gemv_qkv(x, w, b, ep.norm_weight, ep.eps, None, None, *(c.clone() for c in caches), pos,
+                                    norm_bias=ep.norm_bias, layer_norm=True)  # the CPU path: the eager chain
+    torch.testing.assert_close(q_op, eager[0], rtol=0, atol=0)
+
+
+@interpreted
 def test_qkv_kernel_honours_strides():
     """Caches that are views of a larger buffer (first row of a batch, head dim padded), W rows of a wider
     matrix, cos/sin read every other element: the kernel writes the same values as the eager chain."""
@@ -261,18 +394,18 @@ ints = {"K": "i32", "stride_wn": "i32", "eps": "fp32", "q_heads": "i32", "kv_hea
 for ptr in ("*bf16", "*fp32"):
     signature = {p.name: ints.get(p.name, "*i64" if p.name == "pos_ptr" else ptr)
                  for p in G._gemv_qkv_kernel.params if not p.is_constexpr}
-    for norm, rope, pdl in ((True, True, True), (False, False, False)):
-        constexprs = dict(HAS_BIAS=False, NORM=norm, ROPE=rope, PDL=pdl, HEAD_DIM=64, BLOCK_N=1, BLOCK_K=1024,
-                          EVEN_K=True)
+    for norm, layer, rope, pdl in ((True, False, True, True), (False, False, False, False), (True, True, False, True)):
+        constexprs = dict(HAS_BIAS=layer, NORM=norm, LAYER=layer, NORM_BIAS=layer, ROPE=rope, PDL=pdl, HEAD_DIM=64,
+                          BLOCK_N=1, BLOCK_K=1024, EVEN_K=True)
         ptx = compile_sm90(G._gemv_qkv_kernel, signature, constexprs, num_warps=4).asm["ptx"]
         assert ("griddepcontrol.wait" in ptx) == pdl
         if pdl:  # the weights' first chunk is requested before waiting for the previous kernel
             assert ptx.index("ld.global") < ptx.index("griddepcontrol.wait"), "weight loads after the wait"
-        print("compiled gemv_qkv", ptr, norm, rope, pdl)
+        print("compiled gemv_qkv", ptr, norm, layer, rope, pdl)
 """
 
 
 def test_gemv_qkv_kernel_compiles_for_sm90_without_a_gpu(tmp_path):
     from aot_sm90 import run_script
 
-    assert run_script(tmp_path, "aot_gemv_qkv", _AOT_QKV_SCRIPT).count("compiled gemv_qkv") == 4
+    assert run_script(tmp_path, "aot_gemv_qkv", _AOT_QKV_SCRIPT).count("compiled gemv_qkv") == 6

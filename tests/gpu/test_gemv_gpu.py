@@ -80,3 +80,93 @@ def test_gemv_qkv_at_model_sizes(dtype, q_heads, kv_heads, d, k, rope, bias):
         assert ok, f"error {error:.3g} > allowed {allowed:.3g}"
     keep = torch.arange(max_len, device="cuda") != slot
     assert all(torch.equal(a[:, :, keep], c[:, :, keep]) for a, c in zip(got, caches))
+
+
+def _as64(t):
+    return None if t is None else t.double()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("n, k, norm, norm_bias, act, residual", [
+    (4096, 1024, True, True, "gelu_tanh", False),  # gpt2-medium's c_fc: LayerNorm, bias, GELU
+    (1024, 4096, False, False, "none", True),  # its MLP c_proj: bias + residual
+    (3072, 768, True, True, "gelu_tanh", False),  # gpt2's c_fc: K = 768 is not a multiple of the 1024-wide chunk
+    (1024, 4096, True, True, "gelu", True),  # LayerNorm + erf GELU + residual over K = 4096
+    (50304, 1024, True, True, "none", False),  # the lm_head after ln_f
+    (4096, 1024, True, False, "gelu_tanh", True)])  # LayerNorm without bias, GELU, then + residual
+def test_layer_norm_gelu_residual_at_gpt2_sizes(dtype, n, k, norm, norm_bias, act, residual):
+    """fxopt::gemv with GPT-2's folds (LayerNorm prologue, bias, GELU, residual) against float64: rows with a
+    mean far from 0, so LayerNorm's mean and variance matter."""
+    gen = torch.Generator(device="cuda").manual_seed(n + k)
+    x = (torch.randn(1, 1, k, device="cuda", generator=gen) * 3 + 2).to(dtype)
+    w = (torch.randn(n, k, device="cuda", generator=gen) / k**0.5).to(dtype)
+    b = torch.randn(n, device="cuda", generator=gen).to(dtype)
+    g = (1 + 0.2 * torch.randn(k, device="cuda", generator=gen)).to(dtype) if norm else None
+    nb = (0.5 * torch.randn(k, device="cuda", generator=gen)).to(dtype) if norm_bias else None
+    res = torch.randn(1, 1, n, device="cuda", generator=gen).to(dtype) if residual else None
+    ep = gemv.Folded(residual=res, norm_weight=g, eps=1e-5, norm_bias=nb, layer_norm=norm, act=act)
+    assert gemv.supports(x, w, b, ep) is None
+    out = torch.ops.fxopt.gemv(x, w, b, res, g, 1e-5, False, nb, norm, act)
+    eager = gemv.gemv_reference(x, w, b, ep)
+    reference = gemv.gemv_reference(x.double(), w.double(), b.double(),
+                                    gemv.Folded(residual=_as64(res), norm_weight=_as64(g), eps=1e-5,
+                                                norm_bias=_as64(nb), layer_norm=norm, act=act))
+    ok, error, allowed = within_tolerance(out, eager, reference)
+    assert ok, f"error {error:.3g} > allowed {allowed:.3g}"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("heads, d, k", [(16, 64, 1024), (12, 64, 768), (25, 64, 1600)])  # gpt2-medium, gpt2, -xl
+def test_gemv_qkv_with_layer_norm_at_gpt2_sizes(dtype, heads, d, k):
+    """fxopt::gemv_qkv as GPT-2's decode step runs it: LayerNorm prologue, c_attn's bias, head split and both
+    cache writes at a slot, no RoPE; q and the written rows within tolerance of float64, the rest untouched."""
+    gen = torch.Generator(device="cuda").manual_seed(heads + k)
+    n, slot, max_len = 3 * heads * d, 333, 1024
+    x = (torch.randn(1, 1, k, device="cuda", generator=gen) * 3 + 2).to(dtype)
+    w = (torch.randn(n, k, device="cuda", generator=gen) / k**0.5).to(dtype)
+    b = torch.randn(n, device="cuda", generator=gen).to(dtype)
+    g = (1 + 0.2 * torch.randn(k, device="cuda", generator=gen)).to(dtype)
+    nb = (0.5 * torch.randn(k, device="cuda", generator=gen)).to(dtype)
+    caches = [torch.randn(1, heads, max_len, d, device="cuda", generator=gen).to(dtype) for _ in range(2)]
+    pos = torch.tensor([slot], device="cuda")
+    got = [c.clone() for c in caches]
+    q = torch.ops.fxopt.gemv_qkv(x, w, b, g, 1e-5, None, None, *got, pos, norm_bias=nb, layer_norm=True)
+    eager = [c.clone() for c in caches]
+    ep = gemv.Folded(norm_weight=g, eps=1e-5, norm_bias=nb, layer_norm=True)
+    q_eager = gemv.gemv_qkv_reference(x, w, b, ep, None, None, *eager, pos)
+    exact = [c.double() for c in caches]
+    ep64 = gemv.Folded(norm_weight=g.double(), eps=1e-5, norm_bias=nb.double(), layer_norm=True)
+    q_exact = gemv.gemv_qkv_reference(x.double(), w.double(), b.double(), ep64, None, None, *exact, pos)
+    for ours, theirs, ref in [(q, q_eager, q_exact)] + [(a[:, :, slot], e[:, :, slot], r[:, :, slot])
+                                                       for a, e, r in zip(got, eager, exact)]:
+        ok, error, allowed = within_tolerance(ours, theirs, ref)
+        assert ok, f"error {error:.3g} > allowed {allowed:.3g}"
+    keep = torch.arange(max_len, device="cuda") != slot
+    assert all(torch.equal(a[:, :, keep], c[:, :, keep]) for a, c in zip(got, caches))
+
+
+@torch.no_grad()
+def test_hf_gpt2_decode_with_folds_matches_recompute():
+    """HF GPT-2 (Conv1D, spelled-out GELU) at a few layers: the CUDA-graphed batch-1 decode step with every fold
+    gives full recompute's greedy tokens in fp32, and its program is 4 GEMVs a layer plus the lm_head."""
+    pytest.importorskip("transformers")
+    from fxopt.generate import build_generator
+    from fxopt.zoo import load_model
+
+    model = load_model("hf:gpt2,n_layer=4,n_embd=256,n_head=4,vocab_size=1024", device="cuda").eval()
+    rng = torch.Generator(device="cuda").manual_seed(1)
+    for name, p in model.named_parameters():  # decisive logits: the default init's are near-uniform
+        spread = 1.5 / min(p.shape) ** 0.5 if p.dim() == 2 else 0.3
+        centre = 1.0 if p.dim() == 1 and "bias" not in name else 0.0  # LayerNorm weights around 1
+        p.copy_(torch.randn(p.shape, device="cuda", generator=rng) * spread + centre)
+    ids = torch.randint(0, 1024, (1, 9), device="cuda", generator=torch.Generator(device="cuda").manual_seed(0))
+    gen = build_generator(model, {"input_ids": ids}, max_seq_len=64, max_batch=1)
+    out = gen.generate(ids, 16)
+    ref = ids
+    for _ in range(16):
+        ref = torch.cat([ref, model(ref, use_cache=False).logits[:, -1].argmax(-1)[:, None]], dim=1)
+    assert torch.equal(out, ref)
+    targets = [n.target for n in gen.decode_program(1).graph.nodes if n.op == "call_function"]
+    assert targets.count(torch.ops.fxopt.gemv_qkv.default) == 4 and targets.count(torch.ops.fxopt.gemv.default) == 13
+    left = [n for n in gen.notes if "LayerNorm" in n or "gelu" in n.lower()]  # why a fold was refused, if one was
+    assert targets.count(torch.ops.aten.layer_norm.default) == targets.count(torch.ops.aten.tanh.default) == 0, left
