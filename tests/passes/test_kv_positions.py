@@ -3,7 +3,7 @@
 - last-position selection (nanoGPT's `lm_head(x[:, [-1], :])`, and `x[:, -1]`, `x[:, -1:]`),
 - the cumulative sum of the (all-ones) attention mask as positions (HF OPT),
 - a position table gathered by position ids (HF GPT-J `embed_positions[position_ids]`),
-- indexing over non-token axes (HF multi-query Falcon's `fused_qkv[..., [-2], :]` over the heads),
+- indexing over non-token axes (HF multi-query Falcon before transformers 5.25: `fused_qkv[..., [-2], :]`),
 
 each checked end to end: greedy tokens of `fxopt.optimize(..., kv_cache=True)` equal HF `generate` (or, for
 nanoGPT, a full-recompute argmax loop), batch 1 and a left-padded batch 2; prefill and decode logits equal the
@@ -107,7 +107,7 @@ def _position_targets(program):
 
 def test_hf_position_forms(hf):
     """OPT: `cumsum(ones(b, s), 1) * mask - 1` a position source (no cumsum left); GPT-J: `embed_positions[
-    position_ids]` looked up by per-row positions; Falcon: the head-dim indexing `[:, :, [-2]]` kept as it is."""
+    position_ids]` looked up by per-row positions; Falcon multi-query: one cached KV head."""
     kind, model, gen = hf
     programs = gen.programs
     assert not programs.last_only
@@ -119,10 +119,11 @@ def test_hf_position_forms(hf):
     elif kind == "gptj":
         assert aten.index.Tensor in _position_targets(programs.decode)  # the sin/cos table, by position
         assert programs.position_limit == model.config.n_positions
-    else:
-        heads = [n for n in programs.decode.graph.nodes if n.target == aten.index.Tensor]
-        assert len(heads) == 2 * model.config.num_hidden_layers  # K and V of each layer: one head each
-        assert all(n.args[1][:2] == [None, None] for n in heads)
+    else:  # multi-query: however this transformers version takes K and V out of the fused projection
+        # (`[:, :, [-2]]` indexing or a split over heads), each layer caches the one shared KV head
+        assert len(programs.caches) == model.config.num_hidden_layers
+        head_dim = model.config.hidden_size // model.config.num_attention_heads
+        assert all((c.kv_heads, c.k_dim, c.v_dim) == (1, head_dim, head_dim) for c in programs.caches)
 
 
 # --------------------------------------------------------------------------------------------------
