@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from fxopt import models, numerics, pipeline, zoo
 from fxopt.capture import capture
@@ -38,6 +39,7 @@ from fxopt.hardware import measure_copy_bandwidth
 from fxopt.passes import kv_cache as kv
 from fxopt.passes.infra import PassContext
 from fxopt.progress import note, progress, stage
+from fxopt.tensor_parallel import Weights, local_bytes, shard_graph
 
 
 def _same_device(a: torch.device, b: torch.device) -> bool:
@@ -147,6 +149,7 @@ class Generator:
         self.device = torch.device(device)
         self.vocab_size = vocab_size
         self.weight_bytes = weight_bytes
+        self.tp_report = None  # with tensor parallelism: what this rank holds (fxopt.tensor_parallel.TPReport)
         self.use_cuda_graph = (self.device.type == "cuda") if use_cuda_graph is None else use_cuda_graph
         # Per batch bucket, the decode program specialised to its static shapes and run through the cost and
         # fusion passes (generated Triton kernels for the pointwise/norm regions). GPU only by default.
@@ -568,34 +571,59 @@ def build_generator(model: torch.nn.Module, example_kwargs: dict[str, Any], *, m
                     dtype: torch.dtype | None = None, device: torch.device | str | None = None, hw=None,
                     use_cuda_graph: bool | None = None, fuse_decode: bool | None = None,
                     matmul: bool = True, attention: bool = True, fuse: bool = True, rope: bool | None = None,
-                    dump_dir=None) -> Generator:
+                    dump_dir=None, tensor_parallel: dist.ProcessGroup | None = None,
+                    weights: Weights | None = None) -> Generator:
     """Capture `model` (a cache-less causal LM: input_ids -> logits), run pipeline.GENERATOR over it (attention,
     matmul, then kv_cache's split into prefill and decode programs) and return a Generator, which runs
     pipeline.DECODE per batch bucket with the same context. The user's model is never modified (a copy is
     converted when `dtype` / `device` differ from its own). `fuse=False` leaves the decode program's memory-bound
     ops, RoPE included, as PyTorch ops.
 
+    tensor_parallel (a torch.distributed process group): the captured graph is first cut into this rank's
+    Megatron shard (fxopt/tensor_parallel.py: heads, MLP columns/rows, vocab), so both programs and their caches
+    hold this rank's heads only and every rank computes the same logits. `weights` (name -> tensor) then supplies
+    the tensors of a model built on the meta device, so no rank holds the whole model.
+
     Raises kv_cache.KVCacheError, naming the node, when the model cannot take a cache (bidirectional
     attention, positions mixed outside attention).
     """
 
     model_device, model_dtype = _model_device_dtype(model)
-    device = torch.device(device) if device is not None else model_device
+    if model_device.type == "meta":  # weights come from `weights`, on the inputs' device, in their own dtype
+        if tensor_parallel is None or weights is None:
+            raise TypeError("build_generator: a model on the meta device needs tensor_parallel and weights")
+        if dtype not in (None, model_dtype):
+            raise TypeError(f"build_generator: a model on the meta device runs in its own dtype ({model_dtype})")
+        device = torch.device(device) if device is not None else _inputs_device(example_kwargs)
+    else:
+        device = torch.device(device) if device is not None else model_device
     dtype = dtype or model_dtype
-    if device != model_device or dtype != model_dtype:
+    if model_device.type != "meta" and (device != model_device or dtype != model_dtype):
         model = copy.deepcopy(model).to(device=device, dtype=dtype)
     model = model.eval()
     kwargs = capture_kwargs(model, example_kwargs, device)
     captured = capture(model, kwargs)
+    if tensor_parallel is not None:  # ShardingError here names the layer, before a tensor is read
+        shard_graph(captured.gm, tensor_parallel, weights=weights)
     options = {"attention": attention, "matmul": matmul, "fuse": fuse, "rope": fuse if rope is None else rope,
                "dump_dir": dump_dir}
     ctx = pipeline.make_context(captured, hw, None, options)
     program = pipeline.run_passes(captured, ctx, pipeline.GENERATOR, program="generator")
     programs: kv.KVPrograms = program.results["kv_cache"].kv_programs
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    return Generator(programs, max_seq_len=max_seq_len, max_batch=max_batch, device=device, vocab_size=vocab,
-                     use_cuda_graph=use_cuda_graph, weight_bytes=weight_bytes, fuse_decode=fuse_decode, ctx=ctx)
+    if tensor_parallel is None:
+        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    else:  # what this rank streams: its shard (the programs hold the graph's tensors)
+        weight_bytes = local_bytes(captured.gm)
+    gen = Generator(programs, max_seq_len=max_seq_len, max_batch=max_batch, device=device, vocab_size=vocab,
+                    use_cuda_graph=use_cuda_graph, weight_bytes=weight_bytes, fuse_decode=fuse_decode, ctx=ctx)
+    gen.tp_report = getattr(captured.gm, "tp_report", None)
+    return gen
+
+
+def _inputs_device(example_kwargs: dict[str, Any]) -> torch.device:
+    tensors = [v for v in example_kwargs.values() if isinstance(v, torch.Tensor)]
+    return tensors[0].device if tensors else torch.device("cpu")
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from collections import Counter
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch.utils import _pytree as pytree
 
 from fxopt import numerics
@@ -144,10 +145,11 @@ def _precompile(optimized: OptimizedModule, args: tuple, kwargs: dict) -> bool:
 #: Keyword options `optimize` takes beyond its named parameters: passes to turn off, generator settings.
 PASS_OPTIONS = ("rope", "epilogues")
 GENERATOR_OPTIONS = ("dtype", "device", "use_cuda_graph", "fuse_decode")
+TP_OPTIONS = ("weights",)  # tensor_parallel: name -> tensor for a model built on the meta device
 
 
-def _check_options(options: dict[str, Any], kv_cache: bool) -> None:
-    accepted = PASS_OPTIONS + (GENERATOR_OPTIONS if kv_cache else ())
+def _check_options(options: dict[str, Any], kv_cache: bool, tensor_parallel) -> None:
+    accepted = PASS_OPTIONS + (GENERATOR_OPTIONS if kv_cache else ()) + (TP_OPTIONS if tensor_parallel else ())
     unknown = sorted(set(options) - set(accepted))
     if unknown:
         named = ("hw, fuse, attention, matmul, verify, dump_dir, dynamic_dims, kv_cache, max_seq_len, max_batch, "
@@ -155,7 +157,8 @@ def _check_options(options: dict[str, Any], kv_cache: bool) -> None:
                  + ", ".join(accepted))
         raise TypeError(f"optimize: unknown option{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
                         f"accepted: {named}" + ("" if kv_cache else f" (with kv_cache=True also "
-                                                                    f"{', '.join(GENERATOR_OPTIONS)})"))
+                                                                    f"{', '.join(GENERATOR_OPTIONS)})")
+                        + ("" if tensor_parallel else f" (with tensor_parallel also {', '.join(TP_OPTIONS)})"))
 
 
 def optimize(
@@ -190,15 +193,20 @@ def optimize(
     Further options: rope=False keeps RoPE as PyTorch ops; epilogues=False keeps a linear's bias + GELU(tanh)
     out of its GEMM (default: as `matmul`).
     tensor_parallel=N (or "auto": the world size; torch.distributed initialised, N its world size): this rank's
-    Megatron shard of the captured forward (fxopt/tensor_parallel.py), no other pass run on it yet.
+    Megatron shard (fxopt/tensor_parallel.py). With kv_cache=True the generator's programs and caches are the
+    shard's (every rank gets the same tokens); without, the sharded forward, no other pass run on it yet.
+    weights=name -> tensor supplies a model built on the meta device, each rank reading only its slices.
     """
-    _check_options(options, kv_cache)
+    _check_options(options, kv_cache, tensor_parallel)
     args, kwargs = split_inputs(model, example_inputs)
+    group = None
     if tensor_parallel is not None:
         world_size_for(tensor_parallel)  # refuses a mismatch with the initialised group
-        if kv_cache or args:
-            raise TypeError("optimize(tensor_parallel=...): keyword inputs and kv_cache=False only, for now")
-        return shard_model(model, kwargs)
+        group = dist.group.WORLD
+        if args:
+            raise TypeError("optimize(tensor_parallel=...): give the inputs as keywords")
+        if not kv_cache:
+            return shard_model(model, kwargs, weights=options.pop("weights", None))
     if kv_cache:
 
         ids = numerics.token_ids(kwargs)
@@ -213,7 +221,7 @@ def optimize(
             raise TypeError("optimize(kv_cache=True): dynamic_dims does not apply (the generator captures with "
                             "dynamic batch and sequence itself)")
         gen = build_generator(model, kwargs, max_seq_len=max_seq_len, max_batch=max_batch, hw=hw, matmul=matmul,
-                              attention=attention, fuse=fuse, dump_dir=dump_dir, **options)
+                              attention=attention, fuse=fuse, dump_dir=dump_dir, tensor_parallel=group, **options)
         if verify:
             gen.verification = numerics.verify_generator(model, gen, kwargs)
         return gen

@@ -129,6 +129,7 @@ def _report(plan: tp.ShardPlan) -> TPReport:
     sites = [f"{s.kind} at `{s.name}`" for s in plan.sites]
     if plan.lm_head is not None:
         sites.append(f"lm_head at `{plan.lm_head.name}`")
+    sites += [f"embedding at `{lookup.name}`" for lookup in plan.embeddings]
     return TPReport(plan.rank, plan.world_size, plan.bytes(local=True), plan.bytes(local=False), plan.sharded(),
                     plan.replicated(), plan.replicated_linears, sites)
 

@@ -51,6 +51,7 @@ from fxopt.nodes import op_name as _op_name
 from fxopt.passes import masks
 from fxopt.passes.infra import PassContext, PassResult, add_constant, finish
 from fxopt.passes.rules import Rewriter, Rule, apply_rules
+from fxopt.passes.tensor_parallel import ALL_GATHER, ALL_REDUCE, WAIT
 
 aten = torch.ops.aten
 ATTENTION = torch.ops.fxopt.attention.default
@@ -857,6 +858,15 @@ def _rule_cat(an, node):
     return tuple(sorted(axes))
 
 
+def _rule_gather_ranks(an, node):
+    """all_gather_into_tensor: every rank's tensor stacked along dim 0 (tensor parallelism's vocab-parallel logits,
+    moved to dim 0 first): tokens stay where they are as long as dim 0 is not a token axis."""
+    axes = _in_axes(an, node.args[0])
+    if 0 in axes:
+        raise _refuse(node, "gathers ranks' tensors along the token axis (dim 0)")
+    return axes
+
+
 def _rule_stack(an, node):
     tensors = node.args[0]
     dim = _norm_dim(node.args[1] if len(node.args) > 1 else 0, _rank(node))
@@ -1131,6 +1141,9 @@ TOKEN_AXIS_RULES: dict[Any, Any] = _first_wins(
     ({aten.index}, _rule_index),
     ({aten.gather}, _rule_gather),
     ({aten.repeat}, _rule_repeat_tensor),
+    # tensor parallelism's collectives (passes/tensor_parallel.py): every rank holds the same tokens
+    ({ALL_REDUCE.overloadpacket, WAIT.overloadpacket}, _rule_pointwise),  # a sum over ranks; waiting for it
+    ({ALL_GATHER.overloadpacket}, _rule_gather_ranks),
 )
 
 

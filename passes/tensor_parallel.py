@@ -17,10 +17,13 @@ What is sharded is found by graph patterns, never by module names:
              (gelu(up(x)), silu(gate(x)) * up(x)): those are column-parallel (rows [r*F/N, (r+1)*F/N)) and it is
              row-parallel + one all-reduce.
   lm_head    the linear whose output is the graph's output: vocab-parallel (rows [r*V/N, (r+1)*V/N)), its
-             logits all-gathered. A weight it shares with an embedding (tied) keeps its full copy for the lookup.
+             logits all-gathered.
+  embedding  an aten.embedding of the input ids in a constant table of V rows, V divisible by N: vocab-parallel,
+             the lm_head's rows (a tied table is one shard for both). Rank r looks up the ids in its rows, zeroes
+             the others' and an all-reduce (sum) gives every rank the full rows.
 
-A row-parallel linear's bias is added once, after the all-reduce. Everything else (embeddings, norms, position
-tables, linears no pattern claims) is replicated, and listed in the plan. Attention that cannot be proven
+A row-parallel linear's bias is added once, after the all-reduce. Everything else (norms, position tables,
+linears no pattern claims) is replicated, and listed in the plan. Attention that cannot be proven
 shardable (a head count not divisible by N, an op between the head split and the attention that is not known to
 act per head, a value of the sharded heads read elsewhere) raises ShardingError naming the node before any
 weight is sliced. Collectives are the functional c10d ops (torch.ops._c10d_functional: all_reduce +
@@ -44,6 +47,7 @@ c10d = torch.ops._c10d_functional
 
 SDPA = aten.scaled_dot_product_attention.default
 LINEAR = aten.linear.default
+EMBEDDING = aten.embedding.default
 ALL_REDUCE = c10d.all_reduce.default
 ALL_GATHER = c10d.all_gather_into_tensor.default
 WAIT = c10d.wait_tensor.default
@@ -129,6 +133,7 @@ class ShardPlan:
     sites: list[Site] = field(default_factory=list)
     lm_head: fx.Node | None = None
     lm_head_keep: tuple[int, int] | None = None
+    embeddings: dict[fx.Node, tuple[int, int]] = field(default_factory=dict)  # lookup -> the table rows kept
     attrs: dict[str, AttrShard] = field(default_factory=dict)  # target in the sharded gm -> how to build it
     replicated_linears: list[str] = field(default_factory=list)
     retarget: list[tuple[fx.Node, str, str]] = field(default_factory=list)  # (linear, weight|bias, new attribute)
@@ -268,20 +273,26 @@ def _is_split_view(node: fx.Node, hdim: int) -> bool:
 
 
 def _walk_repeat(sdpa, reshape, hdim, chain, stack):
-    """repeat_kv: reshape(expand(unsqueeze(x, hdim + 1), [.., kv, rep, ..]), [.., kv*rep, ..]) -> keep walking at x."""
+    """repeat_kv: reshape(expand(unsqueeze(x, hdim + 1), [.., kv, rep, ..]), [.., kv*rep, ..]) -> keep walking at x.
+    Full slices around the unsqueeze (how `x[:, :, None, :, :]` is captured) are walked through."""
     expand = reshape.args[0]
-    unsq = expand.args[0]
     if hdim != 1:
         raise ShardingError(f"`{reshape.name}` repeats heads at dim {hdim}; expected [b, h, s, hd]")
+    unsq = _through_full_slices(expand.args[0], chain)
     if not _is_call(unsq, (aten.unsqueeze.default,)) or unsq.args[1] != hdim + 1 or len(expand.users) > 1:
         raise ShardingError(f"`{reshape.name}` merges heads of `{expand.name}` in a way not known to be repeat_kv")
     chain.update({expand, unsq})
-    src = unsq.args[0]
-    if _is_call(src, (aten.slice.Tensor,)) and src.args[1] == 0 and src.args[2:] in ((0, INT_MAX), (None, INT_MAX)):
-        chain.add(src)  # x[:, :, None] spells a full slice of dim 0 first
-        src = src.args[0]
-    stack.append((src, hdim))
+    stack.append((_through_full_slices(unsq.args[0], chain), hdim))
     return (expand, reshape), stack
+
+
+def _through_full_slices(node, chain: set):
+    """The first input up from `node` that is not a full slice `x[:]` of some dim (those added to chain)."""
+    while _is_call(node, (aten.slice.Tensor,)) and tuple(node.args[2:]) in ((), (0, INT_MAX), (None, INT_MAX)) \
+            and (len(node.users) == 1):
+        chain.add(node)
+        node = node.args[0]
+    return node
 
 
 def _head_inputs(sdpa: fx.Node, node: fx.Node, hdim: int) -> list[tuple[fx.Node, int]]:
@@ -404,8 +415,12 @@ def _shape_edit(node: fx.Node, local: dict[int, int], globals_: tuple[int, ...])
 
 
 def _row_after_attention(site: Site, sdpa: fx.Node, q: HeadChain, keep) -> None:
-    """attention [b, H, s, hd] -> transpose(1, 2) -> (clone) -> reshape [b, s, H*hd] -> linear: row-parallel."""
+    """attention [b, H, s, hd] -> (same-shape reshape) -> transpose(1, 2) -> (clone) -> reshape [b, s, H*hd] ->
+    linear: row-parallel."""
     node = _only_user(sdpa)
+    while _is_call(node, RESHAPES) and _shape(node) == _shape(sdpa):  # HF's view(b, -1, s, hd) of the output
+        site.edits += _shape_edit(node, {1: sum(b - a for a, b in keep) // q.head_dim}, (q.heads,))
+        node = _only_user(node)
     if not _is_call(node, TRANSPOSES) or _permutation(node, 4) != [0, 2, 1, 3]:
         raise ShardingError(f"`{node.name}` reads `{sdpa.name}`'s heads; expected a transpose of dims 1 and 2")
     node = _only_user(node)
@@ -482,6 +497,7 @@ def plan_shards(gm: fx.GraphModule, world_size: int, rank: int) -> ShardPlan:
                 plan.sites.append(site)
                 claimed.update(site.columns, {site.row})
     _plan_lm_head(gm, plan, claimed)
+    _plan_embeddings(gm, plan)
     plan.replicated_linears = [_where(n) for n in gm.graph.nodes if _const_linear(n) and n not in claimed
                                and n is not plan.lm_head]
     _plan_attrs(gm, plan)
@@ -510,6 +526,17 @@ def _plan_lm_head(gm: fx.GraphModule, plan: ShardPlan, claimed: set) -> None:
     plan.lm_head, plan.lm_head_keep = head, (plan.rank * local, (plan.rank + 1) * local)
 
 
+def _plan_embeddings(gm: fx.GraphModule, plan: ShardPlan) -> None:
+    """Every lookup of input token ids in a constant table whose rows divide by N: vocab-parallel, rows
+    [r*V/N, (r+1)*V/N). Tables read by computed indices (learned positions) stay whole: small, and no all-reduce."""
+    for node in gm.graph.find_nodes(op="call_function", target=EMBEDDING):
+        table, ids = node.args[:2]
+        rows = _shape(table)[0] if table.op == "get_attr" and ids.op == "placeholder" else None
+        if isinstance(rows, int) and rows % plan.world_size == 0:
+            local = rows // plan.world_size
+            plan.embeddings[node] = (plan.rank * local, (plan.rank + 1) * local)
+
+
 def _flat(args) -> list:
     out: list = []
     fx.node.map_arg(args, out.append)
@@ -533,6 +560,8 @@ def _plan_attrs(gm: fx.GraphModule, plan: ShardPlan) -> None:
         wanted[(site.row, "weight")] = (1, site.row_keep)  # its bias: whole, added after the all-reduce
     if plan.lm_head is not None:
         wanted[(plan.lm_head, "weight")] = (0, (plan.lm_head_keep,))
+    for lookup, keep in plan.embeddings.items():
+        wanted[(lookup, "weight")] = (0, (keep,))
     for node in gm.graph.nodes:
         if node.op != "get_attr" or not node.users:
             continue
@@ -553,10 +582,13 @@ def _plan_attrs(gm: fx.GraphModule, plan: ShardPlan) -> None:
                 plan.retarget.append((use[0], use[1], target))
 
 
-def _input(linear: fx.Node, which: str):
-    if linear.op != "call_function" or linear.target is not LINEAR:
+def _input(user: fx.Node, which: str):
+    """A linear's weight or bias node; an embedding's table (its "weight")."""
+    if user.op == "call_function" and user.target is EMBEDDING:
+        return user.args[0] if which == "weight" else None
+    if user.op != "call_function" or user.target is not LINEAR:
         return None
-    return linear.args[1] if which == "weight" else _bias(linear)
+    return user.args[1] if which == "weight" else _bias(user)
 
 
 def _gaps(covered: list[tuple[int, int]], width: int) -> bool:
@@ -577,6 +609,7 @@ def apply_plan(gm: fx.GraphModule, plan: ShardPlan, group_name: str, load: Calla
     fake_mode = detect_fake_mode([tensor_val(n) for n in gm.graph.nodes if tensor_val(n) is not None])
     if fake_mode is None:
         raise ShardingError("the graph has no fake values: capture it with fxopt.capture")
+    before = {node: (node.target, node.args, node.kwargs) for node in gm.graph.nodes}
     for site in plan.sites:
         for node, index, value in site.edits:
             node.args = node.args[:index] + (value,) + node.args[index + 1:]
@@ -591,10 +624,12 @@ def apply_plan(gm: fx.GraphModule, plan: ShardPlan, group_name: str, load: Calla
             _set_input(linear, which, gm.graph.get_attr(target))
     if plan.lm_head is not None:
         _all_gather_after(gm, plan.lm_head, plan.world_size, group_name)
+    for lookup, keep in plan.embeddings.items():
+        _vocab_parallel_lookup(gm, lookup, keep, group_name)
     for node in list(gm.graph.nodes):
         if node.op == "get_attr" and not node.users:
             gm.graph.erase_node(node)
-    _propagate(gm, plan, fake_mode, device if device is not None else _input_device(gm))
+    _propagate(gm, plan, before, fake_mode, device if device is not None else _input_device(gm))
     _materialise(gm, plan, load, device)
     gm.graph.lint()
     gm.recompile()
@@ -614,7 +649,9 @@ def _set_split_sizes(linear: fx.Node, segments: list[Segment]) -> None:
 
 
 def _set_input(linear: fx.Node, which: str, node) -> None:
-    if which == "weight":
+    if linear.target is EMBEDDING:
+        linear.args = (node, *linear.args[1:])
+    elif which == "weight":
         linear.args = (linear.args[0], node, *linear.args[2:])
     elif len(linear.args) > 2:
         linear.args = (*linear.args[:2], node)
@@ -634,6 +671,27 @@ def _all_reduce_after(gm: fx.GraphModule, row: fx.Node, group_name: str) -> None
         with gm.graph.inserting_after(out):
             out = gm.graph.call_function(aten.add.Tensor, (out, bias))
     row.replace_all_uses_with(out, delete_user_cb=lambda user: user is not reduced)
+
+
+def _vocab_parallel_lookup(gm: fx.GraphModule, lookup: fx.Node, keep: tuple[int, int], group_name: str) -> None:
+    """embedding(table rows [start, end), ids) -> the rows of ids in [start, end), zeros for the others' ids,
+    all-reduced (sum): every id's row comes from the one rank that holds it."""
+    start, end = keep
+    ids = lookup.args[1]
+    graph = gm.graph
+    with graph.inserting_before(lookup):
+        mine = graph.call_function(aten.logical_and.default, (graph.call_function(aten.ge.Scalar, (ids, start)),
+                                                              graph.call_function(aten.lt.Scalar, (ids, end))))
+        local = graph.call_function(aten.mul.Tensor, (graph.call_function(aten.sub.Tensor, (ids, start)), mine))
+        row_mask = graph.call_function(aten.unsqueeze.default, (mine, -1))  # (b, s, 1)
+    lookup.args = (lookup.args[0], local, *lookup.args[2:])  # (b, s) ids in [0, end - start): 0 where not mine
+    with graph.inserting_after(lookup):
+        kept = graph.call_function(aten.mul.Tensor, (lookup, row_mask))  # (b, s, d): others' rows zero
+    with graph.inserting_after(kept):
+        reduced = graph.call_function(ALL_REDUCE, (kept, "sum", group_name))
+    with graph.inserting_after(reduced):
+        out = graph.call_function(WAIT, (reduced,))
+    lookup.replace_all_uses_with(out, delete_user_cb=lambda user: user is not kept)
 
 
 def _all_gather_after(gm: fx.GraphModule, head: fx.Node, world_size: int, group_name: str) -> None:
@@ -665,14 +723,18 @@ def _input_device(gm: fx.GraphModule) -> torch.device:
     return torch.device("cpu")
 
 
-def _propagate(gm: fx.GraphModule, plan: ShardPlan, fake_mode, device) -> None:
-    """Every node's meta['val'] recomputed under the graph's FakeTensorMode, attributes at their local shapes."""
+def _propagate(gm: fx.GraphModule, plan: ShardPlan, before: dict, fake_mode, device) -> None:
+    """meta['val'] recomputed under the graph's FakeTensorMode, attributes at their local shapes, for every node the
+    sharding touched: a sharded attribute, a node new or edited since `before` (node -> its target, args, kwargs),
+    and everything computed from them. The rest (masks, positions) keep the values capture gave them."""
+    changed: set[fx.Node] = set()
     for node in gm.graph.nodes:
+        edited = before.get(node) != (node.target, node.args, node.kwargs)
         if node.op == "get_attr" and node.target in plan.attrs:
             shard = plan.attrs[node.target]
             with fake_mode:
                 val = torch.empty(shard.local_shape, dtype=shard.dtype, device=device)
-        elif node.op == "call_function":
+        elif node.op == "call_function" and (edited or any(a in changed for a in node.all_input_nodes)):
             args = fx.node.map_arg(node.args, lambda n: n.meta.get("val"))
             kwargs = fx.node.map_arg(node.kwargs, lambda n: n.meta.get("val"))
             try:
@@ -685,6 +747,7 @@ def _propagate(gm: fx.GraphModule, plan: ShardPlan, fake_mode, device) -> None:
             continue
         node.meta["val"] = val
         node.meta.pop("tensor_meta", None)
+        changed.add(node)
 
 
 def _linear_val(x, w, bias=None):
