@@ -426,6 +426,9 @@ class Generator:
                                   f"{s + max_new_tokens} exceeds the cache's max_seq_len={self.max_seq_len}; "
                                   "build the generator with a larger max_seq_len")
         sampler = Sampler.make(do_sample, temperature, top_k, top_p, seed, self.device)
+        if sampler.do_sample and seed is None and self.tp_report is not None:
+            raise GenerationError("generate: sampling on a tensor-parallel shard needs a seed (the same on every "
+                                  "rank, so that every rank draws the same tokens)")
         eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or []),
                            dtype=torch.long, device=self.device)
         pad_id = pad_token_id if pad_token_id is not None else (int(eos[0]) if eos.numel() else 0)

@@ -19,7 +19,7 @@ import torch.multiprocessing as mp
 import fxopt
 from fxopt import models, zoo
 from fxopt.capture import capture
-from fxopt.generate import build_generator
+from fxopt.generate import GenerationError, build_generator
 from fxopt.passes import tensor_parallel as tp
 from fxopt.tensor_parallel import ShardingError, greedy_generate, local_bytes, shard_graph, shard_model
 
@@ -74,6 +74,12 @@ def _rank_main(rank: int, world_size: int, port: int, folder: str, graphs: dict,
         ids = torch.randint(0, hf_model.config.vocab_size, (BATCH, PROMPT), generator=torch.Generator().manual_seed(1))
         gen = fxopt.optimize(hf_model, {"input_ids": ids}, kv_cache=True, tensor_parallel="auto", max_seq_len=MAX_SEQ)
         out["hf"] = {"tokens": gen.generate(ids, NEW_TOKENS)[:, PROMPT:], **_generated(gen)}
+        try:  # unseeded sampling: each rank would draw its own tokens
+            gen.generate(ids, 2, do_sample=True)
+            out["unseeded"] = "no error"
+        except GenerationError as exc:
+            out["unseeded"] = str(exc)
+        out["seeded"] = gen.generate(ids, NEW_TOKENS, do_sample=True, top_k=8, seed=7)[:, PROMPT:]
         # optimize's dispatch, on a model with its own weights (each rank reads the whole model, keeps its shard)
         model = models.build("llama-tiny")
         ids = model.example_inputs(BATCH, PROMPT, device="cpu", seed=1)["input_ids"]
@@ -219,6 +225,12 @@ def _check_generators(results: list[dict], reference, n: int) -> None:
         heads = c.n_kv_heads if name.startswith("llama") else c.n_heads
         local = heads // n if heads % n == 0 else 1
         assert all(r[name]["kv"]["kv_heads"] == [local] * c.n_layers for r in results), name
+
+
+def test_sampling_on_shards_needs_a_seed_and_agrees_across_ranks(two_ranks):
+    for got in two_ranks:
+        assert got["unseeded"].startswith("generate: sampling on a tensor-parallel shard needs a seed")
+    assert torch.equal(two_ranks[0]["seeded"], two_ranks[1]["seeded"])
 
 
 def test_two_ranks_match_single_process(two_ranks, reference):
