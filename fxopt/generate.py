@@ -258,6 +258,10 @@ class Generator:
             raise GenerationError(f"{what}: empty sequence")
         if input_ids.shape[0] == 0 or input_ids.shape[0] > self.max_batch:
             raise GenerationError(f"{what}: batch {input_ids.shape[0]} not in [1, max_batch={self.max_batch}]")
+        # a shard's vocab-parallel lookup gives an id past the table zeros on every rank instead of an index error
+        if self.tp_report is not None and self.vocab_size is not None and \
+                bool(((input_ids < 0) | (input_ids >= self.vocab_size)).any()):
+            raise GenerationError(f"{what}: input_ids outside the vocabulary [0, {self.vocab_size})")
 
     def _left_padding(self, attention_mask: torch.Tensor | None, input_ids: torch.Tensor) -> torch.Tensor:
         b, s = input_ids.shape

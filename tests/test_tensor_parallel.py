@@ -79,6 +79,11 @@ def _rank_main(rank: int, world_size: int, port: int, folder: str, graphs: dict,
             out["unseeded"] = "no error"
         except GenerationError as exc:
             out["unseeded"] = str(exc)
+        try:  # an id past the vocabulary: refused, not looked up as zeros by every rank's shard
+            gen.generate(torch.full_like(ids, hf_model.config.vocab_size), 1)
+            out["past_vocab"] = "no error"
+        except GenerationError as exc:
+            out["past_vocab"] = str(exc)
         out["seeded"] = gen.generate(ids, NEW_TOKENS, do_sample=True, top_k=8, seed=7)[:, PROMPT:]
         # optimize's dispatch, on a model with its own weights (each rank reads the whole model, keeps its shard)
         model = models.build("llama-tiny")
@@ -227,10 +232,11 @@ def _check_generators(results: list[dict], reference, n: int) -> None:
         assert all(r[name]["kv"]["kv_heads"] == [local] * c.n_layers for r in results), name
 
 
-def test_sampling_on_shards_needs_a_seed_and_agrees_across_ranks(two_ranks):
+def test_sampling_needs_a_seed_and_ids_past_the_vocabulary_are_refused_on_shards(two_ranks):
     for got in two_ranks:
         assert got["unseeded"].startswith("generate: sampling on a tensor-parallel shard needs a seed")
     assert torch.equal(two_ranks[0]["seeded"], two_ranks[1]["seeded"])
+    assert all(got["past_vocab"] == "generate: input_ids outside the vocabulary [0, 256)" for got in two_ranks)
 
 
 def test_two_ranks_match_single_process(two_ranks, reference):
