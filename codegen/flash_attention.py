@@ -44,7 +44,6 @@ import torch
 import triton
 import triton.language as tl
 
-from fxopt import config
 from fxopt.codegen.attention_common import (  # noqa: F401  (re-exported: callers read them here)
     _INTERPRET,
     _LOG2E_C,
@@ -68,7 +67,7 @@ from fxopt.codegen.attention_common import (  # noqa: F401  (re-exported: caller
     tma_compatible,
     use_tma,
 )
-from fxopt.codegen.tuning import autotune_options
+from fxopt.codegen.tuning import TunedKernel
 
 
 def _dtype_name(dtype) -> str:
@@ -386,8 +385,6 @@ def _prune_configs(configs, named_args, **kwargs):
         index = q.device.index
         smem = _max_shared_memory(torch.cuda.current_device() if index is None else index)
     tiles = _fitting_tiles(args["BLOCK_D"], args["SQ"], q.element_size(), smem, args["TMA"])
-    if not config.get("attn_autotune"):  # one compile per specialisation
-        tiles = tiles[:1]
     by_tile = {_tile_of(c): c for c in configs}
     return [by_tile[t] for t in tiles]
 
@@ -408,12 +405,11 @@ def _make_configs():
             for m, n, w, s in tiles]
 
 
-_flash_attn_fwd_tuned = triton.autotune(
-    configs=_make_configs(),
+# the fitting tiles, the table's pick first (timed with FXOPT_ATTN_AUTOTUNE=1 / FXOPT_AUTOTUNE=1)
+_flash_attn_fwd_tuned = TunedKernel(
+    _flash_attn_fwd, _make_configs(),
     key=["HEAD_DIM", "CAUSAL", "TMA", "SQ_BUCKET", "SKV_BUCKET", "WINDOW", "SOFTCAP", "ALIBI"],
-    prune_configs_by=None if _INTERPRET else {"early_config_prune": _prune_configs},
-    **autotune_options(),
-)(_flash_attn_fwd)
+    prune=None if _INTERPRET else _prune_configs, family="attention", tune="attn_autotune")
 
 
 def _seq_bucket(n: int) -> int:

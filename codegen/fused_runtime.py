@@ -4,7 +4,7 @@ A generated module holds only what depends on its region: the @triton.jit kernel
 constants (ELEMENT_BYTES, ROW_BYTES_PER_COLUMN, WHOLE_ROW_MAX_N). Everything they share lives here as
 ordinary code:
 
-* config choice: `autotune` (Triton's autotuner, or a `FixedConfig` that picks one config per key value),
+* config choice: `autotune` (codegen/tuning.py's TunedKernel: one config per key value, timed when tuning),
   the config lists per mode (`pointwise_configs`, `tile_configs`, `row_configs`, `loop_configs`) and the
   pruners that order them (`pointwise_pruner`, `prune_tile_configs`, `row_pruner`);
 * launch plans: `plan` caches `pointwise_plan` / `row_plan` per input layout; they broadcast the inputs,
@@ -25,10 +25,10 @@ import torch
 import triton
 import triton.language as tl
 
-from fxopt.codegen.tuning import autotune_options
+from fxopt.codegen.tuning import tuned
 
 __all__ = [
-    "PLANS", "TILE_BYTES", "FixedConfig", "autotune", "collapse", "loop_configs", "needs_int64", "plan",
+    "PLANS", "TILE_BYTES", "autotune", "collapse", "loop_configs", "needs_int64", "plan",
     "pointwise_configs", "pointwise_plan", "pointwise_pruner", "prune_tile_configs", "round_bf16_for",
     "row_configs", "row_plan", "row_pruner", "tile_configs",
 ]
@@ -37,50 +37,16 @@ __all__ = [
 # ----------------------------------------------------------------------------- choosing a config
 
 
-class FixedConfig:
-    """One config instead of autotuning: the first that `prune` keeps, chosen once per value of the autotune key
-    (triton.autotune, too, prunes once per key), so a repeated launch costs a lookup, not a prune.
-
-    Launched like a Triton kernel, `kernel[grid](*args, **kwargs)`; the chosen config's meta-parameters and
-    num_warps are added to the call."""
-
-    def __init__(self, fn, configs, prune, key=()):
-        self.fn, self.configs, self.prune = fn, configs, prune
-        self.key_at = [(fn.arg_names.index(name), name) for name in key]
-        self.chosen = {}
-
-    def config(self, args, kwargs):
-        """The config for a launch with these arguments (the key's arguments given by position or by name)."""
-        key = tuple(args[i] if i < len(args) else kwargs[name] for i, name in self.key_at)
-        config = self.chosen.get(key)
-        if config is None:
-            configs = self.configs
-            if self.prune is not None:
-                configs = self.prune(configs, dict(zip(self.fn.arg_names, args)), **kwargs)
-            config = self.chosen[key] = configs[0]
-        return config
-
-    def __getitem__(self, grid):
-        def run(*args, **kwargs):
-            config = self.config(args, kwargs)
-            return self.fn[grid](*args, **kwargs, **config.kwargs, num_warps=config.num_warps)
-
-        return run
-
-
 def autotune(configs, key, prune=None, *, interpret: bool, tune: bool):
-    """A decorator for a @triton.jit kernel that picks its launch config.
+    """A decorator for a @triton.jit kernel that picks its launch config (codegen/tuning.py's TunedKernel).
 
     In the interpreter nothing is worth timing: the first config, unpruned. On a GPU without `tune` (the
-    default, FXOPT_FUSED_AUTOTUNE unset) a `FixedConfig` runs the first config `prune` keeps, so the first call
-    of an optimized model costs compiles, not a tuning sweep; with `tune`, triton.autotune times every config
-    `prune` keeps (early_config_prune), with fxopt's timing options."""
+    default, FXOPT_FUSED_AUTOTUNE unset) the first config `prune` keeps runs, chosen once per key, so the first
+    call of an optimized model costs compiles, not a tuning sweep; with `tune` every config `prune` keeps is
+    timed once per key and device."""
     if interpret:
-        return lambda fn: FixedConfig(fn, configs[:1], None)
-    if not tune:
-        return lambda fn: FixedConfig(fn, configs, prune, key)
-    return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": prune} if prune else None,
-                           **autotune_options())
+        return tuned(configs[:1], key, family="fused")
+    return tuned(configs, key, prune, family="fused", tune=tune)
 
 
 # ----------------------------------------------------------------------------- layouts

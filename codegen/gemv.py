@@ -40,6 +40,7 @@ from fxopt import config
 from fxopt.codegen.loader import ops_use_kernels
 from fxopt.codegen.pdl import launch_options, use_pdl
 from fxopt.codegen.rope import cache_slots, result_dtype, rope_reference
+from fxopt.codegen.tuning import TunedKernel
 
 _INTERPRET = config.get("interpret")
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -215,10 +216,43 @@ def default_config(n: int, k: int, glu: bool = False) -> triton.Config:
                           "BLOCK_K": min(block_k, triton.next_power_of_2(k))}, num_warps=4)
 
 
+# the tiles FXOPT_GEMV_AUTOTUNE=1 times beside the default (BLOCK_K up to K's power of two, at least 512)
+TUNING_SPACE = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w)
+                for bn in (1, 2, 4, 8) for bk in (512, 1024, 2048) for w in (4, 8)]
+
+
 def tuning_configs(n: int, k: int) -> list[triton.Config]:
-    kmax = triton.next_power_of_2(k)
-    return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w)
-            for bn in (1, 2, 4, 8) for bk in (512, 1024, 2048) for w in (4, 8) if bk <= max(kmax, 512)]
+    kmax = max(triton.next_power_of_2(k), 512)
+    return [c for c in TUNING_SPACE if c.kwargs["BLOCK_K"] <= kmax]
+
+
+def _tile(c: triton.Config) -> tuple:
+    return c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps
+
+
+def _with_even_k(c: triton.Config, k: int) -> triton.Config:
+    return triton.Config({**c.kwargs, "EVEN_K": k % c.kwargs["BLOCK_K"] == 0}, num_warps=c.num_warps)
+
+
+def _gemv_candidates(k: int, glu: bool) -> list[triton.Config]:
+    """The default tile first, then the tuning space's tiles for K, each with its EVEN_K flag."""
+    first = default_config(0, k, glu)
+    rest = [c for c in tuning_configs(0, k) if _tile(c) != _tile(first)]
+    return [_with_even_k(c, k) for c in (first, *rest)]
+
+
+def _prune_gemv(configs, named_args, **kwargs):
+    args = {**named_args, **kwargs}
+    return _gemv_candidates(args["K"], args["GLU"])
+
+
+def _prune_gemv_qkv(configs, named_args, **kwargs):
+    return _gemv_candidates({**named_args, **kwargs}["K"], True)  # two rows of W per pair, as with GLU
+
+
+_FLAGS = ["HAS_BIAS", "NORM", "LAYER", "NORM_BIAS"]
+_gemv_tuned = TunedKernel(_gemv_kernel, TUNING_SPACE, key=["N", "K", *_FLAGS, "RESIDUAL", "GLU", "ACT"],
+                          prune=_prune_gemv, family="gemv", tune="gemv_autotune")
 
 
 @dataclass(frozen=True)
@@ -237,39 +271,24 @@ class Folded:
     act: str = "none"
 
 
-_TUNED: dict[tuple, triton.Config] = {}
-
-
-def _launch(x, w, y, config, ep: Folded = Folded()) -> None:
+def _launch(x, w, y, config: triton.Config | None, ep: Folded = Folded()) -> None:
+    """y = the folded product of one row x with w; `config` bypasses the tuner (benchmarks/gemv_sizes.py)."""
     n_out, k = y.numel(), w.shape[1]
-    block_n, block_k = config.kwargs["BLOCK_N"], config.kwargs["BLOCK_K"]
     pdl = use_pdl(x.device)  # weights stream while the previous kernel ends (codegen/pdl.py)
-    _gemv_kernel[(triton.cdiv(n_out, block_n),)](
+    if config is None:
+        kernel, tile = _gemv_tuned, {}
+    else:
+        kernel, tile = _gemv_kernel, dict(_with_even_k(config, k).all_kwargs())
+    kernel[lambda meta: (triton.cdiv(n_out, meta["BLOCK_N"]),)](
         x, w, _or(ep.bias, y), _or(ep.residual, y), _or(ep.norm_weight, y), _or(ep.norm_bias, y), y, n_out, k,
         w.stride(0), n_out if ep.glu else 0, ep.eps,
         HAS_BIAS=ep.bias is not None, RESIDUAL=ep.residual is not None, NORM=ep.norm_weight is not None,
         LAYER=ep.layer_norm, NORM_BIAS=ep.norm_bias is not None, GLU=ep.glu, ACT=ACTS[ep.act], PDL=pdl,
-        BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0, num_warps=config.num_warps,
-        **launch_options(pdl))
+        **tile, **launch_options(pdl))
 
 
 def _or(tensor, placeholder):
     return tensor if tensor is not None else placeholder
-
-
-def _config_for(x, w, y, ep: Folded) -> triton.Config:
-    n, k = w.shape
-    if not config.get("gemv_autotune") or _INTERPRET:
-        return default_config(n, k, ep.glu)
-    key = (n, k, w.dtype, ep.bias is not None, ep.residual is not None, ep.norm_weight is not None, ep.glu,
-           ep.layer_norm, ep.norm_bias is not None, ep.act)
-    if key not in _TUNED:
-        from triton.testing import do_bench
-
-        timed = [(do_bench(lambda c=c: _launch(x, w, y, c, ep), warmup=5, rep=25), i, c)
-                 for i, c in enumerate(tuning_configs(n, k))]
-        _TUNED[key] = min(timed)[2]
-    return _TUNED[key]
 
 
 def _is_vector(t: torch.Tensor | None, size: int, dtype: torch.dtype) -> bool:
@@ -315,7 +334,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, ep:
     n_out = w.shape[0] // 2 if ep.glu else w.shape[0]
     x_row = x.reshape(-1).contiguous()  # (K,)
     y = torch.empty(n_out, device=x.device, dtype=x.dtype)  # (N,)
-    _launch(x_row, w, y, _config_for(x_row, w, y, ep), ep)
+    _launch(x_row, w, y, None, ep)
     return y.reshape(*x.shape[:-1], n_out)
 
 
@@ -425,6 +444,11 @@ def _gemv_qkv_kernel(x_ptr, w_ptr, bias_ptr, g_ptr, nb_ptr, cos_ptr, sin_ptr, q_
     tl.store(v_out + HALF * s_vd, y_hi.to(v_ptr.dtype.element_ty), mask=is_v)
 
 
+_gemv_qkv_tuned = TunedKernel(_gemv_qkv_kernel, TUNING_SPACE,
+                              key=["K", "q_heads", "kv_heads", "HEAD_DIM", *_FLAGS, "ROPE"], prune=_prune_gemv_qkv,
+                              family="gemv_qkv", tune="gemv_autotune")
+
+
 def qkv_heads(weight: torch.Tensor, k_cache: torch.Tensor) -> tuple[int, int, int]:
     """(q_heads, kv_heads, head_dim) of a fused [W_q; W_k; W_v] next to its (b, kv_heads, max_len, d) cache."""
     kv_heads, head_dim = k_cache.shape[1], k_cache.shape[3]
@@ -478,21 +502,17 @@ def gemv_qkv(x, weight, bias, ep: Folded, cos, sin, k_cache, v_cache, pos) -> to
     x_row = x.reshape(-1).contiguous()  # (K,)
     q = torch.empty(1, q_heads, 1, d, device=x.device, dtype=q_dtype(x, cos, sin))
     n, k = weight.shape
-    config = default_config(n, k, glu=True)  # a program reads two rows of W per pair, as with GLU
-    block_n, block_k = config.kwargs["BLOCK_N"], config.kwargs["BLOCK_K"]
     rope = cos is not None
     cos_row = cos.reshape(-1) if rope else x_row
     sin_row = sin.reshape(-1) if rope else x_row
     pdl = use_pdl(x.device)
-    _gemv_qkv_kernel[(triton.cdiv(n // 2, block_n),)](
+    _gemv_qkv_tuned[lambda meta: (triton.cdiv(n // 2, meta["BLOCK_N"]),)](
         x_row, weight, _or(bias, x_row), _or(ep.norm_weight, x_row), _or(ep.norm_bias, x_row), cos_row, sin_row,
         q, k_cache, v_cache, pos, k, weight.stride(0), ep.eps, q_heads, kv_heads, cos_row.stride(0),
         sin_row.stride(0), k_cache.stride(1), k_cache.stride(2), k_cache.stride(3), v_cache.stride(1),
         v_cache.stride(2), v_cache.stride(3),
         HAS_BIAS=bias is not None, NORM=ep.norm_weight is not None, LAYER=ep.layer_norm,
-        NORM_BIAS=ep.norm_bias is not None, ROPE=rope, PDL=pdl, HEAD_DIM=d,
-        BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0, num_warps=config.num_warps,
-        **launch_options(pdl))
+        NORM_BIAS=ep.norm_bias is not None, ROPE=rope, PDL=pdl, HEAD_DIM=d, **launch_options(pdl))
     return q
 
 

@@ -28,9 +28,9 @@ import triton
 import triton.language as tl
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from fxopt import config
 from fxopt.codegen.loader import ops_use_kernels
 from fxopt.codegen.pdl import launch_options, use_pdl
+from fxopt.codegen.tuning import TunedKernel
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 1024
@@ -172,24 +172,24 @@ def _make_configs() -> list[triton.Config]:
 
 
 def _prune_configs(configs, named_args, **kwargs):
-    """The heuristic's config, or (FXOPT_ROPE_AUTOTUNE=1 / FXOPT_AUTOTUNE=1) every config whose tile
-    gives each thread 2 to 64 outputs and does not exceed the rows."""
+    """The heuristic's config first, then (for FXOPT_ROPE_AUTOTUNE=1 / FXOPT_AUTOTUNE=1 to time) every config
+    whose tile gives each thread 2 to 64 outputs and does not exceed the rows."""
     args = {**named_args, **kwargs}
     half, rows = args["HALF"], args["rows_bucket"]
     chosen = default_config(half, rows)
-    if not config.get("rope_autotune"):
-        return [c for c in configs if (c.kwargs["BLOCK_R"], c.num_warps) == chosen]
     block_h = _block_h(half)
 
     def fits(c):
         per_thread = 2 * c.kwargs["BLOCK_R"] * block_h / (32 * c.num_warps)
         return 2 <= per_thread <= 64 and c.kwargs["BLOCK_R"] <= rows
-    return [c for c in configs if fits(c) or (c.kwargs["BLOCK_R"], c.num_warps) == chosen]
+
+    def tile(c):
+        return c.kwargs["BLOCK_R"], c.num_warps
+    return [c for c in configs if tile(c) == chosen] + [c for c in configs if fits(c) and tile(c) != chosen]
 
 
-_rope_kernel_tuned = triton.autotune(
-    configs=_make_configs(), key=["HALF", "rows_bucket"], prune_configs_by={"early_config_prune": _prune_configs},
-)(_rope_kernel)
+_rope_kernel_tuned = TunedKernel(_rope_kernel, _make_configs(), key=["HALF", "rows_bucket"], prune=_prune_configs,
+                                 family="rope", tune="rope_autotune")
 
 
 # --------------------------------------------------------------------------------------------------

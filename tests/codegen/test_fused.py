@@ -42,6 +42,7 @@ from fxopt.codegen.fused import (  # noqa: E402
     generate_source,
     region_from_fn,
 )
+from fxopt.codegen.tuning import TunedKernel  # noqa: E402
 
 pytestmark = [
     pytest.mark.skipif(not loader.interpreting(), reason="needs TRITON_INTERPRET=1 (CPU interpreter)"),
@@ -691,7 +692,7 @@ def test_gpu_config_lists_and_defaults(tmp_path, monkeypatch):
     monkeypatch.setenv("FXOPT_FUSED_AUTOTUNE", "0")
     scope = vars(loader.load_kernel_module(src, tmp_path))  # decorates only: nothing is compiled
     assert not scope["INTERPRET"] and not scope["AUTOTUNE"]
-    assert isinstance(scope[f"{generate_kernel(region).name}_row"], rt.FixedConfig)
+    assert isinstance(scope[f"{generate_kernel(region).name}_row"], TunedKernel)
     prune, configs = scope["prune_rows"], scope["ROW_CONFIGS"]
     for block_n in [16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192]:
         kept = prune(configs, {"n_bucket": block_n})

@@ -19,6 +19,7 @@ import triton.language as tl  # noqa: E402
 from fxopt.codegen import fused_runtime as rt  # noqa: E402
 from fxopt.codegen import loader  # noqa: E402
 from fxopt.codegen.fused import generate_source, region_from_fn  # noqa: E402
+from fxopt.codegen.tuning import TunedKernel  # noqa: E402
 
 # ----------------------------------------------------------------------------- collapse
 
@@ -195,7 +196,7 @@ def test_interpreter_configs_are_single():
         assert make(interpret=False) is not make(interpret=False)  # each module its own list
 
 
-# ----------------------------------------------------------------------------- FixedConfig and autotune
+# ----------------------------------------------------------------------------- autotune (codegen/tuning.py)
 
 
 class _FakeKernel:
@@ -210,7 +211,7 @@ class _FakeKernel:
         return lambda *args, **kwargs: self.launches.append((grid, args, kwargs))
 
 
-def test_fixed_config_chooses_once_per_key_value():
+def test_autotune_without_tuning_chooses_once_per_key_value():
     configs = [triton.Config({"BLOCK": b}, num_warps=w) for b, w in ((64, 4), (128, 8), (256, 2))]
     calls = []
 
@@ -220,7 +221,7 @@ def test_fixed_config_chooses_once_per_key_value():
 
     fn = _FakeKernel()
     fixed = rt.autotune(configs, key=["n_bucket"], prune=prune, interpret=False, tune=False)(fn)
-    assert isinstance(fixed, rt.FixedConfig)
+    assert isinstance(fixed, TunedKernel)
     for bucket in (64, 64, 512, 64, 512):
         fixed[(1,)]("ptr", bucket - 1, bucket)
     fixed[(2,)]("ptr", 7, n_bucket=512)  # the key by name: still the choice made for 512
@@ -368,7 +369,7 @@ def test_generated_source_imports_the_runtime_instead_of_pasting_it():
     for fn in (lambda a, b: (a * b).to(torch.bfloat16), lambda a, b: torch.softmax(a + b, -1)):
         src = loader.code_of(generate_source(region_from_fn(fn, x, x), "imports"))
         assert "from fxopt.codegen import fused_runtime as rt" in src
-        assert "def collapse" not in src and "class FixedConfig" not in src and "def _collapse" not in src
+        assert "def collapse" not in src and "class TunedKernel" not in src and "def _collapse" not in src
         compile(src, "<generated>", "exec")
 
 
