@@ -238,6 +238,7 @@ class Generator:
                               f"{count('fusion', 'regions')} fused regions, {count('matmul_decode', 'gemv')} GEMVs "
                               f"({count('matmul_decode', 'gemv_qkv')} with the q/k/v heads, RoPE and cache writes "
                               "folded in)")
+            self.notes.extend(f"decode program for batch {bucket}: {line}" for line in ctx.report)  # folds left
             return program
         except Exception as exc:  # noqa: BLE001 - the decode passes are optimisations: fall back, say so
             note = f"decode program for batch {bucket}: {exc}; running it unfused"

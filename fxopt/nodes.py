@@ -52,6 +52,39 @@ def size_expr(size: Any) -> sympy.Expr:
     return sympy.sympify(size)
 
 
+INT_MAX = 2**63 - 1  # the `end` a traced `x[a:]` slice carries
+
+
+def same_size(a: Any, b: Any) -> bool:
+    """Two sizes (ints or SymInts) are the same expression in the export's symbols."""
+    return sympy.expand(size_expr(a) - size_expr(b)) == 0
+
+
+def same_shape(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dim() == b.dim() and all(same_size(x, y) for x, y in zip(a.shape, b.shape))
+
+
+def is_full_slice(node: Any) -> bool:
+    """node is aten.slice(x, dim, start, end, step) that keeps all of x: start 0, step 1 and an end at or past
+    the dim's size (None, INT_MAX, the size itself), or an output of x's shape. Judged by the arguments first:
+    how far a fake slice's output size simplifies (Min(INT_MAX, s)) differs between torch releases."""
+    if not isinstance(node, fx.Node) or node.target is not torch.ops.aten.slice.Tensor or not node.args:
+        return False
+    dim, start = node_arg(node, 1, "dim", 0), node_arg(node, 2, "start")
+    end, step = node_arg(node, 3, "end"), node_arg(node, 4, "step", 1)
+    if start not in (None, 0) or step != 1:
+        return False
+    if end is None or (isinstance(end, int) and end >= INT_MAX):
+        return True
+    inp, out = tensor_val(node.args[0]), tensor_val(node)
+    if inp is None:
+        return False
+    end = node_val(end) if isinstance(end, fx.Node) else end
+    if isinstance(end, (int, torch.SymInt)) and same_size(end, inp.shape[dim]):
+        return True
+    return out is not None and same_shape(inp, out)
+
+
 def op_name(node: fx.Node, *, namespace: bool = True) -> str:
     """'aten.add.Tensor' (or 'add.Tensor' without the aten namespace) for an ATen call; a function's name
     otherwise; the node's op ('placeholder', ...) when it calls nothing."""

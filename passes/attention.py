@@ -56,8 +56,10 @@ from torch import fx
 
 from fxopt import opnames
 from fxopt.codegen import attention_op
-from fxopt.nodes import aten_ops, fetch_attr, node_arg, op_name, tensor_val
+from fxopt.nodes import aten_ops, fetch_attr, is_full_slice, node_arg, op_name, tensor_val
 from fxopt.nodes import node_val as _val
+from fxopt.nodes import same_shape as _same_shape
+from fxopt.nodes import same_size as _same
 from fxopt.nodes import size_expr as _expr
 from fxopt.passes import cost as cost_pass
 from fxopt.passes import masks
@@ -142,14 +144,6 @@ MaskPart = masks.MaskPart
 
 
 # --------------------------------------------------------------------------------------------- helpers
-def _same(a, b) -> bool:
-    return sympy.expand(_expr(a) - _expr(b)) == 0
-
-
-def _same_shape(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.dim() == b.dim() and all(_same(x, y) for x, y in zip(a.shape, b.shape))
-
-
 def _is_4d(node: Any) -> bool:
     t = tensor_val(node)
     return t is not None and t.dim() == 4
@@ -519,16 +513,8 @@ SDPA_STEP = Step("sdpa", SDPA, lambda node: [])
 
 
 # --------------------------------------------------------------------------------------------- q, k, v
-def _full_slice(node: fx.Node) -> bool:
-    if node.target != aten.slice.Tensor:
-        return False
-    start, step = node_arg(node, 2, "start"), node_arg(node, 4, "step", 1)
-    inp, out = tensor_val(node.args[0]), tensor_val(node)
-    return start in (None, 0) and step == 1 and inp is not None and out is not None and _same_shape(inp, out)
-
-
 def _skip_slices(node: Any, seen: list[fx.Node]) -> Any:
-    while isinstance(node, fx.Node) and _full_slice(node):
+    while isinstance(node, fx.Node) and is_full_slice(node):
         seen.append(node)
         node = node.args[0]
     return node

@@ -45,7 +45,7 @@ from torch import fx
 import fxopt.codegen.attention_op  # noqa: F401  (registers torch.ops.fxopt.*)
 from fxopt import opnames
 from fxopt.errors import KVCacheError  # noqa: F401  (raised here, defined with the other refusals)
-from fxopt.nodes import aten_packets, fetch_attr, node_arg, size_expr, tensor_val
+from fxopt.nodes import INT_MAX, aten_packets, fetch_attr, node_arg, size_expr, tensor_val
 from fxopt.nodes import meta_val as _val
 from fxopt.nodes import op_name as _op_name
 from fxopt.passes import masks
@@ -58,7 +58,6 @@ ATTENTION = torch.ops.fxopt.attention.default
 CACHED_ATTENTION = torch.ops.fxopt.cached_attention.default
 CACHE_WRITE = torch.ops.fxopt.cache_write.default
 SDPA = aten.scaled_dot_product_attention.default
-INT_MAX = 2**63 - 1
 
 
 def _refuse(node: fx.Node, why: str, hint: str = "") -> KVCacheError:

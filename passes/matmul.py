@@ -39,6 +39,7 @@ from typing import Any
 import torch
 from torch import fx
 
+from fxopt.nodes import is_full_slice
 from fxopt.nodes import meta_val as _val
 from fxopt.passes import cost as cost_pass
 from fxopt.passes.infra import PassContext, PassResult
@@ -48,7 +49,6 @@ aten = torch.ops.aten
 
 PREFERRED_ALIGN = 64  # elements: whole tensor-core tiles
 MAX_PAD_OVERHEAD = 1 / 64  # pad to PREFERRED_ALIGN only when it adds at most this share of the weight's bytes
-INT_MAX = 2**63 - 1
 
 LINEAR = aten.linear.default
 ROPE = torch.ops.fxopt.rope.default  # registered by the cost pass's imports (codegen/rope.py, attention_op.py)
@@ -453,11 +453,7 @@ def _is_reshape(node) -> bool:
     if not isinstance(node, fx.Node) or node.op != "call_function" or not node.args \
             or not isinstance(node.args[0], fx.Node):
         return False
-    if node.target is SLICE:
-        out, src = _val(node), _val(node.args[0])
-        return isinstance(out, torch.Tensor) and isinstance(src, torch.Tensor) and out.shape == src.shape \
-            and (len(node.args) < 5 or node.args[4] == 1)
-    return node.target in RESHAPES
+    return node.target in RESHAPES or is_full_slice(node)
 
 
 def _reshapes_below(node: fx.Node) -> list[fx.Node]:

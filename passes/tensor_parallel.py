@@ -40,7 +40,7 @@ import torch
 from torch import fx
 from torch._guards import detect_fake_mode
 
-from fxopt.nodes import fetch_attr, tensor_val
+from fxopt.nodes import fetch_attr, is_full_slice, tensor_val
 
 aten = torch.ops.aten
 c10d = torch.ops._c10d_functional
@@ -61,7 +61,6 @@ ELEMENTWISE = {
     aten.sigmoid.default, aten.pow.Tensor_Scalar, aten.to.dtype, aten._to_copy.default, aten.clone.default,
     aten.contiguous.default, aten.alias.default, aten.dropout.default, aten.erf.default, aten.exp.default,
 }
-INT_MAX = 2**63 - 1
 
 
 class ShardingError(ValueError):
@@ -288,8 +287,7 @@ def _walk_repeat(sdpa, reshape, hdim, chain, stack):
 
 def _through_full_slices(node, chain: set):
     """The first input up from `node` that is not a full slice `x[:]` of some dim (those added to chain)."""
-    while _is_call(node, (aten.slice.Tensor,)) and tuple(node.args[2:]) in ((), (0, INT_MAX), (None, INT_MAX)) \
-            and (len(node.users) == 1):
+    while is_full_slice(node) and len(node.users) == 1:
         chain.add(node)
         node = node.args[0]
     return node
