@@ -38,7 +38,6 @@ two launches.
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -68,6 +67,7 @@ from fxopt.codegen.attention_common import (
     use_tma,
 )
 from fxopt.codegen.pdl import launch_options, use_pdl
+from fxopt.hardware import sm_count
 
 MAX_DECODE_Q = 16
 # Keys per split at least. Short caches want many short chunks: H200, CUDA graph, B1 32/8 heads d64, 768-key cache
@@ -80,7 +80,6 @@ MIN_CHUNK = 64
 PREFETCH_KEYS = config.get("decode_prefetch")
 WAVES = 2  # target stage-1 programs per SM (H200 sweep, B1 32/8 heads 16k bf16, CUDA graph: 1-2 long programs
 # per SM beat 3 and more shorter ones by 5-20%; 2 keeps 8 warps per SM streaming)
-DEFAULT_SM_COUNT = 132  # H100 SXM, assumed when no GPU is present
 MERGE_SLICE = 32  # head dims per stage-2 program
 
 
@@ -141,17 +140,6 @@ def choose_num_splits(batch_heads, max_len, sm_count, *, min_chunk=MIN_CHUNK, wa
     by_fill = (waves * int(sm_count)) // batch_heads
     by_length = int(max_len) // min_chunk
     return max(1, min(by_fill, by_length))
-
-
-@functools.cache
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def _device_sm_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    return DEFAULT_SM_COUNT
 
 
 # --------------------------------------------------------------------------------------------------
@@ -497,7 +485,7 @@ def _make_plan(q, k_cache, v_cache, scale, causal, q_off_mode, num_splits, has_s
     tma_ok = use_tma(k_cache, v_cache)
     row_blocks = triton.cdiv(rows, _decode_block_m(rows, q.element_size()))
     if num_splits is None:
-        num_splits = choose_num_splits(b * hkv * row_blocks, span, _device_sm_count(q.device))
+        num_splits = choose_num_splits(b * hkv * row_blocks, span, sm_count(q.device))
     chunk = triton.cdiv(span, max(1, int(num_splits)))
     block_m, block_n, num_warps, num_stages = _decode_tiles(block_d, rows, q.element_size(), chunk, tma_ok)
     tma = tma_ok and (block_n == 128 or _INTERPRET)  # 128-key TMA tiles (_decode_tiles); tests force it on

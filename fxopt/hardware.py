@@ -7,6 +7,7 @@ kernel turns from memory- to compute-bound is their ratio.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -25,6 +26,7 @@ class Hardware:
     matmul_flops: dict[str, float] = field(default_factory=dict)
     vector_flops: dict[str, float] = field(default_factory=dict)
     source: str = "datasheet"
+    sm_count: int = 132  # streaming multiprocessors: how many programs one wave of a launch runs
 
     def peak(self, dtype: torch.dtype | str, *, matmul: bool = True) -> float:
         key = dtype_key(dtype)
@@ -53,21 +55,21 @@ def dtype_key(dtype: torch.dtype | str) -> str:
     return {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32", "half": "float16"}.get(dtype, dtype)
 
 
-def _spec(name, bandwidth_gbs, *, fp16, bf16, tf32, fp32, vec16, fp8=None) -> Hardware:
+def _spec(name, bandwidth_gbs, *, sms, fp16, bf16, tf32, fp32, vec16, fp8=None) -> Hardware:
     matmul = {"float16": fp16 * TERA, "bfloat16": bf16 * TERA, "float32": tf32 * TERA, "float64": fp32 / 2 * TERA}
     if fp8:
         matmul["float8_e4m3fn"] = matmul["float8_e5m2"] = fp8 * TERA
     vector = {"float16": vec16 * TERA, "bfloat16": vec16 * TERA, "float32": fp32 * TERA, "float64": fp32 / 2 * TERA}
-    return Hardware(name, bandwidth_gbs * GIGA, matmul, vector)
+    return Hardware(name, bandwidth_gbs * GIGA, matmul, vector, sm_count=sms)
 
 
 # Dense (no sparsity) datasheet figures. matmul float32 is the TF32 tensor-core rate.
 PRESETS: dict[str, Hardware] = {
-    "a10": _spec("A10", 600, fp16=125, bf16=125, tf32=62.5, fp32=31.2, vec16=31.2),
-    "a100-40gb": _spec("A100 40GB SXM", 1555, fp16=312, bf16=312, tf32=156, fp32=19.5, vec16=78),
-    "a100-80gb": _spec("A100 80GB SXM", 2039, fp16=312, bf16=312, tf32=156, fp32=19.5, vec16=78),
-    "h100": _spec("H100 SXM", 3350, fp16=989.4, bf16=989.4, tf32=494.7, fp32=66.9, vec16=133.8, fp8=1978.9),
-    "h200": _spec("H200", 4800, fp16=989.4, bf16=989.4, tf32=494.7, fp32=66.9, vec16=133.8, fp8=1978.9),
+    "a10": _spec("A10", 600, sms=72, fp16=125, bf16=125, tf32=62.5, fp32=31.2, vec16=31.2),
+    "a100-40gb": _spec("A100 40GB SXM", 1555, sms=108, fp16=312, bf16=312, tf32=156, fp32=19.5, vec16=78),
+    "a100-80gb": _spec("A100 80GB SXM", 2039, sms=108, fp16=312, bf16=312, tf32=156, fp32=19.5, vec16=78),
+    "h100": _spec("H100 SXM", 3350, sms=132, fp16=989.4, bf16=989.4, tf32=494.7, fp32=66.9, vec16=133.8, fp8=1978.9),
+    "h200": _spec("H200", 4800, sms=132, fp16=989.4, bf16=989.4, tf32=494.7, fp32=66.9, vec16=133.8, fp8=1978.9),
 }
 ALIASES = {"a100": "a100-80gb", "h100-sxm": "h100", "h100sxm": "h100"}
 
@@ -85,6 +87,20 @@ def get_hardware(name: str | Hardware | None) -> Hardware:
     if key not in PRESETS:
         raise ValueError(f"unknown hardware {name!r}; choose one of {sorted(PRESETS)} or 'calibrate'")
     return PRESETS[key]
+
+
+@functools.cache
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device: torch.device | str | None = None) -> int:
+    """The SMs of a CUDA device (read once per device); without one, the default preset's (an H100's), so
+    launch shapes chosen on CPU (the interpreter, tests) are those of the usual target."""
+    device = torch.device(device) if device is not None else None
+    if device is not None and device.type == "cuda":
+        return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return get_hardware(None).sm_count
 
 
 def measure_copy_bandwidth(nbytes: int = 1 << 30, device: str = "cuda") -> float:

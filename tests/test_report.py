@@ -235,8 +235,9 @@ def test_units():
 
 
 def test_large_graph_renders_valid_output():
-    """A graph of 20k nodes (five times llama-70b-like's report): every node in the table, the DOT parseable with every node and edge, the
-    HTML page without an inline layout. How fast is a benchmark's question: benchmarks/report_speed.py."""
+    """A graph of 20k nodes (five times llama-70b-like's report): every node in the table, the DOT parseable
+    with every node and edge, the HTML page without an inline layout. How fast is a benchmark's question:
+    benchmarks/report_speed.py."""
     report = big_report(20_000)
     text = rp.format_table(report)
     dot = rp.to_dot(report)

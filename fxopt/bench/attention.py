@@ -36,13 +36,11 @@ from fxopt.codegen import flash_decoding as fd
 from fxopt.codegen import pdl
 from fxopt.codegen.flash_attention import attention_flops, flash_attention
 from fxopt.codegen.flash_decoding import (
-    DEFAULT_SM_COUNT,
-    _device_sm_count,
     choose_num_splits,
     decode_attention,
     decode_hbm_bytes,
 )
-from fxopt.hardware import measure_copy_bandwidth
+from fxopt.hardware import get_hardware, measure_copy_bandwidth, sm_count
 
 GIB = 1 << 30
 
@@ -213,9 +211,9 @@ def bench_decode(results, copy_bw, quick, *, hq, hkv, n, label, sweep=False):
             print(f"  the same, the merge kernel launched only after the split kernel (PDL off): "
                   f"{serial_ms * 1e3:.1f} us = {100 * nbytes / (serial_ms * 1e-3) / copy_bw:.1f}% of copy")
     if sweep:  # how the split count chosen by choose_num_splits compares with its neighbours
-        sms = _device_sm_count(q.device)
+        sms = sm_count(q.device)
         chosen = choose_num_splits(hkv, n, sms)
-        print(f"  split sweep ({sms} SMs, default {chosen}; {DEFAULT_SM_COUNT} assumed without a GPU; "
+        print(f"  split sweep ({sms} SMs, default {chosen}; {get_hardware(None).sm_count} assumed without a GPU; "
               f"replayed from CUDA graphs):")
         for splits in sorted({max(1, chosen // 4), max(1, chosen // 2), chosen, 2 * chosen, 4 * chosen}):
             call = lambda s=splits: decode_attention(q, k, v, kv_len, num_splits=s)  # noqa: E731
