@@ -6,8 +6,11 @@ work is pure streaming of the cache. So the cache's key axis is cut into `num_sp
   stage 1  grid (num_splits, b * hkv[, row blocks]): one program reads one chunk of one KV head once and
            serves every query head of its GQA group and every new token, stacked as the M rows of a
            tl.dot. It writes the chunk's partial row max, row sum of exp and unnormalised output (fp32).
-  stage 2  grid (b * hq * sq, head dim / 32): merges the chunks' partials with a log-sum-exp rescale, 32 head
-           dims of one row per program.
+  stage 2  merges the chunks' partials with a log-sum-exp rescale. For a decode step's few query rows per
+           program (MERGE_IN_SPLIT_MAX_ROWS) inside stage 1: the last program of a (batch, KV head, row block)
+           to finish, found by an atomic count, merges its rows, so a call is one kernel. For more rows (many
+           new tokens of a wide GQA group) a second kernel, grid (b * hq * sq, head dim / 32): 32 head dims of
+           one row per program.
 
 On Hopper (fp16/bf16) stage 1 streams a chunk's whole 128-key tiles through TMA descriptors and loads only
 the ragged last tile by masked pointer loads (see _decode_tiles for when).
@@ -33,7 +36,7 @@ ALiBi (see flash_attention) transform the scores in stage 1; stage 2 is unchange
 
 Non-graph callers pay the host side: decode_attention checks its inputs and derives the launch
 parameters once per signature (_Plan, cached), so a repeated call costs a lookup, two allocations and
-two launches.
+one or two launches.
 """
 
 from __future__ import annotations
@@ -81,6 +84,10 @@ PREFETCH_KEYS = config.get("decode_prefetch")
 WAVES = 2  # target stage-1 programs per SM (H200 sweep, B1 32/8 heads 16k bf16, CUDA graph: 1-2 long programs
 # per SM beat 3 and more shorter ones by 5-20%; 2 keeps 8 warps per SM streaming)
 MERGE_SLICE = 32  # head dims per stage-2 program
+# Query rows (GQA group x new tokens) per stage-1 program up to which the last program of a row block merges
+# the splits itself (one kernel per call instead of two); more rows merge in the separate stage-2 kernel,
+# whose programs take a row each (the last program would merge them one after another).
+MERGE_IN_SPLIT_MAX_ROWS = 16
 
 
 # --------------------------------------------------------------------------------------------------
@@ -149,17 +156,19 @@ def choose_num_splits(batch_heads, max_len, sm_count, *, min_chunk=MIN_CHUNK, wa
 
 @triton.jit
 def _merge_row(MID, ML, base, offs_d, NUM_SPLITS, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
-               SLICE: tl.constexpr):
+               SLICE: tl.constexpr, CACHE: tl.constexpr = ""):
     # Head dims offs_d (SLICE of them) of one output row from its NUM_SPLITS partials (unnormalised outputs at
     # MID, rows of BLOCK_D; (max, sum) pairs at ML), log-sum-exp rescaled. One round of loads when BLOCK_S
     # covers every split (the default split counts); otherwise a max pass, then a rescaled-sum pass, over
-    # blocks of BLOCK_S splits.
+    # blocks of BLOCK_S splits. CACHE ".cg" reads the partials from L2 (written by other programs of the same
+    # launch, so never from this SM's L1).
     offs_s = tl.arange(0, BLOCK_S)
     if NUM_SPLITS <= BLOCK_S:
         s_ok = offs_s < NUM_SPLITS
-        m = tl.load(ML + (base + offs_s) * 2, mask=s_ok, other=float("-inf"))
-        l_s = tl.load(ML + (base + offs_s) * 2 + 1, mask=s_ok, other=0.0)
-        o_s = tl.load(MID + (base + offs_s)[:, None] * BLOCK_D + offs_d[None, :], mask=s_ok[:, None], other=0.0)
+        m = tl.load(ML + (base + offs_s) * 2, mask=s_ok, other=float("-inf"), cache_modifier=CACHE)
+        l_s = tl.load(ML + (base + offs_s) * 2 + 1, mask=s_ok, other=0.0, cache_modifier=CACHE)
+        o_s = tl.load(MID + (base + offs_s)[:, None] * BLOCK_D + offs_d[None, :], mask=s_ok[:, None], other=0.0,
+                      cache_modifier=CACHE)
         m_all = tl.max(m, 0)
         m_all = tl.where(m_all == float("-inf"), 0.0, m_all)
         w = tl.exp2(m - m_all)  # empty chunk: exp2(-inf) = 0
@@ -169,7 +178,7 @@ def _merge_row(MID, ML, base, offs_d, NUM_SPLITS, BLOCK_S: tl.constexpr, BLOCK_D
         m_run = tl.full([BLOCK_S], float("-inf"), dtype=tl.float32)
         for s0 in range(0, NUM_SPLITS, BLOCK_S):
             s_ok = (s0 + offs_s) < NUM_SPLITS
-            m = tl.load(ML + (base + s0 + offs_s) * 2, mask=s_ok, other=float("-inf"))
+            m = tl.load(ML + (base + s0 + offs_s) * 2, mask=s_ok, other=float("-inf"), cache_modifier=CACHE)
             m_run = tl.maximum(m_run, m)
         m_all = tl.max(m_run, 0)
         m_all = tl.where(m_all == float("-inf"), 0.0, m_all)
@@ -178,9 +187,10 @@ def _merge_row(MID, ML, base, offs_d, NUM_SPLITS, BLOCK_S: tl.constexpr, BLOCK_D
         for s0 in range(0, NUM_SPLITS, BLOCK_S):
             s_idx = base + s0 + offs_s
             s_ok = (s0 + offs_s) < NUM_SPLITS
-            m = tl.load(ML + s_idx * 2, mask=s_ok, other=float("-inf"))
-            l_s = tl.load(ML + s_idx * 2 + 1, mask=s_ok, other=0.0)
-            o_s = tl.load(MID + s_idx[:, None] * BLOCK_D + offs_d[None, :], mask=s_ok[:, None], other=0.0)
+            m = tl.load(ML + s_idx * 2, mask=s_ok, other=float("-inf"), cache_modifier=CACHE)
+            l_s = tl.load(ML + s_idx * 2 + 1, mask=s_ok, other=0.0, cache_modifier=CACHE)
+            o_s = tl.load(MID + s_idx[:, None] * BLOCK_D + offs_d[None, :], mask=s_ok[:, None], other=0.0,
+                          cache_modifier=CACHE)
             w = tl.exp2(m - m_all)
             l_run += w * l_s
             acc2 += w[:, None] * o_s
@@ -241,15 +251,17 @@ def _prefetch_chunk_start(K, V, KV_LEN, b, b64, hk, lo, MAX_LEN, stride_kb, stri
 
 @triton.jit(do_not_specialize=["q_offset", "window"])
 def _decode_split_kernel(
-    Q, K, V, KV_LEN, KV_START, Q_OFF, MID, K_DESC, V_DESC, SLOPES,
+    Q, K, V, KV_LEN, KV_START, Q_OFF, MID, K_DESC, V_DESC, SLOPES, O, COUNTS,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_om, stride_od,
     HKV, GROUP, SQ, MAX_LEN, CHUNK, NUM_SPLITS, ML_BASE, q_offset, qk_scale,
     window, cap_in, cap_out,  # sliding window (keys), soft-cap constants (attention_common.score_logits)
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, Q_OFF_MODE: tl.constexpr, DOT_PREC: tl.constexpr, HAS_START: tl.constexpr,
     PDL: tl.constexpr, PREFETCH_N: tl.constexpr, LINES: tl.constexpr, TMA: tl.constexpr,
+    MERGE: tl.constexpr, BLOCK_S: tl.constexpr,
     WINDOW: tl.constexpr = False, SOFTCAP: tl.constexpr = False, ALIBI: tl.constexpr = False,
 ):
     # One program = one chunk of CHUNK keys of one (batch, KV head), for BLOCK_M of the group's
@@ -260,6 +272,8 @@ def _decode_split_kernel(
     #           Q: BLOCK_M * HEAD_DIM elements; kv_len[b] (and q_offset[b], kv_start[b]): one scalar each;
     #           with ALIBI BLOCK_M slopes (one per row's query head)
     #   writes  partial output BLOCK_M * BLOCK_D fp32 and (max, sum) 2 * BLOCK_M fp32 into MID.
+    # With MERGE the last program to finish among the NUM_SPLITS of its (batch, KV head, row block) merges
+    # them (it counts in COUNTS) and writes the rows to O: reads NUM_SPLITS * (BLOCK_D + 2) fp32 per valid row.
     pid_s = tl.program_id(0)
     pid_bh = tl.program_id(1)
     pid_r = tl.program_id(2)
@@ -365,6 +379,33 @@ def _decode_split_kernel(
     tl.store(MID + out_row[:, None] * BLOCK_D + offs_d[None, :], acc, mask=row_ok[:, None])
     tl.store(MID + ML_BASE + out_row * 2, m_i, mask=row_ok)
     tl.store(MID + ML_BASE + out_row * 2 + 1, l_i, mask=row_ok)
+    if MERGE:
+        _merge_if_last(MID, ML_BASE, O, COUNTS, pid_bh * tl.num_programs(2) + pid_r, b64, hk, pid_r, offs_d, d_ok,
+                       stride_ob, stride_oh, stride_om, stride_od, HKV, GROUP, SQ, NUM_SPLITS, BLOCK_M, BLOCK_S,
+                       BLOCK_D)
+
+
+@triton.jit
+def _merge_if_last(MID, ML_BASE, O, COUNTS, group, b64, hk, pid_r, offs_d, d_ok, stride_ob, stride_oh, stride_om,
+                   stride_od, HKV, GROUP, SQ, NUM_SPLITS, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr,
+                   BLOCK_D: tl.constexpr):
+    # Stage 2 inside stage 1: every program counts itself done in COUNTS[group] once its partials are stored
+    # (the barrier orders all its threads' stores before the count; the count releases them to the GPU). The
+    # one that counts last acquires the others' partials, merges its row block's valid rows and resets the
+    # count for the next launch (a CUDA graph replays the same counters).
+    tl.debug_barrier()
+    done = tl.atomic_add(COUNTS + group, 1, sem="acq_rel", scope="gpu")
+    if done == NUM_SPLITS - 1:
+        first = pid_r * BLOCK_M
+        for r in range(first, tl.minimum(first + BLOCK_M, GROUP * SQ)):
+            tok = r % SQ
+            hq = hk * GROUP + r // SQ
+            row = (b64 * HKV * GROUP + hq) * SQ + tok
+            out = _merge_row(MID, MID + ML_BASE, row * NUM_SPLITS, offs_d, NUM_SPLITS, BLOCK_S, BLOCK_D, BLOCK_D,
+                             ".cg")
+            o_ptrs = O + b64 * stride_ob + hq * stride_oh + tok * stride_om + offs_d * stride_od
+            tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=d_ok)
+        tl.atomic_xchg(COUNTS + group, 0, sem="relaxed", scope="gpu")
 
 
 def _decode_block_m(rows: int, elem: int) -> int:
@@ -450,7 +491,7 @@ class _Plan:
     inputs checked) once per signature, so a repeated call only allocates and launches."""
 
     __slots__ = ("out_shape", "dtype", "empty", "grid", "ints", "meta", "mid_numel", "merge_grid", "merge_ints",
-                 "merge_meta", "qk_scale", "tma_tile", "descriptors", "span", "features")
+                 "merge_meta", "qk_scale", "tma_tile", "descriptors", "span", "features", "counts")
 
 
 _PLANS: dict = {}
@@ -497,9 +538,12 @@ def _make_plan(q, k_cache, v_cache, scale, causal, q_off_mode, num_splits, has_s
     ml_base = n_rows * num_splits * block_d  # MID: partial outputs, then the (max, sum) pairs
     plan.mid_numel = ml_base + n_rows * num_splits * 2
     plan.grid = (num_splits, b * hkv, row_blocks)
-    plan.ints = (*q.stride(), *k_cache.stride(), *v_cache.stride(), hkv, group, sq, max_len, chunk,
+    plan.ints = (*q.stride(), *k_cache.stride(), *v_cache.stride(), *out_strides, hkv, group, sq, max_len, chunk,
                  num_splits, ml_base)
     pdl = use_pdl(q.device)
+    merge_in_split = min(rows, block_m) <= MERGE_IN_SPLIT_MAX_ROWS
+    # one count per (batch, KV head, row block), zero between launches (the merging program resets its own)
+    plan.counts = torch.zeros(b * hkv * row_blocks, dtype=torch.int32, device=q.device) if merge_in_split else None
     plan.meta = dict(
         HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=bool(causal),
         Q_OFF_MODE=q_off_mode, DOT_PREC=_dot_precision(q.dtype), HAS_START=has_start,
@@ -507,6 +551,7 @@ def _make_plan(q, k_cache, v_cache, scale, causal, q_off_mode, num_splits, has_s
         PDL=pdl, PREFETCH_N=PREFETCH_KEYS if pdl and not window and k_cache.stride(3) == 1 and v_cache.stride(3) == 1
         else 0,
         LINES=triton.next_power_of_2(triton.cdiv(d * q.element_size(), 128)), TMA=tma,
+        MERGE=merge_in_split, BLOCK_S=min(triton.next_power_of_2(num_splits), max(1, 4096 // block_d)),
         num_warps=num_warps, num_stages=num_stages, **flags,
     )
     plan.tma_tile = (block_n, block_d) if tma else None
@@ -550,7 +595,7 @@ def decode_attention(q, k_cache, v_cache, kv_len, *, scale=None, causal=True, q_
 
     Host cost: the inputs are checked and turned into launch parameters once per signature (shapes,
     strides, dtypes, devices, options; see _Plan); a repeated call is a dictionary lookup, two
-    allocations (output and one fp32 workspace) and the two launches.
+    allocations (output and one fp32 workspace) and one launch (two when the merge kernel runs).
     """
     if not _use_kernel(q):
         _check_decode(q, k_cache, v_cache, kv_len, scale, kv_start, causal, window, softcap, alibi_slopes)
@@ -601,7 +646,9 @@ def decode_attention(q, k_cache, v_cache, kv_len, *, scale=None, causal=True, q_
         slopes = mid  # never read
     _decode_split_kernel[plan.grid](
         q, k_cache, v_cache, kv_len, kv_len if kv_start is None else kv_start, q_off_t, mid, k_desc, v_desc, slopes,
-        *plan.ints, q_off_int, plan.qk_scale, *plan.features, **plan.meta,
+        out, mid if plan.counts is None else plan.counts, *plan.ints, q_off_int, plan.qk_scale, *plan.features,
+        **plan.meta,
     )
-    _decode_merge_kernel[plan.merge_grid](mid, out, *plan.merge_ints, **plan.merge_meta)
+    if plan.counts is None:
+        _decode_merge_kernel[plan.merge_grid](mid, out, *plan.merge_ints, **plan.merge_meta)
     return out

@@ -22,7 +22,7 @@ these sizes, and a split would need a second pass or atomics.
         into heads, RoPE on q and k and the writes of k and v into the caches at slot pos, in the same kernel.
 
 The decode pass (passes/matmul.DECODE_RULES) folds a layer's norms, SwiGLU product or GELU, residual adds, RoPE
-and cache writes into its GEMVs, so a Llama or GPT-2 layer's decode step is 4 GEMVs and attention's 2 kernels.
+and cache writes into its GEMVs, so a Llama or GPT-2 layer's decode step is 4 GEMVs and one attention kernel.
 On Hopper each GEMV is launched with programmatic dependent launch: it starts streaming its weights while the
 previous kernel ends.
 """

@@ -165,8 +165,8 @@ def bench_prefill(results, copy_bw, quick):
 
 
 def _without_pdl(fn):
-    """fn() with flash_decoding's merge kernel launched after the split kernel ends, not early (programmatic
-    dependent launch off; fresh launch plans), then the default restored."""
+    """fn() with each kernel launched after the one before ends, not early (programmatic dependent launch off;
+    fresh launch plans), then the default restored."""
 
     saved, pdl.ENABLED = pdl.ENABLED, False
     fd._PLANS.clear()
@@ -174,6 +174,19 @@ def _without_pdl(fn):
         return fn()
     finally:
         pdl.ENABLED = saved
+        fd._PLANS.clear()
+
+
+def _with_merge_kernel(fn):
+    """fn() with Flash-Decoding's splits merged by its second kernel, not by the last split program (fresh
+    launch plans), then the default restored."""
+
+    saved, fd.MERGE_IN_SPLIT_MAX_ROWS = fd.MERGE_IN_SPLIT_MAX_ROWS, 0
+    fd._PLANS.clear()
+    try:
+        return fn()
+    finally:
+        fd.MERGE_IN_SPLIT_MAX_ROWS = saved
         fd._PLANS.clear()
 
 
@@ -208,8 +221,14 @@ def bench_decode(results, copy_bw, quick, *, hq, hkv, n, label, sweep=False):
              "copy bandwidth", "GB/s", fxopt_ms=graph_ms)
         serial_ms = _without_pdl(lambda: _do_bench_graph(lambda: decode_attention(q, k, v, kv_len)))
         if serial_ms is not None:
-            print(f"  the same, the merge kernel launched only after the split kernel (PDL off): "
+            print(f"  the same, each kernel launched only after the one before (PDL off): "
                   f"{serial_ms * 1e3:.1f} us = {100 * nbytes / (serial_ms * 1e-3) / copy_bw:.1f}% of copy")
+        two_ms = _with_merge_kernel(lambda: _do_bench_graph(lambda: decode_attention(q, k, v, kv_len)))
+        if two_ms is not None:
+            print(f"  the same, the splits merged by a second kernel: "
+                  f"{two_ms * 1e3:.1f} us = {100 * nbytes / (two_ms * 1e-3) / copy_bw:.1f}% of copy")
+            _row(results, "decode", f"{label} GB/s vs copy (CUDA graph, merge kernel)", nbytes / (two_ms * 1e-3) / 1e9,
+                 copy_bw / 1e9, "copy bandwidth", "GB/s", fxopt_ms=two_ms)
     if sweep:  # how the split count chosen by choose_num_splits compares with its neighbours
         sms = sm_count(q.device)
         chosen = choose_num_splits(hkv, n, sms)
