@@ -156,7 +156,7 @@ def choose_num_splits(batch_heads, max_len, sm_count, *, min_chunk=MIN_CHUNK, wa
 
 @triton.jit
 def _merge_row(MID, ML, base, offs_d, NUM_SPLITS, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
-               SLICE: tl.constexpr, CACHE: tl.constexpr = ""):
+               SLICE: tl.constexpr, CACHE: tl.constexpr):
     # Head dims offs_d (SLICE of them) of one output row from its NUM_SPLITS partials (unnormalised outputs at
     # MID, rows of BLOCK_D; (max, sum) pairs at ML), log-sum-exp rescaled. One round of loads when BLOCK_S
     # covers every split (the default split counts); otherwise a max pass, then a rescaled-sum pass, over
@@ -218,7 +218,7 @@ def _decode_merge_kernel(
     h = (row // SQ) % HQ
     b = row // (SQ * HQ)
     offs_d = tl.program_id(1) * SLICE + tl.arange(0, SLICE)
-    out = _merge_row(MID, MID + ML_BASE, row * NUM_SPLITS, offs_d, NUM_SPLITS, BLOCK_S, BLOCK_D, SLICE)
+    out = _merge_row(MID, MID + ML_BASE, row * NUM_SPLITS, offs_d, NUM_SPLITS, BLOCK_S, BLOCK_D, SLICE, "")
     o_ptrs = O + b * stride_ob + h * stride_oh + tok * stride_om + offs_d * stride_od
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=offs_d < HEAD_DIM)
 
