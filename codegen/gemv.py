@@ -247,7 +247,13 @@ def _prune_gemv(configs, named_args, **kwargs):
 
 
 def _prune_gemv_qkv(configs, named_args, **kwargs):
-    return _gemv_candidates({**named_args, **kwargs}["K"], True)  # two rows of W per pair, as with GLU
+    args = {**named_args, **kwargs}
+    if args["QK_NORM"]:  # one head per program: d/2 row pairs, chunks of K that keep the tile in registers
+        block_n = triton.next_power_of_2(args["HEAD_DIM"] // 2)
+        block_k = max(32, min(triton.next_power_of_2(args["K"]), 8192 // block_n))
+        return [_with_even_k(triton.Config({"BLOCK_N": block_n, "BLOCK_K": block_k},
+                                           num_warps=8 if block_n >= 32 else 4), args["K"])]
+    return _gemv_candidates(args["K"], True)  # two rows of W per pair, as with GLU
 
 
 _FLAGS = ["HAS_BIAS", "NORM", "LAYER", "NORM_BIAS"]
@@ -269,6 +275,9 @@ class Folded:
     norm_bias: torch.Tensor | None = None
     layer_norm: bool = False
     act: str = "none"
+    q_norm_weight: torch.Tensor | None = None  # gemv_qkv only: per-head RMSNorm of q and k over d (Qwen3)
+    k_norm_weight: torch.Tensor | None = None
+    qk_eps: float = 0.0
 
 
 def _launch(x, w, y, config: triton.Config | None, ep: Folded = Folded()) -> None:
@@ -300,6 +309,8 @@ def supports(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
     """None when the kernel covers the call, else why not."""
     if x.numel() != x.shape[-1]:
         return "more than one row"
+    if ep.q_norm_weight is not None or ep.k_norm_weight is not None:
+        return "a per-head q/k norm (gemv_qkv's, not one GEMV's)"
     if w.dim() != 2 or w.stride(1) != 1 or x.shape[-1] != w.shape[1]:
         return "weight is not a row-major (N, K) matrix"
     if w.dtype not in DTYPES or x.dtype != w.dtype:
@@ -401,15 +412,22 @@ def _(x, weight, bias, residual=None, norm_weight=None, eps=0.0, glu=False, norm
 
 @triton.jit
 def _gemv_qkv_kernel(x_ptr, w_ptr, bias_ptr, g_ptr, nb_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, pos_ptr,
-                     K, stride_wn, eps, q_heads, kv_heads, s_cos, s_sin, s_kh, s_ks, s_kd, s_vh, s_vs, s_vd,
+                     qn_ptr, kn_ptr, K, stride_wn, eps, qk_eps, q_heads, kv_heads, s_cos, s_sin, s_kh, s_ks, s_kd,
+                     s_vh, s_vs, s_vd,
                      HAS_BIAS: tl.constexpr, NORM: tl.constexpr, LAYER: tl.constexpr, NORM_BIAS: tl.constexpr,
-                     ROPE: tl.constexpr, PDL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+                     ROPE: tl.constexpr, QK_NORM: tl.constexpr, PDL: tl.constexpr, HEAD_DIM: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
     # One program: BLOCK_N row pairs (lo = head * d + j, hi = lo + d / 2) of W, i.e. 2 * BLOCK_N outputs.
+    # With QK_NORM one program is one whole head (BLOCK_N >= d / 2 pairs), so it can normalise its q or k head.
     HALF: tl.constexpr = HEAD_DIM // 2
-    pairs = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
     heads = q_heads + 2 * kv_heads
-    pair_ok = pairs < heads * HALF
+    if QK_NORM:
+        local = tl.arange(0, BLOCK_N)
+        pairs = tl.program_id(0) * HALF + local  # (BLOCK_N,)
+        pair_ok = (local < HALF) & (pairs < heads * HALF)
+    else:
+        pairs = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
+        pair_ok = pairs < heads * HALF
     head = pairs // HALF
     j = pairs % HALF  # column within the head's first half
     lo = head * HEAD_DIM + j  # (BLOCK_N,) rows of W
@@ -424,6 +442,16 @@ def _gemv_qkv_kernel(x_ptr, w_ptr, bias_ptr, g_ptr, nb_ptr, cos_ptr, sin_ptr, q_
     y_hi = _round(y_hi, x_ptr)
     is_q = head < q_heads
     is_k = (head >= q_heads) & (head < q_heads + kv_heads)
+    if QK_NORM:  # weight * RMSNorm(head) over its d outputs, in fp32, rounded as eager's two tensors are
+        squares = tl.where(pair_ok, y_lo * y_lo + y_hi * y_hi, 0.0)
+        rstd = tl.rsqrt(tl.sum(squares, axis=0) / HEAD_DIM + qk_eps)
+        g_lo = tl.where(is_q, tl.load(qn_ptr + j, mask=pair_ok & is_q, other=0.0),
+                        tl.load(kn_ptr + j, mask=pair_ok & is_k, other=0.0)).to(tl.float32)
+        g_hi = tl.where(is_q, tl.load(qn_ptr + j + HALF, mask=pair_ok & is_q, other=0.0),
+                        tl.load(kn_ptr + j + HALF, mask=pair_ok & is_k, other=0.0)).to(tl.float32)
+        normed = is_q | is_k
+        y_lo = tl.where(normed, _round(_round(y_lo * rstd, x_ptr) * g_lo, x_ptr), y_lo)
+        y_hi = tl.where(normed, _round(_round(y_hi * rstd, x_ptr) * g_hi, x_ptr), y_hi)
     if ROPE:  # q and k: (lo, hi) -> (lo * cos_j - hi * sin_j, hi * cos_(j+h) + lo * sin_(j+h)), fp32
         c1 = tl.load(cos_ptr + j * s_cos).to(tl.float32)
         c2 = tl.load(cos_ptr + (j + HALF) * s_cos).to(tl.float32)
@@ -445,7 +473,8 @@ def _gemv_qkv_kernel(x_ptr, w_ptr, bias_ptr, g_ptr, nb_ptr, cos_ptr, sin_ptr, q_
 
 
 _gemv_qkv_tuned = TunedKernel(_gemv_qkv_kernel, TUNING_SPACE,
-                              key=["K", "q_heads", "kv_heads", "HEAD_DIM", *_FLAGS, "ROPE"], prune=_prune_gemv_qkv,
+                              key=["K", "q_heads", "kv_heads", "HEAD_DIM", *_FLAGS, "ROPE", "QK_NORM"],
+                              prune=_prune_gemv_qkv,
                               family="gemv_qkv", tune="gemv_autotune")
 
 
@@ -462,7 +491,7 @@ def q_dtype(x: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None)
 
 def supports_qkv(x, weight, bias, ep: Folded, cos, sin, k_cache, v_cache, pos) -> str | None:
     """None when gemv_qkv's kernel covers the call, else why not (the op then runs the reference)."""
-    reason = supports(x, weight, bias, ep)
+    reason = supports(x, weight, bias, replace(ep, q_norm_weight=None, k_norm_weight=None))
     if reason is not None or ep.glu or ep.residual is not None or ep.act != "none":
         return reason or "a GLU, activation or residual epilogue"
     q_heads, kv_heads, d = qkv_heads(weight, k_cache)
@@ -479,7 +508,18 @@ def supports_qkv(x, weight, bias, ep: Folded, cos, sin, k_cache, v_cache, pos) -
         return "tensors on several devices"
     if k_cache.dtype not in DTYPES or v_cache.dtype not in DTYPES:
         return "cache dtypes"
+    if (ep.q_norm_weight is None) != (ep.k_norm_weight is None):
+        return "a norm on only one of q and k"
+    if not _is_vector(ep.q_norm_weight, d, weight.dtype) or not _is_vector(ep.k_norm_weight, d, weight.dtype):
+        return "the q/k norm weights are not contiguous vectors of d in the weight's dtype"
     return None
+
+
+def head_rms_norm(t: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """weight * RMSNorm(t) over the last dim, as HF's Qwen3RMSNorm computes it (fp32 statistics, the normalised
+    tensor rounded to t's dtype before the weight)."""
+    hf = t.float()
+    return weight * (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)).to(t.dtype)
 
 
 def gemv_qkv_reference(x, weight, bias, ep: Folded, cos, sin, k_cache, v_cache, pos) -> torch.Tensor:
@@ -488,6 +528,8 @@ def gemv_qkv_reference(x, weight, bias, ep: Folded, cos, sin, k_cache, v_cache, 
     y = gemv_reference(x, weight, bias, ep)  # (1, 1, rows)
     q, k, v = (t.reshape(1, 1, -1, d).transpose(1, 2)  # (1, heads, 1, d)
                for t in y.split([q_heads * d, kv_heads * d, kv_heads * d], dim=-1))
+    if ep.q_norm_weight is not None:
+        q, k = head_rms_norm(q, ep.q_norm_weight, ep.qk_eps), head_rms_norm(k, ep.k_norm_weight, ep.qk_eps)
     if cos is not None:
         q, k = rope_reference(q, cos, sin), rope_reference(k, cos, sin)
     slots = cache_slots(pos.reshape(-1), 1)
@@ -506,13 +548,19 @@ def gemv_qkv(x, weight, bias, ep: Folded, cos, sin, k_cache, v_cache, pos) -> to
     cos_row = cos.reshape(-1) if rope else x_row
     sin_row = sin.reshape(-1) if rope else x_row
     pdl = use_pdl(x.device)
-    _gemv_qkv_tuned[lambda meta: (triton.cdiv(n // 2, meta["BLOCK_N"]),)](
+    qk_norm = ep.q_norm_weight is not None
+
+    def grid(meta):  # one program per head with the q/k norm, else per BLOCK_N row pairs
+        return (n // d,) if qk_norm else (triton.cdiv(n // 2, meta["BLOCK_N"]),)
+
+    _gemv_qkv_tuned[grid](
         x_row, weight, _or(bias, x_row), _or(ep.norm_weight, x_row), _or(ep.norm_bias, x_row), cos_row, sin_row,
-        q, k_cache, v_cache, pos, k, weight.stride(0), ep.eps, q_heads, kv_heads, cos_row.stride(0),
-        sin_row.stride(0), k_cache.stride(1), k_cache.stride(2), k_cache.stride(3), v_cache.stride(1),
-        v_cache.stride(2), v_cache.stride(3),
+        q, k_cache, v_cache, pos, _or(ep.q_norm_weight, x_row), _or(ep.k_norm_weight, x_row), k, weight.stride(0),
+        ep.eps, ep.qk_eps, q_heads, kv_heads, cos_row.stride(0), sin_row.stride(0), k_cache.stride(1),
+        k_cache.stride(2), k_cache.stride(3), v_cache.stride(1), v_cache.stride(2), v_cache.stride(3),
         HAS_BIAS=bias is not None, NORM=ep.norm_weight is not None, LAYER=ep.layer_norm,
-        NORM_BIAS=ep.norm_bias is not None, ROPE=rope, PDL=pdl, HEAD_DIM=d, **launch_options(pdl))
+        NORM_BIAS=ep.norm_bias is not None, ROPE=rope, QK_NORM=qk_norm, PDL=pdl, HEAD_DIM=d,
+        **launch_options(pdl))
     return q
 
 
@@ -520,17 +568,20 @@ def gemv_qkv(x, weight, bias, ep: Folded, cos, sin, k_cache, v_cache, pos) -> to
 def gemv_qkv_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, norm_weight: torch.Tensor | None,
                 eps: float, cos: torch.Tensor | None, sin: torch.Tensor | None, k_cache: torch.Tensor,
                 v_cache: torch.Tensor, pos: torch.Tensor, norm_bias: torch.Tensor | None = None,
-                layer_norm: bool = False) -> torch.Tensor:
-    """The q/k/v projection of a decode step with its head split, RoPE and cache writes (see above). The
-    LayerNorm arguments come last: the decode pass passes them by keyword, so a node's ten positional
-    arguments stay what passes/cost.py reads."""
-    ep = Folded(norm_weight=norm_weight, eps=eps, norm_bias=norm_bias, layer_norm=layer_norm)
+                layer_norm: bool = False, q_norm_weight: torch.Tensor | None = None,
+                k_norm_weight: torch.Tensor | None = None, qk_eps: float = 0.0) -> torch.Tensor:
+    """The q/k/v projection of a decode step with its head split, per-head q/k RMSNorm, RoPE and cache writes
+    (see above). The LayerNorm and q/k norm arguments come last: the decode pass passes them by keyword, so a
+    node's ten positional arguments stay what passes/cost.py reads."""
+    ep = Folded(norm_weight=norm_weight, eps=eps, norm_bias=norm_bias, layer_norm=layer_norm,
+                q_norm_weight=q_norm_weight, k_norm_weight=k_norm_weight, qk_eps=qk_eps)
     if ops_use_kernels(x) and supports_qkv(x, weight, bias, ep, cos, sin, k_cache, v_cache, pos) is None:
         return gemv_qkv(x, weight, bias, ep, cos, sin, k_cache, v_cache, pos)
     return gemv_qkv_reference(x, weight, bias, ep, cos, sin, k_cache, v_cache, pos)
 
 
 @gemv_qkv_op.register_fake
-def _(x, weight, bias, norm_weight, eps, cos, sin, k_cache, v_cache, pos, norm_bias=None, layer_norm=False):
+def _(x, weight, bias, norm_weight, eps, cos, sin, k_cache, v_cache, pos, norm_bias=None, layer_norm=False,
+      q_norm_weight=None, k_norm_weight=None, qk_eps=0.0):
     q_heads, _, d = qkv_heads(weight, k_cache)
     return x.new_empty((1, q_heads, 1, d), dtype=q_dtype(x, cos, sin))

@@ -854,21 +854,53 @@ class HeadsMatch:
     splits: list[fx.Node]  # their slices and views, users first
     q: fx.Node  # what attention reads as q: fxopt::rope of q's heads, or those heads
     writes: list[fx.Node]  # k's fxopt::(rope_)cache_write, then v's fxopt::cache_write
+    norms: list = field(default_factory=lambda: [None, None, None])  # per head: (weight, eps, chain) of an
+    # RMSNorm over d between the head split and the transpose (Qwen3's q_norm and k_norm), or None
 
 
-def _split_heads(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
-    """(view, transpose) when node's only user views it as (b, s, heads, d) and that view's only user swaps the
-    token and head dims: split_heads as models/ and HF write it."""
+def _split_heads(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, fx.Node, tuple | None] | None:
+    """(view, transpose, norm) when node's only user views it as (b, s, heads, d) and the token and head dims
+    are then swapped: split_heads as models/ and HF write it, the transpose reading the view itself or (norm =
+    (weight, eps, chain)) an RMSNorm of it over d whose nodes nobody else reads (Qwen3's q_norm / k_norm)."""
     view = _only_user(node)
     if view is None or view.target not in (aten.view.default, aten.reshape.default, aten._unsafe_view.default):
         return None
-    heads = _only_user(view)
+    heads, norm = _only_user(view), None
+    if heads is not None and heads.target is not aten.transpose.int:
+        heads, norm = _after_head_norm(gm, view)
     if heads is None or heads.target is not aten.transpose.int or not isinstance(_val(heads), torch.Tensor):
         return None
     rank = _val(heads).dim()
     if rank != 4 or sorted(d % rank for d in heads.args[1:3]) != [1, 2]:
         return None
-    return view, heads
+    return view, heads, norm
+
+
+def _after_head_norm(gm: fx.GraphModule, view: fx.Node) -> tuple[fx.Node | None, tuple | None]:
+    """(the norm's only reader, (weight, eps, chain)) when view feeds an RMSNorm over its last dim and nothing
+    else; (None, None) otherwise."""
+    out = _norm_output_from(view)
+    found = match_rms_norm(gm, out) if out is not None else None
+    if found is None or found[0] is not view:
+        return None, None
+    _, weight, eps, chain = found
+    inside = set(chain)
+    if any(u not in inside for n in chain[1:] for u in n.users) or any(u not in inside for u in view.users):
+        return None, None
+    return _only_user(out), (weight, eps, chain)
+
+
+def _norm_output_from(view: fx.Node, hops: int = 8) -> fx.Node | None:
+    """The first node below view, within `hops`, that multiplies by a 1-D constant (an RMSNorm's weight)."""
+    node = view
+    for _ in range(hops):
+        users = list(node.users)
+        if not users:
+            return None
+        node = max(users, key=lambda u: len(u.all_input_nodes))  # hf * rsqrt(...) over the pow/mean branch
+        if node.target is aten.mul.Tensor and any(isinstance(a, fx.Node) and a.op == "get_attr" for a in node.args):
+            return node
+    return None
 
 
 SPLITS = (aten.split.Tensor, aten.split_with_sizes.default)
@@ -904,7 +936,7 @@ def qkv_heads_after_gemv(gm: fx.GraphModule) -> list[HeadsMatch]:
     matches = []
     for g in _gemvs(gm):
         parts, between = _three_parts(g) or ([], [])
-        split = [_split_heads(node) for node in parts]
+        split = [_split_heads(gm, node) for node in parts]
         if not split or any(s is None for s in split):
             continue
         heads = [s[1] for s in split]
@@ -915,7 +947,7 @@ def qkv_heads_after_gemv(gm: fx.GraphModule) -> list[HeadsMatch]:
                 or writes[1].target is not CACHE_WRITE or any(w.args[1] is not h for w, h in zip(writes, heads[1:])):
             continue
         splits = [s[0] for s in split] + parts + between[::-1]
-        matches.append(HeadsMatch(g, heads, splits, q, writes))
+        matches.append(HeadsMatch(g, heads, splits, q, writes, [s[2] for s in split]))
     return matches
 
 
@@ -939,10 +971,15 @@ def _qkv_args(m: HeadsMatch) -> tuple:
 
 
 def _qkv_kwargs(m: HeadsMatch) -> dict[str, Any]:
-    """gemv_qkv's LayerNorm arguments, by keyword (passes/cost.py reads a node's ten positional ones)."""
+    """gemv_qkv's LayerNorm and q/k norm arguments, by keyword (passes/cost.py reads a node's ten positional
+    ones)."""
     g = m.gemv
     args = list(g.args) + list(GEMV_DEFAULTS[len(g.args) - G_RES:])
-    return {"norm_bias": args[G_NORM_B], "layer_norm": True} if args[G_LAYER] else {}
+    kwargs = {"norm_bias": args[G_NORM_B], "layer_norm": True} if args[G_LAYER] else {}
+    q_norm, k_norm, _ = m.norms
+    if q_norm is not None and k_norm is not None:
+        kwargs.update(q_norm_weight=q_norm[0], k_norm_weight=k_norm[0], qk_eps=q_norm[1])
+    return kwargs
 
 
 def _consumers(m: HeadsMatch) -> list[fx.Node]:
@@ -969,8 +1006,15 @@ def check_qkv(rw: Rewriter, m: HeadsMatch) -> str | None:
     q_heads, kv_heads, d = gemv.qkv_heads(vals[1], vals[7])
     if [tuple(_val(h).shape) for h in m.heads] != [(1, q_heads, 1, d), (1, kv_heads, 1, d), (1, kv_heads, 1, d)]:
         return "the head split does not match the caches' heads and head dim"
+    q_norm, k_norm, v_norm = m.norms
+    if v_norm is not None or (q_norm is None) != (k_norm is None):
+        return "a head norm on v, or on only one of q and k"
+    if q_norm is not None and q_norm[1] != k_norm[1]:
+        return "q and k are normalised with different eps"
     ep = gemv.Folded(norm_weight=vals[3], eps=eps, norm_bias=_val(kwargs.get("norm_bias")),
-                     layer_norm=kwargs.get("layer_norm", False))
+                     layer_norm=kwargs.get("layer_norm", False),
+                     q_norm_weight=_const(rw.gm, q_norm[0]) if q_norm else None,
+                     k_norm_weight=_const(rw.gm, k_norm[0]) if k_norm else None, qk_eps=q_norm[1] if q_norm else 0.0)
     reason = gemv.supports_qkv(vals[0], vals[1], vals[2], ep, *vals[5:])
     if reason is not None:
         return reason
@@ -988,13 +1032,14 @@ def fold_qkv(rw: Rewriter, m: HeadsMatch) -> None:
     first = min(_consumers(m), key=order.__getitem__)
     with rw.gm.graph.inserting_before(first):
         node = rw.call(torch.ops.fxopt.gemv_qkv.default, _qkv_args(m), like=m.gemv)
-    if _qkv_kwargs(m):  # the LayerNorm prologue
+    if _qkv_kwargs(m):  # the LayerNorm prologue, the q/k head norms
         node.kwargs = _qkv_kwargs(m)
         node.meta["val"] = rw.fake_run(node.target, node.args, node.kwargs)
     m.q.replace_all_uses_with(node)
     k_tables = list(m.writes[0].args[2:4]) if m.writes[0].target is ROPE_CACHE_WRITE else []
     # q is its heads' node when not rotated: each node dropped once
-    rw.drop_if_unused(*dict.fromkeys([*m.writes, m.q, *m.heads, *m.splits, m.gemv, *k_tables]))
+    norm_chains = [n for norm in m.norms if norm is not None for n in norm[2]]
+    rw.drop_if_unused(*dict.fromkeys([*m.writes, m.q, *m.heads, *norm_chains, *m.splits, m.gemv, *k_tables]))
 
 
 DECODE_RULES: tuple[Rule, ...] = (

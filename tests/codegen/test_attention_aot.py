@@ -11,7 +11,7 @@ from fxopt.codegen import flash_attention as fa, flash_decoding as fd
 assert not fa._INTERPRET
 
 POINTERS = {"Q": None, "K": None, "V": None, "O": None, "PAD": "*u8", "KV_LEN": "*i32", "Q_OFF": "*i64",
-            "KV_START": "*i32", "MID": "*fp32"}
+            "KV_START": "*i32", "MID": "*fp32", "COUNTS": "*i32"}
 
 
 def signature(jit, ptr_type, descriptors=None):
@@ -39,22 +39,26 @@ for causal in (False, True):
         assert ("cp.async.bulk.tensor" in ptx) == tma  # the fast path's K/V tiles by the copy engine
         print("compiled prefill", causal, pad, tma)
 
-# (causal, PDL, prefetched keys, TMA): the default on Hopper (PDL, TMA, no prefetch), pointer loads with
-# FXOPT_DECODE_PREFETCH=64, no PDL
+# (causal, PDL, prefetched keys, TMA, merge): the default on Hopper (PDL, TMA, no prefetch, the last program
+# merges), pointer loads with FXOPT_DECODE_PREFETCH=64, no PDL, the merge kernel's split kernel
 DECODE_TILE = "tensordesc<bf16[1,1,128,128]>"
-for causal, pdl, prefetch, tma in ((False, True, 0, True), (True, True, 0, True), (True, True, 64, False),
-                                   (True, False, 0, False)):
+for causal, pdl, prefetch, tma, merge in ((False, True, 0, True, True), (True, True, 0, True, False),
+                                          (True, True, 64, False, True), (True, False, 0, False, False)):
     c = compile_variant(fd._decode_split_kernel, dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_M=16, BLOCK_N=128,
                         CAUSAL=causal, Q_OFF_MODE=0, DOT_PREC="tf32", HAS_START=True, PDL=pdl,
-                        PREFETCH_N=prefetch, LINES=2, TMA=tma),
+                        PREFETCH_N=prefetch, LINES=2, TMA=tma, MERGE=merge, BLOCK_S=16),
                         descriptors={"K_DESC": DECODE_TILE, "V_DESC": DECODE_TILE} if tma else None)
     ptx = c.asm["ptx"]
     assert "ld.global" in ptx or "cp.async" in ptx  # the ragged last tile: pointer loads
     assert ("cp.async.bulk.tensor" in ptx) == tma  # whole tiles by the copy engine
-    assert ("griddepcontrol.launch_dependents" in ptx) == pdl  # lets the merge kernel launch early
+    assert ("griddepcontrol.launch_dependents" in ptx) == pdl  # lets the next kernel launch early
     assert ("prefetch.global.L2" in ptx) == (prefetch > 0)  # the chunk's first keys asked for before the wait
     if prefetch:
         assert ptx.find("prefetch.global.L2") < ptx.find("griddepcontrol.wait")  # before the wait, not after
+    # the last program merges: a GPU-scope acquire-release count after a barrier, the partials read from L2
+    assert ("atom.global.gpu.acq_rel.add" in ptx) == merge and ("ld.global.cg" in ptx) == merge
+    if merge:
+        assert ptx.rfind("bar.sync", 0, ptx.find("atom.global.gpu.acq_rel.add")) > 0
     print("compiled decode", causal, pdl)
 
 for pdl in (False, True):

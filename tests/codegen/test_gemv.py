@@ -340,6 +340,68 @@ def test_qkv_kernel_with_layer_norm_matches_the_eager_chain(dtype, norm_bias, k,
     torch.testing.assert_close(q_op, eager[0], rtol=0, atol=0)
 
 
+def _qwen3_head_norm(t, weight, eps):
+    """Qwen3RMSNorm as HF writes it, over the head dim of (1, heads, 1, d)."""
+    hidden = t.to(torch.float32)
+    variance = hidden.pow(2).mean(-1, keepdim=True)
+    return weight * (hidden * torch.rsqrt(variance + eps)).to(t.dtype)
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("d, heads, rope", [(16, (4, 2), True), (20, (2, 1), True), (16, (2, 2), False)])
+def test_qkv_kernel_with_per_head_qk_norm_matches_the_eager_chain(dtype, d, heads, rope):
+    """Qwen3's attention input: RMSNorm of x, the q/k/v GEMV, q_norm and k_norm over each head's d (one
+    program per head; d/2 not a power of two too), RoPE, the cache writes: against the eager chain in float64."""
+    from fxopt.models.llama import apply_rope
+
+    q_heads, kv_heads = heads
+    x, w, b, ep, cos, sin, caches, pos = _qkv_case(dtype, q_heads=q_heads, kv_heads=kv_heads, d=d, rope=rope,
+                                                  seed=d + q_heads)
+    gen = torch.Generator().manual_seed(d)
+    ep = replace(ep, q_norm_weight=(1 + 0.3 * torch.randn(d, generator=gen)).to(dtype),
+                 k_norm_weight=(1 + 0.3 * torch.randn(d, generator=gen)).to(dtype), qk_eps=1e-6)
+    assert gemv.supports_qkv(x, w, b, ep, cos, sin, *caches, pos) is None
+    k_cache, v_cache = (c.clone() for c in caches)
+    q = gemv.gemv_qkv(x, w, b, ep, cos, sin, k_cache, v_cache, pos)
+
+    def eager(x, w, ep, cos, sin, caches):
+        y = F.linear(gemv.gemv_reference(x, torch.eye(x.shape[-1], dtype=x.dtype), None, ep), w)
+        qs, ks, vs = (t.view(1, 1, -1, d).transpose(1, 2) for t in y.split([q_heads * d, kv_heads * d,
+                                                                              kv_heads * d], -1))
+        qs, ks = _qwen3_head_norm(qs, ep.q_norm_weight, ep.qk_eps), _qwen3_head_norm(ks, ep.k_norm_weight, ep.qk_eps)
+        if cos is not None:
+            qs, ks = apply_rope(qs, cos, sin), apply_rope(ks, cos, sin)
+        kc, vc = (c.clone() for c in caches)
+        kc[:, :, pos], vc[:, :, pos] = ks.to(kc.dtype), vs.to(vc.dtype)
+        return qs, kc, vc
+
+    as64 = lambda t: None if t is None else t.double()  # noqa: E731
+    ours = eager(x, w, ep, cos, sin, caches)
+    exact = eager(x.double(), w.double(), replace(_float64(ep), q_norm_weight=ep.q_norm_weight.double(),
+                                                  k_norm_weight=ep.k_norm_weight.double()),
+                  as64(cos), as64(sin), [c.double() for c in caches])
+    slot = int(pos)
+    for got, mine, ref in zip((q, k_cache, v_cache), ours, exact):
+        if got is not q:
+            got, mine, ref = got[:, :, slot], mine[:, :, slot], ref[:, :, slot]
+        error = (got.double() - ref).abs().max().item()
+        eager_error = (mine.double() - ref).abs().max().item()
+        assert error <= FACTOR[dtype] * eager_error + 1e-5, (error, eager_error)
+    k_ref, v_ref = (c.clone() for c in caches)  # the op's CPU path is the same chain
+    q_ref = torch.ops.fxopt.gemv_qkv(x, w, b, ep.norm_weight, ep.eps, cos, sin, k_ref, v_ref, pos,
+                                     q_norm_weight=ep.q_norm_weight, k_norm_weight=ep.k_norm_weight, qk_eps=1e-6)
+    torch.testing.assert_close(q_ref, ours[0], rtol=0, atol=0)
+    torch.testing.assert_close(k_ref, ours[1], rtol=0, atol=0)
+
+
+def test_qkv_refuses_a_norm_on_only_q():
+    x, w, b, ep, cos, sin, caches, pos = _qkv_case(torch.float32)
+    one_sided = replace(ep, q_norm_weight=torch.ones(16), qk_eps=1e-6)
+    assert "only one" in gemv.supports_qkv(x, w, b, one_sided, cos, sin, *caches, pos)
+    assert "q/k norm" in gemv.supports(x, w, None, one_sided)
+
+
 @interpreted
 def test_qkv_kernel_honours_strides():
     """Caches that are views of a larger buffer (first row of a batch, head dim padded), W rows of a wider
@@ -389,23 +451,27 @@ def test_qkv_op_on_cpu_writes_the_caches_and_returns_q():
 _AOT_QKV_SCRIPT = r"""
 from fxopt.codegen import gemv as G
 
-ints = {"K": "i32", "stride_wn": "i32", "eps": "fp32", "q_heads": "i32", "kv_heads": "i32", "s_cos": "i32",
-        "s_sin": "i32", "s_kh": "i32", "s_ks": "i32", "s_kd": "i32", "s_vh": "i32", "s_vs": "i32", "s_vd": "i32"}
+ints = {"K": "i32", "stride_wn": "i32", "eps": "fp32", "qk_eps": "fp32", "q_heads": "i32", "kv_heads": "i32",
+        "s_cos": "i32", "s_sin": "i32", "s_kh": "i32", "s_ks": "i32", "s_kd": "i32", "s_vh": "i32", "s_vs": "i32",
+        "s_vd": "i32"}
 for ptr in ("*bf16", "*fp32"):
     signature = {p.name: ints.get(p.name, "*i64" if p.name == "pos_ptr" else ptr)
                  for p in G._gemv_qkv_kernel.params if not p.is_constexpr}
-    for norm, layer, rope, pdl in ((True, False, True, True), (False, False, False, False), (True, True, False, True)):
-        constexprs = dict(HAS_BIAS=layer, NORM=norm, LAYER=layer, NORM_BIAS=layer, ROPE=rope, PDL=pdl, HEAD_DIM=64,
-                          BLOCK_N=1, BLOCK_K=1024, EVEN_K=True)
-        ptx = compile_sm90(G._gemv_qkv_kernel, signature, constexprs, num_warps=4).asm["ptx"]
+    for norm, layer, rope, qk_norm, pdl in ((True, False, True, False, True), (False, False, False, False, False),
+                                            (True, True, False, False, True), (True, False, True, True, True)):
+        tile = dict(BLOCK_N=32, BLOCK_K=256) if qk_norm else dict(BLOCK_N=1, BLOCK_K=1024)  # qk_norm: a head
+        constexprs = dict(HAS_BIAS=layer, NORM=norm, LAYER=layer, NORM_BIAS=layer, ROPE=rope, QK_NORM=qk_norm,
+                          PDL=pdl, HEAD_DIM=64, EVEN_K=True, **tile)
+        ptx = compile_sm90(G._gemv_qkv_kernel, signature, constexprs, num_warps=8 if qk_norm else 4).asm["ptx"]
         assert ("griddepcontrol.wait" in ptx) == pdl
+        assert ("rsqrt" in ptx) == (norm or qk_norm)
         if pdl:  # the weights' first chunk is requested before waiting for the previous kernel
             assert ptx.index("ld.global") < ptx.index("griddepcontrol.wait"), "weight loads after the wait"
-        print("compiled gemv_qkv", ptr, norm, layer, rope, pdl)
+        print("compiled gemv_qkv", ptr, norm, layer, rope, qk_norm, pdl)
 """
 
 
 def test_gemv_qkv_kernel_compiles_for_sm90_without_a_gpu(tmp_path):
     from aot_sm90 import run_script
 
-    assert run_script(tmp_path, "aot_gemv_qkv", _AOT_QKV_SCRIPT).count("compiled gemv_qkv") == 6
+    assert run_script(tmp_path, "aot_gemv_qkv", _AOT_QKV_SCRIPT).count("compiled gemv_qkv") == 8
