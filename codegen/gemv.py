@@ -247,13 +247,7 @@ def _prune_gemv(configs, named_args, **kwargs):
 
 
 def _prune_gemv_qkv(configs, named_args, **kwargs):
-    args = {**named_args, **kwargs}
-    if args["QK_NORM"]:  # one head per program: d/2 row pairs, chunks of K that keep the tile in registers
-        block_n = triton.next_power_of_2(args["HEAD_DIM"] // 2)
-        block_k = max(32, min(triton.next_power_of_2(args["K"]), 8192 // block_n))
-        return [_with_even_k(triton.Config({"BLOCK_N": block_n, "BLOCK_K": block_k},
-                                           num_warps=8 if block_n >= 32 else 4), args["K"])]
-    return _gemv_candidates(args["K"], True)  # two rows of W per pair, as with GLU
+    return _gemv_candidates({**named_args, **kwargs}["K"], True)  # two rows of W per pair, as with GLU
 
 
 _FLAGS = ["HAS_BIAS", "NORM", "LAYER", "NORM_BIAS"]
@@ -407,27 +401,22 @@ def _(x, weight, bias, residual=None, norm_weight=None, eps=0.0, glu=False, norm
 # cache write of v: four kernels per layer and a round trip of q/k/v through HBM. Here each program owns
 # pairs of W's rows (j, j + d/2) of one head, the two halves RoPE mixes, so it can rotate them itself.
 # Heads and head_dim come from the caches: (b, kv_heads, max_len, d); q_heads = rows / d - 2 * kv_heads.
+# With per-head q/k RMSNorm (Qwen3) a program would need a whole head, leaving most SMs idle for the bulk:
+# there the GEMV runs over every program as a plain one and _qkv_heads_kernel (one program per head, a few
+# hundred bytes each) normalises, rotates and writes: two kernels instead of the six the graph traces.
 # --------------------------------------------------------------------------------------------------
 
 
 @triton.jit
 def _gemv_qkv_kernel(x_ptr, w_ptr, bias_ptr, g_ptr, nb_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, pos_ptr,
-                     qn_ptr, kn_ptr, K, stride_wn, eps, qk_eps, q_heads, kv_heads, s_cos, s_sin, s_kh, s_ks, s_kd,
-                     s_vh, s_vs, s_vd,
+                     K, stride_wn, eps, q_heads, kv_heads, s_cos, s_sin, s_kh, s_ks, s_kd, s_vh, s_vs, s_vd,
                      HAS_BIAS: tl.constexpr, NORM: tl.constexpr, LAYER: tl.constexpr, NORM_BIAS: tl.constexpr,
-                     ROPE: tl.constexpr, QK_NORM: tl.constexpr, PDL: tl.constexpr, HEAD_DIM: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+                     ROPE: tl.constexpr, PDL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
     # One program: BLOCK_N row pairs (lo = head * d + j, hi = lo + d / 2) of W, i.e. 2 * BLOCK_N outputs.
-    # With QK_NORM one program is one whole head (BLOCK_N >= d / 2 pairs), so it can normalise its q or k head.
     HALF: tl.constexpr = HEAD_DIM // 2
-    heads = q_heads + 2 * kv_heads
-    if QK_NORM:
-        local = tl.arange(0, BLOCK_N)
-        pairs = tl.program_id(0) * HALF + local  # (BLOCK_N,)
-        pair_ok = (local < HALF) & (pairs < heads * HALF)
-    else:
-        pairs = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
-        pair_ok = pairs < heads * HALF
+    pairs = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
+    pair_ok = pairs < (q_heads + 2 * kv_heads) * HALF
     head = pairs // HALF
     j = pairs % HALF  # column within the head's first half
     lo = head * HEAD_DIM + j  # (BLOCK_N,) rows of W
@@ -440,9 +429,44 @@ def _gemv_qkv_kernel(x_ptr, w_ptr, bias_ptr, g_ptr, nb_ptr, cos_ptr, sin_ptr, q_
         y_hi += tl.load(bias_ptr + lo + HALF, mask=pair_ok, other=0.0).to(tl.float32)
     y_lo = _round(y_lo, x_ptr)  # the projection's output, as eager's tensor holds it
     y_hi = _round(y_hi, x_ptr)
+    _heads_epilogue(y_lo, y_hi, head, j, pair_ok, x_ptr, x_ptr, x_ptr, 0.0, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr,
+                    pos_ptr, q_heads, kv_heads, s_cos, s_sin, s_kh, s_ks, s_kd, s_vh, s_vs, s_vd, ROPE, False,
+                    HEAD_DIM)
+
+
+@triton.jit
+def _qkv_heads_kernel(y_ptr, qn_ptr, kn_ptr, qk_eps, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, pos_ptr, q_heads,
+                      kv_heads, s_cos, s_sin, s_kh, s_ks, s_kd, s_vh, s_vs, s_vd, ROPE: tl.constexpr,
+                      PDL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr):
+    # One program: one head of the q/k/v projection y (rows, written by the GEMV before it): per-head RMSNorm
+    # of q and k, RoPE, q out, k and v into the caches. Reads HEAD_DIM elements of y (+ norm weights, cos,
+    # sin), writes HEAD_DIM.
+    HALF: tl.constexpr = HEAD_DIM // 2
+    if PDL:  # launched early: wait for the GEMV's y, then let the next kernel launch
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+    head = tl.program_id(0)
+    j = tl.arange(0, BLOCK_H)
+    pair_ok = j < HALF
+    lo = head * HEAD_DIM + j
+    y_lo = tl.load(y_ptr + lo, mask=pair_ok, other=0.0).to(tl.float32)
+    y_hi = tl.load(y_ptr + lo + HALF, mask=pair_ok, other=0.0).to(tl.float32)
+    _heads_epilogue(y_lo, y_hi, head + j * 0, j, pair_ok, y_ptr, qn_ptr, kn_ptr, qk_eps, cos_ptr, sin_ptr, q_ptr,
+                    k_ptr, v_ptr, pos_ptr, q_heads, kv_heads, s_cos, s_sin, s_kh, s_ks, s_kd, s_vh, s_vs, s_vd,
+                    ROPE, True, HEAD_DIM)
+
+
+@triton.jit
+def _heads_epilogue(y_lo, y_hi, head, j, pair_ok, x_ptr, qn_ptr, kn_ptr, qk_eps, cos_ptr, sin_ptr, q_ptr, k_ptr,
+                    v_ptr, pos_ptr, q_heads, kv_heads, s_cos, s_sin, s_kh, s_ks, s_kd, s_vh, s_vs, s_vd,
+                    ROPE: tl.constexpr, QK_NORM: tl.constexpr, HEAD_DIM: tl.constexpr):
+    # Row pairs (j, j + d/2) of heads `head` (fp32, the projection's rounding applied): with QK_NORM (whole
+    # heads only) weight * RMSNorm over each q and k head, then RoPE on q and k, q stored, k and v written at
+    # slot pos of the caches. x_ptr gives the dtype eager's tensors round to.
+    HALF: tl.constexpr = HEAD_DIM // 2
     is_q = head < q_heads
     is_k = (head >= q_heads) & (head < q_heads + kv_heads)
-    if QK_NORM:  # weight * RMSNorm(head) over its d outputs, in fp32, rounded as eager's two tensors are
+    if QK_NORM:  # fp32 statistics; the normalised head, then its product with the weight, rounded as eager's
         squares = tl.where(pair_ok, y_lo * y_lo + y_hi * y_hi, 0.0)
         rstd = tl.rsqrt(tl.sum(squares, axis=0) / HEAD_DIM + qk_eps)
         g_lo = tl.where(is_q, tl.load(qn_ptr + j, mask=pair_ok & is_q, other=0.0),
@@ -453,10 +477,10 @@ def _gemv_qkv_kernel(x_ptr, w_ptr, bias_ptr, g_ptr, nb_ptr, cos_ptr, sin_ptr, q_
         y_lo = tl.where(normed, _round(_round(y_lo * rstd, x_ptr) * g_lo, x_ptr), y_lo)
         y_hi = tl.where(normed, _round(_round(y_hi * rstd, x_ptr) * g_hi, x_ptr), y_hi)
     if ROPE:  # q and k: (lo, hi) -> (lo * cos_j - hi * sin_j, hi * cos_(j+h) + lo * sin_(j+h)), fp32
-        c1 = tl.load(cos_ptr + j * s_cos).to(tl.float32)
-        c2 = tl.load(cos_ptr + (j + HALF) * s_cos).to(tl.float32)
-        s1 = tl.load(sin_ptr + j * s_sin).to(tl.float32)
-        s2 = tl.load(sin_ptr + (j + HALF) * s_sin).to(tl.float32)
+        c1 = tl.load(cos_ptr + j * s_cos, mask=pair_ok, other=0.0).to(tl.float32)
+        c2 = tl.load(cos_ptr + (j + HALF) * s_cos, mask=pair_ok, other=0.0).to(tl.float32)
+        s1 = tl.load(sin_ptr + j * s_sin, mask=pair_ok, other=0.0).to(tl.float32)
+        s2 = tl.load(sin_ptr + (j + HALF) * s_sin, mask=pair_ok, other=0.0).to(tl.float32)
         rotate = is_q | is_k
         y_lo, y_hi = tl.where(rotate, y_lo * c1 - y_hi * s1, y_lo), tl.where(rotate, y_hi * c2 + y_lo * s2, y_hi)
     q_out = q_ptr + head * HEAD_DIM + j  # q: (1, q_heads, 1, d), dense
@@ -473,8 +497,7 @@ def _gemv_qkv_kernel(x_ptr, w_ptr, bias_ptr, g_ptr, nb_ptr, cos_ptr, sin_ptr, q_
 
 
 _gemv_qkv_tuned = TunedKernel(_gemv_qkv_kernel, TUNING_SPACE,
-                              key=["K", "q_heads", "kv_heads", "HEAD_DIM", *_FLAGS, "ROPE", "QK_NORM"],
-                              prune=_prune_gemv_qkv,
+                              key=["K", "q_heads", "kv_heads", "HEAD_DIM", *_FLAGS, "ROPE"], prune=_prune_gemv_qkv,
                               family="gemv_qkv", tune="gemv_autotune")
 
 
@@ -548,19 +571,21 @@ def gemv_qkv(x, weight, bias, ep: Folded, cos, sin, k_cache, v_cache, pos) -> to
     cos_row = cos.reshape(-1) if rope else x_row
     sin_row = sin.reshape(-1) if rope else x_row
     pdl = use_pdl(x.device)
-    qk_norm = ep.q_norm_weight is not None
-
-    def grid(meta):  # one program per head with the q/k norm, else per BLOCK_N row pairs
-        return (n // d,) if qk_norm else (triton.cdiv(n // 2, meta["BLOCK_N"]),)
-
-    _gemv_qkv_tuned[grid](
+    tables = (cos_row, sin_row, q, k_cache, v_cache, pos)
+    strides = (q_heads, kv_heads, cos_row.stride(0), sin_row.stride(0), k_cache.stride(1), k_cache.stride(2),
+               k_cache.stride(3), v_cache.stride(1), v_cache.stride(2), v_cache.stride(3))
+    if ep.q_norm_weight is not None:  # the GEMV over every program, then one program per head normalises it
+        y = torch.empty(n, device=x.device, dtype=x.dtype)  # (rows,)
+        _launch(x_row, weight, y, None, replace(ep, bias=bias, q_norm_weight=None, k_norm_weight=None))
+        _qkv_heads_kernel[(n // d,)](y, ep.q_norm_weight, ep.k_norm_weight, ep.qk_eps, *tables, *strides, ROPE=rope,
+                                     PDL=pdl, HEAD_DIM=d, BLOCK_H=triton.next_power_of_2(d // 2),
+                                     num_warps=1 if d <= 128 else 2, **launch_options(pdl))
+        return q
+    _gemv_qkv_tuned[lambda meta: (triton.cdiv(n // 2, meta["BLOCK_N"]),)](
         x_row, weight, _or(bias, x_row), _or(ep.norm_weight, x_row), _or(ep.norm_bias, x_row), cos_row, sin_row,
-        q, k_cache, v_cache, pos, _or(ep.q_norm_weight, x_row), _or(ep.k_norm_weight, x_row), k, weight.stride(0),
-        ep.eps, ep.qk_eps, q_heads, kv_heads, cos_row.stride(0), sin_row.stride(0), k_cache.stride(1),
-        k_cache.stride(2), k_cache.stride(3), v_cache.stride(1), v_cache.stride(2), v_cache.stride(3),
+        q, k_cache, v_cache, pos, k, weight.stride(0), ep.eps, *strides,
         HAS_BIAS=bias is not None, NORM=ep.norm_weight is not None, LAYER=ep.layer_norm,
-        NORM_BIAS=ep.norm_bias is not None, ROPE=rope, QK_NORM=qk_norm, PDL=pdl, HEAD_DIM=d,
-        **launch_options(pdl))
+        NORM_BIAS=ep.norm_bias is not None, ROPE=rope, PDL=pdl, HEAD_DIM=d, **launch_options(pdl))
     return q
 
 

@@ -457,21 +457,25 @@ ints = {"K": "i32", "stride_wn": "i32", "eps": "fp32", "qk_eps": "fp32", "q_head
 for ptr in ("*bf16", "*fp32"):
     signature = {p.name: ints.get(p.name, "*i64" if p.name == "pos_ptr" else ptr)
                  for p in G._gemv_qkv_kernel.params if not p.is_constexpr}
-    for norm, layer, rope, qk_norm, pdl in ((True, False, True, False, True), (False, False, False, False, False),
-                                            (True, True, False, False, True), (True, False, True, True, True)):
-        tile = dict(BLOCK_N=32, BLOCK_K=256) if qk_norm else dict(BLOCK_N=1, BLOCK_K=1024)  # qk_norm: a head
-        constexprs = dict(HAS_BIAS=layer, NORM=norm, LAYER=layer, NORM_BIAS=layer, ROPE=rope, QK_NORM=qk_norm,
-                          PDL=pdl, HEAD_DIM=64, EVEN_K=True, **tile)
-        ptx = compile_sm90(G._gemv_qkv_kernel, signature, constexprs, num_warps=8 if qk_norm else 4).asm["ptx"]
+    for norm, layer, rope, pdl in ((True, False, True, True), (False, False, False, False), (True, True, False, True)):
+        constexprs = dict(HAS_BIAS=layer, NORM=norm, LAYER=layer, NORM_BIAS=layer, ROPE=rope, PDL=pdl, HEAD_DIM=64,
+                          BLOCK_N=1, BLOCK_K=1024, EVEN_K=True)
+        ptx = compile_sm90(G._gemv_qkv_kernel, signature, constexprs, num_warps=4).asm["ptx"]
         assert ("griddepcontrol.wait" in ptx) == pdl
-        assert ("rsqrt" in ptx) == (norm or qk_norm)
         if pdl:  # the weights' first chunk is requested before waiting for the previous kernel
             assert ptx.index("ld.global") < ptx.index("griddepcontrol.wait"), "weight loads after the wait"
-        print("compiled gemv_qkv", ptr, norm, layer, rope, qk_norm, pdl)
+        print("compiled gemv_qkv", ptr, norm, layer, rope, pdl)
+    heads_signature = {p.name: ints.get(p.name, "*i64" if p.name == "pos_ptr" else ptr)
+                       for p in G._qkv_heads_kernel.params if not p.is_constexpr}
+    for rope, pdl in ((True, True), (False, False)):  # the per-head q/k norm kernel after the GEMV
+        constexprs = dict(ROPE=rope, PDL=pdl, HEAD_DIM=128, BLOCK_H=64)
+        ptx = compile_sm90(G._qkv_heads_kernel, heads_signature, constexprs, num_warps=1).asm["ptx"]
+        assert "rsqrt" in ptx and ("griddepcontrol.wait" in ptx) == pdl
+        print("compiled gemv_qkv heads", ptr, rope, pdl)
 """
 
 
 def test_gemv_qkv_kernel_compiles_for_sm90_without_a_gpu(tmp_path):
     from aot_sm90 import run_script
 
-    assert run_script(tmp_path, "aot_gemv_qkv", _AOT_QKV_SCRIPT).count("compiled gemv_qkv") == 8
+    assert run_script(tmp_path, "aot_gemv_qkv", _AOT_QKV_SCRIPT).count("compiled gemv_qkv") == 10
