@@ -17,9 +17,10 @@ these sizes, and a split would need a second pass or atomics.
         one), + residual. On CPU: the same eager ops.
 
     fxopt::gemv_qkv(x, weight, bias?, norm_weight?, eps, cos?, sin?, k_cache, v_cache, pos, norm_bias?,
-                    layer_norm) -> q
+                    layer_norm, q_norm_weight?, k_norm_weight?, qk_eps) -> q
         the attention input projection of a decode step: the GEMV (with the same norm prologues), then the split
-        into heads, RoPE on q and k and the writes of k and v into the caches at slot pos, in the same kernel.
+        into heads, per-head RMSNorm of q and k (Qwen3), RoPE on q and k and the writes of k and v into the
+        caches at slot pos, in the same kernel (a second, per-head one with the q/k norms).
 
 The decode pass (passes/matmul.DECODE_RULES) folds a layer's norms, SwiGLU product or GELU, residual adds, RoPE
 and cache writes into its GEMVs, so a Llama or GPT-2 layer's decode step is 4 GEMVs and one attention kernel.
@@ -392,9 +393,10 @@ def _(x, weight, bias, residual=None, norm_weight=None, eps=0.0, glu=False, norm
 # The attention block's input projection, with what follows it in a decode step folded in:
 #
 #     fxopt::gemv_qkv(x, weight, bias?, norm_weight?, eps, cos?, sin?, k_cache, v_cache, pos, norm_bias?,
-#                     layer_norm) -> q
+#                     layer_norm, q_norm_weight?, k_norm_weight?, qk_eps) -> q
 #         y = gemv(x, [W_q; W_k; W_v]) with the RMSNorm or LayerNorm prologue; q, k, v = y split into heads of d;
-#         q, k rotated by RoPE (cos, sin: the step's one row of d) when given;
+#         q and k each times its norm weight after RMSNorm over d when given; q, k rotated by RoPE (cos, sin:
+#         the step's one row of d) when given;
 #         k_cache[:, :, pos] = k and v_cache[:, :, pos] = v in place; returns q (1, q_heads, 1, d).
 #
 # Traced, that is a GEMV, three slices, three head transposes, RoPE on q, RoPE + cache write on k and the
