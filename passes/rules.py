@@ -67,14 +67,25 @@ class Rewriter:
     # -- fake values
     def fake_run(self, target, args, kwargs=None, env: dict | None = None):
         """target(*args) on the fake values of the arg nodes (env overrides), under the graph's fake mode."""
-        env = env or {}
-        look = lambda n: env[n] if n in env else n.meta["val"]
-        fargs = fx.node.map_arg(args, look)
-        fkwargs = fx.node.map_arg(kwargs or {}, look)
+        env = {} if env is None else env
+        fargs = fx.node.map_arg(args, lambda n: self._value(n, env))
+        fkwargs = fx.node.map_arg(kwargs or {}, lambda n: self._value(n, env))
         with self.fake_mode:
             if target is LINEAR:
                 return _linear_val(*fargs)
             return target(*fargs, **fkwargs)
+
+    def _value(self, node: fx.Node, env: dict) -> Any:
+        """node's fake value: env's, else meta["val"], else (a size computation some torch releases leave without
+        one, e.g. sym_size of the ids) derived from its inputs and kept in env."""
+        if node in env:
+            return env[node]
+        if "val" in node.meta:
+            return node.meta["val"]
+        if node.op != "call_function":
+            raise KeyError(f"{node.name} has no fake value")
+        env[node] = self.fake_run(node.target, node.args, node.kwargs, env)
+        return env[node]
 
     def fake_weight(self, tensor: torch.Tensor):
         try:

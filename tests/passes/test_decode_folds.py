@@ -126,6 +126,29 @@ def test_gpt2_folds_keep_greedy_tokens_and_logits(kind):
     assert count(gen.decode_program(1), aten.layer_norm.default) == 0  # the folded program is what ran
 
 
+def test_hf_gpt2_folds_when_size_nodes_carry_no_fake_value(monkeypatch):
+    """torch 2.11 leaves the decode program's sym_size nodes without meta["val"] (seen on the H200's stack): the
+    lm_head's LayerNorm, viewed through `reshape(-1, sym_size, n)`, still folds, with the same tokens."""
+    import fxopt.generate as generate_module
+
+    propagate = generate_module.kv.propagate_meta
+
+    def propagate_without_size_vals(program, *args):
+        propagate(program, *args)
+        for node in program.graph.nodes:
+            if node.op == "call_function" and node.target == aten.sym_size.int:
+                node.meta.pop("val", None)
+
+    monkeypatch.setattr(generate_module.kv, "propagate_meta", propagate_without_size_vals)
+    model, logits_fn, vocab = gpt2("hf-gpt2")
+    gen = fused_generator(model, vocab)
+    program = gen.decode_program(1)
+    assert not any(n.meta.get("val") is not None for n in program.graph.nodes if n.target == aten.sym_size.int)
+    assert count(program, aten.layer_norm.default) == 0, [n for n in gen.notes if "layer_norm" in n]
+    ids = prompt(vocab)
+    assert torch.equal(gen.generate(ids, 6), recompute(logits_fn, ids, 6))
+
+
 def test_hf_gpt2_decode_through_interpreted_kernels(monkeypatch):
     """The same through the Triton kernels themselves (FXOPT_INTERPRET_OPS=1): the GEMV with its LayerNorm
     prologue and bias / GELU / residual epilogues over Conv1D's transposed weights, gemv_qkv with LayerNorm,
