@@ -37,6 +37,11 @@ def node_arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
     return node.kwargs.get(name, default)
 
 
+def only_user(node: fx.Node) -> fx.Node | None:
+    """The one node reading node's output; None when it has none or several."""
+    return next(iter(node.users)) if len(node.users) == 1 else None
+
+
 def fetch_attr(gm: fx.GraphModule, target: str) -> Any:
     """The attribute of gm a get_attr target names (a dotted path: a buffer, parameter or constant)."""
     obj = gm

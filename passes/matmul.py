@@ -39,7 +39,8 @@ from typing import Any
 import torch
 from torch import fx
 
-from fxopt.nodes import is_full_slice
+from fxopt import opnames
+from fxopt.nodes import aten_ops, is_full_slice, only_user
 from fxopt.nodes import meta_val as _val
 from fxopt.passes import cost as cost_pass
 from fxopt.passes.infra import PassContext, PassResult
@@ -399,7 +400,7 @@ def check_gemv(rw: Rewriter, m: WeightMatmul) -> str | None:
 # fxopt::gemv's arguments, by position, and the defaults of those after the bias
 G_X, G_W, G_BIAS, G_RES, G_NORM_W, G_EPS, G_GLU, G_NORM_B, G_LAYER, G_ACT = range(10)
 GEMV_DEFAULTS = (None, None, 0.0, False, None, False, "none")
-CASTS = (aten.to.dtype, aten._to_copy.default)
+CASTS = aten_ops(*opnames.CASTS)
 
 
 def _row_major_weight(rw: Rewriter, m: WeightMatmul) -> fx.Node:
@@ -439,12 +440,8 @@ def _set_gemv_args(rw: Rewriter, node: fx.Node, changes: dict[int, Any]) -> None
         node.meta[cost_pass.COST_KEY] = cost_pass.node_cost(rw.ctx, node)
 
 
-def _only_user(node: fx.Node) -> fx.Node | None:
-    return next(iter(node.users)) if len(node.users) == 1 else None
-
-
-RESHAPES = (aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.unsqueeze.default,
-            aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default)
+# reshapes that keep a row's elements in order, and the size-1 dims one-row programs add and drop
+ROW_RESHAPES = aten_ops(*opnames.RESHAPES, "unsqueeze.default", "squeeze.dim", "squeeze.dims", "squeeze.default")
 
 
 def _is_reshape(node) -> bool:
@@ -453,14 +450,14 @@ def _is_reshape(node) -> bool:
     if not isinstance(node, fx.Node) or node.op != "call_function" or not node.args \
             or not isinstance(node.args[0], fx.Node):
         return False
-    return node.target in RESHAPES or is_full_slice(node)
+    return node.target in ROW_RESHAPES or is_full_slice(node)
 
 
 def _reshapes_below(node: fx.Node) -> list[fx.Node]:
     """The chain of reshapes reading node, each the only user of the one before (HF's Conv1D views its
     (1, N) product back to (1, 1, N)); [] when node's user is no reshape."""
     chain = []
-    while (user := _only_user(chain[-1] if chain else node)) is not None and _is_reshape(user):
+    while (user := only_user(chain[-1] if chain else node)) is not None and _is_reshape(user):
         chain.append(user)
     return chain
 
@@ -517,8 +514,8 @@ def swiglu_after_gemv(gm: fx.GraphModule) -> list[GluMatch]:
         if g.args[G_GLU] or len(halves) != 2 or [h[0] for h in halves] != [(0, n // 2), (n // 2, n)]:
             continue
         gate, up = halves[0][2], halves[1][2]
-        silu = _only_user(gate)
-        mul = _only_user(silu) if silu is not None and silu.target is aten.silu.default else None
+        silu = only_user(gate)
+        mul = only_user(silu) if silu is not None and silu.target is aten.silu.default else None
         if mul is not None and mul.target is aten.mul.Tensor and set(mul.args) == {silu, up} and len(up.users) == 1:
             matches.append(GluMatch(g, [gate, up, silu, mul]))
     return matches
@@ -568,20 +565,20 @@ def _spelled_gelu_tanh(v: fx.Node) -> list[fx.Node] | None:
                  and u.args[1] in (3, 3.0)), None)
     if half is None or cube is None or len(half.users) != 1:
         return None
-    scaled = _only_user(cube)
+    scaled = only_user(cube)
     if not _near(_scalar_operand(scaled, mul, cube), 0.044715):
         return None
-    inner = _only_user(scaled)
+    inner = only_user(scaled)
     if inner is None or inner.target is not add or inner.kwargs or set(inner.args) != {v, scaled}:
         return None
-    arg = _only_user(inner)
+    arg = only_user(inner)
     if not _near(_scalar_operand(arg, mul, inner), math.sqrt(2 / math.pi)):
         return None
-    tanh = _only_user(arg)
-    one_plus = _only_user(tanh) if tanh is not None and tanh.target is aten.tanh.default else None
+    tanh = only_user(arg)
+    one_plus = only_user(tanh) if tanh is not None and tanh.target is aten.tanh.default else None
     if _scalar_operand(one_plus, add, tanh) != 1.0:
         return None
-    out = _only_user(one_plus)
+    out = only_user(one_plus)
     if out is None or out.target is not mul or out.kwargs or set(out.args) != {half, one_plus}:
         return None
     if set(v.users) != {half, cube, inner}:
@@ -595,7 +592,7 @@ def gelu_after_gemv(gm: fx.GraphModule) -> list[ActMatch]:
     matches = []
     for g in _gemvs(gm):
         src = (_reshapes_below(g) or [g])[-1]
-        user = _only_user(src)
+        user = only_user(src)
         if user is not None and user.target is aten.gelu.default and user.args[0] is src:
             approximate = user.kwargs.get("approximate", user.args[1] if len(user.args) > 1 else "none")
             act = {"tanh": "gelu_tanh", "none": "gelu"}.get(approximate)
@@ -645,7 +642,7 @@ def residual_add_after_gemv(gm: fx.GraphModule) -> list[ResidualMatch]:
     matches = []
     for g in _gemvs(gm):
         out = (_reshapes_below(g) or [g])[-1]
-        add = _only_user(out)
+        add = only_user(out)
         if add is not None and add.target is aten.add.Tensor and len(add.args) == 2 and not add.kwargs:
             matches.append(ResidualMatch(g, add, out))
     return matches
@@ -862,10 +859,10 @@ def _split_heads(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, fx.Node, t
     """(view, transpose, norm) when node's only user views it as (b, s, heads, d) and the token and head dims
     are then swapped: split_heads as models/ and HF write it, the transpose reading the view itself or (norm =
     (weight, eps, chain)) an RMSNorm of it over d whose nodes nobody else reads (Qwen3's q_norm / k_norm)."""
-    view = _only_user(node)
+    view = only_user(node)
     if view is None or view.target not in (aten.view.default, aten.reshape.default, aten._unsafe_view.default):
         return None
-    heads, norm = _only_user(view), None
+    heads, norm = only_user(view), None
     if heads is not None and heads.target is not aten.transpose.int:
         heads, norm = _after_head_norm(gm, view)
     if heads is None or heads.target is not aten.transpose.int or not isinstance(_val(heads), torch.Tensor):
@@ -887,7 +884,7 @@ def _after_head_norm(gm: fx.GraphModule, view: fx.Node) -> tuple[fx.Node | None,
     inside = set(chain)
     if any(u not in inside for n in chain[1:] for u in n.users) or any(u not in inside for u in view.users):
         return None, None
-    return _only_user(out), (weight, eps, chain)
+    return only_user(out), (weight, eps, chain)
 
 
 def _norm_output_from(view: fx.Node, hops: int = 8) -> fx.Node | None:
@@ -914,7 +911,7 @@ def _three_parts(g: fx.Node) -> tuple[list[fx.Node], list[fx.Node]] | None:
     n = _val(g).shape[-1]
     between = _reshapes_below(g)
     src = (between or [g])[-1]
-    split = _only_user(src)
+    split = only_user(src)
     if split is not None and split.target in SPLITS:
         rank = _val(src).dim()
         dim = split.args[2] if len(split.args) > 2 else split.kwargs.get("dim", 0)
@@ -940,9 +937,9 @@ def qkv_heads_after_gemv(gm: fx.GraphModule) -> list[HeadsMatch]:
         if not split or any(s is None for s in split):
             continue
         heads = [s[1] for s in split]
-        rope = _only_user(heads[0])
+        rope = only_user(heads[0])
         q = rope if rope is not None and rope.target is ROPE and rope.args[0] is heads[0] else heads[0]
-        writes = [_only_user(heads[1]), _only_user(heads[2])]
+        writes = [only_user(heads[1]), only_user(heads[2])]
         if writes[0] is None or writes[0].target not in (ROPE_CACHE_WRITE, CACHE_WRITE) or writes[1] is None \
                 or writes[1].target is not CACHE_WRITE or any(w.args[1] is not h for w, h in zip(writes, heads[1:])):
             continue

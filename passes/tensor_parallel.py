@@ -40,7 +40,8 @@ import torch
 from torch import fx
 from torch._guards import detect_fake_mode
 
-from fxopt.nodes import fetch_attr, is_full_slice, tensor_val
+from fxopt import opnames
+from fxopt.nodes import aten_ops, fetch_attr, is_full_slice, tensor_val
 
 aten = torch.ops.aten
 c10d = torch.ops._c10d_functional
@@ -52,7 +53,7 @@ ALL_REDUCE = c10d.all_reduce.default
 ALL_GATHER = c10d.all_gather_into_tensor.default
 WAIT = c10d.wait_tensor.default
 SPLITS = (aten.split.Tensor, aten.split_with_sizes.default)
-RESHAPES = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
+RESHAPES = aten_ops(*opnames.RESHAPES)
 TRANSPOSES = (aten.transpose.int, aten.permute.default)
 # elementwise ops: a value's element depends only on its operands' same-index elements (and scalars)
 ELEMENTWISE = {
