@@ -18,7 +18,9 @@ from torch import fx
 from fxopt import zoo
 from fxopt.capture import CAPTURE_SIZES, capture
 from fxopt.hardware import dtype_key
-from fxopt.passes.cost import COST_KEY, Cost, layer_of, total
+from fxopt.nodes import fetch_attr
+from fxopt.passes import tensor_parallel as tp
+from fxopt.passes.cost import COST_KEY, LAYER_PATTERN, Cost, layer_of, total
 from fxopt.pipeline import ANALYSIS, Program, make_context, run_passes
 from fxopt.progress import progress, stage
 
@@ -44,6 +46,7 @@ def analyze(
     name: str | None = None,
     fuse: bool = True,
     attention: bool = False,
+    tensor_parallel: int = 1,
 ) -> Analysis:
     """Annotate every node of `model` with FLOPs, bytes, intensity and roofline bound at (batch, seq).
 
@@ -51,7 +54,10 @@ def analyze(
     form are outlined (nodes keep their own rows; each region reports its bytes before and after fusion),
     without compiling anything. With
     `attention`, attention subgraphs are rewritten to fxopt's kernels first, and the report lists
-    each one's bytes before and after.
+    each one's bytes before and after. With `tensor_parallel` = N > 1 the graph is first sharded as
+    `optimize(..., tensor_parallel=N)` shards it (rank 0's program, no weights read): every cost is one GPU's, and
+    the all-reduces and all-gathers are priced on the hardware's interconnect (passes/tensor_parallel.py; a
+    model the sharding rules do not cover raises ShardingError naming the node).
     """
     name = name or (model if isinstance(model, str) else type(model).__name__)
     if isinstance(model, str):
@@ -63,12 +69,42 @@ def analyze(
         # no per-node source lines: only error messages of later passes (kv_cache) read them, and recording
         # them is about a quarter of the capture time (as in optimize)
         captured = capture(model, example_kwargs, source_lines=False)
+    if tensor_parallel > 1:
+        with stage(f"sharding for {tensor_parallel} GPUs (rank 0's program)"):
+            _shard_for_analysis(captured.gm, tensor_parallel)
     options = {"attention": attention, "rope": fuse, "fuse": fuse}
     passes = ", ".join(step.name for step in ANALYSIS if step.option is None or options[step.option])
     with stage(f"running passes ({passes})"):
         program = run_passes(captured, make_context(captured, hw, sizes, options), ANALYSIS, program="analysis")
     report = build_report(program, name=name, dtype=dtype, params=_param_count(model))
+    if tensor_parallel > 1:
+        report["tensor_parallel"] = _tp_summary(program, report, tensor_parallel)
     return Analysis(program, report)
+
+
+def _shard_for_analysis(gm: fx.GraphModule, world_size: int) -> None:
+    """Rank 0's shard of gm, its attributes sliced on the meta device (only shapes matter to the costs)."""
+    plan = tp.plan_shards(gm, world_size, rank=0)
+    tp.apply_plan(gm, plan, "fxopt-analysis", lambda name: fetch_attr(gm, name).to("meta"))
+    gm.tp_plan = plan
+
+
+def _tp_summary(program: Program, report: dict[str, Any], world_size: int) -> dict[str, Any]:
+    """What one GPU sends over the interconnect per forward, per layer, and the time in collectives."""
+    collectives = [r for r in report["nodes"] if r["kind"] == "collective"]
+    plan = program.gm.tp_plan
+    blocks = [layer for layer in report["layers"] if LAYER_PATTERN.match(layer["layer"] + ".")]  # repeated blocks
+    return {
+        "world_size": world_size,
+        "interconnect": program.ctx.hardware.interconnect,
+        "collectives": len(collectives),
+        "link_bytes": report["total"]["link_bytes"],
+        "link_bytes_per_layer": max((layer["link_bytes"] for layer in blocks), default=0),
+        "collective_time_s": sum(r["time_s"] for r in collectives),
+        "local_weight_bytes": plan.bytes(local=True),
+        "weight_bytes": plan.bytes(local=False),
+        "replicated": plan.replicated(),
+    }
 
 
 def _produced(program: Program, *passes: str, field: str) -> list:
@@ -119,6 +155,7 @@ def _summary(program: Program, costs: list[Cost], rows: list[dict]) -> dict[str,
     return {
         "flops": program.ctx.evaluate(summed.flops),
         "bytes": program.ctx.evaluate(summed.bytes),
+        "link_bytes": program.ctx.evaluate(summed.link_bytes),
         "time_s": sum(r["time_s"] for r in rows),
         "flops_expr": _fmt(summed.flops),
         "bytes_expr": _fmt(summed.bytes),

@@ -34,6 +34,7 @@ from fxopt.cli_args import (  # noqa: F401  (the shared argument vocabulary and 
 )
 from fxopt.errors import UserError, check_output, debug_enabled, require_cuda, require_positive
 from fxopt.hardware import calibrate
+from fxopt.passes.tensor_parallel import ShardingError
 
 ANNOTATE_SEQ = 128
 
@@ -79,8 +80,12 @@ def cmd_annotate(args: argparse.Namespace) -> int:
     model = zoo.load_model(args.model, device="meta", dtype=dtype)
     seq = args.seq if args.seq is not None else default_seq(model, ANNOTATE_SEQ)
     zoo.check_sizes(model, args.model, batch=args.batch, seq=seq)
-    analysis = analyze(model, name=args.model, batch=args.batch, seq=seq, hw=hw, dtype=dtype,
-                       attention=not args.no_attention, fuse=not args.no_fusion)
+    try:
+        analysis = analyze(model, name=args.model, batch=args.batch, seq=seq, hw=hw, dtype=dtype,
+                           attention=not args.no_attention, fuse=not args.no_fusion, tensor_parallel=args.tp)
+    except ShardingError as exc:
+        raise UserError(f"{args.model} cannot be sharded over {args.tp} GPUs: {exc}",
+                        "choose a --tp that divides the attention heads, the MLP width and the vocabulary") from None
     data = analysis.report
     print(render.format_table(data, max_rows=args.max_rows, all_nodes=args.all_nodes))
     print(render.format_rewrites(data))
@@ -157,6 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
                           help="also list bookkeeping nodes (size reads, getitem, export's guards)")
     annotate.add_argument("--no-attention", action="store_true", help="keep attention as captured (no rewrite)")
     annotate.add_argument("--no-fusion", action="store_true", help="do not outline fusion regions")
+    annotate.add_argument("--tp", type=positive_int, default=1, metavar="N",
+                          help="costs of one GPU of N running the model tensor-parallel (rank 0's shard), with "
+                               "the all-reduce bytes per layer priced on the --hw interconnect")
     annotate.set_defaults(func=cmd_annotate)
 
 

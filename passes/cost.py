@@ -46,6 +46,7 @@ class Cost:
     kind: str
     dtype: torch.dtype | None = None
     note: str = ""
+    link_bytes: sympy.Expr = sympy.Integer(0)  # bytes this GPU sends to its peers (collectives)
 
     @property
     def bytes(self) -> sympy.Expr:
@@ -56,16 +57,21 @@ class Cost:
         return ctx.evaluate(self.flops) / nbytes if nbytes else float("inf")
 
     def time(self, ctx: PassContext, hw: Hardware | None = None) -> float:
+        """Roofline time; a collective's is the larger of that and its time on the interconnect."""
         hw = hw or ctx.hardware
         dtype = self.dtype or torch.float32
-        return hw.predicted_time(
+        local = hw.predicted_time(
             ctx.evaluate(self.flops), ctx.evaluate(self.bytes), dtype, matmul=self.kind in COMPUTE_KINDS
         )
+        return max(local, hw.link_time(ctx.evaluate(self.link_bytes)))
 
     def bound(self, ctx: PassContext, hw: Hardware | None = None) -> str:
         if self.kind == "unknown":
             return "unknown"
         hw = hw or ctx.hardware
+        link = hw.link_time(ctx.evaluate(self.link_bytes))
+        if link and link >= self.time(ctx, hw):
+            return "interconnect"
         return hw.bound(
             ctx.evaluate(self.flops),
             ctx.evaluate(self.bytes),
@@ -237,6 +243,24 @@ def embedding_cost(ctx: PassContext, node: fx.Node) -> Cost:
     return Cost(ZERO, sympy.expand(read), sympy.expand(nbytes(ctx, out)), "other", out.dtype)
 
 
+TP_WORLD_KEY = "fxopt.tp.world_size"  # set by passes/tensor_parallel on the collectives it inserts
+
+
+def all_reduce_cost(ctx: PassContext, node: fx.Node) -> Cost:
+    """A ring all-reduce of B bytes over N GPUs: each sends (and receives) 2(N-1)/N · B, reads and writes B
+    in HBM and adds (N-1)/N of the elements."""
+    val, world = node.args[0].meta["val"], node.meta.get(TP_WORLD_KEY, 1)
+    size, share = nbytes(ctx, val), sympy.Rational(world - 1, world)
+    return Cost(share * numel(ctx, val), size, size, "collective", val.dtype, link_bytes=2 * share * size)
+
+
+def all_gather_cost(ctx: PassContext, node: fx.Node) -> Cost:
+    """An all-gather into an output of B bytes: each GPU sends its shard to the N-1 others (ring: (N-1)/N · B)."""
+    val, world = node.meta["val"], int(node.args[1])
+    size, share = nbytes(ctx, val), sympy.Rational(world - 1, world)
+    return Cost(ZERO, size / world, size, "collective", val.dtype, link_bytes=share * size)
+
+
 def per_output_element(ops: float, kind: str) -> Callable[[PassContext, fx.Node], Cost]:
     def rule(ctx: PassContext, node: fx.Node) -> Cost:
         out = tensor_vals(node.meta["val"])[0]
@@ -359,6 +383,8 @@ _RULES: dict[object, Callable[[PassContext, fx.Node], Cost]] = {
     },
     torch.ops.fxopt.gemv.default: gemv_cost,
     torch.ops.fxopt.gemv_qkv.default: gemv_qkv_cost,
+    torch.ops._c10d_functional.all_reduce.default: all_reduce_cost,
+    torch.ops._c10d_functional.all_gather_into_tensor.default: all_gather_cost,
     _op("scaled_dot_product_attention.default"): sdpa_cost,
     torch.ops.fxopt.attention.default: fxopt_attention_cost,
     torch.ops.fxopt.linear_gelu_tanh.default: matmul_cost,  # the GEMM's FLOPs; the epilogue's are not counted
@@ -523,7 +549,8 @@ def total(costs: list[Cost]) -> Cost:
     flops = sympy.expand(sum((c.flops for c in costs), ZERO))
     read = sympy.expand(sum((c.bytes_read for c in costs), ZERO))
     written = sympy.expand(sum((c.bytes_written for c in costs), ZERO))
-    return Cost(flops, read, written, "other")
+    link = sympy.expand(sum((c.link_bytes for c in costs), ZERO))
+    return Cost(flops, read, written, "other", link_bytes=link)
 
 
 def graph_total(gm: fx.GraphModule) -> Cost:

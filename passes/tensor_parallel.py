@@ -46,6 +46,7 @@ from fxopt.nodes import aten_ops, fetch_attr, is_full_slice, tensor_val
 aten = torch.ops.aten
 c10d = torch.ops._c10d_functional
 
+TP_WORLD_KEY = "fxopt.tp.world_size"  # passes/cost.py reads it off the collectives
 SDPA = aten.scaled_dot_product_attention.default
 LINEAR = aten.linear.default
 EMBEDDING = aten.embedding.default
@@ -629,6 +630,12 @@ def apply_plan(gm: fx.GraphModule, plan: ShardPlan, group_name: str, load: Calla
         if node.op == "get_attr" and not node.users:
             gm.graph.erase_node(node)
     _propagate(gm, plan, before, fake_mode, device if device is not None else _input_device(gm))
+    for node in [*gm.graph.find_nodes(op="call_function", target=ALL_REDUCE),
+                 *gm.graph.find_nodes(op="call_function", target=ALL_GATHER)]:
+        node.meta[TP_WORLD_KEY] = plan.world_size  # the cost pass prices the ring by it
+        source = node.args[0]
+        if "nn_module_stack" in source.meta:  # reported with the layer of the linear or lookup it sums
+            node.meta.setdefault("nn_module_stack", source.meta["nn_module_stack"])
     _materialise(gm, plan, load, device)
     gm.graph.lint()
     gm.recompile()

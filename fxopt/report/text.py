@@ -170,6 +170,15 @@ def format_rewrites(report: dict) -> str:
             speedup = r.get("predicted_speedup")
             lines.append(f"  {r['id']}: {', '.join(r['nodes'])}: {fmt_bytes(r['bytes_before'])} -> "
                          f"{fmt_bytes(r['bytes_after'])}" + (f", predicted {speedup:.2f}x" if speedup else ""))
+    parallel = report.get("tensor_parallel")
+    if parallel:
+        link = parallel["interconnect"]
+        lines.append(f"tensor parallel over {parallel['world_size']} GPUs (costs are one GPU's): "
+                     f"{fmt_bytes(parallel['local_weight_bytes'])} of {fmt_bytes(parallel['weight_bytes'])} weights "
+                     f"each; {parallel['collectives']} collectives send {fmt_bytes(parallel['link_bytes'])} "
+                     f"({fmt_bytes(parallel['link_bytes_per_layer'])} per layer), "
+                     f"{fmt_time(parallel['collective_time_s'])} at "
+                     + (f"{link / 1e9:.0f} GB/s" if link else "an unknown interconnect bandwidth"))
     for a in report.get("attention") or []:
         reason = f" ({a['reason']})" if a.get("reason") else ""
         lines.append(f"attention {a.get('module') or a['node']}: {a['pattern']} -> {a['kernel']}{reason}, "
