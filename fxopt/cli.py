@@ -9,10 +9,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import io
+import os
 import shutil
 import sys
 from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
 
 from fxopt import explain, generate, progress, zoo
 from fxopt import report as render
@@ -28,12 +33,13 @@ from fxopt.cli_args import (  # noqa: F401  (the shared argument vocabulary and 
     default_seq,
     guarded,
     nonnegative_int,
+    positive_float,
     positive_int,
     report_error,
     resolve_hw,
 )
 from fxopt.errors import UserError, check_output, debug_enabled, require_cuda, require_positive
-from fxopt.hardware import calibrate
+from fxopt.hardware import calibrate, measure_all_reduce_bandwidth
 from fxopt.passes.tensor_parallel import ShardingError
 
 ANNOTATE_SEQ = 128
@@ -76,6 +82,8 @@ def cmd_annotate(args: argparse.Namespace) -> int:
                         "install graphviz (apt-get install graphviz / brew install graphviz), "
                         "or write the DOT source with --dot FILE")
     hw = resolve_hw(args.hw)
+    if args.link_gbs is not None:
+        hw = dataclasses.replace(hw, interconnect=args.link_gbs * 1e9, source=f"{hw.source}, interconnect given")
     dtype = DTYPES[args.dtype]
     model = zoo.load_model(args.model, device="meta", dtype=dtype)
     seq = args.seq if args.seq is not None else default_seq(model, ANNOTATE_SEQ)
@@ -111,12 +119,31 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
     require_cuda("fxopt calibrate", "on this machine use a datasheet preset instead: --hw h100 (or a10, "
                                     "a100-80gb, h200)")
+    if args.tp > 1:
+        return _calibrate_interconnect(args.tp)
     with progress.stage("measuring copy bandwidth and bf16 matmul rate"):
         hw = calibrate()
     print(
         f"{hw.name}: copy bandwidth {hw.bandwidth / 1e9:.0f} GB/s, "
         f"bf16 matmul {hw.matmul_flops['bfloat16'] / 1e12:.0f} TFLOP/s"
     )
+    return 0
+
+
+def _calibrate_interconnect(world_size: int) -> int:
+    """`fxopt calibrate --tp N` under torchrun: the all-reduce bus bandwidth between the N GPUs (NCCL)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) != world_size:
+        raise UserError(f"--tp {world_size} needs {world_size} processes, one per GPU",
+                        f"run it as: torchrun --nproc-per-node {world_size} -m fxopt.cli calibrate --tp {world_size}")
+    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl")
+    try:
+        link = measure_all_reduce_bandwidth(dist.group.WORLD)
+        if dist.get_rank() == 0:
+            print(f"{torch.cuda.get_device_name()} x {world_size}: all-reduce bus bandwidth {link / 1e9:.0f} GB/s "
+                  f"(pass it to `fxopt annotate --tp {world_size} --link-gbs {link / 1e9:.0f}`)")
+    finally:
+        dist.destroy_process_group()
     return 0
 
 
@@ -165,6 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     annotate.add_argument("--tp", type=positive_int, default=1, metavar="N",
                           help="costs of one GPU of N running the model tensor-parallel (rank 0's shard), with "
                                "the all-reduce bytes per layer priced on the --hw interconnect")
+    annotate.add_argument("--link-gbs", type=positive_float, default=None, metavar="GB/S",
+                          help="the interconnect bandwidth for --tp (one GPU, one direction; default: the --hw "
+                               "preset's; `fxopt calibrate --tp N` measures it)")
     annotate.set_defaults(func=cmd_annotate)
 
 
@@ -174,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.choices["explain"].set_defaults(func=_checked_explain(explain.cmd_explain))
 
     calibrate = sub.add_parser("calibrate", help="measure copy bandwidth and bf16 matmul rate on this GPU")
+    calibrate.add_argument("--tp", type=positive_int, default=1, metavar="N",
+                           help="instead, the all-reduce bandwidth between N GPUs (run under torchrun)")
     calibrate.set_defaults(func=cmd_calibrate)
     for subparser in sub.choices.values():
         add_common_flags(subparser)

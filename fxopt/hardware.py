@@ -8,9 +8,11 @@ kernel turns from memory- to compute-bound is their ratio.
 from __future__ import annotations
 
 import functools
+import time
 from dataclasses import dataclass, field, replace
 
 import torch
+import torch.distributed as dist
 from triton.testing import do_bench
 
 TERA = 1e12
@@ -130,6 +132,29 @@ def measure_matmul_rate(n: int = 8192, dtype: torch.dtype = torch.bfloat16, devi
     b = torch.randn(n, n, device=device, dtype=dtype)
     ms = do_bench(lambda: a @ b, warmup=25, rep=200, return_mode="median")
     return 2 * n**3 / (ms * 1e-3)
+
+
+def measure_all_reduce_bandwidth(group, nbytes: int | None = None, rounds: int = 20) -> float:
+    """Bytes/s each rank of `group` sends during a ring all-reduce (nccl-tests' "bus bandwidth": 2(N-1)/N of
+    the tensor per call / time), timed on this rank's device: CUDA for NCCL, CPU for gloo. The median of
+    `rounds` calls after a warm-up, each between barriers; every rank must call it."""
+    world = dist.get_world_size(group)
+    on_gpu = dist.get_backend(group) == "nccl"
+    device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
+    nbytes = nbytes or ((256 << 20) if on_gpu else (4 << 20))
+    x = torch.ones(nbytes // 2, dtype=torch.bfloat16, device=device)
+    sync = torch.cuda.synchronize if on_gpu else (lambda: None)
+    times = []
+    for i in range(rounds + 3):  # 3 warm-up calls (NCCL sets up its rings on the first)
+        dist.barrier(group)
+        sync()
+        start = time.perf_counter()
+        dist.all_reduce(x, group=group)
+        sync()
+        if i >= 3:
+            times.append(time.perf_counter() - start)
+    median = sorted(times)[len(times) // 2]
+    return 2 * (world - 1) / world * x.numel() * x.element_size() / median
 
 
 def calibrate(base: str = "h100") -> Hardware:

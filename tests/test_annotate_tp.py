@@ -3,13 +3,18 @@ priced on the interconnect. References: the model config's sizes (ring all-reduc
 the tensor) and the unsharded analysis of the same model."""
 
 import json
+import os
+import socket
 
 import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 from fxopt import models
 from fxopt.analyze import analyze
 from fxopt.cli import main
-from fxopt.hardware import get_hardware
+from fxopt.hardware import get_hardware, measure_all_reduce_bandwidth
 
 B, S = 2, 32
 
@@ -75,3 +80,42 @@ def test_cli_tp_that_does_not_divide_the_heads_is_a_clear_error(capsys):
     assert main(["annotate", "llama-tiny", "--tp", "3", "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "cannot be sharded over 3 GPUs" in err and "layers.0.self_attn" in err
+
+
+def _measure_rank(rank: int, world_size: int, port: int, folder: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        link = measure_all_reduce_bandwidth(dist.group.WORLD, nbytes=1 << 20, rounds=5)
+        x = torch.full((4,), float(rank + 1))
+        dist.all_reduce(x)  # the group still works after the measurement
+        torch.save({"link": link, "sum": x}, f"{folder}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_all_reduce_bandwidth_is_measured_on_every_rank(tmp_path):
+    """2 gloo ranks on the CPU (NCCL on GPUs: `fxopt calibrate --tp N` under torchrun): a positive, finite bus
+    bandwidth on each, far below any NVLink's, and the group left usable."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_measure_rank, (2, port, str(tmp_path)), nprocs=2, start_method="fork")
+    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for result in results:
+        assert 1e6 < result["link"] < get_hardware("h100").interconnect
+        assert torch.equal(result["sum"], torch.full((4,), 3.0))
+
+
+def test_link_gbs_overrides_the_presets_interconnect(capsys):
+    assert main(["annotate", "llama-tiny", "--seq", str(S), "--tp", "2", "--link-gbs", "45", "--quiet"]) == 0
+    assert "at 45 GB/s" in capsys.readouterr().out
+    assert main(["annotate", "llama-tiny", "--tp", "2", "--link-gbs", "-1", "--quiet"]) == 2
+
+
+def test_calibrate_tp_outside_torchrun_says_how_to_run_it(capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # past the GPU check, to the launcher check
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert main(["calibrate", "--tp", "2", "--quiet"]) == 2
+    assert "torchrun --nproc-per-node 2" in capsys.readouterr().err
