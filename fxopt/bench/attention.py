@@ -164,30 +164,26 @@ def bench_prefill(results, copy_bw, quick):
                  fxopt_ms=ms, peer_ms=peer_ms, max_abs_diff_vs_sdpa=max_err)
 
 
-def _without_pdl(fn):
-    """fn() with each kernel launched after the one before ends, not early (programmatic dependent launch off;
-    fresh launch plans), then the default restored."""
-
-    saved, pdl.ENABLED = pdl.ENABLED, False
+def _with_setting(fn, owner, name: str, value):
+    """fn() with owner.name set to value and fresh Flash-Decoding launch plans, then the default restored."""
+    saved = getattr(owner, name)
+    setattr(owner, name, value)
     fd._PLANS.clear()
     try:
         return fn()
     finally:
-        pdl.ENABLED = saved
+        setattr(owner, name, saved)
         fd._PLANS.clear()
+
+
+def _without_pdl(fn):
+    """fn() with each kernel launched after the one before ends, not early (programmatic dependent launch off)."""
+    return _with_setting(fn, pdl, "ENABLED", False)
 
 
 def _with_merge_kernel(fn):
-    """fn() with Flash-Decoding's splits merged by its second kernel, not by the last split program (fresh
-    launch plans), then the default restored."""
-
-    saved, fd.MERGE_IN_SPLIT_MAX_ROWS = fd.MERGE_IN_SPLIT_MAX_ROWS, 0
-    fd._PLANS.clear()
-    try:
-        return fn()
-    finally:
-        fd.MERGE_IN_SPLIT_MAX_ROWS = saved
-        fd._PLANS.clear()
+    """fn() with Flash-Decoding's splits merged by its second kernel, not by the last split program."""
+    return _with_setting(fn, fd, "MERGE_IN_SPLIT_MAX_ROWS", 0)
 
 
 def bench_decode(results, copy_bw, quick, *, hq, hkv, n, label, sweep=False):

@@ -15,6 +15,7 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
+from test_tuning import FakeKernel  # noqa: E402
 
 from fxopt.codegen import fused_runtime as rt  # noqa: E402
 from fxopt.codegen import loader  # noqa: E402
@@ -199,18 +200,6 @@ def test_interpreter_configs_are_single():
 # ----------------------------------------------------------------------------- autotune (codegen/tuning.py)
 
 
-class _FakeKernel:
-    """Records launches like `kernel[grid](*args, **kwargs)`."""
-
-    arg_names = ["x_ptr", "n", "n_bucket", "BLOCK"]
-
-    def __init__(self):
-        self.launches = []
-
-    def __getitem__(self, grid):
-        return lambda *args, **kwargs: self.launches.append((grid, args, kwargs))
-
-
 def test_autotune_without_tuning_chooses_once_per_key_value():
     configs = [triton.Config({"BLOCK": b}, num_warps=w) for b, w in ((64, 4), (128, 8), (256, 2))]
     calls = []
@@ -219,7 +208,7 @@ def test_autotune_without_tuning_chooses_once_per_key_value():
         calls.append(named_args.get("n_bucket", kwargs.get("n_bucket")))
         return configs[::-1] if named_args.get("n_bucket", kwargs.get("n_bucket")) > 100 else configs
 
-    fn = _FakeKernel()
+    fn = FakeKernel()
     fixed = rt.autotune(configs, key=["n_bucket"], prune=prune, interpret=False, tune=False)(fn)
     assert isinstance(fixed, TunedKernel)
     for bucket in (64, 64, 512, 64, 512):
@@ -237,7 +226,7 @@ def test_autotune_in_the_interpreter_runs_the_first_config_unpruned():
     def prune(configs, named_args, **kwargs):
         raise AssertionError("no pruning in the interpreter")
 
-    fn = _FakeKernel()
+    fn = FakeKernel()
     fixed = rt.autotune(configs, key=["n_bucket"], prune=prune, interpret=True, tune=True)(fn)
     fixed[(1,)]("ptr", 3, 4)
     fixed[(1,)]("ptr", 300, 512)

@@ -11,7 +11,7 @@ from fxopt.codegen import tuning
 from fxopt.codegen.tuning import TunedKernel
 
 
-class _FakeKernel:
+class FakeKernel:
     """Records launches like `kernel[grid](*args, **kwargs)`."""
 
     arg_names = ["x_ptr", "n", "n_bucket", "BLOCK"]
@@ -41,7 +41,7 @@ def timed_on_cpu(monkeypatch, tmp_path):
             raise triton.OutOfResources(1, 0, "shared memory")
         return times[block]
 
-    kernel_under_test: list[_FakeKernel] = []
+    kernel_under_test: list[FakeKernel] = []
     monkeypatch.setattr(tuning, "do_bench", fake_do_bench)
     monkeypatch.setattr(tuning, "can_time", lambda device: True)
     with config.override(dump_dir=tmp_path):
@@ -56,7 +56,7 @@ def test_untuned_runs_the_first_pruned_config_once_per_key():
         calls.append(bucket)
         return configs[::-1] if bucket > 100 else configs
 
-    fn = _FakeKernel()
+    fn = FakeKernel()
     kernel = TunedKernel(fn, CONFIGS, key=["n_bucket"], prune=prune, family="test")
     for bucket in (64, 64, 512, 64, 512):
         kernel[(1,)](X, bucket - 1, bucket)
@@ -68,7 +68,7 @@ def test_untuned_runs_the_first_pruned_config_once_per_key():
 
 
 def test_the_key_includes_dtypes():
-    fn = _FakeKernel()
+    fn = FakeKernel()
     kernel = TunedKernel(fn, CONFIGS, key=["n_bucket"], prune=lambda c, a, **k: c, family="test")
     kernel[(1,)](X, 3, 4)
     kernel[(1,)](X.half(), 3, 4)
@@ -78,7 +78,7 @@ def test_the_key_includes_dtypes():
 def test_tuning_keeps_the_fastest_and_skips_configs_that_do_not_fit(timed_on_cpu):
     times, benched, under_test = timed_on_cpu
     times.update({64: 3.0, 128: math.inf, 256: 1.0})
-    fn = _FakeKernel()
+    fn = FakeKernel()
     under_test.append(fn)
     kernel = TunedKernel(fn, CONFIGS, key=["n_bucket"], family="test", tune=True)
     kernel[(1,)](X, 3, 4)
@@ -90,12 +90,12 @@ def test_tuning_keeps_the_fastest_and_skips_configs_that_do_not_fit(timed_on_cpu
 def test_a_tuned_choice_is_read_back_from_disk_by_the_next_process(timed_on_cpu, tmp_path):
     times, benched, under_test = timed_on_cpu
     times.update({64: 2.0, 128: 1.0, 256: 3.0})
-    first = _FakeKernel()
+    first = FakeKernel()
     under_test.append(first)
     TunedKernel(first, CONFIGS, key=["n_bucket"], family="test", tune=True)[(1,)](X, 3, 4)
     assert (tmp_path / "tuning" / "test.json").exists()
     benched.clear()
-    second = _FakeKernel()  # a fresh wrapper: what a new process would build
+    second = FakeKernel()  # a fresh wrapper: what a new process would build
     under_test.append(second)
     TunedKernel(second, CONFIGS, key=["n_bucket"], family="test", tune=True)[(1,)](X, 3, 4)
     assert benched == [] and second.launches[-1][2]["BLOCK"] == 128
@@ -106,7 +106,7 @@ def test_a_tuned_choice_is_read_back_from_disk_by_the_next_process(timed_on_cpu,
 def test_tune_by_knob_is_read_when_a_key_is_first_seen(timed_on_cpu):
     times, benched, under_test = timed_on_cpu
     times.update({64: 2.0, 128: 1.0, 256: 3.0})
-    fn = _FakeKernel()
+    fn = FakeKernel()
     under_test.append(fn)
     kernel = TunedKernel(fn, CONFIGS, key=["n_bucket"], family="test", tune="rope_autotune")
     with config.override(rope_autotune=False):
@@ -120,13 +120,13 @@ def test_tune_by_knob_is_read_when_a_key_is_first_seen(timed_on_cpu):
 def test_pre_hook_sees_the_named_arguments_and_the_config():
     seen = []
     configs = [triton.Config({"BLOCK": 32}, num_warps=4, pre_hook=lambda nargs: seen.append(dict(nargs)))]
-    fn = _FakeKernel()
+    fn = FakeKernel()
     TunedKernel(fn, configs, key=["n_bucket"], family="test")[(1,)](X, 5, 8)
     assert seen[0]["n"] == 5 and seen[0]["n_bucket"] == 8 and seen[0]["BLOCK"] == 32 and seen[0]["x_ptr"] is X
 
 
 def test_no_fitting_config_is_an_error_naming_the_family():
-    kernel = TunedKernel(_FakeKernel(), CONFIGS, key=["n_bucket"], prune=lambda c, a, **k: [], family="rope")
+    kernel = TunedKernel(FakeKernel(), CONFIGS, key=["n_bucket"], prune=lambda c, a, **k: [], family="rope")
     with pytest.raises(ValueError, match="rope"):
         kernel[(1,)](X, 3, 4)
 
