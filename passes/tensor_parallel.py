@@ -5,7 +5,8 @@
 
 What is sharded is found by graph patterns, never by module names:
 
-  attention  every aten.scaled_dot_product_attention node. Walking back from q, k and v through ops that act per
+  attention  every aten.scaled_dot_product_attention node, and every matmul(P, v) whose P is the softmax of
+             matmul(q, kᵀ) scaled and masked by operands that do not vary by head (the written-out form). Walking back from q, k and v through ops that act per
              head (pointwise ops with head-free operands, slices and cats off the head dim, transposes, the
              unsqueeze/expand/reshape of repeat_kv) reaches the view that splits a linear's output into heads;
              that linear (or one output segment of it, through a split: a fused qkv) is column-parallel: rank r
@@ -49,6 +50,7 @@ c10d = torch.ops._c10d_functional
 TP_WORLD_KEY = "fxopt.tp.world_size"  # passes/cost.py reads it off the collectives
 SDPA = aten.scaled_dot_product_attention.default
 LINEAR = aten.linear.default
+MATMUL = aten.matmul.default
 EMBEDDING = aten.embedding.default
 ALL_REDUCE = c10d.all_reduce.default
 ALL_GATHER = c10d.all_gather_into_tensor.default
@@ -228,8 +230,9 @@ class HeadChain:
     nodes: set = field(default_factory=set)  # every node between the view and the attention
 
 
-def _walk_heads(sdpa: fx.Node, start: fx.Node) -> HeadChain:
-    """Trace an attention input [b, H, s, hd] back to its head split, checking each op acts per head."""
+def _walk_heads(sdpa: fx.Node, start: fx.Node, inside: frozenset = frozenset()) -> HeadChain:
+    """Trace an attention input [b, H, s, hd] back to its head split, checking each op acts per head. `inside`:
+    the attention's own nodes besides `sdpa` (the explicit form's scores, softmax, kᵀ), which may read it."""
     chain, found, repeat = set(), set(), None
     stack = [(start, 1)]  # (node, its head dim)
     while stack:
@@ -253,15 +256,15 @@ def _walk_heads(sdpa: fx.Node, start: fx.Node) -> HeadChain:
     view = found.pop()
     heads, head_dim = _shape(view)[-2:]
     linear, segment, split = _view_source(view)
-    _check_closed(sdpa, chain | {view})
+    _check_closed(sdpa, chain | {view}, inside | {sdpa})
     return HeadChain(view, int(heads), int(head_dim), linear, segment, split, repeat, chain)
 
 
-def _check_closed(sdpa: fx.Node, chain: set) -> None:
+def _check_closed(sdpa: fx.Node, chain: set, attention: set) -> None:
     """Values holding the heads must reach nothing but the attention: elsewhere they would be a rank's subset."""
     for node in chain:
         for user in node.users:
-            if user not in chain and user is not sdpa:
+            if user not in chain and user not in attention:
                 raise ShardingError(f"`{user.name}` reads `{node.name}`, which holds the heads of `{sdpa.name}`: "
                                     "not shardable by heads")
 
@@ -367,9 +370,12 @@ def _split_sizes(split: fx.Node) -> list[int]:
     return list(size)
 
 
-def _attention_site(sdpa: fx.Node, n: int, r: int) -> Site:
-    """The column/row layout of one attention for rank r of n, with the shape-arg edits of its program."""
-    q, k, v = (_walk_heads(sdpa, sdpa.args[i]) for i in range(3))
+def _attention_site(sdpa: fx.Node, n: int, r: int, inputs: tuple | None = None,
+                    inside: frozenset = frozenset()) -> Site:
+    """The column/row layout of one attention for rank r of n, with the shape-arg edits of its program. `sdpa`:
+    the node whose output holds the heads (an SDPA call, or the explicit form's P·V); `inputs`: its q, k, v
+    (SDPA's first three arguments by default)."""
+    q, k, v = (_walk_heads(sdpa, start, inside) for start in (inputs or sdpa.args[:3]))
     site = Site("attention", sdpa.name)
     h = q.heads
     if h % n:
@@ -485,9 +491,11 @@ def plan_shards(gm: fx.GraphModule, world_size: int, rank: int) -> ShardPlan:
     plan = ShardPlan(rank, world_size)
     claimed: set[fx.Node] = set()
     for node in list(gm.graph.nodes):
-        if _is_call(node, (SDPA,)):
-            _check_sdpa(node)
-            site = _attention_site(node, world_size, rank)
+        explicit = _explicit_attention(node)
+        if _is_call(node, (SDPA,)) or explicit is not None:
+            if explicit is None:
+                _check_sdpa(node)
+            site = _attention_site(node, world_size, rank, *(explicit or ()))
             plan.sites.append(site)
             claimed.update(site.columns, {site.row})
     for node in list(gm.graph.nodes):
@@ -502,6 +510,39 @@ def plan_shards(gm: fx.GraphModule, world_size: int, rank: int) -> ShardPlan:
                                and n is not plan.lm_head]
     _plan_attrs(gm, plan)
     return plan
+
+
+SCORE_OPS = ELEMENTWISE | {aten.masked_fill.Scalar, aten.masked_fill.Tensor, aten.softmax.int, aten._softmax.default,
+                           aten.where.self}
+SOFTMAX = (aten.softmax.int, aten._softmax.default)
+
+
+def _explicit_attention(pv: fx.Node) -> tuple[tuple[fx.Node, fx.Node, fx.Node], frozenset] | None:
+    """((q, k, v), the attention's nodes) when pv = matmul(P, v) [b, H, s, hd] and P is softmax over the last
+    dim of q @ kᵀ, scaled and masked by operands that do not vary by head: attention as models/ (attn_impl
+    "explicit") and HF's eager attention write it. None for any other node. A per-head score operand (ALiBi
+    written out) raises ShardingError: a rank would read other ranks' heads."""
+    if not _is_call(pv, (MATMUL,)) or len(_shape(pv)) != 4:
+        return None
+    inside, node, softmax, per_head = {pv}, pv.args[0], False, []
+    while _is_call(node, SCORE_OPS):
+        softmax = softmax or _is_call(node, SOFTMAX)
+        scores = [a for a in node.args if isinstance(a, fx.Node) and _shape(a) == _shape(node)]
+        if not scores:
+            return None
+        others = [a for a in node.args if isinstance(a, fx.Node) and a is not scores[0]]
+        per_head += [(node, a) for a in others if len(_shape(a)) == 4 and _shape(a)[1] != 1]
+        inside.add(node)
+        node = scores[0]
+    kt = node.args[1] if _is_call(node, (MATMUL,)) else None
+    if not softmax or kt is None or not _is_call(kt, TRANSPOSES) or _permutation(kt, 4) != [0, 1, 3, 2]:
+        return None
+    if per_head:  # masks and biases must be broadcast over the heads
+        op, operand = per_head[0]
+        raise ShardingError(f"`{op.name}` mixes the per-head `{operand.name}` into `{pv.name}`'s scores: not "
+                            "shardable by heads yet")
+    inside.update({node, kt})
+    return (node.args[0], kt.args[0], pv.args[1]), frozenset(inside)
 
 
 def _check_sdpa(sdpa: fx.Node) -> None:
