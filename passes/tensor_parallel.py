@@ -5,15 +5,15 @@
 
 What is sharded is found by graph patterns, never by module names:
 
-  attention  every aten.scaled_dot_product_attention node, and every matmul(P, v) whose P is the softmax of
-             matmul(q, kᵀ) scaled and masked by operands that do not vary by head (the written-out form). Walking back from q, k and v through ops that act per
-             head (pointwise ops with head-free operands, slices and cats off the head dim, transposes, the
-             unsqueeze/expand/reshape of repeat_kv) reaches the view that splits a linear's output into heads;
-             that linear (or one output segment of it, through a split: a fused qkv) is column-parallel: rank r
-             keeps the rows of heads [r*H/N, (r+1)*H/N). KV heads are divided the same way, or, when n_kv < N,
-             each rank keeps the one KV head its q heads read. The head split view, repeat_kv's expand/reshape,
-             the split sizes and the merge after attention get the local head count. The linear after the
-             merge is row-parallel (the same heads' columns), followed by one all-reduce (sum).
+  attention  every aten.scaled_dot_product_attention node, and every matmul(P, v) whose P is the softmax of matmul(q,
+             kᵀ) scaled and masked by operands that do not vary by head (the written-out form). Walking back from q, k
+             and v through ops that act per head (pointwise ops with head-free operands, slices and cats off the head
+             dim, transposes, the unsqueeze/expand/reshape of repeat_kv) reaches the view that splits a linear's output
+             into heads; that linear (or one output segment of it, through a split: a fused qkv) is column-parallel:
+             rank r keeps the rows of heads [r*H/N, (r+1)*H/N). KV heads are divided the same way, or, when n_kv < N,
+             each rank keeps the one KV head its q heads read. The head split view, repeat_kv's expand/reshape, the
+             split sizes and the merge after attention get the local head count. The linear after the merge is row-
+             parallel (the same heads' columns), followed by one all-reduce (sum).
   MLP        a linear whose input is computed from other constant-weight linears by elementwise ops only
              (gelu(up(x)), silu(gate(x)) * up(x)): those are column-parallel (rows [r*F/N, (r+1)*F/N)) and it is
              row-parallel + one all-reduce.
