@@ -31,12 +31,12 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from fxopt.codegen.loader import ops_use_kernels
 from fxopt.codegen.pdl import launch_options, use_pdl
 from fxopt.codegen.tuning import TunedKernel
+from fxopt.hardware import get_hardware, sm_count
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 1024
 LEAD_DIMS = 4  # leading dims the kernel unravels a row index over (after collapsing)
 TARGET_ELEMENTS = 4096  # output elements per program (both halves): enough bytes in flight per SM
-MIN_PROGRAMS = 132  # split small launches (decode) over at least this many programs (an H100's SMs)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -155,13 +155,14 @@ def _rows_bucket(n_rows: int) -> int:
     return min(triton.next_power_of_2(max(int(n_rows), 1)), 1 << 20)
 
 
-def default_config(half: int, n_rows: int) -> tuple[int, int]:
+def default_config(half: int, n_rows: int, sms: int | None = None) -> tuple[int, int]:
     """(BLOCK_R, num_warps): about TARGET_ELEMENTS outputs per program, fewer rows when that would leave
-    a small launch (a decode step's q or k) on fewer than MIN_PROGRAMS programs; 8 to 16 outputs per thread
-    (at most 8 warps)."""
+    a small launch (a decode step's q or k) on fewer programs than the GPU has SMs (`sms`; the default preset's
+    without one); 8 to 16 outputs per thread (at most 8 warps)."""
+    min_programs = sms or get_hardware(None).sm_count
     block_h = _block_h(half)
     block_r = max(1, TARGET_ELEMENTS // (2 * block_h))
-    block_r = min(block_r, max(1, triton.next_power_of_2(triton.cdiv(n_rows, MIN_PROGRAMS))))
+    block_r = min(block_r, max(1, triton.next_power_of_2(triton.cdiv(n_rows, min_programs))))
     block_r = min(block_r, 64)
     num_warps = min(8, max(1, 2 * block_r * block_h // 256))
     return block_r, num_warps
@@ -176,7 +177,7 @@ def _prune_configs(configs, named_args, **kwargs):
     whose tile gives each thread 2 to 64 outputs and does not exceed the rows."""
     args = {**named_args, **kwargs}
     half, rows = args["HALF"], args["rows_bucket"]
-    chosen = default_config(half, rows)
+    chosen = default_config(half, rows, sm_count(args["X"].device))
     block_h = _block_h(half)
 
     def fits(c):
