@@ -68,6 +68,7 @@ from fxopt.codegen.attention_common import (  # noqa: F401  (re-exported: caller
     use_tma,
 )
 from fxopt.codegen.tuning import TunedKernel
+from fxopt.hardware import get_hardware
 
 
 def _dtype_name(dtype) -> str:
@@ -346,7 +347,7 @@ _TILES_TMA = {
 # fp32 inputs: tensor-core dots in 3xTF32 (about fp32 accuracy) need more registers and shared memory.
 _TILES_FP32 = {16: [(64, 32, 4, 2)], 32: [(64, 32, 4, 2)], 64: [(64, 32, 4, 2)], 128: [(64, 32, 4, 2)],
                256: [(32, 32, 4, 1)]}
-_DEFAULT_SMEM = 227 * 1024  # H100 / H200 opt-in shared memory per block
+_DEFAULT_SMEM = get_hardware(None).shared_memory  # without a GPU to ask: the default preset's (an H100's)
 
 
 @functools.cache
@@ -354,7 +355,7 @@ def _max_shared_memory(device_index: int) -> int:
     try:
         props = triton.runtime.driver.active.utils.get_device_properties(device_index)
         return int(props["max_shared_mem"])
-    except Exception:  # older/newer driver API: assume a Hopper-class budget
+    except Exception:  # older/newer driver API: the default preset's budget
         return _DEFAULT_SMEM
 
 

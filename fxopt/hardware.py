@@ -30,6 +30,7 @@ class Hardware:
     source: str = "datasheet"
     sm_count: int = 132  # streaming multiprocessors: how many programs one wave of a launch runs
     interconnect: float = 0.0  # bytes/s one GPU sends to its peers (NVLink or PCIe, one direction); 0: unknown
+    shared_memory: int = 227 * 1024  # bytes of shared memory one block may opt in to
 
     def link_time(self, nbytes: float) -> float:
         """Seconds to send nbytes over the interconnect (inf when its bandwidth is unknown)."""
@@ -64,25 +65,29 @@ def dtype_key(dtype: torch.dtype | str) -> str:
     return {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32", "half": "float16"}.get(dtype, dtype)
 
 
-def _spec(name, bandwidth_gbs, *, sms, link_gbs, fp16, bf16, tf32, fp32, vec16, fp8=None) -> Hardware:
+def _spec(name, bandwidth_gbs, *, sms, link_gbs, smem_kib, fp16, bf16, tf32, fp32, vec16, fp8=None) -> Hardware:
     matmul = {"float16": fp16 * TERA, "bfloat16": bf16 * TERA, "float32": tf32 * TERA, "float64": fp32 / 2 * TERA}
     if fp8:
         matmul["float8_e4m3fn"] = matmul["float8_e5m2"] = fp8 * TERA
     vector = {"float16": vec16 * TERA, "bfloat16": vec16 * TERA, "float32": fp32 * TERA, "float64": fp32 / 2 * TERA}
-    return Hardware(name, bandwidth_gbs * GIGA, matmul, vector, sm_count=sms, interconnect=link_gbs * GIGA)
+    return Hardware(name, bandwidth_gbs * GIGA, matmul, vector, sm_count=sms, interconnect=link_gbs * GIGA,
+                    shared_memory=smem_kib * 1024)
 
 
 # Dense (no sparsity) datasheet figures. matmul float32 is the TF32 tensor-core rate. link_gbs: what one GPU
 # sends per second, one direction: NVLink 4 (H100/H200 SXM) 900 GB/s both ways, NVLink 3 (A100 SXM) 600, PCIe 4 x16
-# (A10) 32.
+# (A10) 32. smem_kib: the opt-in shared memory per block (sm_86 99 KiB, sm_80 163, sm_90 227).
 PRESETS: dict[str, Hardware] = {
-    "a10": _spec("A10", 600, sms=72, link_gbs=32, fp16=125, bf16=125, tf32=62.5, fp32=31.2, vec16=31.2),
-    "a100-40gb": _spec("A100 40GB SXM", 1555, sms=108, link_gbs=300, fp16=312, bf16=312, tf32=156, fp32=19.5, vec16=78),
-    "a100-80gb": _spec("A100 80GB SXM", 2039, sms=108, link_gbs=300, fp16=312, bf16=312, tf32=156, fp32=19.5, vec16=78),
-    "h100": _spec("H100 SXM", 3350, sms=132, link_gbs=450, fp16=989.4, bf16=989.4, tf32=494.7, fp32=66.9,
-                  vec16=133.8, fp8=1978.9),
-    "h200": _spec("H200", 4800, sms=132, link_gbs=450, fp16=989.4, bf16=989.4, tf32=494.7, fp32=66.9, vec16=133.8,
-                  fp8=1978.9),
+    "a10": _spec("A10", 600, sms=72, link_gbs=32, smem_kib=99,
+                 fp16=125, bf16=125, tf32=62.5, fp32=31.2, vec16=31.2),
+    "a100-40gb": _spec("A100 40GB SXM", 1555, sms=108, link_gbs=300, smem_kib=163,
+                       fp16=312, bf16=312, tf32=156, fp32=19.5, vec16=78),
+    "a100-80gb": _spec("A100 80GB SXM", 2039, sms=108, link_gbs=300, smem_kib=163,
+                       fp16=312, bf16=312, tf32=156, fp32=19.5, vec16=78),
+    "h100": _spec("H100 SXM", 3350, sms=132, link_gbs=450, smem_kib=227,
+                  fp16=989.4, bf16=989.4, tf32=494.7, fp32=66.9, vec16=133.8, fp8=1978.9),
+    "h200": _spec("H200", 4800, sms=132, link_gbs=450, smem_kib=227,
+                  fp16=989.4, bf16=989.4, tf32=494.7, fp32=66.9, vec16=133.8, fp8=1978.9),
 }
 ALIASES = {"a100": "a100-80gb", "h100-sxm": "h100", "h100sxm": "h100"}
 
