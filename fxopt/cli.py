@@ -11,7 +11,6 @@ import argparse
 import contextlib
 import dataclasses
 import io
-import os
 import shutil
 import sys
 from collections.abc import Callable
@@ -132,12 +131,15 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 def _calibrate_interconnect(world_size: int) -> int:
     """`fxopt calibrate --tp N` under torchrun: the all-reduce bus bandwidth between the N GPUs (NCCL)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) != world_size:
-        raise UserError(f"--tp {world_size} needs {world_size} processes, one per GPU",
-                        f"run it as: torchrun --nproc-per-node {world_size} -m fxopt.cli calibrate --tp {world_size}")
-    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl")
+    how = f"run it as: torchrun --nproc-per-node {world_size} -m fxopt.cli calibrate --tp {world_size}"
     try:
+        dist.init_process_group("nccl")  # torchrun's rank, world size and rendezvous address
+    except ValueError:  # not launched by torchrun: no rank to rendezvous with
+        raise UserError(f"--tp {world_size} needs {world_size} processes, one per GPU", how) from None
+    try:
+        if dist.get_world_size() != world_size:
+            raise UserError(f"--tp {world_size}, but torchrun started {dist.get_world_size()} processes", how)
+        torch.cuda.set_device(dist.get_rank() % torch.cuda.device_count())
         link = measure_all_reduce_bandwidth(dist.group.WORLD)
         if dist.get_rank() == 0:
             print(f"{torch.cuda.get_device_name()} x {world_size}: all-reduce bus bandwidth {link / 1e9:.0f} GB/s "

@@ -116,6 +116,7 @@ def test_link_gbs_overrides_the_presets_interconnect(capsys):
 
 def test_calibrate_tp_outside_torchrun_says_how_to_run_it(capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # past the GPU check, to the launcher check
-    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"):  # not under torchrun
+        monkeypatch.delenv(name, raising=False)
     assert main(["calibrate", "--tp", "2", "--quiet"]) == 2
     assert "torchrun --nproc-per-node 2" in capsys.readouterr().err
