@@ -855,16 +855,17 @@ class HeadsMatch:
     # RMSNorm over d between the head split and the transpose (Qwen3's q_norm and k_norm), or None
 
 
-def _split_heads(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, fx.Node, tuple | None] | None:
+def _split_heads(node: fx.Node, norms: dict) -> tuple[fx.Node, fx.Node, tuple | None] | None:
     """(view, transpose, norm) when node's only user views it as (b, s, heads, d) and the token and head dims
     are then swapped: split_heads as models/ and HF write it, the transpose reading the view itself or (norm =
-    (weight, eps, chain)) an RMSNorm of it over d whose nodes nobody else reads (Qwen3's q_norm / k_norm)."""
+    (weight, eps, chain)) an RMSNorm of it over d whose nodes nobody else reads (Qwen3's q_norm / k_norm).
+    `norms`: the graph's RMSNorms by their input (_rms_norms_by_input)."""
     view = only_user(node)
     if view is None or view.target not in (aten.view.default, aten.reshape.default, aten._unsafe_view.default):
         return None
     heads, norm = only_user(view), None
     if heads is not None and heads.target is not aten.transpose.int:
-        heads, norm = _after_head_norm(gm, view)
+        heads, norm = _after_head_norm(view, norms)
     if heads is None or heads.target is not aten.transpose.int or not isinstance(_val(heads), torch.Tensor):
         return None
     rank = _val(heads).dim()
@@ -873,31 +874,28 @@ def _split_heads(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, fx.Node, t
     return view, heads, norm
 
 
-def _after_head_norm(gm: fx.GraphModule, view: fx.Node) -> tuple[fx.Node | None, tuple | None]:
+def _rms_norms_by_input(gm: fx.GraphModule) -> dict[fx.Node, tuple]:
+    """Every RMSNorm of the graph (match_rms_norm at each multiply), by the node it normalises:
+    h -> (its output, weight, eps, chain)."""
+    found = {}
+    for node in gm.graph.find_nodes(op="call_function", target=aten.mul.Tensor):
+        match = match_rms_norm(gm, node)
+        if match is not None:
+            h, weight, eps, chain = match
+            found.setdefault(h, (node, weight, eps, chain))
+    return found
+
+
+def _after_head_norm(view: fx.Node, norms: dict) -> tuple[fx.Node | None, tuple | None]:
     """(the norm's only reader, (weight, eps, chain)) when view feeds an RMSNorm over its last dim and nothing
     else; (None, None) otherwise."""
-    out = _norm_output_from(view)
-    found = match_rms_norm(gm, out) if out is not None else None
-    if found is None or found[0] is not view:
+    if view not in norms:
         return None, None
-    _, weight, eps, chain = found
+    out, weight, eps, chain = norms[view]
     inside = set(chain)
     if any(u not in inside for n in chain[1:] for u in n.users) or any(u not in inside for u in view.users):
         return None, None
     return only_user(out), (weight, eps, chain)
-
-
-def _norm_output_from(view: fx.Node, hops: int = 8) -> fx.Node | None:
-    """The first node below view, within `hops`, that multiplies by a 1-D constant (an RMSNorm's weight)."""
-    node = view
-    for _ in range(hops):
-        users = list(node.users)
-        if not users:
-            return None
-        node = max(users, key=lambda u: len(u.all_input_nodes))  # hf * rsqrt(...) over the pow/mean branch
-        if node.target is aten.mul.Tensor and any(isinstance(a, fx.Node) and a.op == "get_attr" for a in node.args):
-            return node
-    return None
 
 
 SPLITS = (aten.split.Tensor, aten.split_with_sizes.default)
@@ -930,10 +928,10 @@ def qkv_heads_after_gemv(gm: fx.GraphModule) -> list[HeadsMatch]:
     """gemv -> three last-dim slices covering it -> split_heads each -> q: attention (through fxopt::rope or
     not), k: fxopt::(rope_)cache_write, v: fxopt::cache_write. What the kv_cache, rope and fuse_siblings
     rewrites leave of a decode step's attention input."""
-    matches = []
+    matches, norms = [], _rms_norms_by_input(gm)
     for g in _gemvs(gm):
         parts, between = _three_parts(g) or ([], [])
-        split = [_split_heads(gm, node) for node in parts]
+        split = [_split_heads(node, norms) for node in parts]
         if not split or any(s is None for s in split):
             continue
         heads = [s[1] for s in split]
