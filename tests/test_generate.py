@@ -313,7 +313,7 @@ def test_bench_decode_smoke_on_cpu(capsys):
     rows = {r["row"]: r for r in report["rows"]}
     assert set(rows) == set(bench_decode.ROWS)
     assert all(not r["error"] for r in rows.values()), [r["error"] for r in rows.values()]
-    assert all(r["tokens_per_s"] > 0 and r["match"] == 1.0 for r in rows.values())
+    assert all(r["tokens_per_s"] > 0 and r["match"] == 1.0 and r["agree"] == 5 for r in rows.values())
     assert rows["hf-static-compile"]["ratio_vs_ref"] == 1.0
     assert "fxopt" in capsys.readouterr().out
 
@@ -336,6 +336,19 @@ def test_bench_decode_takes_an_hf_spec_and_its_model_is_its_own_hf_peer(spec):
     got = {r["row"]: r for r in report["rows"]}
     assert all(not r["error"] for r in got.values()), [r["error"] for r in got.values()]
     assert all(r["match"] == 1.0 and r["timed_new"] == 6 for r in got.values())
+
+
+def test_leading_agreement_counts_the_steps_before_any_sequence_differs():
+    from fxopt.bench.decode import leading_agreement
+
+    a = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]])
+    b = a.clone()
+    assert leading_agreement(a, b) == 4
+    b[1, 2] = 0  # the second sequence flips at step 2; later steps may agree again by chance
+    b[1, 3] = a[1, 3]
+    assert leading_agreement(a, b) == 2
+    b[0, 0] = 9
+    assert leading_agreement(a, b) == 0
 
 
 def test_bench_decode_refuses_a_model_that_is_not_a_causal_lm():

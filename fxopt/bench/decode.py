@@ -21,7 +21,8 @@ batch 1 / prompt 8192 / 256 new. Per row and config:
               rows looked up) per second, and as % of the copy bandwidth measured in the same run
   KV/s        K/V bytes a step reads (mean cache length over the generation) per second
 Greedy decoding with eos disabled; `match` is the share of each row's tokens equal to HF static+compile's
-(eager recompute's where there is no HF row; bf16: a near-tie can flip a token and the continuation with it).
+(eager recompute's where there is no HF row), `agree` the steps before the first token that differs in any
+sequence (bf16: a near-tie can flip a token and the continuation with it, so `match` alone says little).
 
     python -m fxopt.bench.decode                                # everything above, json to bench_decode.json
     python -m fxopt.bench.decode --configs 1x512x256 --rows fxopt,hf-static-compile
@@ -74,6 +75,7 @@ class Measurement:
     kv_bw: float = float("nan")
     ratio_vs_ref: float = float("nan")  # tokens/s over HF static+compile's
     match: float = float("nan")  # share of new tokens equal to the reference row's
+    agree: int = -1  # new tokens equal to the reference row's in every sequence before the first difference
     note: str = ""
     error: str = ""
 
@@ -278,6 +280,7 @@ def run(model_name: str = "llama-1b-like", *, dtype: str = "bf16", configs=DEFAU
                 a, b = tokens[m.row][:, prompt:], tokens[match_ref][:, prompt:]
                 n = min(a.shape[1], b.shape[1])
                 m.match = float((a[:, :n] == b[:, :n]).float().mean())
+                m.agree = leading_agreement(a[:, :n], b[:, :n])
         results.extend(config_rows)
         del gen, plain
         gc.collect()
@@ -296,12 +299,19 @@ def run(model_name: str = "llama-1b-like", *, dtype: str = "bf16", configs=DEFAU
     return report
 
 
+def leading_agreement(a: torch.Tensor, b: torch.Tensor) -> int:
+    """Steps (columns of two (batch, new) token tensors) before the first one where any sequence differs: after
+    a bf16 near-tie flips a token the continuations differ anyway, so the share of equal tokens says little."""
+    same = (a == b).all(dim=0)  # (new,)
+    return int(same.shape[0] if bool(same.all()) else int((~same).nonzero()[0]))
+
+
 def format_table(report: dict) -> str:
     bw = report.get("copy_bandwidth")
     head = (f"{report['model']} {report['dtype']} on {report['device']} ({report['date']}); copy bandwidth "
             f"{bw / 1e9:.0f} GB/s" if bw else f"{report['model']} {report['dtype']} on {report['device']}")
     lines = [head, f"{'config':<16}{'row':<19}{'tok/s':>9}{'ms/tok':>8}{'vs HF':>7}{'e2e tok/s':>10}"
-                   f"{'weights GB/s':>13}{'% copy':>7}{'match':>7}"]
+                   f"{'weights GB/s':>13}{'% copy':>7}{'match':>7}{'agree':>7}"]
     for r in report["rows"]:
         config = f"{r['batch']}x{r['prompt']}+{r['new']}"
         if r["error"]:
@@ -314,7 +324,8 @@ def format_table(report: dict) -> str:
         lines.append(f"{config:<16}{r['row']:<19}{f(r['tokens_per_s'], '9.1f')}{f(r['ms_per_token'], '8.2f')}"
                      f"{f(r['ratio_vs_ref'], '7.2f')}{f(r['e2e_tokens_per_s'], '10.1f')}"
                      f"{f(r['weight_bw'] / 1e9, '13.0f')}{f(r['weight_bw_pct'], '7.1f')}"
-                     f"{f(r['match'], '7.2f')}" + (f"  ({r['note']})" if r["note"] else ""))
+                     f"{f(r['match'], '7.2f')}{r.get('agree', -1) if r.get('agree', -1) >= 0 else '-':>7}"
+                     + (f"  ({r['note']})" if r["note"] else ""))
     return "\n".join(lines)
 
 
