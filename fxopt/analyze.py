@@ -69,33 +69,34 @@ def analyze(
         # no per-node source lines: only error messages of later passes (kv_cache) read them, and recording
         # them is about a quarter of the capture time (as in optimize)
         captured = capture(model, example_kwargs, source_lines=False)
+    plan = None
     if tensor_parallel > 1:
         with stage(f"sharding for {tensor_parallel} GPUs (rank 0's program)"):
-            _shard_for_analysis(captured.gm, tensor_parallel)
+            plan = _shard_for_analysis(captured.gm, tensor_parallel)
     options = {"attention": attention, "rope": fuse, "fuse": fuse}
     passes = ", ".join(step.name for step in ANALYSIS if step.option is None or options[step.option])
     with stage(f"running passes ({passes})"):
         program = run_passes(captured, make_context(captured, hw, sizes, options), ANALYSIS, program="analysis")
     report = build_report(program, name=name, dtype=dtype, params=_param_count(model))
-    if tensor_parallel > 1:
-        report["tensor_parallel"] = _tp_summary(program, report, tensor_parallel)
+    if plan is not None:
+        report["tensor_parallel"] = _tp_summary(program, report, plan)
     return Analysis(program, report)
 
 
-def _shard_for_analysis(gm: fx.GraphModule, world_size: int) -> None:
-    """Rank 0's shard of gm, its attributes sliced on the meta device (only shapes matter to the costs)."""
+def _shard_for_analysis(gm: fx.GraphModule, world_size: int) -> tp.ShardPlan:
+    """gm rewritten into rank 0's shard, its attributes sliced on the meta device (only shapes matter to the
+    costs); returns the plan."""
     plan = tp.plan_shards(gm, world_size, rank=0)
     tp.apply_plan(gm, plan, "fxopt-analysis", lambda name: fetch_attr(gm, name).to("meta"))
-    gm.tp_plan = plan
+    return plan
 
 
-def _tp_summary(program: Program, report: dict[str, Any], world_size: int) -> dict[str, Any]:
+def _tp_summary(program: Program, report: dict[str, Any], plan: tp.ShardPlan) -> dict[str, Any]:
     """What one GPU sends over the interconnect per forward, per layer, and the time in collectives."""
     collectives = [r for r in report["nodes"] if r["kind"] == "collective"]
-    plan = program.gm.tp_plan
     blocks = [layer for layer in report["layers"] if LAYER_PATTERN.match(layer["layer"] + ".")]  # repeated blocks
     return {
-        "world_size": world_size,
+        "world_size": plan.world_size,
         "interconnect": program.ctx.hardware.interconnect,
         "collectives": len(collectives),
         "link_bytes": report["total"]["link_bytes"],

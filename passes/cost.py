@@ -249,7 +249,9 @@ TP_WORLD_KEY = "fxopt.tp.world_size"  # set by passes/tensor_parallel on the col
 def all_reduce_cost(ctx: PassContext, node: fx.Node) -> Cost:
     """A ring all-reduce of B bytes over N GPUs: each sends (and receives) 2(N-1)/N · B, reads and writes B
     in HBM and adds (N-1)/N of the elements."""
-    val, world = node.args[0].meta["val"], node.meta.get(TP_WORLD_KEY, 1)
+    val, world = node.args[0].meta["val"], node.meta.get(TP_WORLD_KEY)
+    if world is None:  # a collective fxopt did not insert: its group's size is not in the graph
+        return Cost(ZERO, ZERO, ZERO, "unknown", note="unknown cost (all_reduce over a group of unknown size)")
     size, share = nbytes(ctx, val), sympy.Rational(world - 1, world)
     return Cost(share * numel(ctx, val), size, size, "collective", val.dtype, link_bytes=2 * share * size)
 

@@ -43,11 +43,11 @@ from torch._guards import detect_fake_mode
 
 from fxopt import opnames
 from fxopt.nodes import aten_ops, fetch_attr, is_full_slice, tensor_val
+from fxopt.passes.cost import TP_WORLD_KEY
 
 aten = torch.ops.aten
 c10d = torch.ops._c10d_functional
 
-TP_WORLD_KEY = "fxopt.tp.world_size"  # passes/cost.py reads it off the collectives
 SDPA = aten.scaled_dot_product_attention.default
 LINEAR = aten.linear.default
 MATMUL = aten.matmul.default
