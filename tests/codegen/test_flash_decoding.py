@@ -300,25 +300,25 @@ def test_misaligned_cache_gets_its_own_pointer_load_plan(tma_forced):
 
 
 @pytest.mark.parametrize("in_split", [True, False], ids=["last-program-merges", "merge-kernel"])
-@pytest.mark.parametrize("b, hq, hkv, sq, max_len, d, kv_len, splits", [
-    (2, 4, 4, 1, 300, 64, [300, 77], 5),  # MHA decode: one row per program
-    (1, 8, 2, 3, 200, 32, [150], 4),  # GQA 4 x 3 tokens: 12 rows in one block
-    (2, 8, 1, 16, 130, 32, [130, 16], 3),  # 128 rows: several row blocks, each merged by its last program
-    (1, 2, 2, 1, 64, 32, [64], 1),  # one split: the only program merges
+@pytest.mark.parametrize("b, hq, hkv, sq, max_len, d, kv_len, splits, layout", [
+    (2, 4, 4, 1, 300, 64, [300, 77], 5, "bhsd"),  # MHA decode: one row per program
+    (1, 8, 2, 3, 200, 32, [150], 4, "bshd"),  # GQA 4 x 3 tokens: 12 rows in one block; (b, s, h, d) caches
+    (2, 8, 1, 16, 130, 32, [130, 16], 3, "bhsd"),  # 128 rows: several row blocks, each merged by its last program
+    (1, 2, 2, 1, 64, 32, [64], 1, "bshd"),  # one split: the only program merges
 ])
 def test_merge_in_the_split_kernel_or_the_merge_kernel(monkeypatch, in_split, b, hq, hkv, sq, max_len, d, kv_len,
-                                                       splits):
+                                                       splits, layout):
     """Both ways of merging give the reference's rows, on a second call too (the counts are reset)."""
     monkeypatch.setattr(fd, "MERGE_IN_SPLIT_MAX_ROWS", 1 << 10 if in_split else 0)
     monkeypatch.setattr(fd, "_PLANS", {})
-    q, k, v = make_inputs(b, hq, hkv, sq, max_len, d, torch.float32, seed=3)
+    q, k, v = make_inputs(b, hq, hkv, sq, max_len, d, torch.float32, layout=layout, seed=3)
     lengths = torch.tensor(kv_len, dtype=torch.int32, device=DEVICE)
     check(q, k, v, lengths, causal=True, num_splits=splits, what="first call")
     plan = next(iter(fd._PLANS.values()))
     assert (plan.counts is not None) == in_split
     if in_split:
         assert int(plan.counts.abs().sum()) == 0  # every count back at zero for the next launch
-    q2, _, _ = make_inputs(b, hq, hkv, sq, max_len, d, torch.float32, seed=4)
+    q2, _, _ = make_inputs(b, hq, hkv, sq, max_len, d, torch.float32, layout=layout, seed=4)
     check(q2, k, v, lengths - 1, causal=True, num_splits=splits, what="second call, same plan")
 
 

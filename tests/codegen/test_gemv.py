@@ -403,11 +403,17 @@ def test_qkv_refuses_a_norm_on_only_q():
 
 
 @interpreted
-def test_qkv_kernel_honours_strides():
+@pytest.mark.parametrize("qk_norm", [False, True], ids=["gemv_qkv", "with-qk-norm"])
+def test_qkv_kernel_honours_strides(qk_norm):
     """Caches that are views of a larger buffer (first row of a batch, head dim padded), W rows of a wider
-    matrix, cos/sin read every other element: the kernel writes the same values as the eager chain."""
+    matrix, cos/sin read every other element: the kernel writes the same values as the eager chain (with the
+    q/k head norms: the GEMV, then the per-head kernel writing through the same strides)."""
     x, w, b, ep, cos, sin, caches, pos = _qkv_case(torch.float32, bias=True, seed=3)
     d = caches[0].shape[-1]
+    if qk_norm:
+        gen = torch.Generator().manual_seed(7)
+        ep = replace(ep, q_norm_weight=1 + 0.3 * torch.randn(d, generator=gen),
+                     k_norm_weight=1 + 0.3 * torch.randn(d, generator=gen), qk_eps=1e-6)
     w_wide = torch.zeros(w.shape[0], w.shape[1] + 5)
     w_wide[:, :w.shape[1]] = w
     w_view = w_wide[:, :w.shape[1]]  # stride_wn = K + 5
@@ -421,7 +427,11 @@ def test_qkv_kernel_honours_strides():
     assert gemv.supports_qkv(x, w_view, b, ep, *tables, *views, pos) is None
     before = [buffer.clone() for buffer in buffers]
     q = gemv.gemv_qkv(x, w_view, b, ep, *tables, *views, pos)
-    q_eager, *caches_eager = _qkv_eager(x, w, b, ep, cos, sin, caches, pos, n_heads=4, n_kv_heads=2)
+    if qk_norm:  # the op's CPU path, checked against HF's spelling in the qk-norm test above
+        caches_eager = [c.clone() for c in caches]
+        q_eager = gemv.gemv_qkv_reference(x, w, b, ep, cos, sin, *caches_eager, pos)
+    else:
+        q_eager, *caches_eager = _qkv_eager(x, w, b, ep, cos, sin, caches, pos, n_heads=4, n_kv_heads=2)
     torch.testing.assert_close(q, q_eager, rtol=1e-5, atol=1e-5)
     for view, expected, buffer, old in zip(views, caches_eager, buffers, before):
         torch.testing.assert_close(view, expected, rtol=1e-5, atol=1e-5)
