@@ -141,15 +141,20 @@ def local_bytes(gm: fx.GraphModule) -> int:
 
 
 @torch.no_grad()
-def greedy_generate(gm: fx.GraphModule, input_ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+def greedy_generate(gm: fx.GraphModule, input_ids: torch.Tensor, max_new_tokens: int, **inputs) -> torch.Tensor:
     """Greedy tokens by full forwards (no KV cache): argmax of the last position, appended, max_new_tokens times.
-    Every rank computes the same logits (they are all-gathered), so every rank picks the same tokens."""
+    Every rank computes the same logits (they are all-gathered), so every rank picks the same tokens. `inputs`:
+    the graph's other keyword inputs (an HF model's capture takes use_cache=False)."""
     ids = input_ids
     for _ in range(max_new_tokens):
-        logits = _logits(gm(input_ids=ids))  # (b, s, vocab)
+        logits = _logits(gm(input_ids=ids, **inputs))  # (b, s, vocab)
         ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
     return ids[:, input_ids.shape[1]:]
 
 
 def _logits(out) -> torch.Tensor:
-    return out[0] if isinstance(out, (tuple, list)) else out
+    """The logits of a forward's output: a tensor, the first of a tuple, or an HF output's `.logits`."""
+    if isinstance(out, torch.Tensor):
+        return out
+    logits = getattr(out, "logits", None)
+    return logits if isinstance(logits, torch.Tensor) else out[0]
