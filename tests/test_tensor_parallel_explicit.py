@@ -24,50 +24,83 @@ def _model(device="cpu"):
     return models.build("llama-tiny", attn_impl="explicit", device=device).eval()
 
 
-def _rank(rank: int, port: int, folder: str, graph, weights: dict) -> None:
+HF_EAGER = ("hf:llama,hidden_size=64,intermediate_size=128,num_hidden_layers=2,num_attention_heads=4,"
+            "num_key_value_heads=2,vocab_size=256")
+
+
+def _hf_eager():
+    """An HF Llama config with its eager attention (matmul, + mask, softmax, matmul; repeat_kv for GQA)."""
+    from fxopt.zoo import load_model
+
+    torch.manual_seed(0)
+    model = load_model(HF_EAGER, device="cpu").eval()
+    model.config._attn_implementation = "eager"
+    return model
+
+
+def _rank(rank: int, port: int, folder: str, graphs: dict, weights: dict, ids: torch.Tensor) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
-        ids = _model("meta").example_inputs(BATCH, PROMPT, device="cpu", seed=1)["input_ids"]
-        kinds = [site.kind for site in tp.plan_shards(graph, WORLD, rank).sites]  # analysis only: graph unchanged
-        gm = shard_graph(graph, weights=weights)
-        torch.save({"logits": gm(input_ids=ids), "tokens": greedy_generate(gm, ids, NEW), "kinds": kinds,
-                    "report": gm.tp_report}, f"{folder}/rank{rank}.pt")
+        out = {}
+        for name, graph in graphs.items():
+            kinds = [site.kind for site in tp.plan_shards(graph, WORLD, rank).sites]  # analysis only
+            gm = shard_graph(graph, weights=weights[name])
+            extra = {"use_cache": False} if name == "hf-eager" else {}  # the HF capture's own keyword
+            logits = gm(input_ids=ids, **extra)
+            out[name] = {"logits": logits.logits if name == "hf-eager" else logits,
+                         "tokens": greedy_generate(gm, ids, NEW, **extra), "kinds": kinds, "report": gm.tp_report}
+        torch.save(out, f"{folder}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
+    """models/ explicit llama-tiny and (with transformers) an HF Llama config with eager attention, captured on
+    the CPU (the explicit causal mask is built on the ids' device); each rank keeps only its shard."""
     folder = tmp_path_factory.mktemp("tp_explicit")
-    model = _model()
-    weights = {**model.state_dict(), **dict(model.named_buffers())}
-    # captured from the CPU model (the explicit causal mask is built on the ids' device); each rank keeps only its
-    # shard of `weights`
-    graph = capture(model, model.example_inputs(BATCH, PROMPT, device="cpu"), source_lines=False).gm
-    mp.start_processes(_rank, (_free_port(), str(folder), graph, weights), nprocs=WORLD, start_method="fork")
-    return model, [torch.load(folder / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    built = {"explicit": _model()}
+    try:
+        built["hf-eager"] = _hf_eager()
+    except ImportError:
+        pass
+    ids = torch.randint(0, 256, (BATCH, PROMPT), generator=torch.Generator().manual_seed(1))  # in both vocabularies
+    weights = {name: {**m.state_dict(), **dict(m.named_buffers())} for name, m in built.items()}
+    graphs = {name: capture(m, {"input_ids": ids}, source_lines=False).gm for name, m in built.items()}
+    mp.start_processes(_rank, (_free_port(), str(folder), graphs, weights, ids), nprocs=WORLD, start_method="fork")
+    return built, ids, [torch.load(folder / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
-def test_explicit_attention_is_sharded_by_heads(ranks):
-    _, results = ranks
+def _eager_logits(model, ids):
+    return model(input_ids=ids) if isinstance(model, models.Llama) else model(ids, use_cache=False).logits
+
+
+@pytest.mark.parametrize("name", ["explicit", "hf-eager"])
+def test_explicit_attention_is_sharded_by_heads(ranks, name):
+    built, _, results = ranks
+    if name not in built:
+        pytest.skip("transformers is not installed")
     for result in results:
-        assert result["kinds"].count("attention") == _model("meta").config.n_layers
-        assert not result["report"].replicated_linears  # q/k/v/o sharded with the MLPs
+        assert result[name]["kinds"].count("attention") == 2  # both layers' attention, by heads
+        assert not result[name]["report"].replicated_linears  # q/k/v/o sharded with the MLPs
 
 
-def test_sharded_explicit_attention_gives_the_models_logits_and_tokens(ranks):
-    model, results = ranks
-    ids = model.example_inputs(BATCH, PROMPT, device="cpu", seed=1)["input_ids"]
+@pytest.mark.parametrize("name", ["explicit", "hf-eager"])
+def test_sharded_explicit_attention_gives_the_models_logits_and_tokens(ranks, name):
+    built, ids, results = ranks
+    if name not in built:
+        pytest.skip("transformers is not installed")
+    model = built[name]
     with torch.no_grad():
-        logits = model(input_ids=ids)
+        logits = _eager_logits(model, ids)
         tokens = ids
         for _ in range(NEW):
-            tokens = torch.cat([tokens, model(input_ids=tokens)[:, -1].argmax(-1, keepdim=True)], dim=1)
+            tokens = torch.cat([tokens, _eager_logits(model, tokens)[:, -1].argmax(-1, keepdim=True)], dim=1)
     for result in results:
-        torch.testing.assert_close(result["logits"], logits, rtol=1e-5, atol=1e-5)
-        assert torch.equal(result["tokens"], tokens[:, PROMPT:])  # greedy_generate returns the new tokens
+        torch.testing.assert_close(result[name]["logits"], logits, rtol=1e-5, atol=1e-5)
+        assert torch.equal(result[name]["tokens"], tokens[:, PROMPT:])  # the new tokens
 
 
 def test_a_per_head_score_bias_is_refused_naming_the_node():
