@@ -495,6 +495,17 @@ class _Plan:
 
 
 _PLANS: dict = {}
+# The split kernels' merge counts, per (device, count): never dropped with the plans, since a captured CUDA graph
+# keeps using the buffer it was captured with. Plans of one size share one buffer: launches on a stream run one
+# after the other and each leaves its counts at zero.
+_COUNTS: dict[tuple[torch.device, int], torch.Tensor] = {}
+
+
+def _merge_counts(device: torch.device, n: int) -> torch.Tensor:
+    key = (device, n)
+    if key not in _COUNTS:
+        _COUNTS[key] = torch.zeros(n, dtype=torch.int32, device=device)
+    return _COUNTS[key]
 
 # The split and merge kernels are launched with programmatic dependent launch on Hopper and later (sm_90+,
 # codegen/pdl.py): the merge kernel's launch overlaps the split kernel's tail instead of following it.
@@ -543,7 +554,7 @@ def _make_plan(q, k_cache, v_cache, scale, causal, q_off_mode, num_splits, has_s
     pdl = use_pdl(q.device)
     merge_in_split = min(rows, block_m) <= MERGE_IN_SPLIT_MAX_ROWS
     # one count per (batch, KV head, row block), zero between launches (the merging program resets its own)
-    plan.counts = torch.zeros(b * hkv * row_blocks, dtype=torch.int32, device=q.device) if merge_in_split else None
+    plan.counts = _merge_counts(q.device, b * hkv * row_blocks) if merge_in_split else None
     plan.meta = dict(
         HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=bool(causal),
         Q_OFF_MODE=q_off_mode, DOT_PREC=_dot_precision(q.dtype), HAS_START=has_start,

@@ -322,6 +322,20 @@ def test_merge_in_the_split_kernel_or_the_merge_kernel(monkeypatch, in_split, b,
     check(q2, k, v, lengths - 1, causal=True, num_splits=splits, what="second call, same plan")
 
 
+def test_merge_counts_outlive_the_plan_cache(monkeypatch):
+    """A CUDA graph keeps the counts buffer it captured: clearing the plans must not free it, and a new plan of
+    the same size reuses it (each launch leaves it at zero)."""
+    monkeypatch.setattr(fd, "_PLANS", {})
+    q, k, v = make_inputs(1, 4, 4, 1, 64, 32, torch.float32)
+    lengths = torch.tensor([40], dtype=torch.int32, device=DEVICE)
+    decode_attention(q, k, v, lengths, causal=True)
+    counts = next(iter(fd._PLANS.values())).counts
+    fd._PLANS.clear()
+    check(q, k, v, lengths, causal=True, what="after the plans were dropped")
+    assert next(iter(fd._PLANS.values())).counts is counts
+    assert any(c is counts for c in fd._COUNTS.values())
+
+
 def test_merge_in_split_is_chosen_for_few_rows_per_program(monkeypatch):
     """A decode step's few rows (MHA, GQA x 1 token) merge in the split kernel; 16 tokens of an 8-group do not."""
     monkeypatch.setattr(fd, "_PLANS", {})
