@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from fxopt.codegen import flash_attention as prefill
 from fxopt.codegen import flash_decoding as decode
+from fxopt.codegen import library
 from fxopt.codegen import rope as _rope  # noqa: F401 - fxopt::rope and rope_cache_write exist wherever these do
 from fxopt.codegen.loader import ops_use_kernels
 
@@ -121,18 +122,18 @@ _ATTENTION_SCHEMA = ("(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, T
                      "float scale, int window=0, float softcap=0.0, Tensor? alibi_slopes=None) -> Tensor")
 
 
-@torch.library.custom_op("fxopt::attention", mutates_args=(), schema=_ATTENTION_SCHEMA)
+@library.define("attention", _ATTENTION_SCHEMA)
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None,
               attn_bias: torch.Tensor | None, causal: bool, scale: float, window: int = 0, softcap: float = 0.0,
               alibi_slopes: torch.Tensor | None = None) -> torch.Tensor:
     kernel, _ = kernel_choice(q, k, v, key_padding_mask, attn_bias, causal, scale, window, softcap, alibi_slopes)
-    if kernel == "flash" and _kernel_available(q):
-        return prefill.flash_attention(q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask,
-                                       window=window, softcap=softcap, alibi_slopes=alibi_slopes)
+    if kernel == "flash" and _kernel_available(q):  # kernel_choice ran prefill.supports
+        return prefill.launch(q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask, q_offset=0,
+                              kv_len=None, window=window, softcap=softcap, alibi_slopes=alibi_slopes)
     return sdpa_fallback(q, k, v, key_padding_mask, attn_bias, causal, scale, window, softcap, alibi_slopes)
 
 
-@attention.register_fake
+@library.register_fake(attention)
 def _(q, k, v, key_padding_mask, attn_bias, causal, scale, window=0, softcap=0.0, alibi_slopes=None):
     return q.new_empty(q.shape[:-1] + v.shape[-1:])
 
@@ -166,7 +167,7 @@ _CACHED_ATTENTION_SCHEMA = ("(Tensor q, Tensor k_cache, Tensor v_cache, Tensor k
                             "int window=0, float softcap=0.0, Tensor? alibi_slopes=None) -> Tensor")
 
 
-@torch.library.custom_op("fxopt::cached_attention", mutates_args=(), schema=_CACHED_ATTENTION_SCHEMA)
+@library.define("cached_attention", _CACHED_ATTENTION_SCHEMA)
 def cached_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, kv_start: torch.Tensor,
                      kv_len: torch.Tensor, scale: float, window: int = 0, softcap: float = 0.0,
                      alibi_slopes: torch.Tensor | None = None) -> torch.Tensor:
@@ -186,7 +187,7 @@ def cached_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                                    q_offset=kv_len - q.shape[2], **features)
 
 
-@cached_attention.register_fake
+@library.register_fake(cached_attention)
 def _(q, k_cache, v_cache, kv_start, kv_len, scale, window=0, softcap=0.0, alibi_slopes=None):
     return q.new_empty(q.shape[:-1] + v_cache.shape[-1:])
 

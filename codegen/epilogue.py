@@ -19,6 +19,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from fxopt.codegen import library
+
 
 def linear_gelu_tanh_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """gelu(x @ weightᵀ + bias, approximate="tanh") in plain PyTorch."""
@@ -38,7 +40,7 @@ def supports(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -
     return None
 
 
-@torch.library.custom_op("fxopt::linear_gelu_tanh", mutates_args=())
+@library.define("linear_gelu_tanh")
 def linear_gelu_tanh(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """gelu_tanh(x @ weightᵀ + bias): (..., K) x (N, K) + (N,) -> (..., N)."""
     if not x.is_cuda:
@@ -48,6 +50,6 @@ def linear_gelu_tanh(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) 
     return out.view(*x.shape[:-1], weight.shape[0])
 
 
-@linear_gelu_tanh.register_fake
+@library.register_fake(linear_gelu_tanh)
 def _(x, weight, bias):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))

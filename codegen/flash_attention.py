@@ -443,8 +443,8 @@ def flash_attention(q, k, v, *, causal=False, scale=None, key_padding_mask=None,
         return attention_reference(q, k, v, causal=causal, scale=scale, key_padding_mask=mask,
                                    q_offset=q_offset, window=window, softcap=softcap, alibi_slopes=alibi_slopes)
 
-    return _launch(q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask,
-                   q_offset=q_offset, kv_len=kv_len, window=window, softcap=softcap, alibi_slopes=alibi_slopes)
+    return launch(q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask,
+                  q_offset=q_offset, kv_len=kv_len, window=window, softcap=softcap, alibi_slopes=alibi_slopes)
 
 
 def output_like(q: torch.Tensor, dv: int | None = None) -> torch.Tensor:
@@ -458,10 +458,12 @@ def output_like(q: torch.Tensor, dv: int | None = None) -> torch.Tensor:
     return q.new_empty((b, h, s, dv))
 
 
-def _launch(q, k, v, *, causal, scale, key_padding_mask, q_offset, kv_len, window=0, softcap=0.0,
-            alibi_slopes=None, tile=None, tma=None):
-    """Launch the kernel on checked inputs; `tile` = (BLOCK_M, BLOCK_N, num_warps, num_stages) bypasses
-    the autotuner (tests use it to run every candidate tile); `tma` overrides use_tma (tests force it on)."""
+def launch(q, k, v, *, causal, scale, key_padding_mask, q_offset, kv_len, window=0, softcap=0.0,
+           alibi_slopes=None, tile=None, tma=None):
+    """Launch the kernel on inputs `supports` accepted (fxopt::attention checks them once per call).
+
+    `tile` = (BLOCK_M, BLOCK_N, num_warps, num_stages) bypasses the autotuner (tests use it to run every
+    candidate tile); `tma` overrides use_tma (tests force it on)."""
     b, hq, sq, d = q.shape
     hkv, skv = k.shape[1], k.shape[2]
     out = output_like(q)

@@ -38,6 +38,7 @@ import triton
 import triton.language as tl
 
 from fxopt import config
+from fxopt.codegen import library
 from fxopt.codegen.loader import ops_use_kernels
 from fxopt.codegen.pdl import launch_options, use_pdl
 from fxopt.codegen.rope import cache_slots, result_dtype, rope_reference
@@ -372,7 +373,7 @@ def norm_reference(x: torch.Tensor, ep: Folded) -> torch.Tensor:
     return x if ep.norm_bias is None else x + ep.norm_bias
 
 
-@torch.library.custom_op("fxopt::gemv", mutates_args=())
+@library.define("gemv")
 def gemv_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
             residual: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None, eps: float = 0.0,
             glu: bool = False, norm_bias: torch.Tensor | None = None, layer_norm: bool = False,
@@ -383,7 +384,7 @@ def gemv_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     return gemv_reference(x, weight, bias, ep)
 
 
-@gemv_op.register_fake
+@library.register_fake(gemv_op)
 def _(x, weight, bias, residual=None, norm_weight=None, eps=0.0, glu=False, norm_bias=None, layer_norm=False,
       act="none"):
     return x.new_empty(x.shape[:-1] + (weight.shape[0] // 2 if glu else weight.shape[0],))

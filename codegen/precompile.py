@@ -23,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from fxopt import config
+from fxopt.codegen import tuning
 
 
 def _async_compile_mode():
@@ -59,7 +60,7 @@ def compile_in_parallel(max_workers: int | None = None):
         jit_cls.run = compile_only
         mode = mode_cls(pool)
         try:
-            with mode:
+            with mode, tuning.dry_run():
                 yield True
         finally:
             jit_cls.run = launch
@@ -106,8 +107,10 @@ def _load_on(device):
 
 
 # Each kernel family's own switch; FXOPT_AUTOTUNE turns on every family whose own variable is unset.
-AUTOTUNE_FAMILIES = ("attn_autotune", "rope_autotune", "fused_autotune", "gemv_autotune")  # fxopt.config knobs
+AUTOTUNE_FAMILIES = ("attn_autotune", "rope_autotune", "fused_autotune", "gemv_autotune",
+                     "swiglu_autotune")  # fxopt.config knobs
 AUTOTUNE_VARIABLES = ("FXOPT_AUTOTUNE", "FXOPT_ATTN_AUTOTUNE", "FXOPT_ROPE_AUTOTUNE", "FXOPT_FUSED_AUTOTUNE",
+                      "FXOPT_SWIGLU_AUTOTUNE",
                       "FXOPT_GEMV_AUTOTUNE")  # their environment variables
 
 

@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+from fxopt.codegen import library
 from fxopt.codegen.loader import ops_use_kernels
 from fxopt.codegen.pdl import launch_options, use_pdl
 from fxopt.codegen.tuning import TunedKernel
@@ -322,7 +323,7 @@ def rope_cache_write(cache: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, si
 # --------------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("fxopt::rope", mutates_args=())
+@library.define("rope")
 def rope_op(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     check_inputs(x, cos, sin)
     if ops_use_kernels(x):
@@ -332,7 +333,7 @@ def rope_op(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return out
 
 
-@rope_op.register_fake
+@library.register_fake(rope_op)
 def _(x, cos, sin):
     check_inputs(x, cos, sin)
     return new_output(x, result_dtype(x, cos, sin))

@@ -6,7 +6,13 @@ arguments), its tensor dtypes and its device. Without tuning the first pruned co
 an optimized model costs compiles, not a sweep. With the family's autotune knob on (FXOPT_AUTOTUNE or the
 family's own, on a GPU) each candidate is timed once per cache key with `do_bench`, the fastest is kept in
 memory and written to `<dump dir>/tuning/<family>.json` under the device's name, so a second process does not
-tune again. A repeated launch costs one key lookup.
+tune again.
+
+A repeated launch skips Triton's per-launch argument binding: the first launch with a given launch signature
+(every non-tensor argument's value, each tensor's dtype, device, shape and 16-byte alignment, the keyword
+arguments) records the compiled kernel, the grid and the constexpr tail of its arguments; later launches with
+that signature call the compiled kernel's launcher directly, as torch.compile's generated code does. A grid
+may depend only on the launch's arguments and tensor shapes (it is evaluated once per signature).
 
 The families: the generated fused kernels (codegen/fused_runtime.py), RoPE (codegen/rope.py), the decode GEMVs
 (codegen/gemv.py) and prefill attention (codegen/flash_attention.py). Flash-Decoding's split kernel has no
@@ -15,6 +21,7 @@ config list: its tiles follow from the plan it caches per cache shape (codegen/f
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from collections.abc import Callable, Sequence
@@ -23,13 +30,22 @@ from typing import Any
 
 import torch
 import triton
+from triton.runtime import driver
 from triton.testing import do_bench
 
 from fxopt import config as knobs
 
+try:  # Triton >= 3.4: host-side TMA descriptors
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover
+    TensorDescriptor = None
+
 WARMUP_MS, REP_MS = 5, 25  # configs differ by a few percent; compile time dominates a sweep
 
 Prune = Callable[..., list]  # prune(configs, named_args, **kwargs) -> the fitting configs, default first
+
+MAX_SIGNATURES = 4096  # direct launchers kept per kernel before the table starts over
+_DRY_RUNS = [0]  # > 0 inside `dry_run()`: launches go through Triton (which then only compiles)
 
 
 class TunedKernel:
@@ -46,16 +62,54 @@ class TunedKernel:
         self.arg_names = list(fn.arg_names)
         self.key_at = [(self.arg_names.index(name), name) for name in key]
         self.chosen: dict[tuple, tuple[triton.Config, dict]] = {}
+        self.direct: dict[tuple, DirectLaunch] = {}  # by launch_signature
 
     def __getitem__(self, grid):
         return lambda *args, **kwargs: self.run(grid, *args, **kwargs)
 
     def run(self, grid, *args, **kwargs):
+        signature = launch_signature(args, kwargs)
+        try:
+            direct = self.direct.get(signature)
+        except TypeError:  # an unhashable argument
+            direct = signature = None
+        if direct is not None and not _DRY_RUNS[0] and direct.device == driver.active.get_current_device():
+            return direct(args, self.arg_names)
         key = self.cache_key(args, kwargs)
         choice = self.chosen.get(key)
         if choice is None:
             choice = self.chosen[key] = _with_launch_kwargs(self.choose(key, grid, args, kwargs))
-        return self._launch(grid, choice, args, kwargs)
+        kernel = self._launch(grid, choice, args, kwargs)
+        if signature is not None and not _DRY_RUNS[0]:
+            self._remember(signature, kernel, grid, choice, args, kwargs)
+        return kernel
+
+    def _remember(self, signature, kernel, grid, choice, args, kwargs) -> None:
+        """Record a direct launcher for this signature when Triton gave a loaded compiled kernel (not in the
+        interpreter) and every argument past the positional ones has a value."""
+        if getattr(kernel, "function", None) is None or not hasattr(kernel, "packed_metadata"):
+            return
+        config, launch_kwargs = choice
+        params = getattr(self.fn, "params", None)
+        if params is None:
+            return
+        tail = []
+        for param in params[len(args):]:
+            if param.name in kwargs:
+                tail.append(kwargs[param.name])
+            elif param.name in launch_kwargs:
+                tail.append(launch_kwargs[param.name])
+            elif param.has_default:
+                tail.append(param.default)
+            else:
+                return
+        named = {**dict(zip(self.arg_names, args)), **kwargs, **launch_kwargs}
+        grid = tuple(grid(named) if callable(grid) else grid) + (1, 1)
+        if len(self.direct) >= MAX_SIGNATURES:
+            self.direct.clear()
+        hook_kwargs = {**kwargs, **launch_kwargs} if config.pre_hook is not None else None
+        self.direct[signature] = DirectLaunch(kernel, grid[:3], tuple(tail), config.pre_hook, hook_kwargs,
+                                              driver.active.get_current_device())
 
     def cache_key(self, args, kwargs) -> tuple:
         """The key arguments' values, the tensor arguments' dtypes and the device of the first tensor."""
@@ -108,6 +162,62 @@ class TunedKernel:
             return do_bench(lambda: self._launch(grid, choice, args, kwargs), warmup=WARMUP_MS, rep=REP_MS)
         except (triton.OutOfResources, triton.CompilationError):
             return math.inf
+
+
+class DirectLaunch:
+    """One launch signature's compiled kernel, grid and constexpr tail: a launch calls the kernel's launcher
+    with the positional arguments and the tail (Triton's own launch, minus its argument binding)."""
+
+    __slots__ = ("kernel", "grid", "tail", "pre_hook", "kwargs", "device")
+
+    def __init__(self, kernel, grid, tail, pre_hook, kwargs, device):
+        self.kernel, self.grid, self.tail, self.pre_hook, self.kwargs, self.device = (
+            kernel, grid, tail, pre_hook, kwargs, device)
+
+    def __call__(self, args, arg_names):
+        if self.pre_hook is not None:
+            self.pre_hook({**dict(zip(arg_names, args)), **self.kwargs})
+        kernel, (g0, g1, g2) = self.kernel, self.grid
+        enter, exit_ = _hook(triton.knobs.runtime.launch_enter_hook), _hook(triton.knobs.runtime.launch_exit_hook)
+        stream = driver.active.get_current_stream(self.device)
+        metadata = kernel.launch_metadata(self.grid, stream, *args, *self.tail) if enter is not None else None
+        kernel.run(g0, g1, g2, stream, kernel.function, kernel.packed_metadata, metadata, enter, exit_,
+                   *args, *self.tail)
+        return kernel
+
+
+def _hook(chain):
+    """A launch hook (Triton's HookChain) as the launcher takes it: None when nothing is registered."""
+    return None if chain is None or not getattr(chain, "calls", True) else chain
+
+
+def launch_signature(args, kwargs) -> tuple:
+    """What a compiled launch depends on besides tensor addresses: non-tensor values (Triton specialises ints
+    on their value), tensor dtypes, devices, shapes (a grid may read them) and 16-byte alignment (Triton
+    specialises pointers on it), TMA descriptors' layout, and the keyword arguments (constexprs). A launch
+    whose signature cannot be hashed always goes through Triton."""
+    parts = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            parts.append((a.dtype, a.get_device(), a.shape, a.data_ptr() % 16 == 0))
+        elif TensorDescriptor is not None and isinstance(a, TensorDescriptor):
+            base = a.base
+            parts.append((base.dtype, base.get_device(), tuple(a.shape), tuple(a.strides), tuple(a.block_shape),
+                          base.data_ptr() % 16 == 0))
+        else:
+            parts.append(a)
+    return tuple(parts), tuple(kwargs.items())
+
+
+@contextlib.contextmanager
+def dry_run():
+    """Inside the block every launch goes through Triton (codegen/precompile.py's compile-only launches) and
+    none is recorded."""
+    _DRY_RUNS[0] += 1
+    try:
+        yield
+    finally:
+        _DRY_RUNS[0] -= 1
 
 
 def tuned(configs: Sequence[triton.Config], key: Sequence[str], prune: Prune | None = None, *, family: str,

@@ -36,13 +36,37 @@ class OptimizedModule(torch.nn.Module):
         self.verification = ""  # what verify=True compared (empty when it did not run)
         # CUDA inputs: one CUDA graph per input-shape bucket, replayed (fxopt/cuda_graphs.py); None: plain calls
         self.graphs = GraphedForward(self.gm, name="optimized forward") if cuda_graphs else None
+        self._positional_names = _positional_names(signature)
+        self._checked: set = set()  # input signatures export's input checks have passed
 
     def forward(self, *args, **kwargs):
         if args and not self.positional and self.signature is not None:
-            args, kwargs = (), dict(self.signature.bind(*args, **kwargs).arguments)
+            args, kwargs = (), self._bind(args, kwargs)
         self._check_pinned(args, kwargs)
-        run = self.graphs if self.graphs is not None else self.gm
-        return run(*args, **{**self.fixed_kwargs, **kwargs})
+        kwargs = {**self.fixed_kwargs, **kwargs}
+        if self.graphs is not None:
+            return self.graphs(*args, **kwargs)
+        return self._call_graph(args, kwargs)
+
+    def _bind(self, args: tuple, kwargs: dict) -> dict:
+        """Positional arguments by the model's parameter names (what Signature.bind gives, without its cost)."""
+        names = self._positional_names
+        if names is None or len(args) > len(names) or any(name in kwargs for name in names[:len(args)]):
+            return dict(self.signature.bind(*args, **kwargs).arguments)  # its errors for a wrong call
+        return {**dict(zip(names, args)), **kwargs}
+
+    def _call_graph(self, args: tuple, kwargs: dict):
+        """The graph module's call: the first call with an input signature (shapes, dtypes, devices, other
+        values) runs torch.export's input checks and hooks; a repeated signature calls its code directly."""
+        signature = _input_signature(args, kwargs)
+        if signature is not None and signature in self._checked:
+            return self.gm.forward(*args, **kwargs)
+        out = self.gm(*args, **kwargs)
+        if signature is not None:
+            if len(self._checked) >= MAX_CHECKED_SIGNATURES:
+                self._checked.clear()
+            self._checked.add(signature)
+        return out
 
     def _check_pinned(self, args: tuple, kwargs: dict) -> None:
         """A clear error, before any work, for a call at a size the capture made static."""
@@ -70,6 +94,33 @@ class OptimizedModule(torch.nn.Module):
         if self.verification:
             lines.append(f"verify: {self.verification}")
         return "\n".join(lines)
+
+
+MAX_CHECKED_SIGNATURES = 1024
+
+
+def _positional_names(signature: inspect.Signature | None) -> list[str] | None:
+    """The names positional arguments bind to, when every parameter is positional-or-keyword (else None)."""
+    if signature is None:
+        return None
+    params = list(signature.parameters.values())
+    if any(p.kind is not inspect.Parameter.POSITIONAL_OR_KEYWORD for p in params):
+        return None
+    return [p.name for p in params]
+
+
+def _input_signature(args: tuple, kwargs: dict) -> tuple | None:
+    """What export's input checks depend on: each tensor's shape, dtype and device, the other values; None
+    when an input is neither a tensor nor a plain scalar (the checks then run at every call)."""
+    parts = []
+    for name, value in (*enumerate(args), *kwargs.items()):
+        if isinstance(value, torch.Tensor):
+            parts.append((name, value.shape, value.dtype, value.device))
+        elif value is None or isinstance(value, (bool, int, float, str)):
+            parts.append((name, type(value), value))
+        else:
+            return None
+    return tuple(parts)
 
 
 #: Why an op left in the optimized graph was not rewritten, by its cost kind.

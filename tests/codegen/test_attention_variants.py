@@ -102,7 +102,7 @@ def run_prefill(q, k, v, *, causal=True, key_padding_mask=None, q_offset=0, kv_l
         out = fa.flash_attention(q, k, v, causal=causal, key_padding_mask=key_padding_mask, q_offset=q_offset,
                                  kv_len=kv_len, **features)
     else:
-        out = fa._launch(q, k, v, causal=causal, scale=None, key_padding_mask=key_padding_mask, q_offset=q_offset,
+        out = fa.launch(q, k, v, causal=causal, scale=None, key_padding_mask=key_padding_mask, q_offset=q_offset,
                          kv_len=kv_len, tile=tile, tma=tma, **features)
     slopes = features.get("alibi_slopes")
     band = check_against_oracle(

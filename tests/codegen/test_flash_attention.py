@@ -66,7 +66,7 @@ def check(q, k, v, *, causal, key_padding_mask=None, q_offset=0, kv_len=None, sc
         out = flash_attention(q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask,
                               q_offset=q_offset, kv_len=kv_len)
     else:
-        out = fa._launch(q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask,
+        out = fa.launch(q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask,
                          q_offset=q_offset, kv_len=kv_len, tile=tile, tma=tma)
     ref64 = attention_reference(q.double(), k.double(), v.double(), causal=causal, scale=scale,
                                 key_padding_mask=mask, q_offset=q_offset)

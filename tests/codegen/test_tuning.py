@@ -1,6 +1,7 @@
 """codegen/tuning.py: one config per key, timed once per key and device when tuning, cached on disk."""
 
 import math
+import types
 
 import pytest
 import torch
@@ -150,3 +151,119 @@ def test_gemv_candidates_put_the_default_first_with_its_even_k_flag():
     for c in (first, *rest):
         assert c.kwargs["EVEN_K"] == (k % c.kwargs["BLOCK_K"] == 0)
     assert len({gemv._tile(c) for c in (first, *rest)}) == len(rest) + 1
+
+
+# ----------------------------------------------------------------------------- direct launches
+
+
+class FakeParam:
+    def __init__(self, name, default=None, has_default=False):
+        self.name, self.default, self.has_default = name, default, has_default
+
+
+class FakeCompiled:
+    """What Triton's launch returns: a loaded kernel whose launcher `run` the direct path calls."""
+
+    function = "cu-function"
+    packed_metadata = ("meta",)
+
+    def __init__(self):
+        self.runs = []
+
+    def launch_metadata(self, grid, stream, *args):
+        return None
+
+    def run(self, *args):
+        self.runs.append(args)
+
+
+class CompilingKernel(FakeKernel):
+    """A FakeKernel with parameters (the last one defaulted) that returns one compiled kernel per launch."""
+
+    arg_names = ["x_ptr", "n", "FLAG", "BLOCK", "EXTRA"]
+    params = [FakeParam("x_ptr"), FakeParam("n"), FakeParam("FLAG"), FakeParam("BLOCK"),
+              FakeParam("EXTRA", default=7, has_default=True)]
+
+    def __init__(self):
+        super().__init__()
+        self.compiled = FakeCompiled()
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append((grid, args, kwargs))
+            return self.compiled
+
+        return launch
+
+
+@pytest.fixture
+def fake_driver(monkeypatch):
+    class Active:
+        device = 0
+
+        def get_current_device(self):
+            return self.device
+
+        def get_current_stream(self, device):
+            return f"stream{device}"
+
+    active = Active()
+    monkeypatch.setattr(tuning, "driver", types.SimpleNamespace(active=active))
+    return active
+
+
+def test_a_repeated_signature_calls_the_compiled_launcher_with_the_constexpr_tail(fake_driver):
+    fn = CompilingKernel()
+    hooked = []
+    configs = [triton.Config({"BLOCK": 64}, num_warps=4, pre_hook=lambda named: hooked.append(named["BLOCK"]))]
+    kernel = TunedKernel(fn, configs, key=["n"], family="test")
+    x = torch.empty(64)
+    grid = lambda meta: (triton.cdiv(meta["n"], meta["BLOCK"]), 3)  # noqa: E731
+    kernel[grid](x, 200, FLAG=True)
+    assert len(fn.launches) == 1 and fn.compiled.runs == []
+    kernel[grid](x, 200, FLAG=True)  # same signature: Triton's launch is skipped
+    y = torch.empty(64)  # another tensor of the same dtype, shape and alignment: same signature
+    kernel[grid](y, 200, FLAG=True)
+    assert len(fn.launches) == 1
+    assert fn.compiled.runs == [
+        (4, 3, 1, "stream0", "cu-function", ("meta",), None, None, None, t, 200, True, 64, 7) for t in (x, y)]
+    assert hooked == [64, 64, 64]  # the config's pre-hook ran on every launch
+
+
+def test_a_new_value_alignment_or_device_goes_through_triton(fake_driver):
+    fn = CompilingKernel()
+    kernel = TunedKernel(fn, CONFIGS[:1], key=["n"], family="test")
+    x = torch.empty(64)
+    kernel[(1,)](x, 16, FLAG=False)
+    kernel[(1,)](x, 17, FLAG=False)  # an int's value (Triton specialises on it)
+    kernel[(1,)](x, 16, FLAG=True)  # a constexpr
+    kernel[(1,)](x[1:], 16, FLAG=False)  # 4 bytes past a 16-byte boundary
+    kernel[(1,)](x.half(), 16, FLAG=False)  # a dtype
+    kernel[(1,)](x[4:], 16, FLAG=False)  # 16 bytes in: aligned, but another shape
+    assert len(fn.launches) == 6 and fn.compiled.runs == []
+    kernel[(1,)](x, 16, FLAG=False)
+    assert len(fn.launches) == 6 and len(fn.compiled.runs) == 1
+    fake_driver.device = 1
+    kernel[(1,)](x, 16, FLAG=False)  # another current device
+    assert len(fn.launches) == 7 and len(fn.compiled.runs) == 1
+
+
+def test_no_direct_launch_is_recorded_or_used_in_a_dry_run(fake_driver):
+    fn = CompilingKernel()
+    kernel = TunedKernel(fn, CONFIGS[:1], key=["n"], family="test")
+    x = torch.empty(64)
+    with tuning.dry_run():
+        kernel[(1,)](x, 16, FLAG=False)
+    assert kernel.direct == {}
+    kernel[(1,)](x, 16, FLAG=False)
+    with tuning.dry_run():
+        kernel[(1,)](x, 16, FLAG=False)
+    assert len(fn.launches) == 3 and fn.compiled.runs == []
+
+
+def test_the_interpreter_records_nothing():
+    fn = FakeKernel()  # its launches return None, as the interpreter's do
+    kernel = TunedKernel(fn, CONFIGS[:1], key=["n_bucket"], family="test")
+    for _ in range(2):
+        kernel[(1,)](X, 3, 4)
+    assert len(fn.launches) == 2 and kernel.direct == {}

@@ -61,7 +61,7 @@ def check_flash(q, k, v, *, causal, key_padding_mask=None, q_offset=0, kv_len=No
     if tile is None and tma is None:
         out = flash_attention(q, k, v, **kwargs)
     else:
-        out = fa._launch(q, k, v, scale=None, tile=tile, tma=tma, **kwargs)
+        out = fa.launch(q, k, v, scale=None, tile=tile, tma=tma, **kwargs)
     ref64 = attention_reference(q.double(), k.double(), v.double(), causal=causal, key_padding_mask=key_mask,
                                 q_offset=q_offset)
     # the output is dense in q's memory order: (b, s, h, d) when q is a head-transposed view
@@ -364,7 +364,7 @@ def test_flash_attention_variants(b, hq, hkv, sq, skv, d, layout, causal, q_offs
     if tma is None:
         out = flash_attention(q, k, v, causal=causal, key_padding_mask=mask, q_offset=offs, kv_len=lens, **kw)
     else:
-        out = fa._launch(q, k, v, causal=causal, scale=None, key_padding_mask=mask, q_offset=offs, kv_len=lens,
+        out = fa.launch(q, k, v, causal=causal, scale=None, key_padding_mask=mask, q_offset=offs, kv_len=lens,
                          tma=tma, **kw)
     offs_t = offs if isinstance(offs, torch.Tensor) else torch.full((b,), offs, device=DEVICE)
     pos = offs_t.long()[:, None] + torch.arange(sq, device=DEVICE)[None, :]
@@ -393,7 +393,7 @@ def test_every_tuning_tile_with_variants(tile, tma):
     offs = torch.tensor([217, 0], device=DEVICE)
     slopes = alibi_slopes(hq)
     try:
-        out = fa._launch(q, k, v, causal=True, scale=None, key_padding_mask=None, q_offset=offs, kv_len=None,
+        out = fa.launch(q, k, v, causal=True, scale=None, key_padding_mask=None, q_offset=offs, kv_len=None,
                          window=150, softcap=4.0, alibi_slopes=slopes, tile=tile, tma=tma)
     except OutOfResources as err:
         pytest.skip(f"tile does not fit this GPU ({err}); the autotuner skips it too")

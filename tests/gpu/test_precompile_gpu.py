@@ -9,7 +9,7 @@ import torch
 
 import fxopt
 from fxopt import models
-from fxopt.codegen import precompile
+from fxopt.codegen import loader, precompile
 from fxopt.numerics import float64_copy, within_tolerance
 
 pytestmark = [
@@ -28,6 +28,9 @@ def test_first_call_after_optimize_compiles_nothing(monkeypatch, name):
     from triton.compiler.compiler import CompiledKernel
     from triton.runtime.jit import JITFunction
 
+    # fresh generated modules: kernels an earlier test compiled in this process (regions of the same code
+    # share one module) would otherwise leave the dry call nothing to compile
+    monkeypatch.setattr(loader, "_MODULES", {})
     torch.manual_seed(0)
     model = models.build(name, device="cuda", dtype=torch.float32)
     ids = torch.randint(0, model.config.vocab_size, (2, 48), device="cuda")
