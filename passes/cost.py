@@ -22,6 +22,7 @@ from torch import fx
 from fxopt.codegen import (
     attention_op,  # noqa: F401 - registers torch.ops.fxopt.attention
     epilogue,  # noqa: F401 - registers torch.ops.fxopt.linear_gelu_tanh
+    swiglu_gemm,  # noqa: F401 - registers torch.ops.fxopt.linear_swiglu
 )
 from fxopt.codegen import gemv as gemv_op  # noqa: F401 - registers torch.ops.fxopt.gemv
 from fxopt.codegen import rope as rope_op  # noqa: F401 - registers torch.ops.fxopt.rope, rope_cache_write
@@ -134,6 +135,14 @@ def matmul_cost(ctx: PassContext, node: fx.Node) -> Cost:
     if first.meta["val"].dim() == 1:  # vector @ matrix
         k = ctx.named(first.meta["val"].shape[0])
     return io_cost(ctx, node, 2 * numel(ctx, out) * k, "matmul")
+
+
+def linear_swiglu_cost(ctx: PassContext, node: fx.Node) -> Cost:
+    """fxopt::linear_swiglu(x, [W_gate; W_up]): both halves' GEMMs, 2·2·(output elements)·K; the epilogue's
+    silu and product are not counted (as the GELU epilogue's). Bytes: x and W read, the product written."""
+    out = tensor_vals(node.meta["val"])[0]
+    k = ctx.named(node.args[0].meta["val"].shape[-1])
+    return io_cost(ctx, node, 4 * numel(ctx, out) * k, "matmul")
 
 
 def gemv_cost(ctx: PassContext, node: fx.Node) -> Cost:
@@ -390,6 +399,7 @@ _RULES: dict[object, Callable[[PassContext, fx.Node], Cost]] = {
     _op("scaled_dot_product_attention.default"): sdpa_cost,
     torch.ops.fxopt.attention.default: fxopt_attention_cost,
     torch.ops.fxopt.linear_gelu_tanh.default: matmul_cost,  # the GEMM's FLOPs; the epilogue's are not counted
+    torch.ops.fxopt.linear_swiglu.default: linear_swiglu_cost,
     torch.ops.fxopt.cached_attention.default: cached_attention_cost,
     torch.ops.fxopt.cache_write.default: cache_write_cost,
     torch.ops.fxopt.rope.default: rope_cost,

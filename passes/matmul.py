@@ -1091,15 +1091,68 @@ def fold_gelu_epilogue(rw: Rewriter, m: EpilogueMatch) -> None:
     rw.drop_if_unused(m.act, m.linear)
 
 
+@dataclass
+class SwigluMatch:
+    """linear(x, [W_gate; W_up]) -> silu(out[..., :F]) * out[..., F:]: what fuse_siblings leaves of a SwiGLU MLP."""
+
+    linear: fx.Node
+    nodes: list[fx.Node]  # slice(gate), slice(up), silu, mul: the mul's uses read the fold's output
+
+
+def swiglu_after_linear(gm: fx.GraphModule) -> list[SwigluMatch]:
+    matches = []
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target is not LINEAR or len(node.users) != 2:
+            continue
+        n = _val(node).shape[-1]
+        halves = sorted((_last_dim_slice_of(u, node) or (-1, -1), u.name, u) for u in node.users)
+        if [h[0] for h in halves] != [(0, n // 2), (n // 2, n)]:
+            continue
+        gate, up = halves[0][2], halves[1][2]
+        silu = only_user(gate)
+        mul = only_user(silu) if silu is not None and silu.target is aten.silu.default else None
+        if mul is not None and mul.target is aten.mul.Tensor and set(mul.args) == {silu, up} and len(up.users) == 1:
+            matches.append(SwigluMatch(node, [gate, up, silu, mul]))
+    return matches
+
+
+def check_swiglu_epilogue(rw: Rewriter, m: SwigluMatch) -> str | None:
+    from fxopt import config
+    from fxopt.codegen import swiglu_gemm
+
+    if not config.get("swiglu_gemm"):
+        return "FXOPT_SWIGLU_GEMM is off (the Triton GEMM runs only where it measured faster: codegen/swiglu_gemm.py)"
+    args = list(m.linear.args) + [None] * (3 - len(m.linear.args))
+    if args[2] is not None:
+        return "the gate/up projection has a bias"
+    x, weight = (_val(a) if isinstance(a, fx.Node) else a for a in args[:2])
+    if not all(isinstance(t, torch.Tensor) for t in (x, weight)):
+        return "operands are not tensors"
+    return swiglu_gemm.supports(x, weight)
+
+
+def fold_swiglu_epilogue(rw: Rewriter, m: SwigluMatch) -> None:
+    *_, mul = m.nodes
+    with rw.gm.graph.inserting_before(mul):
+        node = rw.call(torch.ops.fxopt.linear_swiglu.default, tuple(m.linear.args[:2]), like=m.linear)
+    mul.replace_all_uses_with(node)
+    for dead in reversed(m.nodes):
+        rw.gm.graph.erase_node(dead)
+    rw.drop_if_unused(m.linear)
+
+
 EPILOGUE_RULES: tuple[Rule, ...] = (
     # bias + GELU(tanh) in the cuBLASLt GEMM's epilogue: the activation written once, not three times
     Rule("gelu_tanh_epilogue", gelu_tanh_after_linear, check_gelu_epilogue, fold_gelu_epilogue),
+    # silu(gate) * up in a Triton GEMM's epilogue (cuBLASLt has no gated one): the product written once
+    Rule("swiglu_epilogue", swiglu_after_linear, check_swiglu_epilogue, fold_swiglu_epilogue),
 )
 
 
 def run_epilogues(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     """EPILOGUE_RULES over the forward program (after `run`): counts per rule."""
     import fxopt.codegen.epilogue  # noqa: F401  (registers torch.ops.fxopt.linear_gelu_tanh)
+    import fxopt.codegen.swiglu_gemm  # noqa: F401  (registers torch.ops.fxopt.linear_swiglu)
 
     return run_rules(gm, ctx, EPILOGUE_RULES, _describe, "matmul")[0]
 
@@ -1112,6 +1165,8 @@ def run_decode(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
 def _describe(match) -> str:
     if isinstance(match, WeightMatmul):
         return match.node.name
+    if isinstance(match, SwigluMatch):
+        return match.linear.name
     if isinstance(match, (GluMatch, ActMatch, ResidualMatch, NormMatch, LayerNormMatch, HeadsMatch)):
         return match.gemv.name
     if isinstance(match, fx.Node):
