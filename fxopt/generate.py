@@ -33,7 +33,7 @@ import torch.distributed as dist
 from fxopt import models, numerics, pipeline, zoo
 from fxopt.capture import capture
 from fxopt.cli_args import DTYPES, MODEL_HELP, nonnegative_int, positive_int
-from fxopt.codegen.greedy import greedy_pick
+from fxopt.codegen.greedy import greedy_pick, sample_pick
 from fxopt.errors import GenerationError, UserError, check_output, require_cuda  # noqa: F401  (GenerationError: re-exported)
 from fxopt.hardware import measure_copy_bandwidth
 from fxopt.passes import kv_cache as kv
@@ -85,12 +85,16 @@ def batch_buckets(max_batch: int) -> list[int]:
 class _DecodeGraph:
     """The decode step for one batch bucket, captured in a CUDA graph over static buffers.
 
-    Besides the step itself the graph takes each row's greedy pick (codegen/greedy.py), feeds it back as the
-    next step's input (`ids`), records it in `history` at its position and advances the slot: greedy generation
-    is then one replay per token with nothing in between, no host op and no sync."""
+    Besides the step itself the graph takes each row's pick (codegen/greedy.py), feeds it back as the next
+    step's input (`ids`), records it in `history` at its position and advances the slot: generation is then one
+    replay per token with nothing in between, no host op and no sync. The pick is greedy, or with `sampling`
+    (a Sampler) a draw after its temperature / top-k / top-p, from Philox noise keyed by the device-side
+    `seed`, the position and the row (no generator state for the graph to capture)."""
 
-    def __init__(self, gen: Generator, bucket: int):
+    def __init__(self, gen: Generator, bucket: int, sampling: Sampler | None = None):
         self.bucket = bucket
+        self.sampling = sampling
+        self.seed = torch.zeros((), dtype=torch.long, device=gen.device)
         self.ids = torch.zeros(bucket, 1, dtype=torch.long, device=gen.device)
         self.kv_start = torch.zeros(bucket, dtype=torch.long, device=gen.device)
         self.history = torch.zeros(bucket, gen.max_seq_len + 1, dtype=torch.long, device=gen.device)
@@ -103,7 +107,11 @@ class _DecodeGraph:
     def _step(self) -> torch.Tensor:
         slot = self.gen._slot
         logits = self.program(self.ids, slot, self.kv_start, *self.caches)  # (bucket, 1, vocab)
-        greedy_pick(logits[:, -1], self.ids, self.history, slot)  # ids <- argmax, history[:, slot + 1] too
+        if self.sampling is None:
+            greedy_pick(logits[:, -1], self.ids, self.history, slot)  # ids <- argmax, history[:, slot + 1] too
+        else:
+            scores, inv_temperature = self.sampling.scores(logits[:, -1])
+            sample_pick(scores, self.ids, self.history, slot, self.seed, inv_temperature)
         slot.add_(1)
         return logits
 
@@ -166,7 +174,7 @@ class Generator:
         self._slot = torch.zeros((), dtype=torch.long, device=self.device)  # next cache slot, device side
         self._slot_holds = 0  # what _slot holds (graph replays advance it on the device)
         self._graph_pool = torch.cuda.graph_pool_handle() if self.use_cuda_graph else None
-        self._graphs: dict[int, _DecodeGraph] = {}
+        self._graphs: dict[tuple, _DecodeGraph] = {}  # by (batch bucket, sampling settings or None)
         self.captures = 0  # CUDA-graph captures so far (one per batch bucket used)
         self.stats = GenerationStats()
         self.reset()
@@ -337,12 +345,13 @@ class Generator:
             self._slot.fill_(value)
             self._slot_holds = value
 
-    def _graph(self, b: int) -> _DecodeGraph:
-        """The CUDA-graphed step of the smallest batch bucket that holds b rows."""
+    def _graph(self, b: int, sampling: Sampler | None = None) -> _DecodeGraph:
+        """The CUDA-graphed step of the smallest batch bucket that holds b rows (with this sampling's pick)."""
         bucket = next(size for size in batch_buckets(self.max_batch) if size >= b)
-        graph = self._graphs.get(bucket)
+        key = (bucket, sampling.settings if sampling is not None else None)
+        graph = self._graphs.get(key)
         if graph is None:
-            graph = self._graphs[bucket] = _DecodeGraph(self, bucket)
+            graph = self._graphs[key] = _DecodeGraph(self, bucket, sampling)
             graph.kv_start[:b].copy_(self.kv_start)
         return graph
 
@@ -362,13 +371,15 @@ class Generator:
         self.length += n
         return logits
 
-    def _greedy_replays(self, first: torch.Tensor, steps: int) -> torch.Tensor:
-        """`steps` greedy tokens after `first` (b,), each one graph replay that feeds itself: (b, steps)."""
+    def _replays(self, first: torch.Tensor, steps: int, sampler: Sampler) -> torch.Tensor:
+        """`steps` tokens after `first` (b,), each one graph replay that feeds itself: (b, steps). Greedy, or
+        drawn as `sampler` says from its seed."""
         b = first.shape[0]
         if steps == 0:
             return first.new_empty(b, 0)
         self._set_slot(self.length)
-        graph = self._graph(b)
+        graph = self._graph(b, sampler if sampler.do_sample else None)
+        graph.seed.fill_(sampler.seed)
         graph.ids[:b].copy_(first[:, None])
         for _ in range(steps):
             graph.run()
@@ -443,14 +454,14 @@ class Generator:
         sync()
         start = time.perf_counter()
         logits = self.prefill(input_ids, attention_mask)
-        fed = sampler(logits)  # what the next step reads; a finished row keeps feeding valid ids
+        fed = sampler(logits, position=s)  # what the next step reads; a finished row keeps feeding valid ids
         finished = torch.isin(fed, eos) if eos.numel() else None
         sync()
         mid = time.perf_counter()
-        if self.use_cuda_graph and not sampler.do_sample and finished is None:
-            # greedy with no stop token: every later token comes from graph replays alone, no host op between
+        if self.use_cuda_graph and finished is None:
+            # no stop token: every later token (greedy or sampled) comes from graph replays alone, no host op
             steps = max_new_tokens - 1
-            new = torch.cat([fed[:, None], self._greedy_replays(fed, steps)], dim=1)
+            new = torch.cat([fed[:, None], self._replays(fed, steps, sampler)], dim=1)
         else:
             steps, new = self._decode_loop(fed, max_new_tokens - 1, sampler, finished, eos, pad_id)
         sync()
@@ -468,7 +479,7 @@ class Generator:
                 break
             logits = self._decode(fed[:, None])[:, -1]
             taken += 1
-            fed = sampler(logits)
+            fed = sampler(logits, position=self.length)  # the token after the one fed
             if finished is None:
                 tokens.append(fed)
             else:
@@ -485,6 +496,7 @@ class Sampler:
     top_k: int | None = None
     top_p: float | None = None
     generator: torch.Generator | None = None
+    seed: int = 0  # the decode graph's draws (codegen/greedy.py's sample_pick) are keyed by it
 
     @classmethod
     def make(cls, do_sample, temperature, top_k, top_p, seed, device) -> Sampler:
@@ -499,13 +511,37 @@ class Sampler:
             raise GenerationError(f"top_k must be >= 1, got {top_k}")
         if top_p is not None and not 0 < top_p <= 1:
             raise GenerationError(f"top_p must be in (0, 1], got {top_p}")
+        seed = int(seed) if seed is not None else int(torch.seed() % 2**62)
         generator = torch.Generator(device=device)
-        generator.manual_seed(int(seed) if seed is not None else int(torch.seed() % 2**63))
-        return cls(True, temperature, top_k, top_p, generator)
+        generator.manual_seed(seed)
+        return cls(True, temperature, top_k, top_p, generator, seed)
 
-    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+    @property
+    def settings(self) -> tuple:
+        """What a decode graph's captured pick depends on (the seed is a device tensor it reads)."""
+        return self.temperature, self.top_k, self.top_p
+
+    def scores(self, logits: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """(scores, inverse temperature) for sample_pick: the logits as they are when only the temperature
+        applies (the kernel scales them), else the filtered fp32 logits (temperature applied)."""
+        if self.top_k is None and self.top_p is None:
+            return logits, 1.0 / self.temperature
+        return self.filtered_logits(logits), 1.0
+
+    def __call__(self, logits: torch.Tensor, position: int | None = None) -> torch.Tensor:
+        """Each row's next token (rows,), for the token at `position`. On a GPU a draw is sample_pick's, keyed
+        by (seed, position, row) as the decode graph's, so a seed gives the same tokens with or without graph
+        replays; elsewhere (or without a position) torch.multinomial from the seeded generator."""
         if not self.do_sample:
             return logits.argmax(dim=-1)
+        if logits.is_cuda and position is not None:
+            rows = logits.shape[0]
+            ids = torch.empty(rows, 1, dtype=torch.long, device=logits.device)
+            history = torch.empty(rows, position + 1, dtype=torch.long, device=logits.device)
+            slot = torch.tensor(position - 1, device=logits.device)  # the pick is for the position after slot
+            scores, inv_temperature = self.scores(logits)
+            sample_pick(scores, ids, history, slot, torch.tensor(self.seed, device=logits.device), inv_temperature)
+            return ids[:, 0]
         return self.sample(logits)
 
     def filtered_logits(self, logits: torch.Tensor) -> torch.Tensor:

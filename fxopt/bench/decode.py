@@ -20,9 +20,11 @@ batch 1 / prompt 8192 / 256 new. Per row and config:
   weights/s   bytes of weights one decode step must stream (every weight once; embedding tables only the
               rows looked up) per second, and as % of the copy bandwidth measured in the same run
   KV/s        K/V bytes a step reads (mean cache length over the generation) per second
-Greedy decoding with eos disabled; `match` is the share of each row's tokens equal to HF static+compile's
-(eager recompute's where there is no HF row), `agree` the steps before the first token that differs in any
-sequence (bf16: a near-tie can flip a token and the continuation with it, so `match` alone says little).
+Greedy decoding with eos disabled (the rows fxopt-sampled and fxopt-temperature, asked for by --rows, sample
+in fxopt's replayed graph: temperature 0.8, top-k 50, top-p 0.95 / temperature 0.8 alone); `match` is the
+share of each row's tokens equal to HF static+compile's (eager recompute's where there is no HF row), `agree`
+the steps before the first token that differs in any sequence (bf16: a near-tie can flip a token and the
+continuation with it, so `match` alone says little).
 
     python -m fxopt.bench.decode                                # everything above, json to bench_decode.json
     python -m fxopt.bench.decode --configs 1x512x256 --rows fxopt,hf-static-compile
@@ -51,6 +53,9 @@ from fxopt.progress import stage
 from fxopt.zoo import _parse_value
 
 ROWS = ("eager-recompute", "hf-eager-cache", "hf-static-compile", "fxopt", "fxopt-unfused")
+# sampled generation in fxopt's replayed graph, timed against its greedy row (not in the default rows)
+SAMPLED_ROWS = {"fxopt-sampled": dict(temperature=0.8, top_k=50, top_p=0.95),
+                "fxopt-temperature": dict(temperature=0.8)}
 REFERENCE_ROW = "hf-static-compile"
 DEFAULT_CONFIGS = ((1, 512, 256), (8, 512, 256), (1, 8192, 256))
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -188,6 +193,7 @@ def _row_functions(model, hf, gen: Generator, plain: Generator, ids: torch.Tenso
         "eager-recompute": lambda n: _recompute_generate(model, ids, n),
         "fxopt": lambda n: gen.generate(ids, n),
         "fxopt-unfused": lambda n: plain.generate(ids, n),
+        **{row: (lambda n, kw=kw: gen.generate(ids, n, seed=0, **kw)) for row, kw in SAMPLED_ROWS.items()},
     }
     if hf is not None:
         from transformers import CompileConfig
@@ -276,7 +282,7 @@ def run(model_name: str = "llama-1b-like", *, dtype: str = "bf16", configs=DEFAU
             if ref is not None and m.tokens_per_s == m.tokens_per_s:
                 m.ratio_vs_ref = m.tokens_per_s / ref.tokens_per_s
             match_ref = REFERENCE_ROW if REFERENCE_ROW in tokens else "eager-recompute"
-            if match_ref in tokens and m.row in tokens:
+            if match_ref in tokens and m.row in tokens and m.row not in SAMPLED_ROWS:
                 a, b = tokens[m.row][:, prompt:], tokens[match_ref][:, prompt:]
                 n = min(a.shape[1], b.shape[1])
                 m.match = float((a[:, :n] == b[:, :n]).float().mean())
@@ -343,7 +349,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="weights and caches")
     parser.add_argument("--configs", default=",".join(f"{b}x{p}x{n}" for b, p, n in DEFAULT_CONFIGS),
                         help="batch x prompt x new, comma separated")
-    parser.add_argument("--rows", default=",".join(ROWS), help=f"any of {', '.join(ROWS)}")
+    parser.add_argument("--rows", default=",".join(ROWS), help=f"any of {', '.join(ROWS + tuple(SAMPLED_ROWS))}")
     parser.add_argument("--repeat", type=positive_int, default=3, help="timed generate() calls per figure")
     parser.add_argument("--recompute-steps", type=nonnegative_int, default=32,
                         help="time eager recompute over this many new tokens (0: all)")
@@ -373,9 +379,9 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"bad --override {bad[0]!r}", "write field=value, e.g. --override n_layers=2")
         overrides = dict((k, _parse_value(v)) for k, v in (o.split("=", 1) for o in args.override))
         rows = tuple(r.strip() for r in args.rows.split(",") if r.strip())
-        unknown = set(rows) - set(ROWS)
+        unknown = set(rows) - set(ROWS) - set(SAMPLED_ROWS)
         if unknown:
-            parser.error(f"unknown rows {sorted(unknown)}; choose from {ROWS}")
+            parser.error(f"unknown rows {sorted(unknown)}; choose from {ROWS + tuple(SAMPLED_ROWS)}")
         try:
             configs = _parse_configs(args.configs)
         except ValueError:

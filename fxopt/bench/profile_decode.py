@@ -85,7 +85,7 @@ def profile_variant(model, *, batch: int, prompt: int, new: int, matmul: bool, r
     logits = gen.prefill(ids)
     gen.decode_step(logits.argmax(-1)[:, None])
     bucket = next(size for size in batch_buckets(gen.max_batch) if size >= batch)
-    step = gen._graphs[bucket]
+    step = gen._graphs[(bucket, None)]  # the greedy step
     gen._slot.fill_(gen.length)  # each replay advances the device-side slot: every loop starts from this one
     for _ in range(10):
         step.graph.replay()

@@ -70,12 +70,18 @@ def test_reference_is_argmax_copy_and_index_copy():
 _AOT_SCRIPT = r"""
 from fxopt.codegen import greedy as G
 
-ints = {"vocab": "i32", "stride_lr": "i32", "stride_ir": "i32", "stride_hr": "i32"}
+scalars = {"vocab": "i32", "stride_lr": "i32", "stride_ir": "i32", "stride_hr": "i32", "inv_temperature": "fp32",
+           "chunk": "i32", "n_chunks": "i32", "best_ptr": "*fp32", "best_at_ptr": "*i32"}
 for ptr in ("*bf16", "*fp32"):
-    signature = {p.name: ints.get(p.name, ptr if p.name == "logits_ptr" else "*i64")
-                 for p in G._greedy_pick_kernel.params if not p.is_constexpr}
-    compile_sm90(G._greedy_pick_kernel, signature, dict(BLOCK_V=G.BLOCK_V), num_warps=G.NUM_WARPS)
-    print("compiled greedy", ptr)
+    for sample in (False, True):
+        signature = {p.name: scalars.get(p.name, ptr if p.name == "logits_ptr" else "*i64")
+                     for p in G._pick_chunks_kernel.params if not p.is_constexpr}
+        compile_sm90(G._pick_chunks_kernel, signature, dict(BLOCK_V=G.BLOCK_V, SAMPLE=sample),
+                     num_warps=G.NUM_WARPS)
+        print("compiled greedy", ptr, sample)
+signature = {p.name: scalars.get(p.name, "*i64") for p in G._pick_rows_kernel.params if not p.is_constexpr}
+compile_sm90(G._pick_rows_kernel, signature, dict(BLOCK_C=64), num_warps=1)
+print("compiled greedy rows")
 """
 
 
@@ -83,4 +89,39 @@ def test_greedy_kernel_compiles_for_sm90_without_a_gpu(tmp_path):
     """The interpreter tests above never lower the kernel: compile it for sm_90 as the decode graph launches it."""
     from aot_sm90 import run_script
 
-    assert run_script(tmp_path, "aot_greedy", _AOT_SCRIPT).count("compiled greedy") == 2
+    assert run_script(tmp_path, "aot_greedy", _AOT_SCRIPT).count("compiled greedy") == 5
+
+
+def _sample(logits, slot, seed, inv_temperature=1.0):
+    rows = logits.shape[0]
+    ids = torch.full((rows, 1), -7, dtype=torch.long)
+    history = torch.full((rows, 20), -7, dtype=torch.long)
+    greedy.sample_pick(logits, ids, history, torch.tensor(slot), torch.tensor(seed), inv_temperature)
+    return ids, history
+
+
+@interpreted
+@pytest.mark.parametrize("inv_temperature", [1.0, 0.5])
+def test_sampled_tokens_follow_softmax(monkeypatch, inv_temperature):
+    monkeypatch.setattr(greedy, "BLOCK_V", 4)  # the 6-token vocabulary spans two chunks
+    probs = torch.tensor([0.4, 0.25, 0.15, 0.1, 0.07, 0.03])
+    logits = torch.log(probs).expand(1000, 6).contiguous()
+    logits[:, 5] = float("-inf")  # filtered out (top-k / top-p): never drawn
+    ids, history = _sample(logits, slot=3, seed=11, inv_temperature=inv_temperature)
+    assert torch.equal(history[:, 4], ids[:, 0]) and (history[:, :4] == -7).all()
+    freq = torch.bincount(ids[:, 0], minlength=6).float() / ids.numel()
+    want = torch.softmax(torch.log(probs[:5]) * inv_temperature, dim=0)
+    torch.testing.assert_close(freq, torch.cat([want, torch.zeros(1)]), atol=0.047, rtol=0)  # 3 sigma at 1000
+
+
+@interpreted
+def test_a_seed_and_position_fix_the_draw():
+    logits = torch.randn(64, 50)
+    first, _ = _sample(logits, slot=5, seed=3)
+    again, _ = _sample(logits, slot=5, seed=3)
+    other_seed, _ = _sample(logits, slot=5, seed=4)
+    other_position, _ = _sample(logits, slot=6, seed=3)
+    assert torch.equal(first, again)
+    assert not torch.equal(first, other_seed) and not torch.equal(first, other_position)
+    picked_by_row = [int(first[r]) for r in range(64)]
+    assert len(set(picked_by_row)) > 5  # rows draw independently

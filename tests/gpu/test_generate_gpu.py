@@ -146,3 +146,21 @@ def test_decode_step_uses_flash_decoding_with_kv_start(monkeypatch):
     gen.decode_step(ids[:, :1])
     assert len(calls) == model.config.n_layers
     assert all(c is not None and c.tolist() == [4, 0] for c in calls)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("settings", [dict(temperature=0.8), dict(temperature=0.9, top_k=20, top_p=0.9)])
+def test_sampling_in_the_replayed_graph_equals_the_host_loop(settings):
+    """Sampled generate() without a stop token draws in the replayed graph (Philox keyed by seed, position and
+    row); with a stop token that never comes (-1) it draws on the host each step: the same tokens for a seed,
+    other tokens for another seed; top-k 1 is greedy."""
+    model = models.build("llama-tiny", device=DEVICE)
+    gen = build_generator(model, model.example_inputs(1, 8), max_seq_len=96, max_batch=4)
+    ids = model.example_inputs(3, 11, seed=4)["input_ids"]
+    graphed = gen.generate(ids, 40, seed=7, **settings)
+    assert torch.equal(graphed, gen.generate(ids, 40, seed=7, eos_token_id=-1, **settings))  # the greedy graph's
+    captures = gen.captures  # logits, picked on the host: a second capture
+    assert torch.equal(graphed, gen.generate(ids, 40, seed=7, **settings))
+    assert not torch.equal(graphed, gen.generate(ids, 40, seed=8, **settings))
+    assert gen.captures == captures  # one graph per (bucket, settings): the seed is a device tensor it reads
+    assert torch.equal(gen.generate(ids, 40, seed=3, top_k=1), gen.generate(ids, 40))
