@@ -545,12 +545,22 @@ class Sampler:
         return self.sample(logits)
 
     def filtered_logits(self, logits: torch.Tensor) -> torch.Tensor:
-        """Temperature-scaled fp32 logits with everything outside top-k / top-p set to -inf."""
+        """Temperature-scaled fp32 logits with everything outside top-k / top-p set to -inf.
+
+        Top-k keeps every logit >= the k-th largest (ties included, as HF's warper). With top-p as well, the
+        nucleus is taken among torch.topk's k tokens, already sorted, instead of sorting the vocabulary: a
+        token tied with the k-th beyond the k is then no candidate."""
         logits = logits.float() / self.temperature
+        nucleus = self.top_p is not None and self.top_p < 1.0
         if self.top_k is not None and self.top_k < logits.shape[-1]:
-            kth = torch.topk(logits, self.top_k, dim=-1).values[..., -1:]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        if self.top_p is not None and self.top_p < 1.0:
+            values, order = torch.topk(logits, self.top_k, dim=-1)  # (rows, k), descending
+            if nucleus:
+                probs = torch.softmax(values, dim=-1)
+                kept = torch.cumsum(probs, dim=-1) - probs < self.top_p  # mass strictly above each < top_p
+                return torch.full_like(logits, float("-inf")).scatter(
+                    -1, order, values.masked_fill(~kept, float("-inf")))
+            return logits.masked_fill(logits < values[..., -1:], float("-inf"))
+        if nucleus:
             sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
             probs = torch.softmax(sorted_logits, dim=-1)
             before = torch.cumsum(probs, dim=-1) - probs  # mass strictly above each token

@@ -413,3 +413,23 @@ def test_decode_kernels_interpreted_match_full_recompute(monkeypatch, name):
     ids = model.example_inputs(1, 7, seed=11)["input_ids"]
     logits_fn = lambda x: model(input_ids=x)  # noqa: E731
     assert torch.equal(fused.generate(ids, 12), recompute(logits_fn, ids, 12))
+
+
+def _warped_reference(logits, temperature, top_k, top_p):
+    """HF's order of warpers with a full sort: temperature, top-k (ties kept), then top-p over the vocabulary."""
+    logits = logits.double() / temperature
+    kth = torch.sort(logits, dim=-1, descending=True).values[..., top_k - 1:top_k]
+    logits = logits.masked_fill(logits < kth, float("-inf"))
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    probs = torch.softmax(sorted_logits, dim=-1)
+    drop = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, order, torch.cumsum(probs, -1) - probs >= top_p)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+@pytest.mark.parametrize("top_k, top_p", [(50, 0.9), (5, 0.3), (200, 0.99), (3, 1e-6)])
+def test_top_p_among_the_top_k_equals_the_full_sort(top_k, top_p):
+    logits = torch.randn(6, 1000, generator=torch.Generator().manual_seed(top_k)) * 3  # no ties
+    got = Sampler(True, 0.7, top_k=top_k, top_p=top_p).filtered_logits(logits)
+    want = _warped_reference(logits, 0.7, top_k, top_p)
+    assert torch.equal(torch.isfinite(got), torch.isfinite(want))
+    torch.testing.assert_close(got[torch.isfinite(got)].double(), want[torch.isfinite(want)])
