@@ -670,7 +670,9 @@ def apply_plan(gm: fx.GraphModule, plan: ShardPlan, group_name: str, load: Calla
     for node in list(gm.graph.nodes):
         if node.op == "get_attr" and not node.users:
             gm.graph.erase_node(node)
-    _propagate(gm, plan, before, fake_mode, device if device is not None else _input_device(gm))
+    device = device if device is not None else _input_device(gm)
+    _off_the_meta_device(gm, device, fake_mode, before)
+    _propagate(gm, plan, before, fake_mode, device)
     for node in [*gm.graph.find_nodes(op="call_function", target=ALL_REDUCE),
                  *gm.graph.find_nodes(op="call_function", target=ALL_GATHER)]:
         node.meta[TP_WORLD_KEY] = plan.world_size  # the cost pass prices the ring by it
@@ -770,17 +772,51 @@ def _input_device(gm: fx.GraphModule) -> torch.device:
     return torch.device("cpu")
 
 
+def _off_the_meta_device(gm: fx.GraphModule, device: torch.device, fake_mode, before: dict) -> None:
+    """A model captured on the meta device runs its shard on `device`: the `device=meta` its forward baked into
+    the tensors it makes (HF's RoPE: `inv_freq.to(x.device)`) becomes `device`, and every value captured on
+    meta is relabelled (same sizes and strides, symbolic ones included), so that _propagate mixes no devices.
+    These nodes compute what they did: `before` takes their new arguments, so they count as unedited."""
+    if device.type == "meta":
+        return
+
+    def relabel(val):
+        if isinstance(val, torch.Tensor) and val.device.type == "meta":
+            with fake_mode:
+                return torch.empty_strided(val.shape, val.stride(), dtype=val.dtype, device=device)
+        return val
+
+    def moved(arg):
+        return device if isinstance(arg, torch.device) and arg.type == "meta" else arg
+
+    for node in gm.graph.nodes:
+        if node.op == "call_function":
+            args, kwargs = fx.node.map_aggregate(node.args, moved), fx.node.map_aggregate(node.kwargs, moved)
+            if (args, kwargs) != (node.args, node.kwargs):
+                unedited = before.get(node) == (node.target, node.args, node.kwargs)
+                node.args, node.kwargs = args, kwargs
+                if unedited:
+                    before[node] = (node.target, node.args, node.kwargs)
+        if "val" in node.meta:
+            node.meta["val"] = torch.utils._pytree.tree_map(relabel, node.meta["val"])
+
+
 def _propagate(gm: fx.GraphModule, plan: ShardPlan, before: dict, fake_mode, device) -> None:
     """meta['val'] recomputed under the graph's FakeTensorMode, attributes at their local shapes, for every node the
     sharding touched: a sharded attribute, a node new or edited since `before` (node -> its target, args, kwargs),
-    and everything computed from them. The rest (masks, positions) keep the values capture gave them."""
+    and everything computed from them; an attribute captured on another device (a model on the meta device) at
+    `device`. The rest (masks, positions) keep the values capture gave them."""
     changed: set[fx.Node] = set()
     for node in gm.graph.nodes:
         edited = before.get(node) != (node.target, node.args, node.kwargs)
+        captured = node.meta.get("val")
         if node.op == "get_attr" and node.target in plan.attrs:
             shard = plan.attrs[node.target]
             with fake_mode:
                 val = torch.empty(shard.local_shape, dtype=shard.dtype, device=device)
+        elif node.op == "get_attr" and isinstance(captured, torch.Tensor) and captured.device != device:
+            with fake_mode:  # a replicated tensor of a model captured on the meta device: it will live on `device`
+                val = torch.empty_strided(captured.shape, captured.stride(), dtype=captured.dtype, device=device)
         elif node.op == "call_function" and (edited or any(a in changed for a in node.all_input_nodes)):
             args = fx.node.map_arg(node.args, lambda n: n.meta.get("val"))
             kwargs = fx.node.map_arg(node.kwargs, lambda n: n.meta.get("val"))

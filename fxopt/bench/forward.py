@@ -27,6 +27,7 @@ from triton.testing import do_bench
 from fxopt import models, zoo
 from fxopt.bench import attention as bench_attention
 from fxopt.bench import decode as bench_decode
+from fxopt.bench import decode_tp as bench_decode_tp
 from fxopt.bench import fused as bench_fused
 from fxopt.bench.fused import interleaved_runs
 from fxopt.bench.timeline import Timeline, format_timelines, launch_timeline
@@ -369,6 +370,8 @@ def add_cli(subparsers) -> None:
                         help="generation instead: eager recompute, HF caches, HF static+compile and fxopt (GPU)")
     parser.add_argument("--configs", default="1x512x256,8x512x256,1x8192x256",
                         help="with --decode: batch x prompt x new-tokens, comma separated")
+    parser.add_argument("--tp", type=positive_int, default=1, metavar="N",
+                        help="with --decode: tensor-parallel over N GPUs, one process each (run under torchrun)")
     parser.add_argument("--suite", choices=["fused", "attention"],
                         help="instead of a model: the fused-kernel or attention-kernel benchmark suite (GPU)")
     parser.set_defaults(func=_cmd_bench)
@@ -383,6 +386,9 @@ def _cmd_bench(args) -> int:
 
         {"fused": bench_fused, "attention": bench_attention}[args.suite].run(args.json)
         return 0
+    if args.tp > 1 and not args.decode:
+        raise UserError(f"--tp {args.tp} is for --decode", "add --decode (`fxopt annotate MODEL --tp N` costs a "
+                                                           "sharded forward)")
     if args.decode:
         require_cuda("bench --decode", "on CPU time one model with 'fxopt generate MODEL'")
 
@@ -395,6 +401,9 @@ def _cmd_bench(args) -> int:
         if any(v <= 0 for config in configs for v in config):
             raise UserError(f"bad --configs {args.configs!r}: every size must be positive", "e.g. 1x512x256")
         dtype = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}.get(args.dtype, args.dtype or "bf16")
+        if args.tp > 1:
+            bench_decode_tp.run(model, args.tp, configs=configs, dtype=bench_decode.DTYPES[dtype])
+            return 0
         bench_decode.run(model, dtype=dtype, configs=configs, json_path=args.json)
         return 0
     on_gpu = torch.cuda.is_available()
