@@ -136,8 +136,6 @@ STAYED_REASON = {
 
 def stayed_pytorch(gm: torch.fx.GraphModule) -> list[str]:
     """The ops left as PyTorch calls in the optimized graph, by op and count, with why (views are free)."""
-
-
     counts: Counter = Counter()
     for node in gm.graph.nodes:
         if node.op != "call_function" or is_bookkeeping(node):
@@ -171,7 +169,6 @@ def split_inputs(model: torch.nn.Module, example_inputs) -> tuple[tuple, dict[st
 
 
 def _on_cuda(args: tuple, kwargs: dict) -> bool:
-
     tensors = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
     return bool(tensors) and all(t.is_cuda for t in tensors)
 
@@ -179,8 +176,6 @@ def _on_cuda(args: tuple, kwargs: dict) -> bool:
 def _precompile(optimized: OptimizedModule, args: tuple, kwargs: dict) -> bool:
     """Compile all of the program's Triton kernels at once (a dry call, see codegen/precompile.py) so the
     first real call does not compile them one by one. Only on CUDA inputs and without autotuning."""
-
-
     tensors = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
     if not tensors or not all(t.is_cuda for t in tensors) or precompile.autotuning() or not precompile.available():
         return False

@@ -505,20 +505,24 @@ class GluMatch:
     nodes: list[fx.Node]  # slice(gate), slice(up), silu, mul: replaced by the gemv's output
 
 
+def swiglu_of(out: fx.Node) -> list[fx.Node] | None:
+    """[slice(gate), slice(up), silu, mul] when `out`'s only uses are silu(out[..., :F]) * out[..., F:2F] (what
+    fuse_siblings leaves of a SwiGLU MLP's gate/up projections), else None."""
+    halves = sorted((_last_dim_slice_of(u, out) or (-1, -1), u.name, u) for u in out.users)
+    n = _val(out).shape[-1]
+    if len(halves) != 2 or [h[0] for h in halves] != [(0, n // 2), (n // 2, n)]:
+        return None
+    gate, up = halves[0][2], halves[1][2]
+    silu = only_user(gate)
+    mul = only_user(silu) if silu is not None and silu.target is aten.silu.default else None
+    if mul is not None and mul.target is aten.mul.Tensor and set(mul.args) == {silu, up} and len(up.users) == 1:
+        return [gate, up, silu, mul]
+    return None
+
+
 def swiglu_after_gemv(gm: fx.GraphModule) -> list[GluMatch]:
-    """gemv(x, [W_gate; W_up]) -> silu(out[..., :F]) * out[..., F:2F] (what fuse_siblings leaves of an MLP)."""
-    matches = []
-    for g in _gemvs(gm):
-        halves = sorted((_last_dim_slice_of(u, g) or (-1, -1), u.name, u) for u in g.users)
-        n = _val(g).shape[-1]
-        if g.args[G_GLU] or len(halves) != 2 or [h[0] for h in halves] != [(0, n // 2), (n // 2, n)]:
-            continue
-        gate, up = halves[0][2], halves[1][2]
-        silu = only_user(gate)
-        mul = only_user(silu) if silu is not None and silu.target is aten.silu.default else None
-        if mul is not None and mul.target is aten.mul.Tensor and set(mul.args) == {silu, up} and len(up.users) == 1:
-            matches.append(GluMatch(g, [gate, up, silu, mul]))
-    return matches
+    """gemv(x, [W_gate; W_up]) -> silu(out[..., :F]) * out[..., F:2F]."""
+    return [GluMatch(g, nodes) for g in _gemvs(gm) if not g.args[G_GLU] and (nodes := swiglu_of(g)) is not None]
 
 
 def check_glu(rw: Rewriter, m: GluMatch) -> str | None:
@@ -1100,20 +1104,9 @@ class SwigluMatch:
 
 
 def swiglu_after_linear(gm: fx.GraphModule) -> list[SwigluMatch]:
-    matches = []
-    for node in gm.graph.nodes:
-        if node.op != "call_function" or node.target is not LINEAR or len(node.users) != 2:
-            continue
-        n = _val(node).shape[-1]
-        halves = sorted((_last_dim_slice_of(u, node) or (-1, -1), u.name, u) for u in node.users)
-        if [h[0] for h in halves] != [(0, n // 2), (n // 2, n)]:
-            continue
-        gate, up = halves[0][2], halves[1][2]
-        silu = only_user(gate)
-        mul = only_user(silu) if silu is not None and silu.target is aten.silu.default else None
-        if mul is not None and mul.target is aten.mul.Tensor and set(mul.args) == {silu, up} and len(up.users) == 1:
-            matches.append(SwigluMatch(node, [gate, up, silu, mul]))
-    return matches
+    """linear(x, [W_gate; W_up]) -> silu(out[..., :F]) * out[..., F:2F]."""
+    return [SwigluMatch(node, nodes) for node in gm.graph.find_nodes(op="call_function", target=LINEAR)
+            if (nodes := swiglu_of(node)) is not None]
 
 
 def check_swiglu_epilogue(rw: Rewriter, m: SwigluMatch) -> str | None:

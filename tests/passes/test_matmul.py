@@ -411,6 +411,15 @@ def test_qkv_fold_not_applied_at_batch_two():
 
 
 # ------------------------------------------------------------------------------------------ epilogues
+def _matches_eager_at_two_lengths(program, model) -> None:
+    for s in (8, 19):
+        x = torch.randn(3, s, 32)
+        with torch.no_grad():
+            out = program.gm(x=x)
+            torch.testing.assert_close(out[0] if isinstance(out, (tuple, list)) else out, model(x), rtol=1e-5,
+                                       atol=1e-5)
+
+
 class UpProjection(nn.Module):
     """linear -> GELU, with the GELU's approximation and a second use of the linear's output as knobs."""
 
@@ -435,12 +444,7 @@ def test_bias_gelu_tanh_folds_into_the_gemm_only_when_exact(approximate, reuse, 
     assert program.results["epilogues"].counts["gelu_tanh_epilogue"] == folded
     gelus = [n for n in program.gm.graph.nodes if n.target == torch.ops.aten.gelu.default]
     assert len(gelus) == 1 - folded
-    for s in (8, 19):
-        x = torch.randn(3, s, 32)
-        with torch.no_grad():
-            out = program.gm(x=x)
-            torch.testing.assert_close(out[0] if isinstance(out, (tuple, list)) else out, model(x), rtol=1e-5,
-                                       atol=1e-5)
+    _matches_eager_at_two_lengths(program, model)
 
 
 class SwigluMLP(nn.Module):
@@ -474,9 +478,4 @@ def test_swiglu_product_folds_into_the_gate_up_gemm(bias, reuse, knob, folded):
     assert len(folds) == folded
     if bias:  # a match the check refuses: the reason is in the pass's notes
         assert any("has a bias" in note for note in program.results["epilogues"].notes)
-    for s in (8, 19):
-        x = torch.randn(3, s, 32)
-        with torch.no_grad():
-            out = program.gm(x=x)
-            torch.testing.assert_close(out[0] if isinstance(out, (tuple, list)) else out, model(x), rtol=1e-5,
-                                       atol=1e-5)
+    _matches_eager_at_two_lengths(program, model)
