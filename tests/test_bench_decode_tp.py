@@ -5,6 +5,7 @@ of the sharded weights. Timings on the CPU are a smoke run only."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 
@@ -33,7 +34,8 @@ def _rank_main(rank: int, world_size: int, port: int, folder: str, spec: str) ->
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size))
     torch.set_num_threads(1)
-    results = decode_tp.run(spec, world_size, configs=CONFIGS, dtype=torch.float32, repeat=1)
+    results = decode_tp.run(spec, world_size, configs=CONFIGS, dtype=torch.float32, repeat=1,
+                            json_path=os.path.join(folder, "report.json"))
     torch.save(results, os.path.join(folder, f"rank{rank}.pt"))
 
 
@@ -48,7 +50,8 @@ def spec(request):
 def two_ranks(tmp_path_factory, spec):
     folder = tmp_path_factory.mktemp("bench_tp")
     mp.start_processes(_rank_main, (2, _free_port(), str(folder), spec), nprocs=2, start_method="fork")
-    return [torch.load(folder / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    ranks = [torch.load(folder / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    return ranks, json.loads((folder / "report.json").read_text())
 
 
 @pytest.fixture(scope="module")
@@ -70,13 +73,19 @@ def single_process(spec):
 
 
 def test_ranks_generate_the_single_process_tokens(two_ranks, single_process):
-    for rank in two_ranks:
+    for rank in two_ranks[0]:
         assert torch.equal(rank[0]["tokens"], single_process[0])
+
+
+def test_rank_zero_writes_the_report(two_ranks):
+    ranks, report = two_ranks
+    assert report["tp"] == 2 and len(report["rows"]) == len(CONFIGS)
+    assert report["rows"][0]["local_weight_bytes"] == ranks[0][0]["local_weight_bytes"]
 
 
 def test_each_rank_streams_about_half_the_weights(two_ranks, single_process):
     full = single_process[1]
-    for rank in two_ranks:
+    for rank in two_ranks[0]:
         held = rank[0]["local_weight_bytes"]
         assert 0.5 * full <= held < 0.6 * full  # half of every sharded matrix, the norms replicated
 

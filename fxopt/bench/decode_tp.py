@@ -19,6 +19,7 @@ checkpoint on disk to load from and is not run here.
 
 from __future__ import annotations
 
+import json
 import re
 import statistics
 import time
@@ -36,8 +37,10 @@ from fxopt.models.inputs import random_token_ids
 INIT_STD = 0.02  # random weights: N(0, INIT_STD^2) matrices and tables
 
 
-def run(spec: str, tp: int, *, configs, dtype: torch.dtype = torch.bfloat16, repeat: int = 3) -> list[dict]:
-    """Rank-local measurements of every config (rank 0 prints the table); call under torchrun."""
+def run(spec: str, tp: int, *, configs, dtype: torch.dtype = torch.bfloat16, repeat: int = 3,
+        json_path: str | None = None) -> list[dict]:
+    """Rank-local measurements of every config (rank 0 prints the table and writes `json_path`); call under
+    torchrun."""
     group = _init(tp)
     rank = dist.get_rank()
     device = torch.device(f"cuda:{torch.cuda.current_device()}") if torch.cuda.is_available() else torch.device("cpu")
@@ -58,6 +61,12 @@ def run(spec: str, tp: int, *, configs, dtype: torch.dtype = torch.bfloat16, rep
             results.append(_measure(gen, ids, new, repeat, copy_bw))
         if rank == 0:
             print(format_table(spec, tp, device, configs, results, gen.tp_report))
+            if json_path:
+                rows = [{k: v for k, v in r.items() if k != "tokens"} for r in results]
+                report = {"model": spec, "tp": tp, "device": _device_name(device), "date": time.strftime("%Y-%m-%d"),
+                          "copy_bandwidth": copy_bw, "shard": str(gen.tp_report), "rows": rows}
+                with open(json_path, "w") as fh:
+                    json.dump(report, fh, indent=2)
         return results
     finally:
         dist.destroy_process_group()
@@ -163,9 +172,12 @@ def _collective_share(gen, ids: torch.Tensor) -> float:
     return 100 * nccl / total if total else float("nan")
 
 
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
 def format_table(spec, tp, device, configs, results, report) -> str:
-    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    lines = [f"{spec} over {tp} ranks ({name} each, {time.strftime('%Y-%m-%d')}); {report}",
+    lines = [f"{spec} over {tp} ranks ({_device_name(device)} each, {time.strftime('%Y-%m-%d')}); {report}",
              f"{'config':<14}{'ms/token':>10}{'shard weights GB/step':>23}{'% copy':>8}{'% in collectives':>18}"]
     for (b, p, n), r in zip(configs, results):
         pct = "-" if r["weight_pct"] is None else f"{r['weight_pct']:.1f}"

@@ -402,7 +402,8 @@ def _cmd_bench(args) -> int:
             raise UserError(f"bad --configs {args.configs!r}: every size must be positive", "e.g. 1x512x256")
         dtype = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}.get(args.dtype, args.dtype or "bf16")
         if args.tp > 1:
-            bench_decode_tp.run(model, args.tp, configs=configs, dtype=bench_decode.DTYPES[dtype])
+            bench_decode_tp.run(model, args.tp, configs=configs, dtype=bench_decode.DTYPES[dtype],
+                                json_path=args.json)
             return 0
         bench_decode.run(model, dtype=dtype, configs=configs, json_path=args.json)
         return 0
