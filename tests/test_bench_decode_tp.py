@@ -83,6 +83,16 @@ def test_rank_zero_writes_the_report(two_ranks):
     assert report["rows"][0]["local_weight_bytes"] == ranks[0][0]["local_weight_bytes"]
 
 
+def test_hf_tensor_parallel_peer_runs_the_same_weights(two_ranks, spec):
+    """An hf: model is timed against HF's own tensor parallelism on the same weights: fp32, so the same tokens."""
+    if not spec.startswith("hf:"):
+        assert "hf_ms_per_token" not in two_ranks[0][0][0]
+        return
+    pytest.importorskip("accelerate")
+    for rank in two_ranks[0]:
+        assert rank[0]["hf_match"] == 1.0 and rank[0]["hf_ms_per_token"] > 0
+
+
 def test_each_rank_streams_about_half_the_weights(two_ranks, single_process):
     full = single_process[1]
     for rank in two_ranks[0]:

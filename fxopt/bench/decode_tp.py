@@ -12,9 +12,12 @@ greedy generation with CUDA-graph replays (its collectives inside the graph); ra
   weights      the bytes of this rank's shard one decode step streams, as % of the copy bandwidth
   collectives  the NCCL kernels' share of one step (torch.profiler over a few replays; GPU only)
 
-The backend is NCCL on GPUs and gloo on CPUs (a smoke run: CPU timings say nothing about GPUs). The peer the
-issue asks for, HF transformers' own tensor parallelism (`from_pretrained(..., tp_plan="auto")`), needs a
-checkpoint on disk to load from and is not run here.
+The backend is NCCL on GPUs and gloo on CPUs (a smoke run: CPU timings say nothing about GPUs).
+
+For an `hf:` model the peer in the same run is HF transformers' own tensor parallelism: rank 0 writes the same
+random weights as a checkpoint to a temporary folder (the whole model passes through its CPU memory once), every
+rank loads it with `from_pretrained(..., tp_plan="auto")` (it needs accelerate) and times greedy `generate()`;
+`match` is the share of its tokens equal to fxopt's.
 """
 
 from __future__ import annotations
@@ -55,10 +58,14 @@ def run(spec: str, tp: int, *, configs, dtype: torch.dtype = torch.bfloat16, rep
         gen = build_generator(meta, {"input_ids": example}, max_seq_len=longest,
                               max_batch=max(b for b, _, _ in configs), device=device, tensor_parallel=group,
                               weights=weights)  # one shard and its caches for every config
+        hf = _hf_tp_peer(spec, weights, dtype) if spec.startswith("hf:") else None
         results = []
         for batch, prompt, new in configs:
             ids = random_token_ids(batch, prompt, vocab, seed=0, device=device)
-            results.append(_measure(gen, ids, new, repeat, copy_bw))
+            row = _measure(gen, ids, new, repeat, copy_bw)
+            if hf is not None:
+                row.update(_measure_hf(hf, ids, new, repeat, row["tokens"]))
+            results.append(row)
         if rank == 0:
             print(format_table(spec, tp, device, configs, results, gen.tp_report))
             if json_path:
@@ -151,6 +158,68 @@ def _measure(gen, ids: torch.Tensor, new: int, repeat: int, copy_bw: float | Non
     return row
 
 
+def _hf_tp_peer(spec: str, weights, dtype: torch.dtype):
+    """The same model and weights under HF's tensor parallelism (None, with a line on rank 0's stderr, when
+    transformers or accelerate is missing or HF refuses the architecture)."""
+    import shutil
+    import sys
+    import tempfile
+
+    try:
+        import accelerate  # noqa: F401 - HF's tp_plan needs it
+        from transformers import AutoModelForCausalLM
+    except ImportError as exc:
+        if dist.get_rank() == 0:
+            print(f"no HF tensor-parallel peer: {exc}", file=sys.stderr)
+        return None
+    folder = [tempfile.mkdtemp(prefix="fxopt-tp-") if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(folder)
+    try:
+        if dist.get_rank() == 0:
+            model = zoo.load_model(spec, device="cpu", dtype=dtype)
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    p.copy_(weights(name))
+            model.save_pretrained(folder[0])
+            del model
+        dist.barrier()
+        try:
+            hf = AutoModelForCausalLM.from_pretrained(folder[0], tp_plan="auto", dtype=dtype).eval()
+        except Exception as exc:  # noqa: BLE001 - the peer is optional; fxopt's rows stand alone
+            if dist.get_rank() == 0:
+                print(f"no HF tensor-parallel peer: {type(exc).__name__}: {str(exc)[:200]}", file=sys.stderr)
+            return None
+        hf.generation_config.eos_token_id = None  # every run generates all its tokens
+        hf.generation_config.pad_token_id = 0
+        return hf
+    finally:
+        dist.barrier()
+        if dist.get_rank() == 0:
+            shutil.rmtree(folder[0], ignore_errors=True)
+
+
+def _measure_hf(hf, ids: torch.Tensor, new: int, repeat: int, fxopt_tokens: torch.Tensor) -> dict:
+    """HF's greedy generate() under its tensor parallelism: ms/token as fxopt's, and the share of equal tokens."""
+    def generate(n):
+        with torch.no_grad():
+            return hf.generate(ids, max_new_tokens=n, do_sample=False)
+
+    tokens = generate(new)
+    times = {}
+    for n in (1, new):
+        runs = []
+        for _ in range(repeat):
+            _barrier(ids.device)
+            start = time.perf_counter()
+            generate(n)
+            _barrier(ids.device)
+            runs.append(time.perf_counter() - start)
+        times[n] = statistics.median(runs)
+    prompt = ids.shape[1]
+    same = (tokens[:, prompt:].cpu() == fxopt_tokens[:, prompt:]).float().mean().item()
+    return {"hf_ms_per_token": 1e3 * (times[new] - times[1]) / max(new - 1, 1), "hf_match": same}
+
+
 def _barrier(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -178,10 +247,14 @@ def _device_name(device: torch.device) -> str:
 
 def format_table(spec, tp, device, configs, results, report) -> str:
     lines = [f"{spec} over {tp} ranks ({_device_name(device)} each, {time.strftime('%Y-%m-%d')}); {report}",
-             f"{'config':<14}{'ms/token':>10}{'shard weights GB/step':>23}{'% copy':>8}{'% in collectives':>18}"]
+             f"{'config':<14}{'ms/token':>10}{'shard weights GB/step':>23}{'% copy':>8}{'% in collectives':>18}"
+             f"{'HF TP ms/token':>16}{'x HF TP':>9}{'match':>7}"]
     for (b, p, n), r in zip(configs, results):
         pct = "-" if r["weight_pct"] is None else f"{r['weight_pct']:.1f}"
         coll = "-" if r["collective_pct"] is None else f"{r['collective_pct']:.1f}"
+        hf_ms = r.get("hf_ms_per_token")
+        hf = (f"{hf_ms:>16.3f}{hf_ms / r['ms_per_token']:>9.2f}{r['hf_match']:>7.2f}" if hf_ms is not None
+              else f"{'-':>16}{'-':>9}{'-':>7}")
         lines.append(f"{f'{b}x{p}+{n}':<14}{r['ms_per_token']:>10.3f}{r['local_weight_bytes'] / 1e9:>23.3f}"
-                     f"{pct:>8}{coll:>18}")
+                     f"{pct:>8}{coll:>18}{hf}")
     return "\n".join(lines)
