@@ -194,7 +194,8 @@ def _hook(chain):
 def launch_signature(args, kwargs) -> tuple:
     """What a compiled launch depends on besides tensor addresses: non-tensor values (Triton specialises ints
     on their value), tensor dtypes, devices, shapes (a grid may read them) and 16-byte alignment (Triton
-    specialises pointers on it), TMA descriptors' layout, and the keyword arguments (constexprs). A launch
+    specialises pointers on it), TMA descriptors' layout, and the keyword arguments (constexprs), each value
+    with its type. A launch
     whose signature cannot be hashed always goes through Triton."""
     parts = []
     for a in args:
@@ -205,8 +206,8 @@ def launch_signature(args, kwargs) -> tuple:
             parts.append((base.dtype, base.get_device(), tuple(a.shape), tuple(a.strides), tuple(a.block_shape),
                           base.data_ptr() % 16 == 0))
         else:
-            parts.append(a)
-    return tuple(parts), tuple(kwargs.items())
+            parts.append((a.__class__, a))  # 1, 1.0 and True hash alike; Triton types them apart
+    return tuple(parts), tuple((name, value.__class__, value) for name, value in kwargs.items())
 
 
 @contextlib.contextmanager

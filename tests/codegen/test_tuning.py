@@ -248,6 +248,18 @@ def test_a_new_value_alignment_or_device_goes_through_triton(fake_driver):
     assert len(fn.launches) == 7 and len(fn.compiled.runs) == 1
 
 
+def test_values_that_hash_alike_but_differ_in_type_go_through_triton(fake_driver):
+    """1, 1.0 and True are equal keys in Python; Triton compiles them as i32, fp32 and i1."""
+    fn = CompilingKernel()
+    kernel = TunedKernel(fn, CONFIGS[:1], key=["n"], family="test")
+    x = torch.empty(64)
+    for n in (1, 1.0, True):
+        kernel[(1,)](x, n, FLAG=False)
+    for flag in (1, True):
+        kernel[(1,)](x, 2, FLAG=flag)
+    assert len(fn.launches) == 5 and fn.compiled.runs == []
+
+
 def test_no_direct_launch_is_recorded_or_used_in_a_dry_run(fake_driver):
     fn = CompilingKernel()
     kernel = TunedKernel(fn, CONFIGS[:1], key=["n"], family="test")
