@@ -33,8 +33,8 @@ CHUNK_BLOCKS = 1  # loop steps per program: a row's vocabulary is split over cei
 MAX_CHUNKS = 256  # programs per row at most (then each program takes more blocks)
 NUM_WARPS = 8
 
-SEED_STRIDE = 1_000_003  # Philox keys: seed * SEED_STRIDE + position * MAX_ROWS + row
-MAX_ROWS = 4096
+SEED_STRIDE = tl.constexpr(1_000_003)  # Philox keys: seed * SEED_STRIDE + position * MAX_ROWS + row
+MAX_ROWS = tl.constexpr(4096)
 
 
 @triton.jit
@@ -49,7 +49,7 @@ def _pick_chunks_kernel(logits_ptr, slot_ptr, seed_ptr, best_ptr, best_at_ptr, v
     best_at = tl.full((BLOCK_V,), vocab, dtype=tl.int32)
     if SAMPLE:
         position = tl.load(slot_ptr).to(tl.int64) + 1  # the position whose token this draw picks
-        key = tl.load(seed_ptr).to(tl.int64) * 1_000_003 + position * 4096 + row  # SEED_STRIDE, MAX_ROWS
+        key = tl.load(seed_ptr).to(tl.int64) * SEED_STRIDE + position * MAX_ROWS + row
     lo = c * chunk
     for start in range(lo, lo + chunk, BLOCK_V):
         v = tl.load(logits_ptr + row * stride_lr + start + cols, mask=start + cols < vocab,
@@ -102,8 +102,8 @@ def sample_pick(logits: torch.Tensor, ids: torch.Tensor, history: torch.Tensor, 
                 seed: torch.Tensor, inv_temperature: float = 1.0) -> None:
     """A token drawn from softmax(logits * inv_temperature) per row, fed back and recorded as greedy_pick's;
     `seed` a 0-dim int64 device tensor. Logits of any row stride; the vocabulary contiguous."""
-    if logits.shape[0] > MAX_ROWS:
-        raise ValueError(f"sample_pick: {logits.shape[0]} rows > {MAX_ROWS}")
+    if logits.shape[0] > MAX_ROWS.value:
+        raise ValueError(f"sample_pick: {logits.shape[0]} rows > {MAX_ROWS.value}")
     if logits.stride(1) != 1:
         logits = logits.contiguous()
     _launch(logits, ids, history, slot, seed, float(inv_temperature), sample=True)
