@@ -132,22 +132,25 @@ def _one_layer_copy(spec: str, dtype: torch.dtype) -> torch.nn.Module:
                     "use a preset or an hf: spec")
 
 
-def _measure(gen, ids: torch.Tensor, new: int, repeat: int, copy_bw: float | None) -> dict:
-    batch = ids.shape[0]
-
+def _ms_per_token(generate, new: int, repeat: int, device: torch.device) -> float:
+    """(t(new) - t(1)) / (new - 1) in ms: median wall times of `generate(n)` between barriers of every rank."""
     def timed(n: int) -> float:
         times = []
         for _ in range(repeat):
-            _barrier(ids.device)
+            _barrier(device)
             start = time.perf_counter()
-            gen.generate(ids, n)
-            _barrier(ids.device)
+            generate(n)
+            _barrier(device)
             times.append(time.perf_counter() - start)
         return statistics.median(times)
 
+    return 1e3 * (timed(new) - timed(1)) / max(new - 1, 1)
+
+
+def _measure(gen, ids: torch.Tensor, new: int, repeat: int, copy_bw: float | None) -> dict:
+    batch = ids.shape[0]
     tokens = gen.generate(ids, new)  # warm-up: compiles and captures
-    t_one, t_all = timed(1), timed(new)
-    ms = 1e3 * (t_all - t_one) / max(new - 1, 1)
+    ms = _ms_per_token(lambda n: gen.generate(ids, n), new, repeat, ids.device)
     weight_bytes = gen.weight_stream_bytes(batch)
     row = {"batch": batch, "prompt": ids.shape[1], "new": new, "ms_per_token": ms,
            "local_weight_bytes": weight_bytes, "weight_pct": None, "collective_pct": None,
@@ -204,20 +207,10 @@ def _measure_hf(hf, ids: torch.Tensor, new: int, repeat: int, fxopt_tokens: torc
         with torch.no_grad():
             return hf.generate(ids, max_new_tokens=n, do_sample=False)
 
-    tokens = generate(new)
-    times = {}
-    for n in (1, new):
-        runs = []
-        for _ in range(repeat):
-            _barrier(ids.device)
-            start = time.perf_counter()
-            generate(n)
-            _barrier(ids.device)
-            runs.append(time.perf_counter() - start)
-        times[n] = statistics.median(runs)
+    tokens = generate(new)  # warm-up
     prompt = ids.shape[1]
     same = (tokens[:, prompt:].cpu() == fxopt_tokens[:, prompt:]).float().mean().item()
-    return {"hf_ms_per_token": 1e3 * (times[new] - times[1]) / max(new - 1, 1), "hf_match": same}
+    return {"hf_ms_per_token": _ms_per_token(generate, new, repeat, ids.device), "hf_match": same}
 
 
 def _barrier(device: torch.device) -> None:
