@@ -41,6 +41,15 @@ def test_strided_input_and_weight():
     torch.testing.assert_close(out.double(), swiglu_float64(x, weight), rtol=1e-4, atol=1e-4)
 
 
+def test_broadcast_rows_of_x():
+    """x with a stride-0 row dim (one row expanded over eight): the kernel reads it through its strides."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(1, 32, generator=g).expand(8, 32)
+    weight = torch.randn(48, 32, generator=g)
+    out = swiglu_gemm.linear_swiglu_kernel(x, weight)
+    torch.testing.assert_close(out.double(), swiglu_float64(x, weight), rtol=1e-4, atol=1e-4)
+
+
 def test_supports_names_what_it_refuses():
     x, weight = torch.randn(3, 8), torch.randn(16, 8)
     assert swiglu_gemm.supports(x, weight) is None
