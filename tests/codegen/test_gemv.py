@@ -22,6 +22,17 @@ interpreted = pytest.mark.skipif(
 FACTOR = {torch.float32: 2.0, torch.float16: 3.0, torch.bfloat16: 3.0}
 
 
+def _assert_qkv_within(got, eager, exact, slot: int, dtype) -> None:
+    """q and the cache rows written at `slot`: error against float64 within FACTOR x eager's."""
+    q = got[0]
+    for out, ours, ref in zip(got, eager, exact):
+        if out is not q:
+            out, ours, ref = out[:, :, slot], ours[:, :, slot], ref[:, :, slot]
+        error = (out.double() - ref).abs().max().item()
+        eager_error = (ours.double() - ref).abs().max().item()
+        assert error <= FACTOR[dtype] * eager_error + 1e-5, (error, eager_error)
+
+
 @interpreted
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("n, k, bias", [(37, 64, False), (8, 70, True), (130, 96, True), (5, 33, False)])
@@ -328,13 +339,7 @@ def test_qkv_kernel_with_layer_norm_matches_the_eager_chain(dtype, norm_bias, k,
     eager = _qkv_eager(x, w, b, ep, cos, sin, caches, pos, n_heads=q_heads, n_kv_heads=kv_heads)
     exact = _qkv_eager(x.double(), w.double(), b.double(), _float64(ep), None, None, [c.double() for c in caches],
                        pos, n_heads=q_heads, n_kv_heads=kv_heads)
-    slot = int(pos)
-    for got, ours, ref in zip((q, k_cache, v_cache), eager, exact):
-        if got is not q:
-            got, ours, ref = got[:, :, slot], ours[:, :, slot], ref[:, :, slot]
-        error = (got.double() - ref).abs().max().item()
-        eager_error = (ours.double() - ref).abs().max().item()
-        assert error <= FACTOR[dtype] * eager_error + 1e-5, (error, eager_error)
+    _assert_qkv_within((q, k_cache, v_cache), eager, exact, int(pos), dtype)
     q_op = torch.ops.fxopt.gemv_qkv(x, w, b, ep.norm_weight, ep.eps, None, None, *(c.clone() for c in caches), pos,
                                     norm_bias=ep.norm_bias, layer_norm=True)  # the CPU path: the eager chain
     torch.testing.assert_close(q_op, eager[0], rtol=0, atol=0)
@@ -381,13 +386,7 @@ def test_qkv_kernel_with_per_head_qk_norm_matches_the_eager_chain(dtype, d, head
     exact = eager(x.double(), w.double(), replace(_float64(ep), q_norm_weight=ep.q_norm_weight.double(),
                                                   k_norm_weight=ep.k_norm_weight.double()),
                   as64(cos), as64(sin), [c.double() for c in caches])
-    slot = int(pos)
-    for got, mine, ref in zip((q, k_cache, v_cache), ours, exact):
-        if got is not q:
-            got, mine, ref = got[:, :, slot], mine[:, :, slot], ref[:, :, slot]
-        error = (got.double() - ref).abs().max().item()
-        eager_error = (mine.double() - ref).abs().max().item()
-        assert error <= FACTOR[dtype] * eager_error + 1e-5, (error, eager_error)
+    _assert_qkv_within((q, k_cache, v_cache), ours, exact, int(pos), dtype)
     k_ref, v_ref = (c.clone() for c in caches)  # the op's CPU path is the same chain
     q_ref = torch.ops.fxopt.gemv_qkv(x, w, b, ep.norm_weight, ep.eps, cos, sin, k_ref, v_ref, pos,
                                      q_norm_weight=ep.q_norm_weight, k_norm_weight=ep.k_norm_weight, qk_eps=1e-6)
