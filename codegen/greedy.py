@@ -20,6 +20,12 @@ first NaN); a row of all NaN gives index 0.
         drawn). The noise is Philox (tl.rand) keyed by the 0-dim device `seed`, the position and the row, so
         the draw needs no generator state: a CUDA graph replays it, and a seed gives the same tokens on every
         run.
+
+    sample_top_k(logits, ids, history, slot, seed, top_k=k, top_p=p, inv_temperature=t)
+        the same draw restricted to each row's top-k logits (and the nucleus among them) without a sort of the
+        vocabulary or a filtered copy of it: chunk programs keep their k best (value, index) keys, one program
+        per row takes the row's k best, the nucleus, and the Gumbel-max draw with sample_pick's noise, so the
+        token equals sample_pick's over the filtered logits.
 """
 
 from __future__ import annotations
@@ -123,3 +129,109 @@ def _launch(logits, ids, history, slot, seed, inv_temperature, *, sample):
                                           num_warps=NUM_WARPS)
     _pick_rows_kernel[(rows,)](best, best_at, ids, history, slot, vocab, n_chunks, ids.stride(0),
                                history.stride(0), BLOCK_C=max(16, triton.next_power_of_2(n_chunks)), num_warps=1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Top-k (and top-p among the k) sampling in two kernels
+# ---------------------------------------------------------------------------------------------------
+# Eagerly a top-k / top-p draw is torch.topk over the vocabulary, a softmax and cumsum of the k values, a
+# full-vocabulary -inf tensor the kept values are scattered into, and sample_pick over it: six launches and two
+# vocabulary-sized passes. Here each program sorts one chunk of a row (a logit and its index packed in an int64
+# key) and keeps its k best keys; one program per row sorts the chunks' candidates, keeps the row's k best (and
+# of those the nucleus) and draws among them with sample_pick's noise: for the same seed, position and row the
+# same token as sample_pick over the filtered logits.
+
+TOP_K_MAX = 128  # largest top_k drawn by these kernels (a chunk keeps next_power_of_2(k) keys)
+TOP_K_BLOCK_V = 4096  # logits one chunk program sorts
+TOP_K_CHUNK_WARPS = 8
+
+_NEG_INF_KEY = tl.constexpr(-2139095041 * 2**32)  # the key of (-inf, index 0x7FFFFFFF): below every real key
+
+
+@triton.jit
+def _pack_key(v, index):
+    """int64 keys that order as (v, -index): the float's bits made order-preserving as an int32 (negative
+    floats' magnitude bits flipped) in the high word, 0x7FFFFFFF - index in the low word, so that a descending
+    sort puts the largest value first and, among equal values, the lowest index."""
+    bits = v.to(tl.int32, bitcast=True)
+    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    return (ordered.to(tl.int64) << 32) | (0x7FFFFFFF - index).to(tl.int64)
+
+
+@triton.jit
+def _unpack_key(key):
+    """(value fp32, index int32) of _pack_key's keys."""
+    ordered = (key >> 32).to(tl.int32)
+    bits = ordered ^ ((ordered >> 31) & 0x7FFFFFFF)
+    return bits.to(tl.float32, bitcast=True), 0x7FFFFFFF - (key & 0x7FFFFFFF).to(tl.int32)
+
+
+@triton.jit
+def _top_k_chunks_kernel(logits_ptr, keys_ptr, vocab, stride_lr, inv_temperature, n_chunks, BLOCK_V: tl.constexpr,
+                         K_PAD: tl.constexpr):
+    """Program (row, c): the K_PAD best keys of logits[row, c * BLOCK_V : (c + 1) * BLOCK_V] * inv_temperature,
+    descending (NaN and columns past the vocabulary count as -inf)."""
+    row = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1)
+    lane = tl.arange(0, BLOCK_V)
+    cols = c * BLOCK_V + lane  # (BLOCK_V,)
+    v = tl.load(logits_ptr + row * stride_lr + cols, mask=cols < vocab, other=float("-inf")).to(tl.float32)
+    v = v * inv_temperature
+    v = tl.where(v == v, v, float("-inf"))
+    keys = tl.sort(_pack_key(v, cols), descending=True)
+    tl.store(keys_ptr + (row * n_chunks + c) * K_PAD + lane, keys, mask=lane < K_PAD)
+
+
+@triton.jit
+def _top_k_rows_kernel(keys_ptr, ids_ptr, history_ptr, slot_ptr, seed_ptr, vocab, n_keys, top_k, top_p, stride_ir,
+                       stride_hr, BLOCK_K: tl.constexpr, NUCLEUS: tl.constexpr):
+    """One program per row: the row's logits >= its top_k-th largest among its chunks' keys; with NUCLEUS of those
+    (best first, ties by index) the smallest prefix whose softmax mass reaches top_p (a token is kept while the
+    mass before it is < top_p); then the Gumbel-max
+    draw among the kept with sample_pick's noise, written to ids[row] and history[row, slot + 1] (index 0 when
+    nothing is above -inf)."""
+    row = tl.program_id(0).to(tl.int64)
+    rank = tl.arange(0, BLOCK_K)
+    keys = tl.load(keys_ptr + row * n_keys + rank, mask=rank < n_keys, other=_NEG_INF_KEY)
+    v, index = _unpack_key(tl.sort(keys, descending=True))  # (BLOCK_K,) each, best first
+    kth = tl.max(tl.where(rank == top_k - 1, v, float("-inf")), axis=0)  # -inf when fewer than top_k are finite
+    kept = (v >= kth) & (v > float("-inf"))  # ties at the k-th kept, as HF's top-k warper
+    if NUCLEUS:
+        top = tl.max(tl.where(kept, v, float("-inf")), axis=0)
+        p = tl.where(kept, tl.exp(v - top), 0.0)
+        p = p / tl.sum(p, axis=0)
+        kept = kept & (tl.cumsum(p, axis=0) - p < top_p)
+    slot = tl.load(slot_ptr).to(tl.int64)
+    key = tl.load(seed_ptr).to(tl.int64) * SEED_STRIDE + (slot + 1) * MAX_ROWS + row  # sample_pick's Philox key
+    g = tl.where(kept, v - tl.log(-tl.log(tl.rand(key, index))), float("-inf"))
+    best = tl.max(g, axis=0)
+    pick = tl.min(tl.where(kept & (g == best), index, vocab), axis=0)
+    pick = tl.where(pick == vocab, 0, pick)
+    tl.store(ids_ptr + row * stride_ir, pick.to(ids_ptr.dtype.element_ty))
+    tl.store(history_ptr + row * stride_hr + slot + 1, pick.to(history_ptr.dtype.element_ty))
+
+
+def sample_top_k(logits: torch.Tensor, ids: torch.Tensor, history: torch.Tensor, slot: torch.Tensor,
+                 seed: torch.Tensor, *, top_k: int, top_p: float | None = None, inv_temperature: float = 1.0) -> None:
+    """sample_pick restricted to each row's logits * inv_temperature that are >= its top_k-th largest (ties kept,
+    as HF's top-k warper, up to next_power_of_2(top_k) per 4096-column chunk), and with top_p < 1 to the nucleus
+    among them (taken best first, ties by index); 1 <= top_k <= TOP_K_MAX. Rows with nothing above -inf draw 0."""
+    rows, vocab = logits.shape
+    if not 1 <= top_k <= TOP_K_MAX:
+        raise ValueError(f"sample_top_k: top_k must be in [1, {TOP_K_MAX}], got {top_k}")
+    if rows > MAX_ROWS.value:
+        raise ValueError(f"sample_top_k: {rows} rows > {MAX_ROWS.value}")
+    if logits.stride(1) != 1:
+        logits = logits.contiguous()
+    block = min(TOP_K_BLOCK_V, triton.next_power_of_2(vocab))
+    k_pad = min(block, max(16, triton.next_power_of_2(top_k)))
+    n_chunks = triton.cdiv(vocab, block)
+    n_keys = n_chunks * k_pad
+    keys = torch.empty(rows, n_keys, dtype=torch.int64, device=logits.device)
+    _top_k_chunks_kernel[(rows, n_chunks)](logits, keys, vocab, logits.stride(0), float(inv_temperature), n_chunks,
+                                           BLOCK_V=block, K_PAD=k_pad, num_warps=TOP_K_CHUNK_WARPS)
+    block_k = max(16, triton.next_power_of_2(n_keys))
+    nucleus = top_p is not None and top_p < 1.0
+    _top_k_rows_kernel[(rows,)](keys, ids, history, slot, seed, vocab, n_keys, top_k,
+                                float(top_p) if nucleus else 1.0, ids.stride(0), history.stride(0), BLOCK_K=block_k,
+                                NUCLEUS=nucleus, num_warps=min(16, max(1, block_k // 512)))

@@ -33,7 +33,7 @@ import torch.distributed as dist
 from fxopt import models, numerics, pipeline, zoo
 from fxopt.capture import capture
 from fxopt.cli_args import DTYPES, MODEL_HELP, nonnegative_int, positive_int
-from fxopt.codegen.greedy import greedy_pick, sample_pick
+from fxopt.codegen.greedy import TOP_K_MAX, greedy_pick, sample_pick, sample_top_k
 from fxopt.errors import GenerationError, UserError, check_output, require_cuda  # noqa: F401  (GenerationError: re-exported)
 from fxopt.hardware import measure_copy_bandwidth
 from fxopt.passes import kv_cache as kv
@@ -110,8 +110,7 @@ class _DecodeGraph:
         if self.sampling is None:
             greedy_pick(logits[:, -1], self.ids, self.history, slot)  # ids <- argmax, history[:, slot + 1] too
         else:
-            scores, inv_temperature = self.sampling.scores(logits[:, -1])
-            sample_pick(scores, self.ids, self.history, slot, self.seed, inv_temperature)
+            self.sampling.pick(logits[:, -1], self.ids, self.history, slot, self.seed)
         slot.add_(1)
         return logits
 
@@ -521,12 +520,23 @@ class Sampler:
         """What a decode graph's captured pick depends on (the seed is a device tensor it reads)."""
         return self.temperature, self.top_k, self.top_p
 
-    def scores(self, logits: torch.Tensor) -> tuple[torch.Tensor, float]:
-        """(scores, inverse temperature) for sample_pick: the logits as they are when only the temperature
-        applies (the kernel scales them), else the filtered fp32 logits (temperature applied)."""
-        if self.top_k is None and self.top_p is None:
-            return logits, 1.0 / self.temperature
-        return self.filtered_logits(logits), 1.0
+    def pick(self, logits: torch.Tensor, ids: torch.Tensor, history: torch.Tensor, slot: torch.Tensor,
+             seed: torch.Tensor) -> None:
+        """Each row's sampled next token of logits (rows, vocab) into ids[:, 0] and history[:, slot + 1], on the
+        GPU with no host sync (a CUDA graph captures it). Temperature alone: sample_pick scales the logits. Top-k
+        up to TOP_K_MAX, with or without top-p: sample_top_k's two kernels, no vocabulary sort. Otherwise (top-p
+        alone, a larger k) filtered_logits' eager sort or topk, then sample_pick. All draw with sample_pick's
+        noise keyed by (seed, position, row)."""
+        inv_temperature = 1.0 / self.temperature
+        top_k = self.top_k if self.top_k is not None and self.top_k < logits.shape[-1] else None
+        nucleus = self.top_p is not None and self.top_p < 1.0
+        if top_k is None and not nucleus:
+            sample_pick(logits, ids, history, slot, seed, inv_temperature)
+        elif top_k is not None and top_k <= TOP_K_MAX:
+            sample_top_k(logits, ids, history, slot, seed, top_k=top_k, top_p=self.top_p,
+                         inv_temperature=inv_temperature)
+        else:
+            sample_pick(self.filtered_logits(logits), ids, history, slot, seed, 1.0)
 
     def __call__(self, logits: torch.Tensor, position: int | None = None) -> torch.Tensor:
         """Each row's next token (rows,), for the token at `position`. On a GPU a draw is sample_pick's, keyed
@@ -539,8 +549,7 @@ class Sampler:
             ids = torch.empty(rows, 1, dtype=torch.long, device=logits.device)
             history = torch.empty(rows, position + 1, dtype=torch.long, device=logits.device)
             slot = torch.tensor(position - 1, device=logits.device)  # the pick is for the position after slot
-            scores, inv_temperature = self.scores(logits)
-            sample_pick(scores, ids, history, slot, torch.tensor(self.seed, device=logits.device), inv_temperature)
+            self.pick(logits, ids, history, slot, torch.tensor(self.seed, device=logits.device))
             return ids[:, 0]
         return self.sample(logits)
 

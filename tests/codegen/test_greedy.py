@@ -82,6 +82,17 @@ for ptr in ("*bf16", "*fp32"):
 signature = {p.name: scalars.get(p.name, "*i64") for p in G._pick_rows_kernel.params if not p.is_constexpr}
 compile_sm90(G._pick_rows_kernel, signature, dict(BLOCK_C=64), num_warps=1)
 print("compiled greedy rows")
+top_k_scalars = {**scalars, "keys_ptr": "*i64", "n_keys": "i32", "top_k": "i32", "top_p": "fp32"}
+for ptr in ("*bf16", "*fp32"):
+    signature = {p.name: top_k_scalars.get(p.name, ptr) for p in G._top_k_chunks_kernel.params if not p.is_constexpr}
+    compile_sm90(G._top_k_chunks_kernel, signature, dict(BLOCK_V=G.TOP_K_BLOCK_V, K_PAD=64),
+                 num_warps=G.TOP_K_CHUNK_WARPS)
+    print("compiled greedy top-k chunks", ptr)
+for nucleus in (False, True):
+    signature = {p.name: top_k_scalars.get(p.name, "*i64") for p in G._top_k_rows_kernel.params
+                 if not p.is_constexpr}
+    compile_sm90(G._top_k_rows_kernel, signature, dict(BLOCK_K=2048, NUCLEUS=nucleus), num_warps=4)
+    print("compiled greedy top-k rows", nucleus)
 """
 
 
@@ -89,7 +100,7 @@ def test_greedy_kernel_compiles_for_sm90_without_a_gpu(tmp_path):
     """The interpreter tests above never lower the kernel: compile it for sm_90 as the decode graph launches it."""
     from aot_sm90 import run_script
 
-    assert run_script(tmp_path, "aot_greedy", _AOT_SCRIPT).count("compiled greedy") == 5
+    assert run_script(tmp_path, "aot_greedy", _AOT_SCRIPT).count("compiled greedy") == 9
 
 
 def _sample(logits, slot, seed, inv_temperature=1.0):
@@ -125,3 +136,92 @@ def test_a_seed_and_position_fix_the_draw():
     assert not torch.equal(first, other_seed) and not torch.equal(first, other_position)
     picked_by_row = [int(first[r]) for r in range(64)]
     assert len(set(picked_by_row)) > 5  # rows draw independently
+
+
+def _top_k_reference(logits, top_k, top_p, inv_temperature):
+    """HF's top-k warper (logits >= the k-th largest, ties kept) then the nucleus among those, best first and
+    ties by index: the filtered fp32 logits sample_top_k should draw from, computed with torch.sort."""
+    v = logits.float() * inv_temperature
+    v = v.masked_fill(v.isnan(), float("-inf"))
+    kth = torch.sort(v, dim=-1, descending=True).values[:, top_k - 1:top_k]
+    keep = (v >= kth) & (v > float("-inf"))
+    if top_p is not None:
+        ranked, order = torch.sort(v.masked_fill(~keep, float("-inf")), dim=-1, descending=True, stable=True)
+        probs = torch.softmax(ranked, dim=-1)
+        in_nucleus = (torch.cumsum(probs, dim=-1) - probs < top_p) & (ranked > float("-inf"))
+        keep = torch.zeros_like(keep).scatter(-1, order, in_nucleus)
+    return v.masked_fill(~keep, float("-inf"))
+
+
+def _sample_top_k(logits, slot, seed, **kw):
+    rows = logits.shape[0]
+    ids = torch.full((rows, 1), -7, dtype=torch.long)
+    history = torch.full((rows, 20), -7, dtype=torch.long)
+    greedy.sample_top_k(logits, ids, history, torch.tensor(slot), torch.tensor(seed), **kw)
+    return ids, history
+
+
+@interpreted
+@pytest.mark.parametrize("top_k, top_p, inv_temperature", [(5, None, 1.0), (7, 0.6, 1.3), (3, 0.95, 0.5)])
+@pytest.mark.parametrize("values", ["distinct", "tied"])
+def test_top_k_draw_equals_sample_pick_over_the_filtered_logits(monkeypatch, top_k, top_p, inv_temperature, values):
+    """The same token as sample_pick over the reference-filtered logits, row by row, with the vocabulary over
+    four chunks; "tied" logits are small integers, so the k-th value is shared by several tokens."""
+    monkeypatch.setattr(greedy, "TOP_K_BLOCK_V", 32)
+    g = torch.Generator().manual_seed(top_k)
+    if values == "tied":
+        logits = torch.randint(0, 8, (16, 100), generator=g).float()
+    else:
+        logits = torch.randn(16, 100, generator=g)
+    ids, history = _sample_top_k(logits, slot=4, seed=9, top_k=top_k, top_p=top_p, inv_temperature=inv_temperature)
+    want, _ = _sample(_top_k_reference(logits, top_k, top_p, inv_temperature), slot=4, seed=9)
+    assert torch.equal(ids, want)
+    assert torch.equal(history[:, 5], ids[:, 0]) and (history[:, :5] == -7).all() and (history[:, 6:] == -7).all()
+    assert len(set(ids[:, 0].tolist())) > 3  # a draw, not the argmax of every row
+
+
+@interpreted
+def test_top_k_rows_with_few_finite_logits(monkeypatch):
+    """Row 0: two finite logits and k = 5 (only those two drawn); row 1: all -inf (index 0); row 2: NaN beside
+    finite logits (never drawn); row 3: k = 1 is the argmax."""
+    monkeypatch.setattr(greedy, "TOP_K_BLOCK_V", 32)
+    logits = torch.full((4, 70), float("-inf"))
+    logits[0, [3, 66]] = torch.tensor([0.5, 0.2])
+    logits[2] = torch.randn(70)
+    logits[2, ::2] = float("nan")
+    logits[3] = torch.randn(70)
+    picks = {r: set() for r in range(4)}
+    for seed in range(8):
+        ids, _ = _sample_top_k(logits, slot=0, seed=seed, top_k=5)
+        for r in range(3):
+            picks[r].add(int(ids[r]))
+        if seed < 3:
+            argmax, _ = _sample_top_k(logits[3:], slot=0, seed=seed, top_k=1)
+            picks[3].add(int(argmax[0]))
+    assert picks[0] == {3, 66} and picks[1] == {0}
+    assert all(i % 2 == 1 for i in picks[2]) and len(picks[2]) > 1
+    assert picks[3] == {int(logits[3].argmax())}
+
+
+@interpreted
+def test_sampler_pick_routes_top_k_through_the_kernels(monkeypatch):
+    """Sampler.pick with top-k and top-p (no ties: randn) draws what sample_pick draws over filtered_logits."""
+    from fxopt.generate import Sampler
+
+    monkeypatch.setattr(greedy, "TOP_K_BLOCK_V", 32)
+    calls = []
+    counted = lambda *a, **kw: calls.append(1) or greedy.sample_top_k(*a, **kw)  # noqa: E731
+    monkeypatch.setattr("fxopt.generate.sample_top_k", counted)
+    sampler = Sampler(True, temperature=0.8, top_k=6, top_p=0.7, seed=5)
+    logits = torch.randn(8, 90, generator=torch.Generator().manual_seed(2))
+    ids, history = torch.zeros(8, 1, dtype=torch.long), torch.zeros(8, 4, dtype=torch.long)
+    sampler.pick(logits, ids, history, torch.tensor(1), torch.tensor(5))
+    want, _ = _sample(sampler.filtered_logits(logits), slot=1, seed=5)
+    assert calls and torch.equal(ids, want)
+
+
+def test_top_k_out_of_range_is_refused():
+    logits = torch.randn(2, 300)
+    for bad in (0, greedy.TOP_K_MAX + 1):
+        with pytest.raises(ValueError, match="top_k"):
+            _sample_top_k(logits, slot=0, seed=0, top_k=bad)
