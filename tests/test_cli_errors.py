@@ -81,6 +81,7 @@ BAD = [
     pytest.param(["bench", "--suite", "attention"], "needs a CUDA GPU", marks=NO_GPU),
     pytest.param(["bench", "--decode"], "bench --decode needs a CUDA GPU", marks=NO_GPU),
     (["bench", "gpt2-tiny", "--tp", "2"], "--tp 2 is for --decode"),
+    (["bench", "--decode", "--rows", "fxopt,vllm"], "bad --rows 'fxopt,vllm': unknown ['vllm']"),
     pytest.param(["annotate", "gpt2-tiny", "--hw", "calibrate"], "--hw calibrate needs a CUDA GPU", marks=NO_GPU),
     pytest.param(["generate", "gpt2-tiny", "--device", "cuda"], "--device cuda needs a CUDA GPU", marks=NO_GPU),
 ]

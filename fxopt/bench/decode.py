@@ -81,6 +81,11 @@ class Measurement:
     ratio_vs_ref: float = float("nan")  # tokens/s over HF static+compile's
     match: float = float("nan")  # share of new tokens equal to the reference row's
     agree: int = -1  # new tokens equal to the reference row's in every sequence before the first difference
+    # --profile (fxopt rows): one greedy step's CUDA graph replayed at the prompt's length
+    replay_ms: float = float("nan")  # the step alone, between CUDA events
+    kernels_per_step: float = float("nan")  # GPU kernels (memcpy/memset apart) under torch.profiler
+    kernels_per_layer: float = float("nan")
+    gpu_busy_ms: float = float("nan")  # kernel time per step; replay_ms - gpu_busy_ms is the GPU idle between
     note: str = ""
     error: str = ""
 
@@ -227,8 +232,9 @@ def measure_row(row: str, fns: dict[str, Callable[[int], torch.Tensor]], batch: 
 
 def run(model_name: str = "llama-1b-like", *, dtype: str = "bf16", configs=DEFAULT_CONFIGS, rows=ROWS,
         repeat: int = 3, recompute_steps: int = 32, device: str = "cuda", json_path: str | None = None,
-        overrides: dict | None = None) -> dict:
-    """Measure every row on every (batch, prompt, new) config; print one table; return (and dump) json."""
+        overrides: dict | None = None, profile: bool = False) -> dict:
+    """Measure every row on every (batch, prompt, new) config; print one table; return (and dump) json. With
+    `profile`, the fxopt rows' decode step is also profiled: kernels per step and per layer, GPU busy time."""
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("bench_decode measures on a GPU; pass device='cpu' only for a smoke run")
     torch_dtype = DTYPES[dtype]
@@ -265,6 +271,8 @@ def run(model_name: str = "llama-1b-like", *, dtype: str = "bf16", configs=DEFAU
                     m, toks = measure_row(row, fns, batch, prompt, new, repeat=repeat, device=device,
                                           recompute_steps=recompute_steps)
                     tokens[row] = toks
+                    if profile and device == "cuda" and row in PROFILED_ROWS:
+                        _profile_step(m, gen if row == "fxopt" else plain, ids, new)
                 except Exception as exc:  # noqa: BLE001 - one row failing must not lose the others
                     m = Measurement(row, batch, prompt, new, error=f"{type(exc).__name__}: {str(exc)[:300]}")
             m.weight_bytes_per_step, m.kv_bytes_per_step = float(w_bytes), float(kv_bytes)
@@ -305,6 +313,19 @@ def run(model_name: str = "llama-1b-like", *, dtype: str = "bf16", configs=DEFAU
     return report
 
 
+PROFILED_ROWS = ("fxopt", "fxopt-unfused")
+
+
+def _profile_step(m: Measurement, gen: Generator, ids: torch.Tensor, new: int) -> None:
+    """Fill m's --profile fields from profile_decode.step_profile (replays fit in the generator's new tokens)."""
+    from fxopt.bench.profile_decode import step_profile
+
+    n = max(1, min(50, new - 2))
+    step = step_profile(gen, ids, replays=n, steps=n)
+    m.replay_ms, m.kernels_per_step = step["replay_ms"], step["kernels_per_step"]
+    m.kernels_per_layer, m.gpu_busy_ms = step["kernels_per_layer"], step["gpu_busy_ms"]
+
+
 def leading_agreement(a: torch.Tensor, b: torch.Tensor) -> int:
     """Steps (columns of two (batch, new) token tensors) before the first one where any sequence differs: after
     a bf16 near-tie flips a token the continuations differ anyway, so the share of equal tokens says little."""
@@ -332,7 +353,28 @@ def format_table(report: dict) -> str:
                      f"{f(r['weight_bw'] / 1e9, '13.0f')}{f(r['weight_bw_pct'], '7.1f')}"
                      f"{f(r['match'], '7.2f')}{r.get('agree', -1) if r.get('agree', -1) >= 0 else '-':>7}"
                      + (f"  ({r['note']})" if r["note"] else ""))
+    profiled = [r for r in report["rows"] if r.get("kernels_per_step", float("nan")) == r.get("kernels_per_step")]
+    if profiled:
+        lines.append("--profile: one greedy step's CUDA graph replayed at the prompt's length")
+        lines.append(f"{'config':<16}{'row':<19}{'step ms':>8}{'kernels':>8}{'/layer':>7}{'GPU busy ms':>12}"
+                     f"{'idle %':>7}")
+        for r in profiled:
+            idle = 100 * (1 - r["gpu_busy_ms"] / r["replay_ms"])
+            config = f"{r['batch']}x{r['prompt']}+{r['new']}"
+            lines.append(f"{config:<16}{r['row']:<19}{r['replay_ms']:>8.3f}"
+                         f"{r['kernels_per_step']:>8.1f}{r['kernels_per_layer']:>7.1f}{r['gpu_busy_ms']:>12.3f}"
+                         f"{idle:>7.1f}")
     return "\n".join(lines)
+
+
+def parse_rows(text: str) -> tuple[str, ...]:
+    """'fxopt,hf-static-compile' -> ('fxopt', 'hf-static-compile'); UserError on a row this bench lacks."""
+    rows = tuple(r.strip() for r in text.split(",") if r.strip())
+    unknown = sorted(set(rows) - set(ROWS) - set(SAMPLED_ROWS))
+    if unknown or not rows:
+        raise UserError(f"bad --rows {text!r}" + (f": unknown {unknown}" if unknown else ""),
+                        f"choose from {', '.join(ROWS + tuple(SAMPLED_ROWS))}")
+    return rows
 
 
 def _parse_configs(text: str) -> tuple[tuple[int, int, int], ...]:
@@ -355,6 +397,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="time eager recompute over this many new tokens (0: all)")
     parser.add_argument("--device", default="cuda", help="cuda (cpu: a smoke run only)")
     parser.add_argument("--json", default="bench_decode.json", metavar="PATH", help="write the results here")
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile the fxopt rows' decode step: kernels per step and per layer, GPU busy")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -378,10 +422,7 @@ def main(argv: list[str] | None = None) -> int:
         if bad:
             raise UserError(f"bad --override {bad[0]!r}", "write field=value, e.g. --override n_layers=2")
         overrides = dict((k, _parse_value(v)) for k, v in (o.split("=", 1) for o in args.override))
-        rows = tuple(r.strip() for r in args.rows.split(",") if r.strip())
-        unknown = set(rows) - set(ROWS) - set(SAMPLED_ROWS)
-        if unknown:
-            parser.error(f"unknown rows {sorted(unknown)}; choose from {ROWS + tuple(SAMPLED_ROWS)}")
+        rows = parse_rows(args.rows)
         try:
             configs = _parse_configs(args.configs)
         except ValueError:
@@ -393,7 +434,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             check_output(args.json, "--json")
         run(args.model, dtype=args.dtype, configs=configs, rows=rows, repeat=args.repeat,
-            recompute_steps=args.recompute_steps, device=args.device, json_path=args.json, overrides=overrides)
+            recompute_steps=args.recompute_steps, device=args.device, json_path=args.json, overrides=overrides,
+            profile=args.profile)
         return 0
 
     try:

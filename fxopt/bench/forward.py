@@ -364,12 +364,15 @@ def add_cli(subparsers) -> None:
     parser.add_argument("--no-attention", action="store_true", help="fuse only: leave attention as captured")
     parser.add_argument("--profile", action="store_true",
                         help="print the top GPU kernels of each variant, and each variant's timeline: launches, "
-                             "host time per launch, GPU busy and idle time, GPU time per kernel family")
+                             "host time per launch, GPU busy and idle time, GPU time per kernel family; with "
+                             "--decode: the fxopt rows' kernels per decode step and per layer, GPU busy and idle")
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON")
     parser.add_argument("--decode", action="store_true",
                         help="generation instead: eager recompute, HF caches, HF static+compile and fxopt (GPU)")
     parser.add_argument("--configs", default="1x512x256,8x512x256,1x8192x256",
                         help="with --decode: batch x prompt x new-tokens, comma separated")
+    parser.add_argument("--rows", default=",".join(bench_decode.ROWS),
+                        help=f"with --decode: any of {', '.join(bench_decode.ROWS + tuple(bench_decode.SAMPLED_ROWS))}")
     parser.add_argument("--tp", type=positive_int, default=1, metavar="N",
                         help="with --decode: tensor-parallel over N GPUs, one process each (run under torchrun)")
     parser.add_argument("--suite", choices=["fused", "attention"],
@@ -390,6 +393,7 @@ def _cmd_bench(args) -> int:
         raise UserError(f"--tp {args.tp} is for --decode", "add --decode (`fxopt annotate MODEL --tp N` costs a "
                                                            "sharded forward)")
     if args.decode:
+        rows = bench_decode.parse_rows(args.rows)
         require_cuda("bench --decode", "on CPU time one model with 'fxopt generate MODEL'")
 
         model = args.model or "llama-1b-like"
@@ -405,7 +409,8 @@ def _cmd_bench(args) -> int:
             bench_decode_tp.run(model, args.tp, configs=configs, dtype=bench_decode.DTYPES[dtype],
                                 json_path=args.json)
             return 0
-        bench_decode.run(model, dtype=dtype, configs=configs, json_path=args.json)
+        bench_decode.run(model, dtype=dtype, configs=configs, rows=rows,
+                         json_path=args.json, profile=args.profile)
         return 0
     on_gpu = torch.cuda.is_available()
     defaults = GPU_DEFAULTS if on_gpu else CPU_DEFAULTS

@@ -63,25 +63,13 @@ def _program_census(program: torch.fx.GraphModule) -> dict[str, int]:
     }
 
 
-def profile_variant(model, *, batch: int, prompt: int, new: int, matmul: bool, replays: int, steps: int, top: int,
-                    repeat: int, copy_bw: float | None) -> dict:
-
-
-    label = "matmul pass on" if matmul else "matmul pass off"
-    print(f"\n=== {label} ===", flush=True)
-    # room for the replays below: each advances the cache by one position (the graph moves the slot)
-    gen = build_generator(model, model.example_inputs(1, 8), max_seq_len=prompt + new + 16 + replays + steps,
-                          max_batch=batch, matmul=matmul)
-    ids = model.example_inputs(batch, prompt, seed=0)["input_ids"]
-
-    # warm-up: prefill, decode-program fusion, CUDA-graph capture
-    gen.generate(ids, min(new, 8), eos_token_id=None)
-    prefill_s = _median_time(lambda: gen.prefill(ids), repeat)
-    t_one = _median_time(lambda: gen.generate(ids, 1, eos_token_id=None), repeat)
-    t_all = _median_time(lambda: gen.generate(ids, new, eos_token_id=None), repeat)
-    generate_ms = 1e3 * (t_all - t_one) / max(new - 1, 1)
-
-    # a fixed state: the prompt cached, one step taken; its graph is the one replayed below
+def step_profile(gen, ids: torch.Tensor, *, replays: int = 200, steps: int = 20) -> dict:
+    """Prefill `ids`, take one greedy decode step, then replay that step's CUDA graph from this cache length:
+    `replays` timed between CUDA events (ms/token of the step alone) and `steps` under torch.profiler. Returns
+    replay_ms, kernels_per_step (GPU kernels, memcpy/memset apart), copies_per_step, kernels_per_layer,
+    gpu_busy_ms (kernel time per step; the rest of replay_ms is the GPU idle between kernels), the profile and
+    where its events came from. The generator needs room for prompt + 1 + max(replays, steps) positions."""
+    batch = ids.shape[0]
     logits = gen.prefill(ids)
     gen.decode_step(logits.argmax(-1)[:, None])
     bucket = next(size for size in batch_buckets(gen.max_batch) if size >= batch)
@@ -108,16 +96,46 @@ def profile_variant(model, *, batch: int, prompt: int, new: int, matmul: bool, r
     source = f"{steps} CUDA-graph replays"
     if not device_events:  # this profiler cannot see into graph replays: profile the same step run eagerly
         program = gen.decode_program(bucket)
+        gen._slot.fill_(gen.length)
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for _ in range(steps):
                 program(step.ids, gen._slot, step.kv_start, *step.caches)
             _sync()
         device_events = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
         source = f"{steps} eager decode steps (graph replays were not visible to the profiler)"
+    gen._slot.fill_(gen.length)
+    gen._slot_holds = gen.length
     copies = sum(("memcpy" in e.name.lower() or "memset" in e.name.lower()) for e in device_events)
-    kernels_per_step = (len(device_events) - copies) / steps
-    device_us = sum(e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
-                    for e in device_events) / steps
+    kernels = (len(device_events) - copies) / steps
+    busy_us = sum(e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
+                  for e in device_events) / steps
+    layers = max(1, len(gen.programs.caches))
+    return {"replay_ms": replay_ms, "kernels_per_step": kernels, "copies_per_step": copies / steps,
+            "layers": layers, "kernels_per_layer": kernels / layers, "gpu_busy_ms": busy_us / 1e3,
+            "bucket": bucket, "profile": prof, "source": source}
+
+
+def profile_variant(model, *, batch: int, prompt: int, new: int, matmul: bool, replays: int, steps: int, top: int,
+                    repeat: int, copy_bw: float | None) -> dict:
+
+
+    label = "matmul pass on" if matmul else "matmul pass off"
+    print(f"\n=== {label} ===", flush=True)
+    # room for the replays below: each advances the cache by one position (the graph moves the slot)
+    gen = build_generator(model, model.example_inputs(1, 8), max_seq_len=prompt + new + 16 + replays + steps,
+                          max_batch=batch, matmul=matmul)
+    ids = model.example_inputs(batch, prompt, seed=0)["input_ids"]
+
+    # warm-up: prefill, decode-program fusion, CUDA-graph capture
+    gen.generate(ids, min(new, 8), eos_token_id=None)
+    prefill_s = _median_time(lambda: gen.prefill(ids), repeat)
+    t_one = _median_time(lambda: gen.generate(ids, 1, eos_token_id=None), repeat)
+    t_all = _median_time(lambda: gen.generate(ids, new, eos_token_id=None), repeat)
+    generate_ms = 1e3 * (t_all - t_one) / max(new - 1, 1)
+
+    step = step_profile(gen, ids, replays=replays, steps=steps)
+    replay_ms, prof, bucket, kernels_per_step = step["replay_ms"], step["profile"], step["bucket"], \
+        step["kernels_per_step"]
 
     weight_bytes = gen.weight_stream_bytes(batch)
     kv_bytes = batch * gen.length * gen.kv_bytes_per_token()
@@ -125,14 +143,15 @@ def profile_variant(model, *, batch: int, prompt: int, new: int, matmul: bool, r
 
     print(f"{gen.describe()}")
     print(f"decode program (batch {bucket}): " + ", ".join(f"{k} {v}" for k, v in census.items()))
-    print(f"\n(b) top {top} GPU kernels over {source}, sorted by cuda_time_total:")
+    print(f"\n(b) top {top} GPU kernels over {step['source']}, sorted by cuda_time_total:")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=top))
     print(f"(a) ms/token      {replay_ms:8.3f} ms  CUDA-graph replay at cache length {gen.length} "
           f"(mean of {replays})")
     print(f"                  {generate_ms:8.3f} ms  generate(): (t({new}) - t(1)) / {new - 1}, median of {repeat}")
     print(f"    prefill       {1e3 * prefill_s:8.2f} ms  batch {batch} x prompt {prompt}")
-    print(f"(c) kernels/step  {kernels_per_step:8.1f}      (+ {copies / steps:.1f} memcpy/memset); GPU busy "
-          f"{device_us / 1e3:.3f} ms of the step's {replay_ms:.3f} ms")
+    print(f"(c) kernels/step  {kernels_per_step:8.1f}      (+ {step['copies_per_step']:.1f} memcpy/memset), "
+          f"{step['kernels_per_layer']:.1f} per layer ({step['layers']} layers); GPU busy "
+          f"{step['gpu_busy_ms']:.3f} ms of the step's {replay_ms:.3f} ms")
     line = (f"(d) weights/step  {weight_bytes / 1e9:8.3f} GB  -> {weight_bytes / (replay_ms * 1e-3) / 1e9:7.1f} GB/s"
             f"; with K/V ({kv_bytes / 1e9:.3f} GB) {(weight_bytes + kv_bytes) / (replay_ms * 1e-3) / 1e9:7.1f} GB/s")
     if copy_bw:

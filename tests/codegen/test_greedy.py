@@ -9,6 +9,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+from sampling_checks import top_k_reference  # noqa: E402
 
 from fxopt.codegen import greedy  # noqa: E402
 
@@ -138,21 +139,6 @@ def test_a_seed_and_position_fix_the_draw():
     assert len(set(picked_by_row)) > 5  # rows draw independently
 
 
-def _top_k_reference(logits, top_k, top_p, inv_temperature):
-    """HF's top-k warper (logits >= the k-th largest, ties kept) then the nucleus among those, best first and
-    ties by index: the filtered fp32 logits sample_top_k should draw from, computed with torch.sort."""
-    v = logits.float() * inv_temperature
-    v = v.masked_fill(v.isnan(), float("-inf"))
-    kth = torch.sort(v, dim=-1, descending=True).values[:, top_k - 1:top_k]
-    keep = (v >= kth) & (v > float("-inf"))
-    if top_p is not None:
-        ranked, order = torch.sort(v.masked_fill(~keep, float("-inf")), dim=-1, descending=True, stable=True)
-        probs = torch.softmax(ranked, dim=-1)
-        in_nucleus = (torch.cumsum(probs, dim=-1) - probs < top_p) & (ranked > float("-inf"))
-        keep = torch.zeros_like(keep).scatter(-1, order, in_nucleus)
-    return v.masked_fill(~keep, float("-inf"))
-
-
 def _sample_top_k(logits, slot, seed, **kw):
     rows = logits.shape[0]
     ids = torch.full((rows, 1), -7, dtype=torch.long)
@@ -174,7 +160,7 @@ def test_top_k_draw_equals_sample_pick_over_the_filtered_logits(monkeypatch, top
     else:
         logits = torch.randn(16, 100, generator=g)
     ids, history = _sample_top_k(logits, slot=4, seed=9, top_k=top_k, top_p=top_p, inv_temperature=inv_temperature)
-    want, _ = _sample(_top_k_reference(logits, top_k, top_p, inv_temperature), slot=4, seed=9)
+    want, _ = _sample(top_k_reference(logits, top_k, top_p, inv_temperature), slot=4, seed=9)
     assert torch.equal(ids, want)
     assert torch.equal(history[:, 5], ids[:, 0]) and (history[:, :5] == -7).all() and (history[:, 6:] == -7).all()
     assert len(set(ids[:, 0].tolist())) > 3  # a draw, not the argmax of every row

@@ -164,3 +164,23 @@ def test_sampling_in_the_replayed_graph_equals_the_host_loop(settings):
     assert not torch.equal(graphed, gen.generate(ids, 40, seed=8, **settings))
     assert gen.captures == captures  # one graph per (bucket, settings): the seed is a device tensor it reads
     assert torch.equal(gen.generate(ids, 40, seed=3, top_k=1), gen.generate(ids, 40))
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("top_k, top_p", [(50, 0.95), (128, None), (1, None)])
+def test_top_k_kernels_draw_what_sample_pick_draws_over_the_filtered_logits(top_k, top_p):
+    """codegen/greedy.py's sample_top_k at a Llama-3 vocabulary, bf16 logits (many ties at the k-th), 64 rows:
+    token for token what sample_pick draws over the filtered fp32 logits of tests/sampling_checks.py."""
+    from sampling_checks import top_k_reference
+
+    from fxopt.codegen import greedy
+
+    logits = (4 * torch.randn(64, 128256, device=DEVICE)).to(torch.bfloat16)
+    slot, seed = torch.tensor(300, device=DEVICE), torch.tensor(5, device=DEVICE)
+    got_ids, got_history = (torch.zeros(64, 1, dtype=torch.long, device=DEVICE),
+                            torch.zeros(64, 302, dtype=torch.long, device=DEVICE))
+    greedy.sample_top_k(logits, got_ids, got_history, slot, seed, top_k=top_k, top_p=top_p, inv_temperature=1.25)
+    want_ids, want_history = torch.zeros_like(got_ids), torch.zeros_like(got_history)
+    greedy.sample_pick(top_k_reference(logits, top_k, top_p, 1.25), want_ids, want_history, slot, seed, 1.0)
+    assert torch.equal(got_ids, want_ids) and torch.equal(got_history, want_history)
+    assert (len(set(got_ids[:, 0].tolist())) > 32) == (top_k > 1)
