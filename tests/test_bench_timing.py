@@ -1,4 +1,5 @@
-"""The benchmarks' interleaved timing: every round visits all variants, each round starting one later."""
+"""The benchmarks' interleaved timing (every round visits all variants, each round starting one later) and the
+decode profile's busy time."""
 
 from fxopt.bench.fused import interleaved_runs
 
@@ -52,3 +53,17 @@ def test_timeline_counts_launches_host_span_and_gpu_gaps():
     assert t.host_ms == 42 / 1e3 and t.host_us_per_launch == 14.0
     assert t.gpu_busy_ms == 40 / 1e3 and t.gpu_idle_ms == 20 / 1e3  # span 10..70, gaps 30-35 and 45-60
     assert t.families_ms == {"matmul": 0.02, "triton": 0.01, "attention": 0.01}
+
+
+def test_decode_profile_busy_time_is_the_union_of_kernel_intervals():
+    """Overlapping kernels count once; the gap between them is idle. Against the intervals summed by hand."""
+    from types import SimpleNamespace
+
+    from fxopt.bench.profile_decode import _busy_and_span
+
+    def event(start, end):
+        return SimpleNamespace(time_range=SimpleNamespace(start=start, end=end))
+
+    events = [event(10, 20), event(15, 25), event(40, 50), event(41, 42)]  # [10, 25] and [40, 50]
+    assert _busy_and_span(events) == ((25 - 10) + (50 - 40), 50 - 10)
+    assert _busy_and_span([]) == (0.0, 0.0)

@@ -85,7 +85,8 @@ class Measurement:
     replay_ms: float = float("nan")  # the step alone, between CUDA events
     kernels_per_step: float = float("nan")  # GPU kernels (memcpy/memset apart) under torch.profiler
     kernels_per_layer: float = float("nan")
-    gpu_busy_ms: float = float("nan")  # kernel time per step; replay_ms - gpu_busy_ms is the GPU idle between
+    gpu_busy_ms: float = float("nan")  # per profiled step: time some kernel ran ...
+    profiled_step_ms: float = float("nan")  # ... of first kernel start to last kernel end (the rest: GPU idle)
     note: str = ""
     error: str = ""
 
@@ -324,6 +325,7 @@ def _profile_step(m: Measurement, gen: Generator, ids: torch.Tensor, new: int) -
     step = step_profile(gen, ids, replays=n, steps=n)
     m.replay_ms, m.kernels_per_step = step["replay_ms"], step["kernels_per_step"]
     m.kernels_per_layer, m.gpu_busy_ms = step["kernels_per_layer"], step["gpu_busy_ms"]
+    m.profiled_step_ms = step["profiled_step_ms"]
 
 
 def leading_agreement(a: torch.Tensor, b: torch.Tensor) -> int:
@@ -355,11 +357,12 @@ def format_table(report: dict) -> str:
                      + (f"  ({r['note']})" if r["note"] else ""))
     profiled = [r for r in report["rows"] if r.get("kernels_per_step", float("nan")) == r.get("kernels_per_step")]
     if profiled:
-        lines.append("--profile: one greedy step's CUDA graph replayed at the prompt's length")
+        lines.append("--profile: one greedy step's CUDA graph replayed at the prompt's length; idle % of the "
+                     "profiled step, first kernel start to last kernel end")
         lines.append(f"{'config':<16}{'row':<19}{'step ms':>8}{'kernels':>8}{'/layer':>7}{'GPU busy ms':>12}"
                      f"{'idle %':>7}")
         for r in profiled:
-            idle = 100 * (1 - r["gpu_busy_ms"] / r["replay_ms"])
+            idle = 100 * (1 - r["gpu_busy_ms"] / r["profiled_step_ms"])
             config = f"{r['batch']}x{r['prompt']}+{r['new']}"
             lines.append(f"{config:<16}{r['row']:<19}{r['replay_ms']:>8.3f}"
                          f"{r['kernels_per_step']:>8.1f}{r['kernels_per_layer']:>7.1f}{r['gpu_busy_ms']:>12.3f}"
