@@ -139,11 +139,13 @@ def _launch(logits, ids, history, slot, seed, inv_temperature, *, sample):
 # vocabulary-sized passes. Here each program sorts one chunk of a row (a logit and its index packed in an int64
 # key) and keeps its k best keys; one program per row sorts the chunks' candidates, keeps the row's k best (and
 # of those the nucleus) and draws among them with sample_pick's noise: for the same seed, position and row the
-# same token as sample_pick over the filtered logits.
+# same token as sample_pick over the filtered logits. Where the chunks leave more candidates than one program
+# should sort (a 128k vocabulary), merge programs narrow them first, a tree of tl.topk.
 
 TOP_K_MAX = 128  # largest top_k drawn by these kernels (a chunk keeps next_power_of_2(k) keys)
 TOP_K_BLOCK_V = 4096  # logits one chunk program sorts
 TOP_K_CHUNK_WARPS = 8
+TOP_K_MERGE = 512  # candidate keys one merge program (and the final per-row program) takes at most
 
 _NEG_INF_KEY = tl.constexpr(-2139095041 * 2**32)  # the key of (-inf, index 0x7FFFFFFF): below every real key
 
@@ -184,6 +186,17 @@ def _top_k_chunks_kernel(logits_ptr, keys_ptr, vocab, stride_lr, inv_temperature
 
 
 @triton.jit
+def _top_k_merge_kernel(keys_in_ptr, keys_out_ptr, n_in, n_groups, GROUP: tl.constexpr, K_PAD: tl.constexpr):
+    """Program (row, g): the K_PAD best of keys_in[row, g * GROUP : (g + 1) * GROUP], descending: one level of
+    the tree that narrows a row's candidates until one program can take them all."""
+    row = tl.program_id(0).to(tl.int64)
+    g = tl.program_id(1)
+    lane = g * GROUP + tl.arange(0, GROUP)
+    keys = tl.load(keys_in_ptr + row * n_in + lane, mask=lane < n_in, other=_NEG_INF_KEY)
+    tl.store(keys_out_ptr + (row * n_groups + g) * K_PAD + tl.arange(0, K_PAD), tl.topk(keys, K_PAD))
+
+
+@triton.jit
 def _top_k_rows_kernel(keys_ptr, ids_ptr, history_ptr, slot_ptr, seed_ptr, vocab, n_keys, top_k, top_p, stride_ir,
                        stride_hr, BLOCK_K: tl.constexpr, ROW_K: tl.constexpr, NUCLEUS: tl.constexpr):
     """One program per row: the row's logits >= its top_k-th largest among its chunks' keys; with NUCLEUS of those
@@ -215,10 +228,11 @@ def _top_k_rows_kernel(keys_ptr, ids_ptr, history_ptr, slot_ptr, seed_ptr, vocab
 
 def sample_top_k(logits: torch.Tensor, ids: torch.Tensor, history: torch.Tensor, slot: torch.Tensor,
                  seed: torch.Tensor, *, top_k: int, top_p: float | None = None, inv_temperature: float = 1.0) -> None:
-    """sample_pick restricted to each row's logits * inv_temperature that are >= its top_k-th largest (ties kept,
-    as HF's top-k warper, while those tokens number at most 2 * K_PAD in the row and K_PAD in a chunk, K_PAD =
-    max(16, next_power_of_2(top_k)); past that the lowest indices among the tied), and with top_p < 1 to the nucleus
-    among them (taken best first, ties by index); 1 <= top_k <= TOP_K_MAX. Rows with nothing above -inf draw 0."""
+    """sample_pick restricted to each row's logits * inv_temperature that are >= its top_k-th largest, and with
+    top_p < 1 to the nucleus among them (taken best first, ties by index); 1 <= top_k <= TOP_K_MAX. Ties at the
+    k-th are kept, as HF's top-k warper, while those tokens number at most 2 * K_PAD in the row and K_PAD in a
+    chunk or merge group, K_PAD = max(16, next_power_of_2(top_k)); past that the lowest indices among the tied.
+    Rows with nothing above -inf draw 0."""
     rows, vocab = logits.shape
     if not 1 <= top_k <= TOP_K_MAX:
         raise ValueError(f"sample_top_k: top_k must be in [1, {TOP_K_MAX}], got {top_k}")
@@ -233,6 +247,13 @@ def sample_top_k(logits: torch.Tensor, ids: torch.Tensor, history: torch.Tensor,
     keys = torch.empty(rows, n_keys, dtype=torch.int64, device=logits.device)
     _top_k_chunks_kernel[(rows, n_chunks)](logits, keys, vocab, logits.stride(0), float(inv_temperature), n_chunks,
                                            BLOCK_V=block, K_PAD=k_pad, num_warps=TOP_K_CHUNK_WARPS)
+    group = max(TOP_K_MERGE, 2 * k_pad)
+    while n_keys > group:  # e.g. 128256 logits, k 50: 32 chunks x 64 keys -> 4 groups x 64 -> the row's 256
+        n_groups = triton.cdiv(n_keys, group)
+        merged = torch.empty(rows, n_groups * k_pad, dtype=torch.int64, device=logits.device)
+        _top_k_merge_kernel[(rows, n_groups)](keys, merged, n_keys, n_groups, GROUP=group, K_PAD=k_pad,
+                                              num_warps=4)
+        keys, n_keys = merged, n_groups * k_pad
     block_k = max(16, triton.next_power_of_2(n_keys))
     nucleus = top_p is not None and top_p < 1.0
     _top_k_rows_kernel[(rows,)](keys, ids, history, slot, seed, vocab, n_keys, top_k,

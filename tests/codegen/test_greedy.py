@@ -94,6 +94,10 @@ for nucleus in (False, True):
                  if not p.is_constexpr}
     compile_sm90(G._top_k_rows_kernel, signature, dict(BLOCK_K=2048, ROW_K=128, NUCLEUS=nucleus), num_warps=4)
     print("compiled greedy top-k rows", nucleus)
+signature = {p.name: top_k_scalars.get(p.name, "*i64") for p in G._top_k_merge_kernel.params if not p.is_constexpr}
+compile_sm90(G._top_k_merge_kernel, {**signature, "n_in": "i32", "n_groups": "i32"},
+             dict(GROUP=G.TOP_K_MERGE, K_PAD=64), num_warps=4)
+print("compiled greedy top-k merge")
 """
 
 
@@ -101,7 +105,7 @@ def test_greedy_kernel_compiles_for_sm90_without_a_gpu(tmp_path):
     """The interpreter tests above never lower the kernel: compile it for sm_90 as the decode graph launches it."""
     from aot_sm90 import run_script
 
-    assert run_script(tmp_path, "aot_greedy", _AOT_SCRIPT).count("compiled greedy") == 9
+    assert run_script(tmp_path, "aot_greedy", _AOT_SCRIPT).count("compiled greedy") == 10
 
 
 def _sample(logits, slot, seed, inv_temperature=1.0):
@@ -152,9 +156,10 @@ def _sample_top_k(logits, slot, seed, **kw):
 @pytest.mark.parametrize("values", ["distinct", "tied"])
 def test_top_k_draw_equals_sample_pick_over_the_filtered_logits(monkeypatch, top_k, top_p, inv_temperature, values):
     """The same token as sample_pick over the reference-filtered logits, row by row, with the vocabulary over
-    four chunks; "tied" logits are small integers, so the k-th value is shared by several tokens (fewer than the
-    32 candidates the row keeps)."""
+    four chunks and a merge level; "tied" logits are small integers, so the k-th value is shared by several
+    tokens (fewer than the 32 candidates the row keeps)."""
     monkeypatch.setattr(greedy, "TOP_K_BLOCK_V", 32)
+    monkeypatch.setattr(greedy, "TOP_K_MERGE", 32)  # four chunks of 16 keys -> one merge level -> 32 keys
     g = torch.Generator().manual_seed(top_k)
     if values == "tied":
         logits = torch.randint(0, 16, (16, 100), generator=g).float()
