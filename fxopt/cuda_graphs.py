@@ -11,6 +11,9 @@ The contract, per bucket (the shapes, dtypes and devices of the tensor inputs pl
 * every call copies the inputs into the bucket's buffers, replays, and returns *copies* of the outputs, so
   a result the caller keeps is never overwritten by a later call (the copy is one read and write of the
   outputs: for logits (b, s, vocab) it is part of the measured time);
+* a bucket whose forward runs faster launched kernel by kernel than replayed and copied out keeps no graph
+  (the first call times both, TIMED_CALLS each, best of): at GPU-bound shapes the launches hide behind the
+  GPU work while a replay still copies its outputs, e.g. (8, 1024, 128256) bf16 logits, 2.1 GB;
 * at most `max_graphs` buckets are captured; a call outside them runs uncaptured, with one warning;
 * a forward that cannot be captured (a host sync, a CPU tensor) runs uncaptured from then on, with one
   warning naming the error;
@@ -20,6 +23,7 @@ The contract, per bucket (the shapes, dtypes and devices of the tensor inputs pl
 
 from __future__ import annotations
 
+import time
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -29,12 +33,15 @@ from torch.utils import _pytree as pytree
 
 MAX_GRAPHS = 8  # input-shape buckets captured per module before calls run uncaptured
 WARMUP_CALLS = 2  # uncaptured calls on a side stream before a capture (kernel compiles, autotuning)
+TIMED_CALLS = 2  # after a capture, replays and uncaptured calls timed (best of) to decide whether to keep it
+KEEP_GRAPH_UNLESS = 0.98  # the graph is dropped when uncaptured calls take less than this share of a replay's time
 
 
 class _Bucket:
-    """One captured graph: its static inputs (flat), its static outputs (a pytree) and the graph."""
+    """One captured graph: its static inputs (flat), its static outputs (a pytree) and the graph (None: this
+    bucket runs uncaptured, measured faster)."""
 
-    def __init__(self, graph: torch.cuda.CUDAGraph, inputs: list, outputs: Any):
+    def __init__(self, graph: torch.cuda.CUDAGraph | None, inputs: list, outputs: Any):
         self.graph, self.inputs, self.outputs = graph, inputs, outputs
 
     def replay(self, leaves: list) -> Any:
@@ -79,6 +86,8 @@ class GraphedForward:
             bucket = self._capture(key, leaves, spec)
             if bucket is None:
                 return self._uncaptured(args, kwargs)
+        if bucket.graph is None:
+            return self._uncaptured(args, kwargs)
         return bucket.replay(leaves)
 
     def _uncaptured(self, args, kwargs):
@@ -105,8 +114,23 @@ class GraphedForward:
                           "without one", stacklevel=4)
             return None
         bucket = _Bucket(graph, static, outputs)
+        uncaptured_s = _best_time(lambda: self.fn(*args, **kwargs))
+        if uncaptured_s < KEEP_GRAPH_UNLESS * _best_time(lambda: bucket.replay(static)):
+            bucket = _Bucket(None, [], None)  # frees the graph and its static outputs
         self.buckets[key] = bucket
         return bucket
+
+
+def _best_time(call: Callable[[], Any]) -> float:
+    """Seconds of the fastest of TIMED_CALLS calls, the GPU synchronized around each."""
+    best = float("inf")
+    for _ in range(TIMED_CALLS):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        call()
+        torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return best
 
 
 def _key(leaf: Any) -> Any:
