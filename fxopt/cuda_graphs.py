@@ -34,7 +34,7 @@ from torch.utils import _pytree as pytree
 MAX_GRAPHS = 8  # input-shape buckets captured per module before calls run uncaptured
 WARMUP_CALLS = 2  # uncaptured calls on a side stream before a capture (kernel compiles, autotuning)
 TIMED_CALLS = 2  # after a capture, replays and uncaptured calls timed (best of) to decide whether to keep it
-KEEP_GRAPH_UNLESS = 0.98  # the graph is dropped when uncaptured calls take less than this share of a replay's time
+KEEP_GRAPH_UNLESS = 0.99  # the graph is dropped when uncaptured calls take less than this share of a replay's time
 
 
 class _Bucket:
