@@ -235,7 +235,8 @@ def optimize(
     prefill + step-by-step decode against the full forward). `.verification` says what was compared.
     cuda_graphs (default: on when the example's tensors are on a GPU): the forward is captured in a CUDA graph
     per input-shape bucket and replayed (fxopt/cuda_graphs.py: outputs are copies, at most MAX_GRAPHS
-    buckets, autograd calls run uncaptured); the generator has its own decode graphs.
+    buckets, a shape measured faster uncaptured keeps none, autograd calls run uncaptured); the generator has
+    its own decode graphs.
     Further options: rope=False keeps RoPE as PyTorch ops; epilogues=False keeps a linear's bias + GELU(tanh)
     out of its GEMM (default: as `matmul`).
     tensor_parallel=N (or "auto": the world size; torch.distributed initialised, N its world size): this rank's
