@@ -23,9 +23,10 @@ first NaN); a row of all NaN gives index 0.
 
     sample_top_k(logits, ids, history, slot, seed, top_k=k, top_p=p, inv_temperature=t)
         the same draw restricted to each row's top-k logits (and the nucleus among them) without a sort of the
-        vocabulary or a filtered copy of it: chunk programs keep their k best (value, index) keys, one program
-        per row takes the row's k best, the nucleus, and the Gumbel-max draw with sample_pick's noise, so the
-        token equals sample_pick's over the filtered logits.
+        vocabulary or a filtered copy of it: chunk programs keep their k best (value, index) keys, merge
+        programs narrow a large vocabulary's candidates, one program per row takes the row's k best, the
+        nucleus, and the Gumbel-max draw with sample_pick's noise, so the token equals sample_pick's over the
+        filtered logits.
 """
 
 from __future__ import annotations
@@ -132,18 +133,18 @@ def _launch(logits, ids, history, slot, seed, inv_temperature, *, sample):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Top-k (and top-p among the k) sampling in two kernels
+# Top-k (and top-p among the k) sampling
 # ---------------------------------------------------------------------------------------------------
 # Eagerly a top-k / top-p draw is torch.topk over the vocabulary, a softmax and cumsum of the k values, a
 # full-vocabulary -inf tensor the kept values are scattered into, and sample_pick over it: six launches and two
-# vocabulary-sized passes. Here each program sorts one chunk of a row (a logit and its index packed in an int64
-# key) and keeps its k best keys; one program per row sorts the chunks' candidates, keeps the row's k best (and
-# of those the nucleus) and draws among them with sample_pick's noise: for the same seed, position and row the
-# same token as sample_pick over the filtered logits. Where the chunks leave more candidates than one program
-# should sort (a 128k vocabulary), merge programs narrow them first, a tree of tl.topk.
+# vocabulary-sized passes. Here each chunk program keeps the best keys of one chunk of a row (a logit and its
+# index packed in an int64 key, tl.topk); where the chunks leave more candidates than one program should take
+# (a 128k vocabulary), merge programs narrow them, a tree of tl.topk; one program per row keeps the row's k
+# best (and of those the nucleus) and draws among them with sample_pick's noise: for the same seed, position
+# and row the same token as sample_pick over the filtered logits.
 
 TOP_K_MAX = 128  # largest top_k drawn by these kernels (a chunk keeps next_power_of_2(k) keys)
-TOP_K_BLOCK_V = 4096  # logits one chunk program sorts
+TOP_K_BLOCK_V = 4096  # logits one chunk program takes
 TOP_K_CHUNK_WARPS = 8
 TOP_K_MERGE = 512  # candidate keys one merge program (and the final per-row program) takes at most
 
@@ -201,9 +202,8 @@ def _top_k_rows_kernel(keys_ptr, ids_ptr, history_ptr, slot_ptr, seed_ptr, vocab
                        stride_hr, BLOCK_K: tl.constexpr, ROW_K: tl.constexpr, NUCLEUS: tl.constexpr):
     """One program per row: the row's logits >= its top_k-th largest among its chunks' keys; with NUCLEUS of those
     (best first, ties by index) the smallest prefix whose softmax mass reaches top_p (a token is kept while the
-    mass before it is < top_p); then the Gumbel-max
-    draw among the kept with sample_pick's noise, written to ids[row] and history[row, slot + 1] (index 0 when
-    nothing is above -inf)."""
+    mass before it is < top_p); then the Gumbel-max draw among the kept with sample_pick's noise, written to
+    ids[row] and history[row, slot + 1] (index 0 when nothing is above -inf)."""
     row = tl.program_id(0).to(tl.int64)
     lane = tl.arange(0, BLOCK_K)
     keys = tl.load(keys_ptr + row * n_keys + lane, mask=lane < n_keys, other=_NEG_INF_KEY)

@@ -524,7 +524,7 @@ class Sampler:
              seed: torch.Tensor) -> None:
         """Each row's sampled next token of logits (rows, vocab) into ids[:, 0] and history[:, slot + 1], on the
         GPU with no host sync (a CUDA graph captures it). Temperature alone: sample_pick scales the logits. Top-k
-        up to TOP_K_MAX, with or without top-p: sample_top_k's two kernels, no vocabulary sort. Otherwise (top-p
+        up to TOP_K_MAX, with or without top-p: sample_top_k's kernels, no vocabulary sort. Otherwise (top-p
         alone, a larger k) filtered_logits' eager sort or topk, then sample_pick. All draw with sample_pick's
         noise keyed by (seed, position, row)."""
         inv_temperature = 1.0 / self.temperature
