@@ -318,10 +318,14 @@ PROFILED_ROWS = ("fxopt", "fxopt-unfused")
 
 
 def _profile_step(m: Measurement, gen: Generator, ids: torch.Tensor, new: int) -> None:
-    """Fill m's --profile fields from profile_decode.step_profile (replays fit in the generator's new tokens)."""
-    from fxopt.bench.profile_decode import step_profile
+    """Fill m's --profile fields from profile_decode.step_profile: its replays must fit in the cache's room for
+    the `new` tokens, else the row notes that it was not profiled."""
+    from fxopt.bench.profile_decode import WARMUP_REPLAYS, step_profile
 
-    n = max(1, min(50, new - 2))
+    n = min(50, new - 1)
+    if n < WARMUP_REPLAYS:
+        m.note = (m.note + "; " if m.note else "") + f"not profiled: --profile needs {WARMUP_REPLAYS + 1}+ new tokens"
+        return
     step = step_profile(gen, ids, replays=n, steps=n)
     m.replay_ms, m.kernels_per_step = step["replay_ms"], step["kernels_per_step"]
     m.kernels_per_layer, m.gpu_busy_ms = step["kernels_per_layer"], step["gpu_busy_ms"]

@@ -63,20 +63,28 @@ def _program_census(program: torch.fx.GraphModule) -> dict[str, int]:
     }
 
 
+WARMUP_REPLAYS = 10  # replays before the timed ones
+
+
 def step_profile(gen, ids: torch.Tensor, *, replays: int = 200, steps: int = 20) -> dict:
     """Prefill `ids`, take one greedy decode step, then replay that step's CUDA graph from this cache length:
     `replays` timed between CUDA events (ms/token of the step alone) and `steps` under torch.profiler. Returns
     replay_ms, kernels_per_step (GPU kernels, memcpy/memset apart), copies_per_step, kernels_per_layer,
     gpu_busy_ms and profiled_step_ms (per step under the profiler, which slows the replay: the time some kernel
     ran, and first kernel start to last kernel end; their difference is the GPU idle between kernels), the
-    profile and where its events came from. The generator needs room for prompt + 1 + max(replays, steps) positions."""
-    batch = ids.shape[0]
+    profile and where its events came from. Every loop of replays starts at the same cache length, so the
+    cache needs room for prompt + 1 + max(WARMUP_REPLAYS, replays, steps) positions: ValueError if it lacks it."""
+    batch, prompt = ids.shape
+    needed = prompt + 1 + max(WARMUP_REPLAYS, replays, steps)
+    if needed > gen.max_seq_len:
+        raise ValueError(f"step_profile: {needed} cache positions needed (prompt {prompt}, one step, then up to "
+                         f"{max(WARMUP_REPLAYS, replays, steps)} replays), the generator has {gen.max_seq_len}")
     logits = gen.prefill(ids)
     gen.decode_step(logits.argmax(-1)[:, None])
     bucket = next(size for size in batch_buckets(gen.max_batch) if size >= batch)
     step = gen._graphs[(bucket, None)]  # the greedy step
     gen._slot.fill_(gen.length)  # each replay advances the device-side slot: every loop starts from this one
-    for _ in range(10):
+    for _ in range(WARMUP_REPLAYS):
         step.graph.replay()
     gen._slot.fill_(gen.length)
     _sync()
@@ -134,8 +142,6 @@ def _busy_and_span(events) -> tuple[float, float]:
 
 def profile_variant(model, *, batch: int, prompt: int, new: int, matmul: bool, replays: int, steps: int, top: int,
                     repeat: int, copy_bw: float | None) -> dict:
-
-
     label = "matmul pass on" if matmul else "matmul pass off"
     print(f"\n=== {label} ===", flush=True)
     # room for the replays below: each advances the cache by one position (the graph moves the slot)
@@ -151,8 +157,8 @@ def profile_variant(model, *, batch: int, prompt: int, new: int, matmul: bool, r
     generate_ms = 1e3 * (t_all - t_one) / max(new - 1, 1)
 
     step = step_profile(gen, ids, replays=replays, steps=steps)
-    replay_ms, prof, bucket, kernels_per_step = step["replay_ms"], step["profile"], step["bucket"], \
-        step["kernels_per_step"]
+    replay_ms, prof, bucket = step["replay_ms"], step["profile"], step["bucket"]
+    kernels_per_step = step["kernels_per_step"]
 
     weight_bytes = gen.weight_stream_bytes(batch)
     kv_bytes = batch * gen.length * gen.kv_bytes_per_token()
