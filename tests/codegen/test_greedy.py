@@ -173,6 +173,18 @@ def test_top_k_draw_equals_sample_pick_over_the_filtered_logits(monkeypatch, top
 
 
 @interpreted
+def test_top_k_reads_rows_of_a_strided_view(monkeypatch):
+    """logits[:, -1] of a (rows, tokens, vocab) buffer, rows 3 * vocab apart, as the decode graph may pass it."""
+    monkeypatch.setattr(greedy, "TOP_K_BLOCK_V", 64)
+    full = torch.randn(6, 3, 150, generator=torch.Generator().manual_seed(3))
+    logits = full[:, -1]
+    assert logits.stride() == (450, 1)
+    ids, _ = _sample_top_k(logits, slot=2, seed=4, top_k=6, top_p=0.8)
+    want, _ = _sample(top_k_reference(logits, 6, 0.8, 1.0), slot=2, seed=4)
+    assert torch.equal(ids, want)
+
+
+@interpreted
 def test_top_k_rows_with_few_finite_logits(monkeypatch):
     """Row 0: two finite logits and k = 5 (only those two drawn); row 1: all -inf (index 0); row 2: NaN beside
     finite logits (never drawn); row 3: k = 1 is the argmax."""
