@@ -251,6 +251,8 @@ def bench_model(spec: str, *, batch: int = 8, seq: int | None = None, dtype=torc
             variants["fxopt_backend"] = lambda: through_backend(**inputs)
         timed = time_interleaved(variants, device, min_run_time=min_run_time)
         whole.update({f"{name}_ms": ms for name, ms in timed.items()})
+        if optimized.graphs is not None:  # shapes measured faster uncaptured keep none (fxopt/cuda_graphs.py)
+            whole["fxopt_graph_kept"] = int(any(b.graph is not None for b in optimized.graphs.buckets.values()))
         whole["predicted_ms"] = predicted_forward_ms(optimized, hardware)
         if profile and device.type == "cuda":
             print("== eager ==\n" + top_kernels(lambda: model(**inputs)))
