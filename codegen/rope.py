@@ -2,12 +2,14 @@
 
     fxopt::rope(x, cos, sin) -> out
         out = x * cos + rotate_half(x) * sin, rotate_half(x) = cat(-x[..., h:], x[..., :h]), h = d / 2.
+        Partial rotary (GPT-NeoX, Phi, StableLM): tables of r < d columns (r even) rotate x's first r
+        columns and pass the other d - r through: cat(rope(x[..., :r], cos, sin), x[..., r:]), HF's form.
     fxopt::rope_cache_write(cache, x, cos, sin, pos)
         cache[:, :, pos:pos + n] = rope(x, cos, sin), in place (fxopt::cache_write's semantics).
 
 As traced, one RoPE is three or four kernels (neg, cat, a fused multiply-add) and extra passes over q
 and k; here it is one pass: each program reads x's two halves and the matching cos/sin elements,
-computes in fp32 and writes both halves of the output.
+computes in fp32 and writes both halves of the output (and, with partial rotary, copies the rest).
 
 x: any rank >= 2, any strides (q/k are usually head-transposed views (b, s, h, d) -> (b, h, s, d) of a
 projection's output). cos, sin: anything that broadcasts to x without changing its shape, e.g. (s, d),
@@ -51,8 +53,20 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def rotary_dim(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> int:
+    """The columns of x that rotate: the tables' last dim when it is narrower than x's (partial rotary), else all
+    of them (a table whose last dim is 1 or d broadcasts over the whole row)."""
+    widths = {t.shape[-1] if t.dim() else 1 for t in (cos, sin)}
+    r = max(widths)
+    return r if len(widths) == 1 and 1 < r < x.shape[-1] else x.shape[-1]
+
+
 def rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """The traced expression itself, in eager PyTorch (eager's dtype, eager's layout)."""
+    """The traced expression itself, in eager PyTorch (eager's dtype, eager's layout); with partial rotary
+    HF's cat of the rotated columns and the rest."""
+    r = rotary_dim(x, cos, sin)
+    if r < x.shape[-1]:
+        return torch.cat((rope_reference(x[..., :r], cos, sin), x[..., r:]), dim=-1)
     return x * cos + rotate_half(x) * sin
 
 
@@ -69,17 +83,20 @@ def new_output(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def check_inputs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
-    """ValueError unless x has rank >= 2 and an even last dim and cos/sin broadcast to x's shape."""
+    """ValueError unless x has rank >= 2, the rotated columns are even in number and cos/sin broadcast to x's
+    shape (to its first r columns with partial rotary)."""
     if x.dim() < 2:
         raise ValueError(f"rope: x must have rank >= 2, got shape {tuple(x.shape)}")
-    if x.shape[-1] % 2:
-        raise ValueError(f"rope: the last dim of x must be even, got {x.shape[-1]}")
+    r = rotary_dim(x, cos, sin)
+    if r % 2:
+        raise ValueError(f"rope: the rotated dim must be even, got {r}")
+    rotated = (*x.shape[:-1], r)
     for name, table in (("cos", cos), ("sin", sin)):
         if table.dim() > x.dim() or not all(
-            _broadcasts(t, n) for t, n in zip(reversed(table.shape), reversed(x.shape))
+            _broadcasts(t, n) for t, n in zip(reversed(table.shape), reversed(rotated))
         ):
             raise ValueError(f"rope: {name} of shape {tuple(table.shape)} does not broadcast to x's "
-                             f"{tuple(x.shape)} without changing it")
+                             f"{tuple(rotated)} without changing it")
 
 
 def _broadcasts(size, target) -> bool:
@@ -103,10 +120,12 @@ def _rope_kernel(
     rows_bucket,  # autotune key only
     HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr,
     HAS_SLOTS: tl.constexpr, INDEX_64: tl.constexpr, PDL: tl.constexpr,
+    PASS: tl.constexpr = 0, BLOCK_P: tl.constexpr = 1,
 ):
-    # One program = BLOCK_R rows of 2 * HALF elements. Per row it reads 2 * HALF elements of x, cos and
-    # sin (cos/sin rows shared by the heads are stride-0 re-reads, served from cache) and writes
-    # 2 * HALF elements of OUT: out1 = x1 * c1 - x2 * s1, out2 = x2 * c2 + x1 * s2, in fp32.
+    # One program = BLOCK_R rows of 2 * HALF rotated elements, then PASS copied ones (partial rotary). Per row
+    # it reads 2 * HALF elements of x, cos and sin (cos/sin rows shared by the heads are stride-0 re-reads,
+    # served from cache) and writes 2 * HALF elements of OUT: out1 = x1 * c1 - x2 * s1,
+    # out2 = x2 * c2 + x1 * s2, in fp32; the PASS columns are x's, cast to OUT's dtype.
     # A row index unravels over four leading dims (size0 implied); with HAS_SLOTS the innermost one is
     # the token axis and OUT's position along it is SLOTS[i3] (a KV-cache write at device-side slots).
     if PDL:  # launched early (programmatic dependent launch): let the next kernel launch, wait for x
@@ -146,6 +165,11 @@ def _rope_kernel(
     out_ty = OUT.dtype.element_ty
     tl.store(OUT + o_row[:, None] + lo * sod, out1.to(out_ty), mask=mask)
     tl.store(OUT + o_row[:, None] + hi * sod, out2.to(out_ty), mask=mask)
+    if PASS > 0:  # columns 2 * HALF .. 2 * HALF + PASS: x as it is, in the output's dtype
+        rest = (2 * HALF + tl.arange(0, BLOCK_P))[None, :]
+        rest_mask = row_ok[:, None] & (rest < 2 * HALF + PASS)
+        kept = tl.load(X + x_row[:, None] + rest * sxd, mask=rest_mask, other=0.0)
+        tl.store(OUT + o_row[:, None] + rest * sod, kept.to(out_ty), mask=rest_mask)
 
 
 def _block_h(half: int) -> int:
@@ -190,8 +214,8 @@ def _prune_configs(configs, named_args, **kwargs):
     return [c for c in configs if tile(c) == chosen] + [c for c in configs if fits(c) and tile(c) != chosen]
 
 
-_rope_kernel_tuned = TunedKernel(_rope_kernel, _make_configs(), key=["HALF", "rows_bucket"], prune=_prune_configs,
-                                 family="rope", tune="rope_autotune")
+_rope_kernel_tuned = TunedKernel(_rope_kernel, _make_configs(), key=["HALF", "PASS", "rows_bucket"],
+                                 prune=_prune_configs, family="rope", tune="rope_autotune")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -239,8 +263,8 @@ def kernel_unsupported(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ou
 
 
 def _launch(x, cos, sin, out, lead, slots=None, config=None) -> None:
-    """Launch over `lead` = up to LEAD_DIMS (size, [x, cos, sin, out strides]) leading dims; tensors
-    already broadcast to x's shape. `config` = (BLOCK_R, num_warps) bypasses the autotuner (tests)."""
+    """Launch over `lead` = up to LEAD_DIMS (size, [x, cos, sin, out strides]) leading dims; tables already
+    broadcast to x's rotated columns. `config` = (BLOCK_R, num_warps) bypasses the autotuner (tests)."""
     pad = [(1, [0, 0, 0, 0])] * (LEAD_DIMS - len(lead))
     dims = pad + list(lead)
     sizes = [n for n, _ in dims]
@@ -251,14 +275,14 @@ def _launch(x, cos, sin, out, lead, slots=None, config=None) -> None:
         return
     # per tensor: its strides along the four leading dims, then along the last (head) dim
     per_tensor = [[st[t] for _, st in dims] + [[x, cos, sin, out][t].stride(-1)] for t in range(4)]
-    half = x.shape[-1] // 2
+    half, passed = cos.shape[-1] // 2, x.shape[-1] - cos.shape[-1]
     slots_len = slots.numel() if slots is not None else 0
     index_64 = _needs_int64([x, cos, sin, out], slots_len) or n_rows >= 2**31 - 1
     args = (x, cos, sin, out, slots if slots is not None else x, n_rows, *sizes[1:],
             *per_tensor[0], *per_tensor[1], *per_tensor[2], *per_tensor[3], _rows_bucket(n_rows))
     pdl = use_pdl(x.device)
     meta = dict(HALF=half, BLOCK_H=_block_h(half), HAS_SLOTS=slots is not None, INDEX_64=index_64, PDL=pdl,
-                **launch_options(pdl))
+                PASS=passed, BLOCK_P=_block_h(passed), **launch_options(pdl))
     if config is None:
         _rope_kernel_tuned[lambda m: (triton.cdiv(n_rows, m["BLOCK_R"]),)](*args, **meta)
     else:
@@ -266,18 +290,32 @@ def _launch(x, cos, sin, out, lead, slots=None, config=None) -> None:
         _rope_kernel[(triton.cdiv(n_rows, block_r),)](*args, **meta, BLOCK_R=block_r, num_warps=num_warps)
 
 
+def _tables_over_rotated(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """cos and sin broadcast (stride 0, never materialised) to x's rotated columns (..., r)."""
+    rotated = (*x.shape[:-1], rotary_dim(x, cos, sin))
+    return cos.expand(rotated), sin.expand(rotated)
+
+
+def _reference_into(out: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """rope_reference(x, cos, sin) written into out (the kernel's layout), without a temporary for the rows."""
+    r = rotary_dim(x, cos, sin)
+    torch.add(x[..., :r] * cos, rotate_half(x[..., :r]) * sin, out=out[..., :r])
+    out[..., r:].copy_(x[..., r:])
+
+
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, config: tuple[int, int] | None = None
          ) -> torch.Tensor:
-    """The kernel's launcher: out = x * cos + rotate_half(x) * sin in result_dtype, laid out by new_output.
-    Inputs the kernel does not cover (fp64, mixed devices, more than LEAD_DIMS leading dims that do not
-    collapse) get the reference, written into the same layout."""
+    """The kernel's launcher: out = x * cos + rotate_half(x) * sin in result_dtype (partial rotary: over the
+    tables' columns, the rest copied), laid out by new_output. Inputs the kernel does not cover (fp64, mixed
+    devices, more than LEAD_DIMS leading dims that do not collapse) get the reference, written into the same
+    layout."""
     dtype = result_dtype(x, cos, sin)
     out = new_output(x, dtype)
     reason = kernel_unsupported(x, cos, sin, dtype)
-    cos_b, sin_b = cos.expand(x.shape), sin.expand(x.shape)
+    cos_b, sin_b = _tables_over_rotated(x, cos, sin)
     lead = collapse_rows(x.shape, [x.stride(), cos_b.stride(), sin_b.stride(), out.stride()])
     if reason is not None or len(lead) > LEAD_DIMS:
-        torch.add(x * cos, rotate_half(x) * sin, out=out)
+        _reference_into(out, x, cos, sin)
         return out
     _launch(x, cos_b, sin_b, out, lead, config=config)
     return out
@@ -311,7 +349,7 @@ def rope_cache_write(cache: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, si
         return
     b, h, n, _ = x.shape
     slots = cache_slots(pos, n)
-    cos_b, sin_b = cos.expand(x.shape), sin.expand(x.shape)
+    cos_b, sin_b = _tables_over_rotated(x, cos, sin)
     lead = [(b, [x.stride(0), cos_b.stride(0), sin_b.stride(0), cache.stride(0)]),
             (h, [x.stride(1), cos_b.stride(1), sin_b.stride(1), cache.stride(1)]),
             (n, [x.stride(2), cos_b.stride(2), sin_b.stride(2), cache.stride(2)])]
@@ -329,7 +367,7 @@ def rope_op(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     if ops_use_kernels(x):
         return rope(x, cos, sin)
     out = new_output(x, result_dtype(x, cos, sin))
-    torch.add(x * cos, rotate_half(x) * sin, out=out)  # the reference, in the kernel's layout
+    _reference_into(out, x, cos, sin)  # the kernel's layout
     return out
 
 

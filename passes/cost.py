@@ -229,11 +229,17 @@ def _rope_read(ctx: PassContext, tables: list[fx.Node]) -> sympy.Expr:
 
 def rope_cost(ctx: PassContext, node: fx.Node) -> Cost:
     """fxopt::rope(x, cos, sin): one pass -- x, cos, sin read once, the output written once; 3 FLOPs per
-    output element (two products and a sum; the negation is free)."""
+    rotated element (two products and a sum; the negation is free; partial rotary copies the other columns)."""
     out = node.meta["val"]
     read = _rope_read(ctx, list(node.args[:3]))
-    return Cost(sympy.expand(3 * numel(ctx, out)), sympy.expand(read), sympy.expand(nbytes(ctx, out)),
-                "pointwise", node.args[0].meta["val"].dtype)
+    return Cost(sympy.expand(3 * numel(ctx, out) * _rotated_share(node.args[:3])), sympy.expand(read),
+                sympy.expand(nbytes(ctx, out)), "pointwise", node.args[0].meta["val"].dtype)
+
+
+def _rotated_share(x_cos_sin) -> sympy.Rational:
+    """The share of x's columns that RoPE rotates: r / d with partial rotary's tables of r columns, else 1."""
+    x, cos, sin = (a.meta["val"] for a in x_cos_sin)
+    return sympy.Rational(rope_op.rotary_dim(x, cos, sin), x.shape[-1])
 
 
 def rope_cache_write_cost(ctx: PassContext, node: fx.Node) -> Cost:
@@ -242,7 +248,8 @@ def rope_cache_write_cost(ctx: PassContext, node: fx.Node) -> Cost:
     cache, x = node.args[0].meta["val"], node.args[1].meta["val"]
     read = _rope_read(ctx, list(node.args[1:4])) + distinct_bytes(ctx, node.args[4].meta["val"])
     written = numel(ctx, x) * cache.element_size()
-    return Cost(sympy.expand(3 * numel(ctx, x)), sympy.expand(read), sympy.expand(written), "pointwise", x.dtype)
+    flops = 3 * numel(ctx, x) * _rotated_share(node.args[1:4])
+    return Cost(sympy.expand(flops), sympy.expand(read), sympy.expand(written), "pointwise", x.dtype)
 
 
 def embedding_cost(ctx: PassContext, node: fx.Node) -> Cost:

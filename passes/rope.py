@@ -2,7 +2,7 @@
 
 As traced, `x * cos + rotate_half(x) * sin` is two slices, a neg, a cat, two muls and an add: the fusion
 codegen cannot fuse slice/neg/cat, so each application runs three or four kernels (more HBM passes over q
-and k in prefill, a string of ~2 us launches per layer in decode). Two rules, rows of RULES:
+and k in prefill, a string of ~2 us launches per layer in decode). Three rules, rows of RULES:
 
   rope              add(mul(x, cos), mul(rotate_half(x), sin)), rotate_half(x) = cat([neg(x[..., h:]),
                     x[..., :h]], -1), h = d / 2 -> fxopt::rope(x, cos, sin). Either operand order of the add and
@@ -10,6 +10,9 @@ and k in prefill, a string of ~2 us launches per layer in decode). Two rules, ro
                     aten.neg or a multiply by -1. cos/sin must broadcast to x without changing its shape, and the
                     intermediates must have no other users (else nothing is saved). A near-match is left with
                     a note saying why (e.g. halves swapped without the negation: not rotate_half).
+  rope_partial      cat([fxopt::rope(x[..., :r], cos, sin), x[..., r:]], -1) -> fxopt::rope(x, cos, sin) with
+                    tables of r columns: partial rotary (GPT-NeoX, Phi, StableLM) as one pass over x instead
+                    of a rope kernel and a cat.
   rope_cache_write  fxopt::cache_write(cache, fxopt::rope(x, cos, sin), pos), the rope read only by the write
                     (K in a decode program) -> fxopt::rope_cache_write(cache, x, cos, sin, pos): the rotated
                     rows go straight into the static cache.
@@ -220,6 +223,70 @@ def rewrite_rope(rw: Rewriter, m: RopeMatch) -> None:
     rw.drop_if_unused(*r.inner, *slices)
 
 
+# ------------------------------------------------------------------------------------------ rule: rope_partial
+@dataclass
+class PartialMatch:
+    cat: fx.Node
+    rope: fx.Node
+    vals: dict[fx.Node, Any] = field(default_factory=dict)
+
+
+def partial_candidates(gm: fx.GraphModule) -> list[PartialMatch]:
+    """Every cat whose first part is a fxopt::rope: the shape of cat([rope(x[..., :r]), x[..., r:]], -1)."""
+    return [PartialMatch(n, n.args[0][0]) for n in gm.graph.find_nodes(op="call_function", target=CAT)
+            if isinstance(n.args[0], (list, tuple)) and n.args[0] and _is(n.args[0][0], ROPE)]
+
+
+def _partial_source(m: PartialMatch) -> tuple[fx.Node | None, str | None]:
+    """(x, None) when the cat joins rope(x[..., :r], cos, sin) with x[..., r:] along the last dim, r the tables'
+    width; (None, why not) otherwise."""
+    parts = m.cat.args[0]
+    dim = m.cat.args[1] if len(m.cat.args) > 1 else m.cat.kwargs.get("dim", 0)
+    rank = _val(m.cat).dim()
+    if len(parts) != 2 or dim % rank != rank - 1:
+        return None, "the cat is not of two parts along the last dim"
+    rotated, passed = _last_dim_slice(m.rope.args[0]), _last_dim_slice(parts[1])
+    if rotated is None or passed is None or rotated[0] is not passed[0]:
+        return None, "the rotated and passed parts are not last-dim slices of one tensor"
+    x, d = rotated[0], _val(rotated[0]).shape[-1]
+    r = rotated[2]
+    if rotated[1] != 0 or passed[1:] != (r, d) or not 0 < r < d:
+        return None, f"the slices {rotated[1:]} and {passed[1:]} do not split the last dim as (0, r), (r, {d})"
+    cos, sin = (_val(t) for t in m.rope.args[1:3])
+    if not all(isinstance(t, torch.Tensor) and t.dim() and t.shape[-1] == r for t in (cos, sin)):
+        return None, f"cos/sin are not {r} columns wide"
+    return x, None
+
+
+def check_partial(rw: Rewriter, m: PartialMatch) -> str | None:
+    x, reason = _partial_source(m)
+    if reason is not None:
+        return reason
+    if not _only_used_by(m.rope, m.cat):
+        return f"`{m.rope.name}` is also read outside the cat"
+    new = rw.fake_run(ROPE, (x, *m.rope.args[1:3]))
+    old = _val(m.cat)
+    if new.dtype != old.dtype or not all(statically_known_true(a == b) for a, b in zip(new.shape, old.shape)):
+        return f"fxopt::rope gives {tuple(new.shape)} {new.dtype}, the cat {tuple(old.shape)} {old.dtype}"
+    if not all(statically_known_true(a == b) for a, b in zip(new.stride(), old.stride())):
+        vals = rw.downstream_vals({m.cat: new})
+        if isinstance(vals, str):
+            return vals
+        m.vals = vals
+    return None
+
+
+def rewrite_partial(rw: Rewriter, m: PartialMatch) -> None:
+    x, _ = _partial_source(m)
+    with rw.gm.graph.inserting_before(m.cat):
+        node = rw.call(ROPE, (x, *m.rope.args[1:3]), m.cat)
+    m.cat.replace_all_uses_with(node)
+    rw.apply_vals(m.vals)
+    slices = [m.rope.args[0], m.cat.args[0][1]]
+    rw.gm.graph.erase_node(m.cat)
+    rw.drop_if_unused(m.rope, *slices)
+
+
 # ------------------------------------------------------------------------------------------ rule: rope_cache_write
 @dataclass
 class CacheWriteMatch:
@@ -258,12 +325,14 @@ def rewrite_cache_write(rw: Rewriter, m: CacheWriteMatch) -> None:
 # ------------------------------------------------------------------------------------------ the table
 RULES: tuple[Rule, ...] = (
     Rule("rope", rope_candidates, check_rope, rewrite_rope),
+    Rule("rope_partial", partial_candidates, check_partial, rewrite_partial),
     Rule("rope_cache_write", cache_write_candidates, check_cache_write, rewrite_cache_write),
 )
 
 
 def _describe(match) -> str:
-    return match.add.name if isinstance(match, RopeMatch) else match.write.name
+    return match.add.name if isinstance(match, RopeMatch) else match.cat.name if isinstance(match, PartialMatch) \
+        else match.write.name
 
 
 def run(gm: fx.GraphModule, ctx: PassContext) -> PassResult:

@@ -128,6 +128,43 @@ def test_int64_indexing_decided_by_reach():
     assert R._needs_int64([small, big_rows])
 
 
+def eager_partial(x, cos, sin) -> torch.Tensor:
+    """HF's partial rotary, written out independently of the op: rotate the tables' columns, pass the rest."""
+    r = cos.shape[-1]
+    x_rot, x_pass = x[..., :r], x[..., r:]
+    half = r // 2
+    rotated = torch.cat((-x_rot[..., half:], x_rot[..., :half]), dim=-1)
+    return torch.cat((x_rot * cos + rotated * sin, x_pass), dim=-1)
+
+
+@pytest.mark.parametrize("d, r", [(64, 16), (80, 32), (128, 64), (96, 40)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_partial_rotary_rotates_the_tables_columns_and_copies_the_rest(dtype, d, r):
+    """GPT-NeoX / Phi / StableLM: tables of r < d columns; the d - r others are x itself, bit for bit."""
+    x = make_x("transposed", d, dtype)
+    cos, sin = make_tables("b1sd", r, torch.float32)
+    out = R.rope(x, cos, sin)
+    assert R.kernel_unsupported(x, cos, sin, out.dtype) is None
+    eager = eager_partial(x, cos, sin)
+    assert out.dtype == eager.dtype and out.shape == x.shape
+    assert torch.equal(out[..., r:], eager[..., r:])
+    ok, error, allowed = within_tolerance(out[..., :r], eager[..., :r], fp64(x[..., :r], cos, sin))
+    assert ok, f"error {error:.3g} > allowed {allowed:.3g}"
+    torch.testing.assert_close(R.rope_reference(x, cos, sin), eager, rtol=0, atol=0)
+
+
+def test_partial_rotary_cache_write():
+    d, r, n, L = 64, 16, 2, 8
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(1, n, H, d, generator=gen).transpose(1, 2).to(_device())  # (1, h, n, d)
+    cos, sin = (torch.randn(1, 1, n, r, generator=gen).to(_device()) for _ in range(2))
+    cache = torch.zeros(1, H, L, d, device=_device(), dtype=torch.bfloat16)
+    R.rope_cache_write(cache, x, cos, sin, torch.tensor(3, device=x.device))
+    assert R.cache_write_unsupported(cache, x, cos, sin, torch.tensor(3)) is None
+    torch.testing.assert_close(cache[:, :, 3:3 + n], eager_partial(x, cos, sin).to(torch.bfloat16))
+    assert not cache[:, :, :3].any() and not cache[:, :, 3 + n:].any()
+
+
 # --------------------------------------------------------------------------------------------- rope_cache_write
 @pytest.mark.parametrize("pos_kind", ["start", "slots"])
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
@@ -199,6 +236,8 @@ def test_op_refuses_bad_inputs():
     cos, sin = make_tables("sd", 64, torch.float32)
     with pytest.raises(ValueError, match="even"):
         torch.ops.fxopt.rope(x[..., :63], cos[..., :63], sin[..., :63])
+    with pytest.raises(ValueError, match="even"):  # partial rotary over an odd number of columns
+        torch.ops.fxopt.rope(x, cos[..., :15], sin[..., :15])
     with pytest.raises(ValueError, match="broadcast"):
         torch.ops.fxopt.rope(x[:, :1], torch.randn(B, H, S, 64, device=x.device), sin)  # would grow x
 
@@ -232,7 +271,8 @@ for ptr in ("*bf16", "*fp32"):
     for slots in (False, True):
         for index_64 in (False, True):
             constexprs = dict(HALF=40, BLOCK_H=64, BLOCK_R=16, HAS_SLOTS=slots, INDEX_64=index_64,
-                              PDL=index_64)  # the PDL variant too (griddepcontrol.* before the loads)
+                              PDL=index_64,  # the PDL variant too (griddepcontrol.* before the loads)
+                              PASS=48 if slots else 0, BLOCK_P=64)  # partial rotary (the copied columns) too
             k = compile_sm90(R._rope_kernel, signature(ptr, slots), constexprs, num_warps=4)
             assert "st.global" in k.asm["ptx"]
             assert ("griddepcontrol.wait" in k.asm["ptx"]) == index_64

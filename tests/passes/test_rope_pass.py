@@ -146,6 +146,81 @@ def test_hf_llama_two_ropes_per_layer(dtype):
     assert_matches_eager(model, optimized, {**kwargs, "use_cache": False}, logits=lambda out: out.logits)
 
 
+HF_PARTIAL = {  # partial rotary (the tables cover r < d columns of each head), as each architecture spells it
+    "gpt_neox": "hf:gpt_neox,num_hidden_layers=2,hidden_size=64,num_attention_heads=4,intermediate_size=128,"
+                "vocab_size=256,rotary_pct=0.25",
+    "stablelm": "hf:stablelm,num_hidden_layers=2,hidden_size=64,num_attention_heads=4,num_key_value_heads=2,"
+                "intermediate_size=128,vocab_size=256,partial_rotary_factor=0.25",
+    "phi": "hf:phi,num_hidden_layers=2,hidden_size=64,num_attention_heads=4,intermediate_size=128,"
+           "vocab_size=256,partial_rotary_factor=0.5",
+}
+
+
+def partial_cats(gm: fx.GraphModule) -> list[str]:
+    """cats that join a rotated part with the passed-through columns: what rope_partial removes."""
+    return [n.name for n in gm.graph.nodes if n.op == "call_function" and n.target is aten.cat.default
+            and any(isinstance(p, fx.Node) and p.target is ROPE for p in n.args[0])]
+
+
+@pytest.mark.parametrize("arch", list(HF_PARTIAL))
+def test_hf_partial_rotary_is_one_rope_per_q_and_k(arch):
+    """HF's cat(rope(x[..., :r]), x[..., r:]) -> one fxopt::rope over the whole head, forward and decode."""
+    pytest.importorskip("transformers")
+    from fxopt.zoo import example_inputs, load_model
+
+    model = load_model(HF_PARTIAL[arch])
+    config = model.config
+    head_dim = config.hidden_size // config.num_attention_heads
+    kwargs = example_inputs(model, 2, 9)
+    optimized = optimize(model, kwargs)
+    expected = 2 * config.num_hidden_layers
+    assert optimized.program.results["rope"].counts["rope_partial"] == expected
+    assert count(optimized.gm, ROPE) == expected and partial_cats(optimized.gm) == []
+    ropes = [n for n in optimized.gm.graph.nodes if n.target is ROPE]
+    assert all(n.args[0].meta["val"].shape[-1] == head_dim for n in ropes)  # the whole head
+    assert all(n.args[1].meta["val"].shape[-1] < head_dim for n in ropes)  # partial tables
+    assert_fake_vals_exact(optimized.gm)
+    assert_matches_eager(model, optimized, {**kwargs, "use_cache": False}, logits=lambda out: out.logits)
+
+    ids = kwargs["input_ids"][:1]
+    plain = build_generator(model, {"input_ids": ids}, max_seq_len=32, max_batch=1)
+    gen = Generator(plain.programs, max_seq_len=32, max_batch=1, device=torch.device("cpu"), fuse_decode=True,
+                    use_cuda_graph=False)
+    assert torch.equal(gen.generate(ids, 10), recompute(lambda t: model(t, use_cache=False).logits, ids, 10))
+    assert partial_cats(gen.decode_program(1)) == []
+
+
+class PartialRotary(nn.Module):
+    """One head tensor rotated over its first r columns (tables of r), the rest passed: HF's spelling, or
+    one whose passed part starts at the wrong column."""
+
+    def __init__(self, split: int, d: int = 16, r: int = 8, positions: int = 32):
+        super().__init__()
+        self.d, self.r, self.split = d, r, split
+        self.proj = nn.Linear(d, 2 * d, bias=False)
+        angles = torch.randn(positions, r)
+        self.register_buffer("cos_table", angles.cos())
+        self.register_buffer("sin_table", angles.sin())
+
+    def forward(self, x):
+        b, s, _ = x.shape
+        q = self.proj(x).view(b, s, 2, self.d).transpose(1, 2)  # (b, 2, s, d)
+        cos, sin, h = self.cos_table[:s], self.sin_table[:s], self.r // 2
+        q_rot, q_pass = q[..., :self.r], q[..., self.split:]
+        rotated = q_rot * cos + torch.cat((-q_rot[..., h:], q_rot[..., :h]), dim=-1) * sin
+        return torch.cat((rotated, q_pass), dim=-1)
+
+
+@pytest.mark.parametrize("split, rewritten", [(8, True), (6, False)])
+def test_partial_rotary_needs_the_passed_part_to_start_where_the_rotation_ends(split, rewritten):
+    torch.manual_seed(0)
+    gm, result = run_rope_pass(PartialRotary(split).eval(), torch.randn(2, 5, 16))
+    assert result.counts["rope_partial"] == int(rewritten)
+    assert (partial_cats(gm) == []) == rewritten
+    if not rewritten:
+        assert any("do not split the last dim" in note for note in result.notes), result.notes
+
+
 # --------------------------------------------------------------------------------------------- spellings
 class Rotary(nn.Module):
     """q and k projections with one hand-written rotary embedding each, in the spelling `variant` names."""
