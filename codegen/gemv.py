@@ -274,6 +274,7 @@ class Folded:
     q_norm_weight: torch.Tensor | None = None  # gemv_qkv only: per-head RMSNorm of q and k over d (Qwen3)
     k_norm_weight: torch.Tensor | None = None
     qk_eps: float = 0.0
+    heads_interleaved: bool = False  # gemv_qkv only: W's rows grouped per head as [q_h; k_h; v_h] (GPT-NeoX)
 
 
 def _launch(x, w, y, config: triton.Config | None, ep: Folded = Folded()) -> None:
@@ -305,8 +306,8 @@ def supports(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
     """None when the kernel covers the call, else why not."""
     if x.numel() != x.shape[-1]:
         return "more than one row"
-    if ep.q_norm_weight is not None or ep.k_norm_weight is not None:
-        return "a per-head q/k norm (gemv_qkv's, not one GEMV's)"
+    if ep.q_norm_weight is not None or ep.k_norm_weight is not None or ep.heads_interleaved:
+        return "a per-head q/k norm or interleaved heads (gemv_qkv's, not one GEMV's)"
     if w.dim() != 2 or w.stride(1) != 1 or x.shape[-1] != w.shape[1]:
         return "weight is not a row-major (N, K) matrix"
     if w.dtype not in DTYPES or x.dtype != w.dtype:
@@ -394,15 +395,17 @@ def _(x, weight, bias, residual=None, norm_weight=None, eps=0.0, glu=False, norm
 # The attention block's input projection, with what follows it in a decode step folded in:
 #
 #     fxopt::gemv_qkv(x, weight, bias?, norm_weight?, eps, cos?, sin?, k_cache, v_cache, pos, norm_bias?,
-#                     layer_norm, q_norm_weight?, k_norm_weight?, qk_eps) -> q
-#         y = gemv(x, [W_q; W_k; W_v]) with the RMSNorm or LayerNorm prologue; q, k, v = y split into heads of d;
+#                     layer_norm, q_norm_weight?, k_norm_weight?, qk_eps, interleaved) -> q
+#         y = gemv(x, [W_q; W_k; W_v]) with the RMSNorm or LayerNorm prologue; q, k, v = y split into heads of d
+#         (with `interleaved`, W's rows are grouped per head as [q_h; k_h; v_h]: GPT-NeoX's query_key_value);
 #         q and k each times its norm weight after RMSNorm over d when given; q, k rotated by RoPE (cos, sin:
-#         the step's one row of d) when given;
+#         the step's one row of r <= d columns; r < d is partial rotary, the other columns pass) when given;
 #         k_cache[:, :, pos] = k and v_cache[:, :, pos] = v in place; returns q (1, q_heads, 1, d).
 #
 # Traced, that is a GEMV, three slices, three head transposes, RoPE on q, RoPE + cache write on k and the
 # cache write of v: four kernels per layer and a round trip of q/k/v through HBM. Here each program owns
-# pairs of W's rows (j, j + d/2) of one head, the two halves RoPE mixes, so it can rotate them itself.
+# pairs of W's rows (j, j + r/2) of one head, the two columns RoPE mixes, so it can rotate them itself (with
+# partial rotary the d - r unrotated columns are paired the same way and pass through).
 # Heads and head_dim come from the caches: (b, kv_heads, max_len, d); q_heads = rows / d - 2 * kv_heads.
 # With per-head q/k RMSNorm (Qwen3) a program would need a whole head, leaving most SMs idle for the bulk:
 # there the GEMV runs over every program as a plain one and _qkv_heads_kernel (one program per head, a few
@@ -415,32 +418,55 @@ def _gemv_qkv_kernel(x_ptr, w_ptr, bias_ptr, g_ptr, nb_ptr, cos_ptr, sin_ptr, q_
                      K, stride_wn, eps, q_heads, kv_heads, s_cos, s_sin, s_kh, s_ks, s_kd, s_vh, s_vs, s_vd,
                      HAS_BIAS: tl.constexpr, NORM: tl.constexpr, LAYER: tl.constexpr, NORM_BIAS: tl.constexpr,
                      ROPE: tl.constexpr, PDL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
-    # One program: BLOCK_N row pairs (lo = head * d + j, hi = lo + d / 2) of W, i.e. 2 * BLOCK_N outputs.
+                     BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, ROT: tl.constexpr, INTERLEAVED: tl.constexpr):
+    # One program: BLOCK_N column pairs (lo, hi) of heads (_pair_columns), i.e. 2 * BLOCK_N rows of W.
     HALF: tl.constexpr = HEAD_DIM // 2
     pairs = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
     pair_ok = pairs < (q_heads + 2 * kv_heads) * HALF
     head = pairs // HALF
-    j = pairs % HALF  # column within the head's first half
-    lo = head * HEAD_DIM + j  # (BLOCK_N,) rows of W
+    j = pairs % HALF  # the pair within its head
+    c_lo, c_hi = _pair_columns(j, HEAD_DIM, ROT)
+    base = _head_row(head, q_heads, HEAD_DIM, INTERLEAVED)
+    lo, hi = base + c_lo, base + c_hi  # (BLOCK_N,) rows of W
     w_lo = w_ptr + lo.to(tl.int64)[:, None] * stride_wn  # (BLOCK_N, 1)
-    w_hi = w_lo + HALF * stride_wn
+    w_hi = w_ptr + hi.to(tl.int64)[:, None] * stride_wn
     y_lo, y_hi = _products(x_ptr, g_ptr, nb_ptr, w_lo, w_hi, pair_ok, K, eps, NORM, LAYER, NORM_BIAS, True, PDL,
                            BLOCK_K, EVEN_K)
     if HAS_BIAS:
         y_lo += tl.load(bias_ptr + lo, mask=pair_ok, other=0.0).to(tl.float32)
-        y_hi += tl.load(bias_ptr + lo + HALF, mask=pair_ok, other=0.0).to(tl.float32)
+        y_hi += tl.load(bias_ptr + hi, mask=pair_ok, other=0.0).to(tl.float32)
     y_lo = _round(y_lo, x_ptr)  # the projection's output, as eager's tensor holds it
     y_hi = _round(y_hi, x_ptr)
-    _heads_epilogue(y_lo, y_hi, head, j, pair_ok, x_ptr, x_ptr, x_ptr, 0.0, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr,
-                    pos_ptr, q_heads, kv_heads, s_cos, s_sin, s_kh, s_ks, s_kd, s_vh, s_vs, s_vd, ROPE, False,
-                    HEAD_DIM)
+    _heads_epilogue(y_lo, y_hi, head, j, c_lo, c_hi, pair_ok, x_ptr, x_ptr, x_ptr, 0.0, cos_ptr, sin_ptr, q_ptr,
+                    k_ptr, v_ptr, pos_ptr, q_heads, kv_heads, s_cos, s_sin, s_kh, s_ks, s_kd, s_vh, s_vs, s_vd, ROPE,
+                    False, HEAD_DIM, ROT)
+
+
+@triton.jit
+def _pair_columns(j, HEAD_DIM: tl.constexpr, ROT: tl.constexpr):
+    # The two columns of a head that pair j owns: RoPE's (j, j + ROT/2) for j < ROT/2; past them (partial
+    # rotary) the unrotated columns ROT.. paired the same way, (ROT + t, ROT + (HEAD_DIM - ROT)/2 + t).
+    R2: tl.constexpr = ROT // 2
+    P2: tl.constexpr = (HEAD_DIM - ROT) // 2
+    t = j - R2
+    return tl.where(j < R2, j, ROT + t), tl.where(j < R2, j + R2, ROT + P2 + t)
+
+
+@triton.jit
+def _head_row(head, q_heads, HEAD_DIM: tl.constexpr, INTERLEAVED: tl.constexpr):
+    # W's first row of head `head` (q heads, then k, then v): head * d, or with INTERLEAVED rows grouped per
+    # head as [q_h; k_h; v_h] (q_heads == kv_heads).
+    row = head * HEAD_DIM
+    if INTERLEAVED:
+        row = (head % q_heads) * (3 * HEAD_DIM) + (head // q_heads) * HEAD_DIM
+    return row
 
 
 @triton.jit
 def _qkv_heads_kernel(y_ptr, qn_ptr, kn_ptr, qk_eps, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, pos_ptr, q_heads,
                       kv_heads, s_cos, s_sin, s_kh, s_ks, s_kd, s_vh, s_vs, s_vd, ROPE: tl.constexpr,
-                      PDL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr):
+                      PDL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, ROT: tl.constexpr,
+                      INTERLEAVED: tl.constexpr):
     # One program: one head of the q/k/v projection y (rows, written by the GEMV before it): per-head RMSNorm
     # of q and k, RoPE, q out, k and v into the caches. Reads HEAD_DIM elements of y (+ norm weights, cos,
     # sin), writes HEAD_DIM.
@@ -451,56 +477,58 @@ def _qkv_heads_kernel(y_ptr, qn_ptr, kn_ptr, qk_eps, cos_ptr, sin_ptr, q_ptr, k_
     head = tl.program_id(0)
     j = tl.arange(0, BLOCK_H)
     pair_ok = j < HALF
-    lo = head * HEAD_DIM + j
-    y_lo = tl.load(y_ptr + lo, mask=pair_ok, other=0.0).to(tl.float32)
-    y_hi = tl.load(y_ptr + lo + HALF, mask=pair_ok, other=0.0).to(tl.float32)
-    _heads_epilogue(y_lo, y_hi, head + j * 0, j, pair_ok, y_ptr, qn_ptr, kn_ptr, qk_eps, cos_ptr, sin_ptr, q_ptr,
-                    k_ptr, v_ptr, pos_ptr, q_heads, kv_heads, s_cos, s_sin, s_kh, s_ks, s_kd, s_vh, s_vs, s_vd,
-                    ROPE, True, HEAD_DIM)
+    c_lo, c_hi = _pair_columns(j, HEAD_DIM, ROT)
+    base = _head_row(head, q_heads, HEAD_DIM, INTERLEAVED)
+    y_lo = tl.load(y_ptr + base + c_lo, mask=pair_ok, other=0.0).to(tl.float32)
+    y_hi = tl.load(y_ptr + base + c_hi, mask=pair_ok, other=0.0).to(tl.float32)
+    _heads_epilogue(y_lo, y_hi, head + j * 0, j, c_lo, c_hi, pair_ok, y_ptr, qn_ptr, kn_ptr, qk_eps, cos_ptr,
+                    sin_ptr, q_ptr, k_ptr, v_ptr, pos_ptr, q_heads, kv_heads, s_cos, s_sin, s_kh, s_ks, s_kd, s_vh,
+                    s_vs, s_vd, ROPE, True, HEAD_DIM, ROT)
 
 
 @triton.jit
-def _heads_epilogue(y_lo, y_hi, head, j, pair_ok, x_ptr, qn_ptr, kn_ptr, qk_eps, cos_ptr, sin_ptr, q_ptr, k_ptr,
-                    v_ptr, pos_ptr, q_heads, kv_heads, s_cos, s_sin, s_kh, s_ks, s_kd, s_vh, s_vs, s_vd,
-                    ROPE: tl.constexpr, QK_NORM: tl.constexpr, HEAD_DIM: tl.constexpr):
-    # Row pairs (j, j + d/2) of heads `head` (fp32, the projection's rounding applied): with QK_NORM (whole
-    # heads only) weight * RMSNorm over each q and k head, then RoPE on q and k, q stored, k and v written at
-    # slot pos of the caches. x_ptr gives the dtype eager's tensors round to.
-    HALF: tl.constexpr = HEAD_DIM // 2
+def _heads_epilogue(y_lo, y_hi, head, j, c_lo, c_hi, pair_ok, x_ptr, qn_ptr, kn_ptr, qk_eps, cos_ptr, sin_ptr,
+                    q_ptr, k_ptr, v_ptr, pos_ptr, q_heads, kv_heads, s_cos, s_sin, s_kh, s_ks, s_kd, s_vh, s_vs,
+                    s_vd, ROPE: tl.constexpr, QK_NORM: tl.constexpr, HEAD_DIM: tl.constexpr, ROT: tl.constexpr):
+    # Column pairs j = (c_lo, c_hi) of heads `head` (fp32, the projection's rounding applied): with QK_NORM
+    # (whole heads only) weight * RMSNorm over each q and k head, then RoPE on q's and k's first ROT columns,
+    # q stored, k and v written at slot pos of the caches. x_ptr gives the dtype eager's tensors round to.
+    R2: tl.constexpr = ROT // 2
     is_q = head < q_heads
     is_k = (head >= q_heads) & (head < q_heads + kv_heads)
     if QK_NORM:  # fp32 statistics; the normalised head, then its product with the weight, rounded as eager's
         squares = tl.where(pair_ok, y_lo * y_lo + y_hi * y_hi, 0.0)
         rstd = tl.rsqrt(tl.sum(squares, axis=0) / HEAD_DIM + qk_eps)
-        g_lo = tl.where(is_q, tl.load(qn_ptr + j, mask=pair_ok & is_q, other=0.0),
-                        tl.load(kn_ptr + j, mask=pair_ok & is_k, other=0.0)).to(tl.float32)
-        g_hi = tl.where(is_q, tl.load(qn_ptr + j + HALF, mask=pair_ok & is_q, other=0.0),
-                        tl.load(kn_ptr + j + HALF, mask=pair_ok & is_k, other=0.0)).to(tl.float32)
+        g_lo = tl.where(is_q, tl.load(qn_ptr + c_lo, mask=pair_ok & is_q, other=0.0),
+                        tl.load(kn_ptr + c_lo, mask=pair_ok & is_k, other=0.0)).to(tl.float32)
+        g_hi = tl.where(is_q, tl.load(qn_ptr + c_hi, mask=pair_ok & is_q, other=0.0),
+                        tl.load(kn_ptr + c_hi, mask=pair_ok & is_k, other=0.0)).to(tl.float32)
         normed = is_q | is_k
         y_lo = tl.where(normed, _round(_round(y_lo * rstd, x_ptr) * g_lo, x_ptr), y_lo)
         y_hi = tl.where(normed, _round(_round(y_hi * rstd, x_ptr) * g_hi, x_ptr), y_hi)
-    if ROPE:  # q and k: (lo, hi) -> (lo * cos_j - hi * sin_j, hi * cos_(j+h) + lo * sin_(j+h)), fp32
-        c1 = tl.load(cos_ptr + j * s_cos, mask=pair_ok, other=0.0).to(tl.float32)
-        c2 = tl.load(cos_ptr + (j + HALF) * s_cos, mask=pair_ok, other=0.0).to(tl.float32)
-        s1 = tl.load(sin_ptr + j * s_sin, mask=pair_ok, other=0.0).to(tl.float32)
-        s2 = tl.load(sin_ptr + (j + HALF) * s_sin, mask=pair_ok, other=0.0).to(tl.float32)
-        rotate = is_q | is_k
+    if ROPE:  # q and k: (lo, hi) -> (lo * cos_j - hi * sin_j, hi * cos_(j+r/2) + lo * sin_(j+r/2)), fp32
+        rotate = (is_q | is_k) & (j < R2)  # partial rotary: the pairs past R2 pass through
+        c1 = tl.load(cos_ptr + j * s_cos, mask=pair_ok & rotate, other=0.0).to(tl.float32)
+        c2 = tl.load(cos_ptr + (j + R2) * s_cos, mask=pair_ok & rotate, other=0.0).to(tl.float32)
+        s1 = tl.load(sin_ptr + j * s_sin, mask=pair_ok & rotate, other=0.0).to(tl.float32)
+        s2 = tl.load(sin_ptr + (j + R2) * s_sin, mask=pair_ok & rotate, other=0.0).to(tl.float32)
         y_lo, y_hi = tl.where(rotate, y_lo * c1 - y_hi * s1, y_lo), tl.where(rotate, y_hi * c2 + y_lo * s2, y_hi)
-    q_out = q_ptr + head * HEAD_DIM + j  # q: (1, q_heads, 1, d), dense
-    tl.store(q_out, y_lo.to(q_ptr.dtype.element_ty), mask=pair_ok & is_q)
-    tl.store(q_out + HALF, y_hi.to(q_ptr.dtype.element_ty), mask=pair_ok & is_q)
+    q_out = q_ptr + head * HEAD_DIM  # q: (1, q_heads, 1, d), dense
+    tl.store(q_out + c_lo, y_lo.to(q_ptr.dtype.element_ty), mask=pair_ok & is_q)
+    tl.store(q_out + c_hi, y_hi.to(q_ptr.dtype.element_ty), mask=pair_ok & is_q)
     slot = tl.load(pos_ptr).to(tl.int64)
-    k_out = k_ptr + (head - q_heads).to(tl.int64) * s_kh + slot * s_ks + j * s_kd
-    tl.store(k_out, y_lo.to(k_ptr.dtype.element_ty), mask=pair_ok & is_k)
-    tl.store(k_out + HALF * s_kd, y_hi.to(k_ptr.dtype.element_ty), mask=pair_ok & is_k)
+    k_out = k_ptr + (head - q_heads).to(tl.int64) * s_kh + slot * s_ks
+    tl.store(k_out + c_lo * s_kd, y_lo.to(k_ptr.dtype.element_ty), mask=pair_ok & is_k)
+    tl.store(k_out + c_hi * s_kd, y_hi.to(k_ptr.dtype.element_ty), mask=pair_ok & is_k)
     is_v = (head >= q_heads + kv_heads) & pair_ok
-    v_out = v_ptr + (head - q_heads - kv_heads).to(tl.int64) * s_vh + slot * s_vs + j * s_vd
-    tl.store(v_out, y_lo.to(v_ptr.dtype.element_ty), mask=is_v)
-    tl.store(v_out + HALF * s_vd, y_hi.to(v_ptr.dtype.element_ty), mask=is_v)
+    v_out = v_ptr + (head - q_heads - kv_heads).to(tl.int64) * s_vh + slot * s_vs
+    tl.store(v_out + c_lo * s_vd, y_lo.to(v_ptr.dtype.element_ty), mask=is_v)
+    tl.store(v_out + c_hi * s_vd, y_hi.to(v_ptr.dtype.element_ty), mask=is_v)
 
 
 _gemv_qkv_tuned = TunedKernel(_gemv_qkv_kernel, TUNING_SPACE,
-                              key=["K", "q_heads", "kv_heads", "HEAD_DIM", *_FLAGS, "ROPE"], prune=_prune_gemv_qkv,
+                              key=["K", "q_heads", "kv_heads", "HEAD_DIM", *_FLAGS, "ROPE", "ROT", "INTERLEAVED"],
+                              prune=_prune_gemv_qkv,
                               family="gemv_qkv", tune="gemv_autotune")
 
 
@@ -517,19 +545,23 @@ def q_dtype(x: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None)
 
 def supports_qkv(x, weight, bias, ep: Folded, cos, sin, k_cache, v_cache, pos) -> str | None:
     """None when gemv_qkv's kernel covers the call, else why not (the op then runs the reference)."""
-    reason = supports(x, weight, bias, replace(ep, q_norm_weight=None, k_norm_weight=None))
+    reason = supports(x, weight, bias, replace(ep, q_norm_weight=None, k_norm_weight=None, heads_interleaved=False))
     if reason is not None or ep.glu or ep.residual is not None or ep.act != "none":
         return reason or "a GLU, activation or residual epilogue"
     q_heads, kv_heads, d = qkv_heads(weight, k_cache)
     if d % 2 or weight.shape[0] != (q_heads + 2 * kv_heads) * d or q_heads < 1:
         return f"{weight.shape[0]} rows are not q, k and v heads of {d}"
+    if ep.heads_interleaved and q_heads != kv_heads:
+        return "interleaved [q_h; k_h; v_h] rows with fewer k/v heads than q heads"
     if v_cache.shape[1] != kv_heads or v_cache.shape[3] != d or k_cache.shape[0] != 1 or v_cache.shape[0] != 1:
         return "the caches are not one sequence of the same heads"
     if pos.numel() != 1 or pos.dtype not in (torch.int32, torch.int64):
         return "pos is not one integer slot"
     tables = [] if cos is None else [cos, sin]
-    if any(t.numel() != d or t.dtype not in DTYPES for t in tables) or (cos is None) != (sin is None):
-        return "cos and sin are not one row of d"
+    widths = {t.numel() if t.dim() and t.numel() == t.shape[-1] else 0 for t in tables}  # 0: not one row
+    if len(widths) > 1 or any(r % 2 or not 2 <= r <= d for r in widths) or any(t.dtype not in DTYPES for t in tables) \
+            or (cos is None) != (sin is None):
+        return "cos and sin are not one row of r <= d (even) columns"
     if len({t.device for t in (x, weight, k_cache, v_cache, pos, *tables)}) != 1:
         return "tensors on several devices"
     if k_cache.dtype not in DTYPES or v_cache.dtype not in DTYPES:
@@ -551,9 +583,12 @@ def head_rms_norm(t: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Te
 def gemv_qkv_reference(x, weight, bias, ep: Folded, cos, sin, k_cache, v_cache, pos) -> torch.Tensor:
     """The eager ops the kernel replaces: the GEMV, the head split, RoPE on q and k, the two cache writes."""
     q_heads, kv_heads, d = qkv_heads(weight, k_cache)
-    y = gemv_reference(x, weight, bias, ep)  # (1, 1, rows)
-    q, k, v = (t.reshape(1, 1, -1, d).transpose(1, 2)  # (1, heads, 1, d)
-               for t in y.split([q_heads * d, kv_heads * d, kv_heads * d], dim=-1))
+    y = gemv_reference(x, weight, bias, replace(ep, heads_interleaved=False))  # (1, 1, rows)
+    if ep.heads_interleaved:  # (1, heads, 1, 3d) cut into q, k and v
+        q, k, v = y.reshape(1, 1, -1, 3 * d).transpose(1, 2).chunk(3, dim=-1)
+    else:
+        q, k, v = (t.reshape(1, 1, -1, d).transpose(1, 2)  # (1, heads, 1, d)
+                   for t in y.split([q_heads * d, kv_heads * d, kv_heads * d], dim=-1))
     if ep.q_norm_weight is not None:
         q, k = head_rms_norm(q, ep.q_norm_weight, ep.qk_eps), head_rms_norm(k, ep.k_norm_weight, ep.qk_eps)
     if cos is not None:
@@ -573,22 +608,24 @@ def gemv_qkv(x, weight, bias, ep: Folded, cos, sin, k_cache, v_cache, pos) -> to
     rope = cos is not None
     cos_row = cos.reshape(-1) if rope else x_row
     sin_row = sin.reshape(-1) if rope else x_row
+    layout = dict(ROT=cos_row.numel() if rope else d, INTERLEAVED=ep.heads_interleaved)
     pdl = use_pdl(x.device)
     tables = (cos_row, sin_row, q, k_cache, v_cache, pos)
     strides = (q_heads, kv_heads, cos_row.stride(0), sin_row.stride(0), k_cache.stride(1), k_cache.stride(2),
                k_cache.stride(3), v_cache.stride(1), v_cache.stride(2), v_cache.stride(3))
     if ep.q_norm_weight is not None:  # the GEMV over every program, then one program per head normalises it
         y = torch.empty(n, device=x.device, dtype=x.dtype)  # (rows,)
-        _launch(x_row, weight, y, None, replace(ep, bias=bias, q_norm_weight=None, k_norm_weight=None))
+        _launch(x_row, weight, y, None, replace(ep, bias=bias, q_norm_weight=None, k_norm_weight=None,
+                                                heads_interleaved=False))
         _qkv_heads_kernel[(n // d,)](y, ep.q_norm_weight, ep.k_norm_weight, ep.qk_eps, *tables, *strides, ROPE=rope,
                                      PDL=pdl, HEAD_DIM=d, BLOCK_H=triton.next_power_of_2(d // 2),
-                                     num_warps=1 if d <= 128 else 2, **launch_options(pdl))
+                                     num_warps=1 if d <= 128 else 2, **layout, **launch_options(pdl))
         return q
     _gemv_qkv_tuned[lambda meta: (triton.cdiv(n // 2, meta["BLOCK_N"]),)](
         x_row, weight, _or(bias, x_row), _or(ep.norm_weight, x_row), _or(ep.norm_bias, x_row), cos_row, sin_row,
         q, k_cache, v_cache, pos, k, weight.stride(0), ep.eps, *strides,
         HAS_BIAS=bias is not None, NORM=ep.norm_weight is not None, LAYER=ep.layer_norm,
-        NORM_BIAS=ep.norm_bias is not None, ROPE=rope, PDL=pdl, HEAD_DIM=d, **launch_options(pdl))
+        NORM_BIAS=ep.norm_bias is not None, ROPE=rope, PDL=pdl, HEAD_DIM=d, **layout, **launch_options(pdl))
     return q
 
 
@@ -597,12 +634,14 @@ def gemv_qkv_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
                 eps: float, cos: torch.Tensor | None, sin: torch.Tensor | None, k_cache: torch.Tensor,
                 v_cache: torch.Tensor, pos: torch.Tensor, norm_bias: torch.Tensor | None = None,
                 layer_norm: bool = False, q_norm_weight: torch.Tensor | None = None,
-                k_norm_weight: torch.Tensor | None = None, qk_eps: float = 0.0) -> torch.Tensor:
+                k_norm_weight: torch.Tensor | None = None, qk_eps: float = 0.0, interleaved: bool = False
+                ) -> torch.Tensor:
     """The q/k/v projection of a decode step with its head split, per-head q/k RMSNorm, RoPE and cache writes
-    (see above). The LayerNorm and q/k norm arguments come last: the decode pass passes them by keyword, so a
-    node's ten positional arguments stay what passes/cost.py reads."""
+    (see above). The LayerNorm, q/k norm and layout arguments come last: the decode pass passes them by
+    keyword, so a node's ten positional arguments stay what passes/cost.py reads."""
     ep = Folded(norm_weight=norm_weight, eps=eps, norm_bias=norm_bias, layer_norm=layer_norm,
-                q_norm_weight=q_norm_weight, k_norm_weight=k_norm_weight, qk_eps=qk_eps)
+                q_norm_weight=q_norm_weight, k_norm_weight=k_norm_weight, qk_eps=qk_eps,
+                heads_interleaved=interleaved)
     if ops_use_kernels(x) and supports_qkv(x, weight, bias, ep, cos, sin, k_cache, v_cache, pos) is None:
         return gemv_qkv(x, weight, bias, ep, cos, sin, k_cache, v_cache, pos)
     return gemv_qkv_reference(x, weight, bias, ep, cos, sin, k_cache, v_cache, pos)
@@ -610,6 +649,6 @@ def gemv_qkv_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 
 @gemv_qkv_op.register_fake
 def _(x, weight, bias, norm_weight, eps, cos, sin, k_cache, v_cache, pos, norm_bias=None, layer_norm=False,
-      q_norm_weight=None, k_norm_weight=None, qk_eps=0.0):
+      q_norm_weight=None, k_norm_weight=None, qk_eps=0.0, interleaved=False):
     q_heads, _, d = qkv_heads(weight, k_cache)
     return x.new_empty((1, q_heads, 1, d), dtype=q_dtype(x, cos, sin))

@@ -857,6 +857,7 @@ class HeadsMatch:
     writes: list[fx.Node]  # k's fxopt::(rope_)cache_write, then v's fxopt::cache_write
     norms: list = field(default_factory=lambda: [None, None, None])  # per head: (weight, eps, chain) of an
     # RMSNorm over d between the head split and the transpose (Qwen3's q_norm and k_norm), or None
+    interleaved: bool = False  # W's rows grouped per head as [q_h; k_h; v_h] (GPT-NeoX's query_key_value)
 
 
 def _split_heads(node: fx.Node, norms: dict) -> tuple[fx.Node, fx.Node, tuple | None] | None:
@@ -928,25 +929,58 @@ def _three_parts(g: fx.Node) -> tuple[list[fx.Node], list[fx.Node]] | None:
     return [node for _, _, node in parts], []
 
 
+def _interleaved_heads(g: fx.Node) -> tuple[list[fx.Node], list[fx.Node]] | None:
+    """(q, k, v heads, the nodes between g and them, users first) when g is viewed as (b, s, heads, 3d), the
+    token and head dims swapped and the last dim cut into three equal parts: GPT-NeoX's query_key_value, whose
+    rows are grouped per head as [q_h; k_h; v_h]."""
+    between = _reshapes_below(g)
+    heads = only_user(between[-1]) if between else None
+    if heads is None or heads.target is not aten.transpose.int or _val(heads).dim() != 4 \
+            or sorted(d % 4 for d in heads.args[1:3]) != [1, 2]:
+        return None
+    split, three_d = only_user(heads), _val(heads).shape[-1]
+    if split is None or split.target not in (aten.chunk.default, *SPLITS) or three_d % 3:
+        return None
+    size = split.args[1] if len(split.args) > 1 else None
+    dim = split.args[2] if len(split.args) > 2 else split.kwargs.get("dim", 0)
+    thirds = {aten.chunk.default: 3, aten.split.Tensor: three_d // 3,
+              aten.split_with_sizes.default: [three_d // 3] * 3}[split.target]  # chunks, or their sizes
+    items = {u.args[1]: u for u in split.users if u.target is operator.getitem}
+    if (list(size) if isinstance(size, (list, tuple)) else size) != thirds or dim % 4 != 3 \
+            or len(split.users) != 3 or sorted(items) != [0, 1, 2]:
+        return None
+    return [items[i] for i in range(3)], [split, heads, *between[::-1]]
+
+
+def _contiguous_heads(g: fx.Node, norms: dict) -> tuple[list, list[fx.Node], list] | None:
+    """(q, k, v heads, the nodes between g and them, users first, their head norms) when g is cut into three
+    last-dim pieces and each is split into heads (split_heads)."""
+    parts, between = _three_parts(g) or ([], [])
+    split = [_split_heads(node, norms) for node in parts]
+    if not split or any(s is None for s in split):
+        return None
+    return [s[1] for s in split], [s[0] for s in split] + parts + between[::-1], [s[2] for s in split]
+
+
 def qkv_heads_after_gemv(gm: fx.GraphModule) -> list[HeadsMatch]:
-    """gemv -> three last-dim slices covering it -> split_heads each -> q: attention (through fxopt::rope or
-    not), k: fxopt::(rope_)cache_write, v: fxopt::cache_write. What the kv_cache, rope and fuse_siblings
-    rewrites leave of a decode step's attention input."""
+    """gemv -> q, k and v heads (three last-dim slices covering it, each split into heads; or GPT-NeoX's
+    per-head [q_h; k_h; v_h] view cut in three) -> q: attention (through fxopt::rope or not), k:
+    fxopt::(rope_)cache_write, v: fxopt::cache_write. What the kv_cache, rope and fuse_siblings rewrites leave
+    of a decode step's attention input."""
     matches, norms = [], _rms_norms_by_input(gm)
     for g in _gemvs(gm):
-        parts, between = _three_parts(g) or ([], [])
-        split = [_split_heads(node, norms) for node in parts]
-        if not split or any(s is None for s in split):
+        interleaved = _interleaved_heads(g)
+        found = (*interleaved, [None, None, None]) if interleaved else _contiguous_heads(g, norms)
+        if found is None:
             continue
-        heads = [s[1] for s in split]
+        heads, splits, head_norms = found
         rope = only_user(heads[0])
         q = rope if rope is not None and rope.target is ROPE and rope.args[0] is heads[0] else heads[0]
         writes = [only_user(heads[1]), only_user(heads[2])]
         if writes[0] is None or writes[0].target not in (ROPE_CACHE_WRITE, CACHE_WRITE) or writes[1] is None \
                 or writes[1].target is not CACHE_WRITE or any(w.args[1] is not h for w, h in zip(writes, heads[1:])):
             continue
-        splits = [s[0] for s in split] + parts + between[::-1]
-        matches.append(HeadsMatch(g, heads, splits, q, writes, [s[2] for s in split]))
+        matches.append(HeadsMatch(g, heads, splits, q, writes, head_norms, interleaved is not None))
     return matches
 
 
@@ -978,6 +1012,8 @@ def _qkv_kwargs(m: HeadsMatch) -> dict[str, Any]:
     q_norm, k_norm, _ = m.norms
     if q_norm is not None and k_norm is not None:
         kwargs.update(q_norm_weight=q_norm[0], k_norm_weight=k_norm[0], qk_eps=q_norm[1])
+    if m.interleaved:
+        kwargs["interleaved"] = True
     return kwargs
 
 
@@ -1013,7 +1049,8 @@ def check_qkv(rw: Rewriter, m: HeadsMatch) -> str | None:
     ep = gemv.Folded(norm_weight=vals[3], eps=eps, norm_bias=_val(kwargs.get("norm_bias")),
                      layer_norm=kwargs.get("layer_norm", False),
                      q_norm_weight=_const(rw.gm, q_norm[0]) if q_norm else None,
-                     k_norm_weight=_const(rw.gm, k_norm[0]) if k_norm else None, qk_eps=q_norm[1] if q_norm else 0.0)
+                     k_norm_weight=_const(rw.gm, k_norm[0]) if k_norm else None, qk_eps=q_norm[1] if q_norm else 0.0,
+                     heads_interleaved=m.interleaved)
     reason = gemv.supports_qkv(vals[0], vals[1], vals[2], ep, *vals[5:])
     if reason is not None:
         return reason
@@ -1031,7 +1068,7 @@ def fold_qkv(rw: Rewriter, m: HeadsMatch) -> None:
     first = min(_consumers(m), key=order.__getitem__)
     with rw.gm.graph.inserting_before(first):
         node = rw.call(torch.ops.fxopt.gemv_qkv.default, _qkv_args(m), like=m.gemv)
-    if _qkv_kwargs(m):  # the LayerNorm prologue, the q/k head norms
+    if _qkv_kwargs(m):  # the LayerNorm prologue, the q/k head norms, the interleaved layout
         node.kwargs = _qkv_kwargs(m)
         node.meta["val"] = rw.fake_run(node.target, node.args, node.kwargs)
     m.q.replace_all_uses_with(node)

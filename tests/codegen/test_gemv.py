@@ -394,6 +394,80 @@ def test_qkv_kernel_with_per_head_qk_norm_matches_the_eager_chain(dtype, d, head
     torch.testing.assert_close(k_ref, ours[1], rtol=0, atol=0)
 
 
+def _hf_partial_rope(t, cos, sin):
+    """HF's apply_rotary_pos_emb with tables narrower than the head: rotate t[..., :r], keep the rest."""
+    r = cos.shape[-1]
+    rot, rest = t[..., :r], t[..., r:]
+    rotated = torch.cat((-rot[..., r // 2:], rot[..., :r // 2]), dim=-1)
+    return torch.cat((rot * cos + rotated * sin, rest), dim=-1)
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("interleaved, d, r, heads, qk_norm", [
+    (True, 16, 4, (4, 4), False),  # GPT-NeoX: [q_h; k_h; v_h] rows, rotary_pct 0.25
+    (True, 16, 16, (2, 2), False),  # interleaved rows, full rotary
+    (False, 20, 8, (4, 2), False),  # Phi / StableLM: partial rotary, GQA, d/2 not a power of two
+    (False, 16, 8, (2, 1), True),  # partial rotary after per-head q/k norms (the two-kernel path)
+])
+def test_qkv_kernel_interleaved_heads_and_partial_rotary(dtype, interleaved, d, r, heads, qk_norm):
+    """The fused q/k/v projection laid out as GPT-NeoX's query_key_value (rows per head [q_h; k_h; v_h]) and
+    rotated over only the tables' r columns: against HF's spelling of the same step in float64."""
+    from fxopt.models.llama import rope_tables
+
+    q_heads, kv_heads = heads
+    x, w, b, ep, _, _, caches, pos = _qkv_case(dtype, q_heads=q_heads, kv_heads=kv_heads, d=d, rope=False,
+                                               bias=True, seed=d + r)
+    slot = int(pos)
+    cos, sin = (t[slot].reshape(1, 1, 1, r).to(dtype) for t in rope_tables(slot + 1, r, 10000.0))
+    gen = torch.Generator().manual_seed(r)
+    ep = replace(ep, heads_interleaved=interleaved)
+    if qk_norm:
+        ep = replace(ep, q_norm_weight=(1 + 0.3 * torch.randn(d, generator=gen)).to(dtype),
+                     k_norm_weight=(1 + 0.3 * torch.randn(d, generator=gen)).to(dtype), qk_eps=1e-6)
+    assert gemv.supports_qkv(x, w, b, ep, cos, sin, *caches, pos) is None
+    k_cache, v_cache = (c.clone() for c in caches)
+    q = gemv.gemv_qkv(x, w, b, ep, cos, sin, k_cache, v_cache, pos)
+
+    def eager(x, w, b, ep, cos, sin, caches):
+        y = F.linear(gemv.gemv_reference(x, torch.eye(x.shape[-1], dtype=x.dtype), None, ep), w, b)
+        if interleaved:
+            qs, ks, vs = y.view(1, 1, q_heads, 3 * d).transpose(1, 2).chunk(3, dim=-1)
+        else:
+            qs, ks, vs = (t.view(1, 1, -1, d).transpose(1, 2)
+                          for t in y.split([q_heads * d, kv_heads * d, kv_heads * d], -1))
+        if qk_norm:
+            qs, ks = (_qwen3_head_norm(qs, ep.q_norm_weight, ep.qk_eps),
+                      _qwen3_head_norm(ks, ep.k_norm_weight, ep.qk_eps))
+        qs, ks = _hf_partial_rope(qs, cos, sin), _hf_partial_rope(ks, cos, sin)
+        kc, vc = (c.clone() for c in caches)
+        kc[:, :, pos], vc[:, :, pos] = ks.to(kc.dtype), vs.to(vc.dtype)
+        return qs, kc, vc
+
+    ours = eager(x, w, b, ep, cos, sin, caches)
+    ep64 = _float64(ep)
+    if qk_norm:
+        ep64 = replace(ep64, q_norm_weight=ep.q_norm_weight.double(), k_norm_weight=ep.k_norm_weight.double())
+    exact = eager(x.double(), w.double(), b.double(), ep64, cos.double(), sin.double(), [c.double() for c in caches])
+    _assert_qkv_within((q, k_cache, v_cache), ours, exact, slot, dtype)
+    keep = [i for i in range(k_cache.shape[2]) if i != slot]
+    assert torch.equal(k_cache[:, :, keep], caches[0][:, :, keep]) and torch.equal(v_cache[:, :, keep],
+                                                                                   caches[1][:, :, keep])
+    k_ref, v_ref = (c.clone() for c in caches)  # the op's CPU path is the same chain
+    q_ref = torch.ops.fxopt.gemv_qkv(x, w, b, ep.norm_weight, ep.eps, cos, sin, k_ref, v_ref, pos,
+                                     q_norm_weight=ep.q_norm_weight, k_norm_weight=ep.k_norm_weight,
+                                     qk_eps=ep.qk_eps, interleaved=interleaved)
+    torch.testing.assert_close(q_ref, ours[0], rtol=0, atol=0)
+    torch.testing.assert_close(k_ref, ours[1], rtol=0, atol=0)
+
+
+def test_qkv_refuses_interleaved_rows_with_grouped_kv_heads_and_odd_tables():
+    x, w, b, ep, cos, sin, caches, pos = _qkv_case(torch.float32)  # 4 q heads, 2 kv heads
+    assert "interleaved" in gemv.supports_qkv(x, w, b, replace(ep, heads_interleaved=True), cos, sin, *caches, pos)
+    assert "r <= d" in gemv.supports_qkv(x, w, b, ep, cos[..., :5], sin[..., :5], *caches, pos)
+    assert "interleaved" in gemv.supports(x, w, None, replace(ep, heads_interleaved=True))
+
+
 def test_qkv_refuses_a_norm_on_only_q():
     x, w, b, ep, cos, sin, caches, pos = _qkv_case(torch.float32)
     one_sided = replace(ep, q_norm_weight=torch.ones(16), qk_eps=1e-6)
@@ -444,7 +518,9 @@ def test_qkv_supports_names_what_the_kernel_does_not_cover():
     assert gemv.supports_qkv(x, w, b, ep, cos, sin, *caches, torch.tensor([1, 2])) == "pos is not one integer slot"
     two_rows = [torch.cat([c, c]) for c in caches]
     assert "one sequence" in gemv.supports_qkv(x, w, b, ep, cos, sin, *two_rows, pos)
-    assert "one row of d" in gemv.supports_qkv(x, w, b, ep, cos.expand(1, 1, 2, 16), sin, *caches, pos)
+    assert "one row of" in gemv.supports_qkv(x, w, b, ep, cos.expand(1, 1, 2, 16), sin, *caches, pos)
+    two_narrow_rows = cos[..., :8].expand(1, 1, 2, 8)  # 16 elements, but two rows of 8: not one row
+    assert "one row of" in gemv.supports_qkv(x, w, b, ep, two_narrow_rows, two_narrow_rows, *caches, pos)
 
 
 def test_qkv_op_on_cpu_writes_the_caches_and_returns_q():
@@ -467,8 +543,10 @@ for ptr in ("*bf16", "*fp32"):
     signature = {p.name: ints.get(p.name, "*i64" if p.name == "pos_ptr" else ptr)
                  for p in G._gemv_qkv_kernel.params if not p.is_constexpr}
     for norm, layer, rope, pdl in ((True, False, True, True), (False, False, False, False), (True, True, False, True)):
-        constexprs = dict(HAS_BIAS=layer, NORM=norm, LAYER=layer, NORM_BIAS=layer, ROPE=rope, PDL=pdl, HEAD_DIM=64,
-                          BLOCK_N=1, BLOCK_K=1024, EVEN_K=True)
+        # the LayerNorm variant as GPT-NeoX's: [q_h; k_h; v_h] rows, a quarter of each head rotated
+        constexprs = dict(HAS_BIAS=layer, NORM=norm, LAYER=layer, NORM_BIAS=layer, ROPE=rope or layer, PDL=pdl,
+                          HEAD_DIM=64, BLOCK_N=1, BLOCK_K=1024, EVEN_K=True, ROT=16 if layer else 64,
+                          INTERLEAVED=layer)
         ptx = compile_sm90(G._gemv_qkv_kernel, signature, constexprs, num_warps=4).asm["ptx"]
         assert ("griddepcontrol.wait" in ptx) == pdl
         if pdl:  # the weights' first chunk is requested before waiting for the previous kernel
@@ -477,7 +555,7 @@ for ptr in ("*bf16", "*fp32"):
     heads_signature = {p.name: ints.get(p.name, "*i64" if p.name == "pos_ptr" else ptr)
                        for p in G._qkv_heads_kernel.params if not p.is_constexpr}
     for rope, pdl in ((True, True), (False, False)):  # the per-head q/k norm kernel after the GEMV
-        constexprs = dict(ROPE=rope, PDL=pdl, HEAD_DIM=128, BLOCK_H=64)
+        constexprs = dict(ROPE=rope, PDL=pdl, HEAD_DIM=128, BLOCK_H=64, ROT=64 if rope else 128, INTERLEAVED=False)
         ptx = compile_sm90(G._qkv_heads_kernel, heads_signature, constexprs, num_warps=1).asm["ptx"]
         assert "rsqrt" in ptx and ("griddepcontrol.wait" in ptx) == pdl
         print("compiled gemv_qkv heads", ptr, rope, pdl)

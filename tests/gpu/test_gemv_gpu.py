@@ -89,6 +89,47 @@ def test_gemv_qkv_at_model_sizes(dtype, q_heads, kv_heads, d, k, rope, bias, qk_
     assert all(torch.equal(a[:, :, keep], c[:, :, keep]) for a, c in zip(got, caches))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("heads, d, r, k, interleaved", [
+    (16, 64, 16, 1024, True),  # Pythia-410M (GPT-NeoX): [q_h; k_h; v_h] rows, rotary_pct 0.25
+    (16, 128, 32, 2048, True),  # Pythia-1.4B
+    (32, 80, 32, 2560, False),  # Phi-2-sized: partial rotary 0.4, d = 80
+    (32, 80, 20, 2560, False)])  # StableLM-3B-sized: 0.25 of 80
+def test_gemv_qkv_partial_rotary_at_model_sizes(dtype, heads, d, r, k, interleaved):
+    """fxopt::gemv_qkv with LayerNorm and bias, tables of r < d columns and (GPT-NeoX) interleaved rows, against
+    the eager chain in float64: q and the written cache rows within tolerance, every other cache row untouched."""
+    from fxopt.models.llama import rope_tables
+
+    gen = torch.Generator(device="cuda").manual_seed(heads + d + r)
+    n, slot, max_len = 3 * heads * d, 333, 512
+    x = (torch.randn(1, 1, k, device="cuda", generator=gen) + 2).to(dtype)
+    w = (torch.randn(n, k, device="cuda", generator=gen) / k**0.5).to(dtype)
+    b, g, nb = (torch.randn(n, device="cuda", generator=gen).to(dtype),
+                (1 + 0.1 * torch.randn(k, device="cuda", generator=gen)).to(dtype),
+                (0.1 * torch.randn(k, device="cuda", generator=gen)).to(dtype))
+    cos, sin = (t[slot].reshape(1, 1, 1, r).to(device="cuda", dtype=dtype) for t in rope_tables(slot + 1, r, 1e4))
+    caches = [torch.randn(1, heads, max_len, d, device="cuda", generator=gen).to(dtype) for _ in range(2)]
+    pos = torch.tensor([slot], device="cuda")
+    got = [c.clone() for c in caches]
+    q = torch.ops.fxopt.gemv_qkv(x, w, b, g, 1e-5, cos, sin, *got, pos, norm_bias=nb, layer_norm=True,
+                                 interleaved=interleaved)
+    ep = gemv.Folded(norm_weight=g, eps=1e-5, norm_bias=nb, layer_norm=True, heads_interleaved=interleaved)
+    assert gemv.supports_qkv(x, w, b, ep, cos, sin, *got, pos) is None  # the kernel ran
+    eager = [c.clone() for c in caches]
+    q_eager = gemv.gemv_qkv_reference(x, w, b, ep, cos, sin, *eager, pos)
+    exact = [c.double() for c in caches]
+    ep64 = gemv.Folded(norm_weight=g.double(), eps=1e-5, norm_bias=nb.double(), layer_norm=True,
+                       heads_interleaved=interleaved)
+    q_exact = gemv.gemv_qkv_reference(x.double(), w.double(), b.double(), ep64, cos.double(), sin.double(), *exact,
+                                      pos)
+    for ours, theirs, ref in [(q, q_eager, q_exact)] + [(a[:, :, slot], e[:, :, slot], r_[:, :, slot])
+                                                       for a, e, r_ in zip(got, eager, exact)]:
+        ok, error, allowed = within_tolerance(ours, theirs, ref)
+        assert ok, f"error {error:.3g} > allowed {allowed:.3g}"
+    keep = torch.arange(max_len, device="cuda") != slot
+    assert all(torch.equal(a[:, :, keep], c[:, :, keep]) for a, c in zip(got, caches))
+
+
 def _as64(t):
     return None if t is None else t.double()
 

@@ -18,14 +18,16 @@ DEVICE = "cuda"
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("d", [64, 80, 128])
-def test_prefill_sized_rope(dtype, d):
+@pytest.mark.parametrize("d, r", [(64, 64), (80, 80), (128, 128), (64, 16), (80, 32), (128, 32)])  # r < d: partial
+def test_prefill_sized_rope(dtype, d, r):
     gen = torch.Generator(device=DEVICE).manual_seed(0)
     b, s, h = 2, 1023, 32
     x = torch.randn(b, s, h, d, device=DEVICE, generator=gen).to(dtype).transpose(1, 2)  # (b, h, s, d) view
-    cos = torch.randn(b, 1, s, d, device=DEVICE, generator=gen).to(dtype)
-    sin = torch.randn(b, 1, s, d, device=DEVICE, generator=gen).to(dtype)
+    cos = torch.randn(b, 1, s, r, device=DEVICE, generator=gen).to(dtype)
+    sin = torch.randn(b, 1, s, r, device=DEVICE, generator=gen).to(dtype)
     out = R.rope(x, cos, sin)
+    if r < d:
+        assert torch.equal(out[..., r:], x[..., r:])  # the columns past the tables pass through
     eager = R.rope_reference(x, cos, sin)
     ok, error, allowed = within_tolerance(out, eager, R.rope_reference(x.double(), cos.double(), sin.double()))
     assert ok, f"error {error:.3g} > allowed {allowed:.3g}"

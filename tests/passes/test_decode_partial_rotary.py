@@ -1,0 +1,90 @@
+"""Partial rotary (GPT-NeoX, StableLM) and GPT-NeoX's per-head [q_h; k_h; v_h] projection rows folded into the
+decode step's q/k/v GEMV (CPU, fp32).
+
+HF models built from tiny configs with random weights. Greedy tokens and each step's logits are compared with
+an eager loop over the whole sequence (the cache-less HF model), never with another fxopt program.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from test_decode_folds import count, prompt, recompute, spread
+
+from fxopt.generate import Generator, build_generator
+
+aten = torch.ops.aten
+QKV = torch.ops.fxopt.gemv_qkv.default
+LAYERS, NEW = 2, 10
+ARCHS = {  # spec, whether W's rows are grouped per head as [q_h; k_h; v_h]
+    "gpt_neox": (f"hf:gpt_neox,num_hidden_layers={LAYERS},hidden_size=64,num_attention_heads=4,"
+                 "intermediate_size=128,vocab_size=256,rotary_pct=0.25", True),
+    "stablelm": (f"hf:stablelm,num_hidden_layers={LAYERS},hidden_size=64,num_attention_heads=4,"
+                 "num_key_value_heads=2,intermediate_size=128,vocab_size=256,partial_rotary_factor=0.25", False),
+}
+LEFT_BY_THE_FOLD = (torch.ops.fxopt.rope.default, torch.ops.fxopt.rope_cache_write.default,
+                    torch.ops.fxopt.cache_write.default, aten.cat.default, aten.chunk.default)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def build(arch: str):
+    pytest.importorskip("transformers")
+    from fxopt.zoo import load_model
+
+    model = spread(load_model(ARCHS[arch][0])).eval()
+    return model, lambda ids: model(ids, use_cache=False).logits, model.config.vocab_size
+
+
+def fused_generator(model, vocab) -> Generator:
+    ids = torch.randint(0, vocab, (1, 8), generator=torch.Generator().manual_seed(0))
+    plain = build_generator(model, {"input_ids": ids}, max_seq_len=32, max_batch=1)
+    return Generator(plain.programs, max_seq_len=32, max_batch=1, device=torch.device("cpu"), fuse_decode=True)
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_partial_rotary_folds_into_gemv_qkv(arch):
+    """Each layer's q/k/v projection is one gemv_qkv whose RoPE tables cover a quarter of the head; no RoPE
+    kernel, cache write, cat or chunk is left in the batch-1 step."""
+    model, _, vocab = build(arch)
+    gen = fused_generator(model, vocab)
+    program = gen.decode_program(1)
+    qkv = [n for n in program.graph.nodes if n.target == QKV]
+    assert len(qkv) == LAYERS
+    head_dim = model.config.hidden_size // model.config.num_attention_heads
+    for node in qkv:
+        cos = node.args[5].meta["val"]
+        assert cos.shape[-1] == head_dim // 4  # partial: the tables' columns, not the head's
+        assert node.kwargs.get("interleaved", False) == ARCHS[arch][1]
+    assert {t: count(program, t) for t in LEFT_BY_THE_FOLD} == dict.fromkeys(LEFT_BY_THE_FOLD, 0)
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_partial_rotary_fold_keeps_greedy_tokens_and_logits(arch):
+    model, logits_fn, vocab = build(arch)
+    gen = fused_generator(model, vocab)
+    ids = prompt(vocab)
+    expected = recompute(logits_fn, ids, NEW)
+    assert len(set(expected[0, ids.shape[1]:].tolist())) > 2  # not one repeated token: the test can tell
+    assert torch.equal(gen.generate(ids, NEW), expected)
+    with torch.no_grad():
+        full = logits_fn(expected)
+        gen.prefill(ids)
+        for i in range(ids.shape[1], expected.shape[1] - 1):
+            step = gen.decode_step(expected[:, i:i + 1])
+            torch.testing.assert_close(step, full[:, i], rtol=1e-4, atol=1e-4)
+    assert count(gen.decode_program(1), QKV) == LAYERS  # the folded program is what ran
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_partial_rotary_fold_through_interpreted_kernels(arch, monkeypatch):
+    """The same through the Triton kernels (FXOPT_INTERPRET_OPS=1): pairs past the rotated columns pass."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("interpreter test (tests/gpu runs the kernels on the GPU)")
+    monkeypatch.setenv("FXOPT_INTERPRET_OPS", "1")
+    model, logits_fn, vocab = build(arch)
+    gen = fused_generator(model, vocab)
+    ids = prompt(vocab)
+    assert torch.equal(gen.generate(ids, 6), recompute(logits_fn, ids, 6))
