@@ -99,6 +99,15 @@ HF_CONFIGS = {
                   "num_key_value_heads=8,head_dim=128,vocab_size=151936,tie_word_embeddings=true,"
                   "rope_theta=1000000.0,max_position_embeddings=40960,rms_norm_eps=1e-06",
     "gpt2-medium": "gpt2,n_embd=1024,n_layer=24,n_head=16,n_positions=1024,vocab_size=50257",
+    "pythia-410m": "gpt_neox,hidden_size=1024,intermediate_size=4096,num_hidden_layers=24,num_attention_heads=16,"
+                   "vocab_size=50304,rotary_pct=0.25,rotary_emb_base=10000,max_position_embeddings=2048,"
+                   "use_parallel_residual=true,layer_norm_eps=1e-05,tie_word_embeddings=false",
+    "stablelm-2-1.6b": "stablelm,hidden_size=2048,intermediate_size=5632,num_hidden_layers=24,num_attention_heads=32,"
+                       "num_key_value_heads=32,vocab_size=100352,partial_rotary_factor=0.25,rope_theta=10000.0,"
+                       "use_qkv_bias=true,max_position_embeddings=4096,layer_norm_eps=1e-05",
+    "phi-2": "phi,hidden_size=2560,intermediate_size=10240,num_hidden_layers=32,num_attention_heads=32,"
+             "num_key_value_heads=32,vocab_size=51200,partial_rotary_factor=0.4,rope_theta=10000.0,"
+             "max_position_embeddings=2048,layer_norm_eps=1e-05",
 }
 
 
