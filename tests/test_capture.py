@@ -137,6 +137,13 @@ PUBLISHED_PARAMS = {
                                   qk_norm=True),
     # GPT-2: token + 1024 position rows, per layer 12 d^2 + 13 d (4 matrices, their biases, 2 LayerNorms), final LN
     "gpt2-medium": 50257 * 1024 + 1024 * 1024 + 24 * (12 * 1024**2 + 13 * 1024) + 2 * 1024,
+    # GPT-NeoX: the same 12 d^2 + 13 d per layer (fused qkv, dense, 4d MLP, 2 LayerNorms), untied head
+    "pythia-410m": 2 * 50304 * 1024 + 24 * (12 * 1024**2 + 13 * 1024) + 2 * 1024,
+    # StableLM 2: q/k/v/o with q/k/v biases, a gated MLP of 5632, 2 LayerNorms per layer, untied head
+    "stablelm-2-1.6b": 2 * 100352 * 2048 + 24 * (4 * 2048**2 + 3 * 2048 + 3 * 2048 * 5632 + 4 * 2048) + 2 * 2048,
+    # Phi-2: q/k/v/dense and fc1/fc2 with biases, one LayerNorm per layer, untied head with a bias
+    "phi-2": 2 * 51200 * 2560 + 51200 + 32 * (4 * 2560**2 + 4 * 2560 + 2 * 2560 * 10240 + 10240 + 2560 + 2 * 2560)
+    + 2 * 2560,
 }
 
 

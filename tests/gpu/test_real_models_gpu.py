@@ -1,6 +1,7 @@
 """Real architectures on CUDA, with the kernels themselves (not their references): sliding-window Mistral,
-soft-capped, alternating local/global Gemma-2 and the ALiBi models (Bloom's 3-d baddbmm attention, Falcon's
-in-place scaled scores), optimized and KV-cached, checked by verify=True at a length past the window and by
+soft-capped, alternating local/global Gemma-2, the ALiBi models (Bloom's 3-d baddbmm attention, Falcon's
+in-place scaled scores) and partial rotary (GPT-NeoX's interleaved q/k/v rows, StableLM), optimized and
+KV-cached, checked by verify=True at a length past the window and by
 HF generate's greedy tokens in fp32.
 
 Skipped without a GPU (tests/gpu/conftest.py) or without transformers.
@@ -24,6 +25,9 @@ ARCHS = {  # name: (model_type, config fields, attention implementation, what ev
     "bloom-alibi": ("bloom", dict(pad_token_id=0), "eager", "alibi"),
     "falcon-alibi": ("falcon", dict(alibi=True, new_decoder_architecture=False, multi_query=False,
                                     parallel_attn=False, bias=True, pad_token_id=0), "eager", "alibi"),
+    # partial rotary: one fxopt::rope per q and k in the forward, folded into gemv_qkv in the decode step
+    "gpt_neox-rotary-0.25": ("gpt_neox", dict(rotary_pct=0.25), "sdpa", "partial rotary"),
+    "stablelm-rotary-0.25": ("stablelm", dict(partial_rotary_factor=0.25), "sdpa", "partial rotary"),
 }
 
 
@@ -46,8 +50,12 @@ def test_forward_verifies_past_the_window(name, dtype):
     assert len(infos) >= 2 and all(info.kernel != "sdpa" for info in infos), infos
     if ARCHS[name][3] == "window":
         assert 64 in {info.window for info in infos}
-    else:
+    elif ARCHS[name][3] == "alibi":
         assert all(info.alibi for info in infos)
+    else:
+        ropes = [n for n in fast.gm.graph.nodes if n.target is torch.ops.fxopt.rope.default]
+        assert len(ropes) == 2 * model.config.num_hidden_layers
+        assert all(n.args[1].meta["val"].shape[-1] < n.args[0].meta["val"].shape[-1] for n in ropes)
 
 
 @pytest.mark.parametrize("name", list(ARCHS))

@@ -31,7 +31,7 @@ def test_prefill_sized_rope(dtype, d, r):
     eager = R.rope_reference(x, cos, sin)
     ok, error, allowed = within_tolerance(out, eager, R.rope_reference(x.double(), cos.double(), sin.double()))
     assert ok, f"error {error:.3g} > allowed {allowed:.3g}"
-    assert out.stride() == eager.stride() and out.dtype == eager.dtype
+    assert out.stride() == torch.empty_like(x).stride() and out.dtype == eager.dtype  # x's dim order, dense
 
 
 def test_rope_cache_write_at_device_slots():
