@@ -816,9 +816,12 @@ def check_layer_norm(rw: Rewriter, m: LayerNormMatch) -> str | None:
 
     path = [m.norm] + m.reshapes[::-1] + [m.gemv]  # the norm, its reshapes, the gemv
     for node, nxt in zip(path, path[1:]):
-        others = [u.name for u in node.users if u is not nxt]
-        if others:  # another linear, or anything else: the norm stays, folding would compute it twice
-            return f"the LayerNorm's output is also read by {', '.join(others)}"
+        others = [u for u in node.users if u is not nxt]
+        if not m.reshapes and all(_reads_as_row(u, node) for u in others):
+            continue  # other GEMVs of the same row (Phi's q/k/v and fc1): each folds it, as every program
+            # of a GEMV computes the row's statistics anyway
+        if others:  # anything else: the norm stays, folding would compute it twice
+            return f"the LayerNorm's output is also read by {', '.join(u.name for u in others)}"
     if any(a is path[-2] for i, a in enumerate(m.gemv.args) if i != G_X):
         return "the LayerNorm's output is also the GEMV's residual"
     h, x = _val(m.source), _val(m.gemv.args[G_X])
@@ -835,6 +838,12 @@ def check_layer_norm(rw: Rewriter, m: LayerNormMatch) -> str | None:
     m.vals = vals
     ep = gemv.Folded(norm_weight=weight, norm_bias=bias, eps=m.eps, layer_norm=True)
     return gemv.supports(x, _val(m.gemv.args[G_W]), _val(m.gemv.args[G_BIAS]), ep)
+
+
+def _reads_as_row(user: fx.Node, x: fx.Node) -> bool:
+    """user is a GEMV without a norm prologue whose row is x (and that reads x nowhere else)."""
+    return user.target == torch.ops.fxopt.gemv.default and user.args[G_X] is x and user.args[G_NORM_W] is None \
+        and sum(a is x for a in user.args) == 1
 
 
 def fold_layer_norm(rw: Rewriter, m: LayerNormMatch) -> None:
@@ -971,17 +980,91 @@ def qkv_heads_after_gemv(gm: fx.GraphModule) -> list[HeadsMatch]:
     for g in _gemvs(gm):
         interleaved = _interleaved_heads(g)
         found = (*interleaved, [None, None, None]) if interleaved else _contiguous_heads(g, norms)
-        if found is None:
-            continue
-        heads, splits, head_norms = found
-        rope = only_user(heads[0])
-        q = rope if rope is not None and rope.target is ROPE and rope.args[0] is heads[0] else heads[0]
-        writes = [only_user(heads[1]), only_user(heads[2])]
-        if writes[0] is None or writes[0].target not in (ROPE_CACHE_WRITE, CACHE_WRITE) or writes[1] is None \
-                or writes[1].target is not CACHE_WRITE or any(w.args[1] is not h for w, h in zip(writes, heads[1:])):
-            continue
-        matches.append(HeadsMatch(g, heads, splits, q, writes, head_norms, interleaved is not None))
+        match = _attention_input(g, *found, interleaved is not None) if found else None
+        if match is not None:
+            matches.append(match)
     return matches
+
+
+def _attention_input(g: fx.Node, heads: list[fx.Node], splits: list[fx.Node], head_norms: list,
+                     interleaved: bool) -> HeadsMatch | None:
+    """The HeadsMatch when g's q, k and v heads go where a decode step's attention input goes (q to attention
+    through fxopt::rope or not, k and v into their caches); None otherwise."""
+    rope = only_user(heads[0])
+    q = rope if rope is not None and rope.target is ROPE and rope.args[0] is heads[0] else heads[0]
+    writes = [only_user(heads[1]), only_user(heads[2])]
+    if writes[0] is None or writes[0].target not in (ROPE_CACHE_WRITE, CACHE_WRITE) or writes[1] is None \
+            or writes[1].target is not CACHE_WRITE or any(w.args[1] is not h for w, h in zip(writes, heads[1:])):
+        return None
+    return HeadsMatch(g, heads, splits, q, writes, head_norms, interleaved)
+
+
+@dataclass
+class SplitMatch:
+    """A GEMV that fuse_siblings made of q/k/v and other projections of the same row (Phi's parallel
+    attention and MLP): its output tiled by last-dim slices, the first three the attention input."""
+
+    gemv: fx.Node
+    parts: list[tuple[int, int, fx.Node]]  # (start, end, slice), in order
+
+
+def _tiling_slices(g: fx.Node) -> list[tuple[int, int, fx.Node]] | None:
+    """g's users as (start, end, slice) when all are last-dim slices of it that tile [0, N) in order."""
+    parts = sorted(((*(_last_dim_slice_of(u, g) or (-1, -1)), u) for u in g.users), key=lambda p: (p[0], p[2].name))
+    n = _val(g).shape[-1]
+    if not parts or parts[0][0] != 0 or any(a[1] != b[0] for a, b in zip(parts, parts[1:])) or parts[-1][1] != n:
+        return None
+    return parts
+
+
+def merged_attention_input(gm: fx.GraphModule) -> list[SplitMatch]:
+    """gemv -> four or more last-dim slices, the first three q, k and v split into heads for the attention
+    of a decode step (the other slices: an MLP's up projection, as Phi's fc1)."""
+    matches, norms = [], _rms_norms_by_input(gm)
+    for g in _gemvs(gm):
+        parts = _tiling_slices(g)
+        if parts is None or len(parts) < 4:
+            continue
+        split = [_split_heads(node, norms) for _, _, node in parts[:3]]
+        if any(s is None for s in split):
+            continue
+        heads, splits = [s[1] for s in split], [s[0] for s in split] + [node for _, _, node in parts[:3]]
+        if _attention_input(g, heads, splits, [s[2] for s in split], False) is not None:
+            matches.append(SplitMatch(g, parts))
+    return matches
+
+
+def check_split(rw: Rewriter, m: SplitMatch) -> str | None:
+    g = m.gemv
+    if g.args[G_GLU] or g.args[G_RES] is not None or g.args[G_ACT] != "none":
+        return "the projection has an epilogue already"
+    if not isinstance(g.args[G_W], fx.Node) or (g.args[G_BIAS] is not None and not isinstance(g.args[G_BIAS], fx.Node)):
+        return "the weight or bias is not a graph value"
+    return None
+
+
+def split_attention_input(rw: Rewriter, m: SplitMatch) -> None:
+    """Two GEMVs over row views of the same weight (no copy): [W_q; W_k; W_v], which gemv_qkv then takes with
+    RoPE and the cache writes, and the rest, whose activation the GELU rule can then fold."""
+    g, n_qkv, n = m.gemv, m.parts[2][1], m.parts[-1][1]
+    w, bias = g.args[G_W], g.args[G_BIAS]
+    with rw.gm.graph.inserting_before(g):
+        def rows(t, lo, hi):
+            return None if t is None else rw.call(SLICE, (t, 0, lo, hi), like=g)
+
+        gemv_op, x, tail = torch.ops.fxopt.gemv.default, g.args[G_X], g.args[G_RES:]
+        qkv = rw.call(gemv_op, (x, rows(w, 0, n_qkv), rows(bias, 0, n_qkv), *tail), like=g)
+        rest = rw.call(gemv_op, (x, rows(w, n_qkv, n), rows(bias, n_qkv, n), *tail), like=g)
+    for _, _, node in m.parts[:3]:
+        node.replace_input_with(g, qkv)
+    for start, end, node in m.parts[3:]:
+        if len(m.parts) == 4:  # the one other projection: the GEMV itself
+            node.replace_all_uses_with(rest)
+            rw.gm.graph.erase_node(node)
+        else:
+            node.args = (rest, node.args[1], start - n_qkv, end - n_qkv)
+            node.meta["val"] = rw.fake_run(SLICE, node.args)
+    rw.gm.graph.erase_node(g)
 
 
 def _same_value(a, b) -> bool:
@@ -1082,6 +1165,8 @@ DECODE_RULES: tuple[Rule, ...] = (
     Rule("identity_dropout", identity_dropouts, check_dropout, drop_dropout),  # eval dropout: x itself, so that
     # the residual add after a projection is the GEMV's user
     Rule("gemv", one_row_linears, check_gemv, to_gemv),  # cuBLAS GEMV -> fxopt's (codegen/gemv.py)
+    # q/k/v merged with another projection of the row (Phi's fc1): split, so gemv_qkv and gemv_gelu can fold
+    Rule("gemv_split_qkv", merged_attention_input, check_split, split_attention_input),
     Rule("gemv_swiglu", swiglu_after_gemv, check_glu, fold_glu),  # silu(gate) * up: the GEMV's epilogue
     Rule("gemv_gelu", gelu_after_gemv, check_act, fold_act),  # GELU (tanh or erf): epilogue, before + residual
     Rule("gemv_residual", residual_add_after_gemv, check_residual, fold_residual),  # + residual: epilogue

@@ -28,6 +28,7 @@ ARCHS = {  # name: (model_type, config fields, attention implementation, what ev
     # partial rotary: one fxopt::rope per q and k in the forward, folded into gemv_qkv in the decode step
     "gpt_neox-rotary-0.25": ("gpt_neox", dict(rotary_pct=0.25), "sdpa", "partial rotary"),
     "stablelm-rotary-0.25": ("stablelm", dict(partial_rotary_factor=0.25), "sdpa", "partial rotary"),
+    "phi-rotary-0.5": ("phi", dict(partial_rotary_factor=0.5), "sdpa", "partial rotary"),  # q/k/v merged with fc1
 }
 
 

@@ -1,5 +1,6 @@
-"""Partial rotary (GPT-NeoX, StableLM) and GPT-NeoX's per-head [q_h; k_h; v_h] projection rows folded into the
-decode step's q/k/v GEMV (CPU, fp32).
+"""Partial rotary (GPT-NeoX, StableLM, Phi) and GPT-NeoX's per-head [q_h; k_h; v_h] projection rows folded into
+the decode step's q/k/v GEMV (CPU, fp32). Phi's q/k/v share a GEMV with fc1 (parallel attention and MLP over one
+LayerNorm): the decode rules split it into row views of the same weight.
 
 HF models built from tiny configs with random weights. Greedy tokens and each step's logits are compared with
 an eager loop over the whole sequence (the cache-less HF model), never with another fxopt program.
@@ -23,6 +24,8 @@ ARCHS = {  # spec, whether W's rows are grouped per head as [q_h; k_h; v_h]
                  "intermediate_size=128,vocab_size=256,rotary_pct=0.25", True),
     "stablelm": (f"hf:stablelm,num_hidden_layers={LAYERS},hidden_size=64,num_attention_heads=4,"
                  "num_key_value_heads=2,intermediate_size=128,vocab_size=256,partial_rotary_factor=0.25", False),
+    "phi": (f"hf:phi,num_hidden_layers={LAYERS},hidden_size=64,num_attention_heads=4,intermediate_size=128,"
+            "vocab_size=256,partial_rotary_factor=0.25", False),
 }
 LEFT_BY_THE_FOLD = (torch.ops.fxopt.rope.default, torch.ops.fxopt.rope_cache_write.default,
                     torch.ops.fxopt.cache_write.default, aten.cat.default, aten.chunk.default)
@@ -59,6 +62,26 @@ def test_partial_rotary_folds_into_gemv_qkv(arch):
         assert cos.shape[-1] == head_dim // 4  # partial: the tables' columns, not the head's
         assert node.kwargs.get("interleaved", False) == ARCHS[arch][1]
     assert {t: count(program, t) for t in LEFT_BY_THE_FOLD} == dict.fromkeys(LEFT_BY_THE_FOLD, 0)
+
+
+def test_phi_merged_projection_is_split_into_views_of_one_weight():
+    """Phi: gemv_qkv and fc1's GEMV read row views of the one weight fuse_siblings concatenated (no copy); the
+    shared LayerNorm is both GEMVs' prologue and fc1's GELU its epilogue: four GEMV-family kernels a layer and
+    no LayerNorm or GELU node."""
+    model, _, vocab = build("phi")
+    program = fused_generator(model, vocab).decode_program(1)
+    gemv, views = torch.ops.fxopt.gemv.default, aten.slice.Tensor
+    for qkv in [n for n in program.graph.nodes if n.target == QKV]:
+        weight = qkv.args[1]
+        assert weight.target is views and weight.args[1:3] == (0, 0)
+        siblings = [u for u in weight.args[0].users if u is not weight]
+        assert len(siblings) == 1 and siblings[0].args[2] == weight.args[3]  # fc1: the rows after q/k/v
+        fc1 = [u for u in siblings[0].users if u.target == gemv]
+        assert len(fc1) == 1 and fc1[0].args[9] != "none" and fc1[0].args[8]  # GELU epilogue, LayerNorm prologue
+        assert qkv.kwargs.get("layer_norm") and qkv.args[3] is fc1[0].args[4]  # the same norm weight
+    assert count(program, gemv) == 3 * LAYERS + 1  # fc1, dense, fc2 per layer, and the lm_head
+    assert count(program, aten.native_layer_norm.default) == count(program, aten.layer_norm.default) == 0
+    assert count(program, aten.gelu.default) == count(program, aten.tanh.default) == 0
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))
