@@ -10,11 +10,13 @@ per step, multiplied by the matching chunk of x (read from L2 by every program),
 tile in fp32, reduced over K once at the end. No split-K: N / BLOCK_N programs already fill the GPU at
 these sizes, and a split would need a second pass or atomics.
 
-    fxopt::gemv(x, weight, bias?, residual?, norm_weight?, eps, glu, norm_bias?, layer_norm, act) -> (..., N)
+    fxopt::gemv(x, weight, bias?, residual?, norm_weight?, eps, glu, norm_bias?, layer_norm, act, residual2?)
+        -> (..., N)
         x (..., K) with one row; N / 2 outputs with glu. Optional prologue: RMSNorm of x times norm_weight, or
         with layer_norm LayerNorm of x times norm_weight plus norm_bias. Optional epilogues, in this order:
         + bias, silu(gate) * up over W's two halves (glu), act ("gelu_tanh": GPT-2's GELU, "gelu": the erf
-        one), + residual. On CPU: the same eager ops.
+        one), + residual, + residual2 (a parallel-residual block's mlp + attn + x, each sum rounded as eager's).
+        On CPU: the same eager ops.
 
     fxopt::gemv_qkv(x, weight, bias?, norm_weight?, eps, cos?, sin?, k_cache, v_cache, pos, norm_bias?,
                     layer_norm, q_norm_weight?, k_norm_weight?, qk_eps) -> q
@@ -180,10 +182,10 @@ def _activation(y, ACT: tl.constexpr):
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, bias_ptr, res_ptr, g_ptr, nb_ptr, y_ptr, N, K, stride_wn, up_row, eps,
+def _gemv_kernel(x_ptr, w_ptr, bias_ptr, res_ptr, g_ptr, nb_ptr, y_ptr, N, K, stride_wn, up_row, eps, res2_ptr,
                  HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr, NORM: tl.constexpr, LAYER: tl.constexpr,
                  NORM_BIAS: tl.constexpr, GLU: tl.constexpr, ACT: tl.constexpr, PDL: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, RESIDUAL2: tl.constexpr = False):
     # One program: BLOCK_N outputs (BLOCK_N rows of W; with GLU also the BLOCK_N "up" rows up_row further).
     # Reads those rows of W once (the bulk), x (and g, the norm bias) from L2 (x twice with LayerNorm),
     # writes BLOCK_N outputs.
@@ -204,6 +206,8 @@ def _gemv_kernel(x_ptr, w_ptr, bias_ptr, res_ptr, g_ptr, nb_ptr, y_ptr, N, K, st
         y = _round(_activation(y, ACT), y_ptr)
     if RESIDUAL:
         y += tl.load(res_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+    if RESIDUAL2:  # the first sum rounded, as eager's tensor holds it, then the second
+        y = _round(y, y_ptr) + tl.load(res2_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
     tl.store(y_ptr + rows, _round(y, y_ptr).to(y_ptr.dtype.element_ty), mask=row_ok)
 
 
@@ -253,7 +257,7 @@ def _prune_gemv_qkv(configs, named_args, **kwargs):
 
 
 _FLAGS = ["HAS_BIAS", "NORM", "LAYER", "NORM_BIAS"]
-_gemv_tuned = TunedKernel(_gemv_kernel, TUNING_SPACE, key=["N", "K", *_FLAGS, "RESIDUAL", "GLU", "ACT"],
+_gemv_tuned = TunedKernel(_gemv_kernel, TUNING_SPACE, key=["N", "K", *_FLAGS, "RESIDUAL", "GLU", "ACT", "RESIDUAL2"],
                           prune=_prune_gemv, family="gemv", tune="gemv_autotune")
 
 
@@ -261,7 +265,7 @@ _gemv_tuned = TunedKernel(_gemv_kernel, TUNING_SPACE, key=["N", "K", *_FLAGS, "R
 class Folded:
     """What the kernel folds around the product: a bias; before it RMSNorm of x times norm_weight, or with
     layer_norm LayerNorm of x times norm_weight plus norm_bias; after it the gate/up SwiGLU product (W holds
-    the gate rows, then as many up rows), an activation (`act`, one of ACTS) and a residual add."""
+    the gate rows, then as many up rows), an activation (`act`, one of ACTS) and one or two residual adds."""
 
     bias: torch.Tensor | None = None
     residual: torch.Tensor | None = None
@@ -275,6 +279,7 @@ class Folded:
     k_norm_weight: torch.Tensor | None = None
     qk_eps: float = 0.0
     heads_interleaved: bool = False  # gemv_qkv only: W's rows grouped per head as [q_h; k_h; v_h] (GPT-NeoX)
+    residual2: torch.Tensor | None = None  # added after residual (GPT-NeoX, Phi: mlp + attn + x)
 
 
 def _launch(x, w, y, config: triton.Config | None, ep: Folded = Folded()) -> None:
@@ -287,10 +292,10 @@ def _launch(x, w, y, config: triton.Config | None, ep: Folded = Folded()) -> Non
         kernel, tile = _gemv_kernel, dict(_with_even_k(config, k).all_kwargs())
     kernel[lambda meta: (triton.cdiv(n_out, meta["BLOCK_N"]),)](
         x, w, _or(ep.bias, y), _or(ep.residual, y), _or(ep.norm_weight, y), _or(ep.norm_bias, y), y, n_out, k,
-        w.stride(0), n_out if ep.glu else 0, ep.eps,
+        w.stride(0), n_out if ep.glu else 0, ep.eps, _or(ep.residual2, y),
         HAS_BIAS=ep.bias is not None, RESIDUAL=ep.residual is not None, NORM=ep.norm_weight is not None,
         LAYER=ep.layer_norm, NORM_BIAS=ep.norm_bias is not None, GLU=ep.glu, ACT=ACTS[ep.act], PDL=pdl,
-        **tile, **launch_options(pdl))
+        RESIDUAL2=ep.residual2 is not None, **tile, **launch_options(pdl))
 
 
 def _or(tensor, placeholder):
@@ -319,8 +324,11 @@ def supports(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
         return "gate/up with a bias"
     if not _is_vector(bias, w.shape[0], w.dtype):
         return "bias is not a contiguous vector of the weight's dtype"
-    if not _is_vector(ep.residual, n_out, w.dtype) or not _is_vector(ep.norm_weight, w.shape[1], w.dtype):
+    if not _is_vector(ep.residual, n_out, w.dtype) or not _is_vector(ep.norm_weight, w.shape[1], w.dtype) \
+            or not _is_vector(ep.residual2, n_out, w.dtype):
         return "residual or norm weight is not a contiguous vector of the weight's dtype"
+    if ep.residual2 is not None and ep.residual is None:
+        return "a second residual without a first"
     return _supports_norm(w, ep) or (None if ep.act in ACTS else f"activation {ep.act!r}")
 
 
@@ -358,6 +366,8 @@ def gemv_reference(x, w, bias=None, ep: Folded = Folded()) -> torch.Tensor:
         y = F.gelu(y, approximate="tanh" if ep.act == "gelu_tanh" else "none")
     if ep.residual is not None:
         y = ep.residual.reshape(y.shape) + y
+    if ep.residual2 is not None:
+        y = y + ep.residual2.reshape(y.shape)
     return y
 
 
@@ -378,8 +388,8 @@ def norm_reference(x: torch.Tensor, ep: Folded) -> torch.Tensor:
 def gemv_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
             residual: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None, eps: float = 0.0,
             glu: bool = False, norm_bias: torch.Tensor | None = None, layer_norm: bool = False,
-            act: str = "none") -> torch.Tensor:
-    ep = Folded(bias, residual, norm_weight, eps, glu, norm_bias, layer_norm, act)
+            act: str = "none", residual2: torch.Tensor | None = None) -> torch.Tensor:
+    ep = Folded(bias, residual, norm_weight, eps, glu, norm_bias, layer_norm, act, residual2=residual2)
     if ops_use_kernels(x) and supports(x, weight, bias, ep) is None:
         return gemv(x, weight, bias, ep)
     return gemv_reference(x, weight, bias, ep)
@@ -387,7 +397,7 @@ def gemv_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
 
 @library.register_fake(gemv_op)
 def _(x, weight, bias, residual=None, norm_weight=None, eps=0.0, glu=False, norm_bias=None, layer_norm=False,
-      act="none"):
+      act="none", residual2=None):
     return x.new_empty(x.shape[:-1] + (weight.shape[0] // 2 if glu else weight.shape[0],))
 
 

@@ -398,8 +398,8 @@ def check_gemv(rw: Rewriter, m: WeightMatmul) -> str | None:
 
 
 # fxopt::gemv's arguments, by position, and the defaults of those after the bias
-G_X, G_W, G_BIAS, G_RES, G_NORM_W, G_EPS, G_GLU, G_NORM_B, G_LAYER, G_ACT = range(10)
-GEMV_DEFAULTS = (None, None, 0.0, False, None, False, "none")
+G_X, G_W, G_BIAS, G_RES, G_NORM_W, G_EPS, G_GLU, G_NORM_B, G_LAYER, G_ACT, G_RES2 = range(11)
+GEMV_DEFAULTS = (None, None, 0.0, False, None, False, "none", None)
 CASTS = aten_ops(*opnames.CASTS)
 
 
@@ -661,9 +661,11 @@ def _defined_before(graph: fx.Graph, first: fx.Node, second: fx.Node) -> bool:
     return False
 
 
-def check_residual(rw: Rewriter, m: ResidualMatch) -> str | None:
-    residual = m.residual
-    if m.gemv.args[G_RES] is not None or not isinstance(residual, fx.Node) or residual is m.out:
+def check_residual(rw: Rewriter, m: ResidualMatch, slot: int = G_RES) -> str | None:
+    residual, args = m.residual, list(m.gemv.args) + list(GEMV_DEFAULTS[len(m.gemv.args) - G_RES:])
+    if slot == G_RES2 and (args[G_RES] is None or args[G_RES2] is not None):
+        return "not a GEMV with one residual add folded"
+    if args[slot] is not None or not isinstance(residual, fx.Node) or residual is m.out:
         return "no tensor residual"
     out, res = _val(m.add), _val(residual)
     if not isinstance(res, torch.Tensor) or not _defined_before(rw.gm.graph, residual, m.gemv):
@@ -674,10 +676,23 @@ def check_residual(rw: Rewriter, m: ResidualMatch) -> str | None:
     return None
 
 
-def fold_residual(rw: Rewriter, m: ResidualMatch) -> None:
-    _set_gemv_args(rw, m.gemv, {G_RES: m.residual})  # read as a flat vector of N: its shape may differ
+def fold_residual(rw: Rewriter, m: ResidualMatch, slot: int = G_RES) -> None:
+    _set_gemv_args(rw, m.gemv, {slot: m.residual})  # read as a flat vector of N: its shape may differ
     m.add.replace_all_uses_with(m.out)
     rw.gm.graph.erase_node(m.add)
+
+
+def second_residual_add_after_gemv(gm: fx.GraphModule) -> list[ResidualMatch]:
+    """residual_add_after_gemv's matches whose GEMV has one residual add folded already."""
+    return [m for m in residual_add_after_gemv(gm) if m.gemv.args[G_RES] is not None]
+
+
+def check_residual2(rw: Rewriter, m: ResidualMatch) -> str | None:
+    return check_residual(rw, m, G_RES2)
+
+
+def fold_residual2(rw: Rewriter, m: ResidualMatch) -> None:
+    fold_residual(rw, m, G_RES2)
 
 
 @dataclass
@@ -1170,6 +1185,8 @@ DECODE_RULES: tuple[Rule, ...] = (
     Rule("gemv_swiglu", swiglu_after_gemv, check_glu, fold_glu),  # silu(gate) * up: the GEMV's epilogue
     Rule("gemv_gelu", gelu_after_gemv, check_act, fold_act),  # GELU (tanh or erf): epilogue, before + residual
     Rule("gemv_residual", residual_add_after_gemv, check_residual, fold_residual),  # + residual: epilogue
+    # and a second add after it: a parallel-residual block's mlp + attn + x (GPT-NeoX, Phi)
+    Rule("gemv_residual2", second_residual_add_after_gemv, check_residual2, fold_residual2),
     Rule("gemv_rms_norm", rms_norm_before_gemv, check_norm, fold_norm),  # RMSNorm of x: prologue
     Rule("gemv_layer_norm", layer_norm_before_gemv, check_layer_norm, fold_layer_norm),  # LayerNorm: prologue
     # split into heads, RoPE on q and k, K/V cache writes: the q/k/v GEMV's epilogue (after passes/rope.py)

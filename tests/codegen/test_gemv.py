@@ -101,6 +101,27 @@ def test_prologue_and_epilogues_match_the_eager_ops(dtype, norm, glu, residual):
     assert error <= FACTOR[dtype] * eager_error + 1e-5, (error, eager_error)
 
 
+@interpreted
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_two_residual_adds_match_the_parallel_residual_block(dtype):
+    """GPT-NeoX / Phi's fc2: mlp + attn + x, each sum rounded as eager's tensors are, against float64; the
+    reference is the model's own spelling (mlp_output + attn_output + hidden_states)."""
+    gen = torch.Generator().manual_seed(11)
+    k, n = 72, 22
+    x = torch.randn(1, 1, k, generator=gen).to(dtype)
+    w = (torch.randn(n, k, generator=gen) / k**0.5).to(dtype)
+    b, attn, hidden = (torch.randn(1, 1, n, generator=gen).mul(4).to(dtype) for _ in range(3))
+    ep = gemv.Folded(residual=attn, residual2=hidden)
+    out = gemv.gemv(x, w, b.reshape(-1), ep)
+    eager = F.linear(x, w, b.reshape(-1)) + attn + hidden
+    torch.testing.assert_close(gemv.gemv_reference(x, w, b.reshape(-1), ep), eager, rtol=0, atol=0)
+    reference = F.linear(x.double(), w.double(), b.reshape(-1).double()) + attn.double() + hidden.double()
+    error = (out.double() - reference).abs().max().item()
+    eager_error = (eager.double() - reference).abs().max().item()
+    assert error <= FACTOR[dtype] * eager_error + 1e-5, (error, eager_error)
+    assert "second residual" in gemv.supports(x, w, None, gemv.Folded(residual2=hidden))
+
+
 def test_reference_is_the_llama_spelling():
     """gemv_reference (the CPU path of fxopt::gemv) is models/llama.py's RMSNorm -> linear -> SwiGLU -> +."""
     from fxopt.models.llama import RMSNorm
@@ -226,7 +247,8 @@ CASES = ((False, False, False, False, 0, False, False, True), (True, False, Fals
 for ptr in ("*bf16", "*fp32"):
     for norm, layer, norm_bias, glu, act, residual, pdl, even_k in CASES:
         constexprs = dict(HAS_BIAS=True, RESIDUAL=residual, NORM=norm, LAYER=layer, NORM_BIAS=norm_bias, GLU=glu,
-                          ACT=act, PDL=pdl, BLOCK_N=2, BLOCK_K=1024, EVEN_K=even_k)
+                          ACT=act, PDL=pdl, BLOCK_N=2, BLOCK_K=1024, EVEN_K=even_k,
+                          RESIDUAL2=residual and not glu)  # GPT-NeoX's fc2: + attn + x
         compiled = compile_sm90(G._gemv_kernel, signature(ptr), constexprs, num_warps=4)
         ptx = compiled.asm["ptx"]
         assert ("griddepcontrol.wait" in ptx) == pdl and ("griddepcontrol.launch_dependents" in ptx) == pdl

@@ -62,6 +62,13 @@ def test_partial_rotary_folds_into_gemv_qkv(arch):
         assert cos.shape[-1] == head_dim // 4  # partial: the tables' columns, not the head's
         assert node.kwargs.get("interleaved", False) == ARCHS[arch][1]
     assert {t: count(program, t) for t in LEFT_BY_THE_FOLD} == dict.fromkeys(LEFT_BY_THE_FOLD, 0)
+    if arch != "stablelm":  # parallel residual: mlp + attn + x are fc2's two residual epilogues
+        adds = [n for n in program.graph.nodes if n.target == aten.add.Tensor and any(
+            isinstance(a, torch.fx.Node) and a.target == torch.ops.fxopt.gemv.default for a in n.args)]
+        assert adds == []
+        fc2 = [n for n in program.graph.nodes if n.target == torch.ops.fxopt.gemv.default and len(n.args) > 10
+               and n.args[10] is not None]
+        assert len(fc2) == LAYERS
 
 
 def test_phi_merged_projection_is_split_into_views_of_one_weight():
