@@ -164,6 +164,21 @@ def test_layer_norm_gelu_residual_at_gpt2_sizes(dtype, n, k, norm, norm_bias, ac
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("n, k", [(1024, 4096), (2560, 10240)])  # Pythia-410M's and Phi-2's fc2
+def test_two_residual_adds_at_model_sizes(dtype, n, k):
+    """A parallel-residual block's fc2 with mlp + attn + x folded (gemv_residual2) against float64."""
+    gen = torch.Generator(device="cuda").manual_seed(n)
+    x = torch.randn(1, 1, k, device="cuda", generator=gen).to(dtype)
+    w = (torch.randn(n, k, device="cuda", generator=gen) / k**0.5).to(dtype)
+    b, attn, hidden = (torch.randn(n, device="cuda", generator=gen).to(dtype) for _ in range(3))
+    out = torch.ops.fxopt.gemv(x, w, b, attn, None, 0.0, False, None, False, "none", hidden)
+    eager = torch.nn.functional.linear(x, w, b) + attn + hidden
+    reference = torch.nn.functional.linear(x.double(), w.double(), b.double()) + attn.double() + hidden.double()
+    ok, error, allowed = within_tolerance(out, eager, reference)
+    assert ok, f"error {error:.3g} > allowed {allowed:.3g}"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("heads, d, k", [(16, 64, 1024), (12, 64, 768), (25, 64, 1600)])  # gpt2-medium, gpt2, -xl
 def test_gemv_qkv_with_layer_norm_at_gpt2_sizes(dtype, heads, d, k):
     """fxopt::gemv_qkv as GPT-2's decode step runs it: LayerNorm prologue, c_attn's bias, head split and both
