@@ -81,6 +81,20 @@ def prompt(vocab: int) -> torch.Tensor:
     return torch.randint(0, vocab, (1, 7), generator=torch.Generator().manual_seed(3))
 
 
+def assert_greedy_and_step_logits(gen: Generator, logits_fn, ids: torch.Tensor, new: int) -> torch.Tensor:
+    """gen's greedy tokens equal an eager loop's over the whole sequence, and each decode step's logits the
+    eager forward's at that position (fp32); returns the tokens."""
+    expected = recompute(logits_fn, ids, new)
+    assert torch.equal(gen.generate(ids, new), expected)
+    with torch.no_grad():
+        full = logits_fn(expected)  # (1, prompt + new, vocab)
+        gen.prefill(ids)
+        for i in range(ids.shape[1], expected.shape[1] - 1):
+            step = gen.decode_step(expected[:, i:i + 1])  # (1, vocab), through the folded program
+            torch.testing.assert_close(step, full[:, i], rtol=1e-4, atol=1e-4)
+    return expected
+
+
 @pytest.mark.parametrize("kind", ["gpt2-tiny", "hf-gpt2"])
 def test_gpt2_decode_step_is_four_gemvs_a_layer(kind):
     """Every linear (HF: every Conv1D addmm) of the batch-1 decode step is a GEMV; each LayerNorm is the prologue
@@ -114,15 +128,7 @@ def test_gpt2_folds_keep_greedy_tokens_and_logits(kind):
     step's logits the eager forward's at that position."""
     model, logits_fn, vocab = gpt2(kind)
     gen = fused_generator(model, vocab)
-    ids = prompt(vocab)
-    expected = recompute(logits_fn, ids, NEW)
-    assert torch.equal(gen.generate(ids, NEW), expected)
-    with torch.no_grad():
-        full = logits_fn(expected)  # (1, 7 + NEW, vocab)
-        gen.prefill(ids)
-        for i in range(ids.shape[1], expected.shape[1] - 1):
-            step = gen.decode_step(expected[:, i:i + 1])  # (1, vocab), through the folded program
-            torch.testing.assert_close(step, full[:, i], rtol=1e-4, atol=1e-4)
+    assert_greedy_and_step_logits(gen, logits_fn, prompt(vocab), NEW)
     assert count(gen.decode_program(1), aten.layer_norm.default) == 0  # the folded program is what ran
 
 

@@ -10,9 +10,8 @@ import os
 
 import pytest
 import torch
-from test_decode_folds import count, prompt, recompute, spread
+from test_decode_folds import assert_greedy_and_step_logits, count, fused_generator, prompt, recompute, spread
 
-from fxopt.generate import Generator, build_generator
 from fxopt.nodes import fetch_attr
 
 aten = torch.ops.aten
@@ -33,11 +32,6 @@ def qwen3():
     model = spread(load_model(HF_QWEN3)).eval()
     return model, lambda ids: model(ids, use_cache=False).logits, model.config.vocab_size
 
-
-def fused_generator(model, vocab) -> Generator:
-    ids = torch.randint(0, vocab, (1, 8), generator=torch.Generator().manual_seed(0))
-    plain = build_generator(model, {"input_ids": ids}, max_seq_len=32, max_batch=1)
-    return Generator(plain.programs, max_seq_len=32, max_batch=1, device=torch.device("cpu"), fuse_decode=True)
 
 
 def test_qwen3_head_norms_fold_into_gemv_qkv():
@@ -61,14 +55,7 @@ def test_qwen3_fold_keeps_greedy_tokens_and_logits():
     model, logits_fn, vocab = qwen3()
     gen = fused_generator(model, vocab)
     ids = prompt(vocab)
-    expected = recompute(logits_fn, ids, NEW)
-    assert torch.equal(gen.generate(ids, NEW), expected)
-    with torch.no_grad():
-        full = logits_fn(expected)
-        gen.prefill(ids)
-        for i in range(ids.shape[1], expected.shape[1] - 1):
-            step = gen.decode_step(expected[:, i:i + 1])
-            torch.testing.assert_close(step, full[:, i], rtol=1e-4, atol=1e-4)
+    assert_greedy_and_step_logits(gen, logits_fn, ids, NEW)
     assert count(gen.decode_program(1), QKV) == LAYERS  # the folded program is what ran
 
 

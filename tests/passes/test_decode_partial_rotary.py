@@ -12,9 +12,7 @@ import os
 
 import pytest
 import torch
-from test_decode_folds import count, prompt, recompute, spread
-
-from fxopt.generate import Generator, build_generator
+from test_decode_folds import assert_greedy_and_step_logits, count, fused_generator, prompt, recompute, spread
 
 aten = torch.ops.aten
 QKV = torch.ops.fxopt.gemv_qkv.default
@@ -40,11 +38,6 @@ def build(arch: str):
     model = spread(load_model(ARCHS[arch][0])).eval()
     return model, lambda ids: model(ids, use_cache=False).logits, model.config.vocab_size
 
-
-def fused_generator(model, vocab) -> Generator:
-    ids = torch.randint(0, vocab, (1, 8), generator=torch.Generator().manual_seed(0))
-    plain = build_generator(model, {"input_ids": ids}, max_seq_len=32, max_batch=1)
-    return Generator(plain.programs, max_seq_len=32, max_batch=1, device=torch.device("cpu"), fuse_decode=True)
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))
@@ -96,15 +89,8 @@ def test_partial_rotary_fold_keeps_greedy_tokens_and_logits(arch):
     model, logits_fn, vocab = build(arch)
     gen = fused_generator(model, vocab)
     ids = prompt(vocab)
-    expected = recompute(logits_fn, ids, NEW)
+    expected = assert_greedy_and_step_logits(gen, logits_fn, ids, NEW)
     assert len(set(expected[0, ids.shape[1]:].tolist())) > 2  # not one repeated token: the test can tell
-    assert torch.equal(gen.generate(ids, NEW), expected)
-    with torch.no_grad():
-        full = logits_fn(expected)
-        gen.prefill(ids)
-        for i in range(ids.shape[1], expected.shape[1] - 1):
-            step = gen.decode_step(expected[:, i:i + 1])
-            torch.testing.assert_close(step, full[:, i], rtol=1e-4, atol=1e-4)
     assert count(gen.decode_program(1), QKV) == LAYERS  # the folded program is what ran
 
 
