@@ -4,6 +4,8 @@
         out = x * cos + rotate_half(x) * sin, rotate_half(x) = cat(-x[..., h:], x[..., :h]), h = d / 2.
         Partial rotary (GPT-NeoX, Phi, StableLM): tables of r < d columns (r even) rotate x's first r
         columns and pass the other d - r through: cat(rope(x[..., :r], cos, sin), x[..., r:]), HF's form.
+        adjacent=True: GPT-J's rotate_every_two instead, which pairs columns (2i, 2i + 1) rather than
+        (i, i + r/2): rotate_every_two(x) = stack(-x[..., 1::2], x[..., ::2], -1).flatten(-2).
     fxopt::rope_cache_write(cache, x, cos, sin, pos)
         cache[:, :, pos:pos + n] = rope(x, cos, sin), in place (fxopt::cache_write's semantics).
 
@@ -53,6 +55,11 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def rotate_every_two(x: torch.Tensor) -> torch.Tensor:
+    """(x0, x1, x2, x3, ...) -> (-x1, x0, -x3, x2, ...): GPT-J's pairing of adjacent columns."""
+    return torch.stack((-x[..., 1::2], x[..., ::2]), dim=-1).flatten(-2)
+
+
 def rotary_dim(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> int:
     """The columns of x that rotate: the tables' last dim when it is narrower than x's (partial rotary), else all
     of them (a table whose last dim is 1 or d broadcasts over the whole row)."""
@@ -61,13 +68,13 @@ def rotary_dim(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> int:
     return r if len(widths) == 1 and 1 < r < x.shape[-1] else x.shape[-1]
 
 
-def rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, adjacent: bool = False) -> torch.Tensor:
     """The traced expression itself, in eager PyTorch (eager's dtype, eager's layout); with partial rotary
     HF's cat of the rotated columns and the rest."""
     r = rotary_dim(x, cos, sin)
     if r < x.shape[-1]:
-        return torch.cat((rope_reference(x[..., :r], cos, sin), x[..., r:]), dim=-1)
-    return x * cos + rotate_half(x) * sin
+        return torch.cat((rope_reference(x[..., :r], cos, sin, adjacent), x[..., r:]), dim=-1)
+    return x * cos + (rotate_every_two(x) if adjacent else rotate_half(x)) * sin
 
 
 def result_dtype(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.dtype:
@@ -120,7 +127,7 @@ def _rope_kernel(
     rows_bucket,  # autotune key only
     HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr,
     HAS_SLOTS: tl.constexpr, INDEX_64: tl.constexpr, PDL: tl.constexpr,
-    PASS: tl.constexpr = 0, BLOCK_P: tl.constexpr = 1,
+    PASS: tl.constexpr = 0, BLOCK_P: tl.constexpr = 1, ADJACENT: tl.constexpr = False,
 ):
     # One program = BLOCK_R rows of 2 * HALF rotated elements, then PASS copied ones (partial rotary). Per row
     # it reads 2 * HALF elements of x, cos and sin (cos/sin rows shared by the heads are stride-0 re-reads,
@@ -153,7 +160,9 @@ def _rope_kernel(
 
     cols = tl.arange(0, BLOCK_H)
     mask = row_ok[:, None] & (cols < HALF)[None, :]
-    lo, hi = cols[None, :], (cols + HALF)[None, :]
+    lo, hi = cols[None, :], (cols + HALF)[None, :]  # the pairs rotate_half mixes
+    if ADJACENT:  # rotate_every_two's: (2i, 2i + 1)
+        lo, hi = 2 * cols[None, :], (2 * cols + 1)[None, :]
     x1 = tl.load(X + x_row[:, None] + lo * sxd, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(X + x_row[:, None] + hi * sxd, mask=mask, other=0.0).to(tl.float32)
     c1 = tl.load(COS + c_row[:, None] + lo * scd, mask=mask, other=0.0).to(tl.float32)
@@ -214,7 +223,7 @@ def _prune_configs(configs, named_args, **kwargs):
     return [c for c in configs if tile(c) == chosen] + [c for c in configs if fits(c) and tile(c) != chosen]
 
 
-_rope_kernel_tuned = TunedKernel(_rope_kernel, _make_configs(), key=["HALF", "PASS", "rows_bucket"],
+_rope_kernel_tuned = TunedKernel(_rope_kernel, _make_configs(), key=["HALF", "PASS", "ADJACENT", "rows_bucket"],
                                  prune=_prune_configs, family="rope", tune="rope_autotune")
 
 
@@ -262,7 +271,7 @@ def kernel_unsupported(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ou
     return None
 
 
-def _launch(x, cos, sin, out, lead, slots=None, config=None) -> None:
+def _launch(x, cos, sin, out, lead, slots=None, config=None, adjacent=False) -> None:
     """Launch over `lead` = up to LEAD_DIMS (size, [x, cos, sin, out strides]) leading dims; tables already
     broadcast to x's rotated columns. `config` = (BLOCK_R, num_warps) bypasses the autotuner (tests)."""
     pad = [(1, [0, 0, 0, 0])] * (LEAD_DIMS - len(lead))
@@ -282,7 +291,7 @@ def _launch(x, cos, sin, out, lead, slots=None, config=None) -> None:
             *per_tensor[0], *per_tensor[1], *per_tensor[2], *per_tensor[3], _rows_bucket(n_rows))
     pdl = use_pdl(x.device)
     meta = dict(HALF=half, BLOCK_H=_block_h(half), HAS_SLOTS=slots is not None, INDEX_64=index_64, PDL=pdl,
-                PASS=passed, BLOCK_P=_block_h(passed), **launch_options(pdl))
+                PASS=passed, BLOCK_P=_block_h(passed), ADJACENT=adjacent, **launch_options(pdl))
     if config is None:
         _rope_kernel_tuned[lambda m: (triton.cdiv(n_rows, m["BLOCK_R"]),)](*args, **meta)
     else:
@@ -296,15 +305,17 @@ def _tables_over_rotated(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) 
     return cos.expand(rotated), sin.expand(rotated)
 
 
-def _reference_into(out: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+def _reference_into(out: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                    adjacent: bool = False) -> None:
     """rope_reference(x, cos, sin) written into out (the kernel's layout), without a temporary for the rows."""
     r = rotary_dim(x, cos, sin)
-    torch.add(x[..., :r] * cos, rotate_half(x[..., :r]) * sin, out=out[..., :r])
+    rotate = rotate_every_two if adjacent else rotate_half
+    torch.add(x[..., :r] * cos, rotate(x[..., :r]) * sin, out=out[..., :r])
     out[..., r:].copy_(x[..., r:])
 
 
-def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, config: tuple[int, int] | None = None
-         ) -> torch.Tensor:
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, adjacent: bool = False, *,
+         config: tuple[int, int] | None = None) -> torch.Tensor:
     """The kernel's launcher: out = x * cos + rotate_half(x) * sin in result_dtype (partial rotary: over the
     tables' columns, the rest copied), laid out by new_output. Inputs the kernel does not cover (fp64, mixed
     devices, more than LEAD_DIMS leading dims that do not collapse) get the reference, written into the same
@@ -315,9 +326,9 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, config: tuple
     cos_b, sin_b = _tables_over_rotated(x, cos, sin)
     lead = collapse_rows(x.shape, [x.stride(), cos_b.stride(), sin_b.stride(), out.stride()])
     if reason is not None or len(lead) > LEAD_DIMS:
-        _reference_into(out, x, cos, sin)
+        _reference_into(out, x, cos, sin, adjacent)
         return out
-    _launch(x, cos_b, sin_b, out, lead, config=config)
+    _launch(x, cos_b, sin_b, out, lead, config=config, adjacent=adjacent)
     return out
 
 
@@ -341,11 +352,11 @@ def cache_write_unsupported(cache: torch.Tensor, x: torch.Tensor, cos: torch.Ten
 
 
 def rope_cache_write(cache: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                     pos: torch.Tensor, *, config: tuple[int, int] | None = None) -> None:
+                     pos: torch.Tensor, adjacent: bool = False, *, config: tuple[int, int] | None = None) -> None:
     """cache[:, :, slots] = rope(x, cos, sin) cast to cache's dtype, slots = cache_slots(pos, n), in one
     kernel: the rotated rows go straight into the cache, never through a temporary."""
     if cache_write_unsupported(cache, x, cos, sin, pos) is not None:
-        cache.index_copy_(2, cache_slots(pos, x.shape[2]), rope_reference(x, cos, sin).to(cache.dtype))
+        cache.index_copy_(2, cache_slots(pos, x.shape[2]), rope_reference(x, cos, sin, adjacent).to(cache.dtype))
         return
     b, h, n, _ = x.shape
     slots = cache_slots(pos, n)
@@ -353,7 +364,7 @@ def rope_cache_write(cache: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, si
     lead = [(b, [x.stride(0), cos_b.stride(0), sin_b.stride(0), cache.stride(0)]),
             (h, [x.stride(1), cos_b.stride(1), sin_b.stride(1), cache.stride(1)]),
             (n, [x.stride(2), cos_b.stride(2), sin_b.stride(2), cache.stride(2)])]
-    _launch(x, cos_b, sin_b, cache, lead, slots=slots, config=config)
+    _launch(x, cos_b, sin_b, cache, lead, slots=slots, config=config, adjacent=adjacent)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -362,35 +373,35 @@ def rope_cache_write(cache: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, si
 
 
 @library.define("rope")
-def rope_op(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def rope_op(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, adjacent: bool = False) -> torch.Tensor:
     check_inputs(x, cos, sin)
     if ops_use_kernels(x):
-        return rope(x, cos, sin)
+        return rope(x, cos, sin, adjacent)
     out = new_output(x, result_dtype(x, cos, sin))
-    _reference_into(out, x, cos, sin)  # the kernel's layout
+    _reference_into(out, x, cos, sin, adjacent)  # the kernel's layout
     return out
 
 
 @library.register_fake(rope_op)
-def _(x, cos, sin):
+def _(x, cos, sin, adjacent=False):
     check_inputs(x, cos, sin)
     return new_output(x, result_dtype(x, cos, sin))
 
 
 @torch.library.custom_op("fxopt::rope_cache_write", mutates_args=("cache",))
 def rope_cache_write_op(cache: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                        pos: torch.Tensor) -> None:
+                        pos: torch.Tensor, adjacent: bool = False) -> None:
     """fxopt::cache_write(cache, fxopt::rope(x, cos, sin), pos) as one kernel (pos: a 0-dim start or the
     (n,) slot indices, device-side: graph-capturable)."""
     check_inputs(x, cos, sin)
     if ops_use_kernels(x):
-        rope_cache_write(cache, x, cos, sin, pos)
+        rope_cache_write(cache, x, cos, sin, pos, adjacent)
         return
-    cache.index_copy_(2, cache_slots(pos, x.shape[2]), rope_reference(x, cos, sin).to(cache.dtype))
+    cache.index_copy_(2, cache_slots(pos, x.shape[2]), rope_reference(x, cos, sin, adjacent).to(cache.dtype))
 
 
 @rope_cache_write_op.register_fake
-def _(cache, x, cos, sin, pos):
+def _(cache, x, cos, sin, pos, adjacent=False):
     check_inputs(x, cos, sin)
     return None
 

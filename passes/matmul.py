@@ -1133,6 +1133,8 @@ def check_qkv(rw: Rewriter, m: HeadsMatch) -> str | None:
         return "RoPE on only one of q and k"
     if rotated and not all(_same_value(a, b) for a, b in zip(m.q.args[1:3], k_write.args[2:4])):
         return "q and k are rotated by different tables"
+    if rotated and (any(m.q.args[3:4]) or any(k_write.args[5:6])):  # fxopt::rope's / rope_cache_write's flag
+        return "RoPE over adjacent column pairs (rotate_every_two): the kernel pairs j with j + r/2"
     x, w, bias, norm_w, eps, cos, sin, k_cache, v_cache, pos = args = _qkv_args(m)
     kwargs = _qkv_kwargs(m)
     vals = [_val(a) if isinstance(a, fx.Node) else a for a in args]

@@ -5,7 +5,9 @@ codegen cannot fuse slice/neg/cat, so each application runs three or four kernel
 and k in prefill, a string of ~2 us launches per layer in decode). Three rules, rows of RULES:
 
   rope              add(mul(x, cos), mul(rotate_half(x), sin)), rotate_half(x) = cat([neg(x[..., h:]),
-                    x[..., :h]], -1), h = d / 2 -> fxopt::rope(x, cos, sin). Either operand order of the add and
+                    x[..., :h]], -1), h = d / 2 -> fxopt::rope(x, cos, sin); or GPT-J's rotate_every_two(x) =
+                    flatten(stack([neg(x[..., 1::2]), x[..., ::2]], -1), -2) -> fxopt::rope(x, cos, sin, True),
+                    through slices that keep the whole tensor (x[:, 0:]). Either operand order of the add and
                     of each mul; slice bounds None/0 and INT_MAX/d; dim -1 or rank - 1; the negation as
                     aten.neg or a multiply by -1. cos/sin must broadcast to x without changing its shape, and the
                     intermediates must have no other users (else nothing is saved). A near-match is left with
@@ -39,6 +41,8 @@ from fxopt.passes.rules import Rewriter, Rule, run_rules
 
 aten = torch.ops.aten
 ADD, MUL, NEG, CAT, SLICE = aten.add.Tensor, aten.mul.Tensor, aten.neg.default, aten.cat.default, aten.slice.Tensor
+STACK, FLATTEN = aten.stack.default, aten.flatten.using_ints
+INT_MAX = 2**63 - 1
 ROPE = torch.ops.fxopt.rope.default
 ROPE_CACHE_WRITE = torch.ops.fxopt.rope_cache_write.default
 CACHE_WRITE = torch.ops.fxopt.cache_write.default
@@ -74,6 +78,26 @@ def _last_dim_slice(node) -> tuple[fx.Node, int, int] | None:
     return src, start, end
 
 
+def _whole(node) -> fx.Node:
+    """node through slices that keep every element (x[:, 0:], as GPT-J's indexing traces): their source."""
+    while _is(node, SLICE) and len(node.args) >= 2 and not node.kwargs and all(
+            a == b for a, b in zip(node.args[2:], (0, INT_MAX, 1))) and len(node.args) <= 5:
+        node = node.args[0]
+    return node
+
+
+def _every_other(node) -> tuple[fx.Node, int] | None:
+    """(source, start) for source[..., start::2] over the last dim (start 0 or 1, to the end); else None."""
+    if not _is(node, SLICE) or not isinstance(_val(node.args[0]), torch.Tensor):
+        return None
+    val = _val(node.args[0])
+    dim, start, end, step = (list(node.args[1:]) + [0, None, None, 1][len(node.args) - 1:])[:4]
+    if node.kwargs or not isinstance(dim, int) or dim % val.dim() != val.dim() - 1 or step != 2 \
+            or start not in (0, 1, None) or end not in (None, INT_MAX):
+        return None
+    return _whole(node.args[0]), start or 0
+
+
 def _negated(node) -> tuple[fx.Node, fx.Node] | None:
     """(operand, the negation node) for neg(a), mul(a, -1) or mul(-1, a); else None."""
     if _is(node, NEG):
@@ -100,11 +124,14 @@ class Reading:
 
     direct: fx.Node
     rotated: fx.Node
-    cat: fx.Node
+    cat: fx.Node  # rotate_half's cat, or rotate_every_two's flatten
     sin: Any
     x: fx.Node | None = None
     cos: Any = None
     inner: list[fx.Node] = field(default_factory=list)  # nodes that go when the match is rewritten
+    only_reads: list[tuple[fx.Node, fx.Node]] = field(default_factory=list)  # (node, its one reader) pairs
+    slices: list[fx.Node] = field(default_factory=list)  # x's slices, dropped when unused
+    adjacent: bool = False  # rotate_every_two: pairs (2i, 2i + 1)
 
 
 @dataclass
@@ -126,7 +153,7 @@ def rope_candidates(gm: fx.GraphModule) -> list[RopeMatch]:
             if not (_is(direct, MUL) and _is(rotated, MUL) and len(rotated.args) == 2):
                 continue
             for cat, sin in (rotated.args, rotated.args[::-1]):
-                if _is(cat, CAT):
+                if _is(cat, CAT) or _is(cat, FLATTEN):
                     readings.append(Reading(direct, rotated, cat, sin))
         if readings:
             out.append(RopeMatch(node, readings))
@@ -134,7 +161,10 @@ def rope_candidates(gm: fx.GraphModule) -> list[RopeMatch]:
 
 
 def _read_rotation(r: Reading) -> str | None:
-    """Fill r.x / r.cos / r.inner when r.cat is rotate_half(x) and r.direct multiplies x; else why not."""
+    """Fill r.x / r.cos / r.inner when r.cat is rotate_half(x) or rotate_every_two(x) and r.direct multiplies
+    x; else why not."""
+    if _is(r.cat, FLATTEN):
+        return _read_every_two(r)
     parts = r.cat.args[0]
     dim = r.cat.args[1] if len(r.cat.args) > 1 else r.cat.kwargs.get("dim", 0)
     rank = _val(r.cat).dim() if isinstance(_val(r.cat), torch.Tensor) else 0
@@ -157,6 +187,34 @@ def _read_rotation(r: Reading) -> str | None:
         return f"`{r.direct.name}` does not multiply the rotated tensor `{x.name}`"
     r.x, r.cos = x, cos
     r.inner = [r.direct, r.rotated, r.cat, neg[1]]
+    r.only_reads = [(r.direct, None), (r.rotated, None), (r.cat, r.rotated), (neg[1], r.cat)]
+    r.slices = [second, neg[0]]
+    return None
+
+
+def _read_every_two(r: Reading) -> str | None:
+    """r.cat = flatten(stack([neg(x[..., 1::2]), x[..., ::2]], -1), -2): GPT-J's rotate_every_two."""
+    stack = r.cat.args[0]
+    flat_dims = tuple(r.cat.args[1:3]) + (-1,) * (3 - len(r.cat.args))
+    rank = _val(r.cat).dim() if isinstance(_val(r.cat), torch.Tensor) else 0
+    if not _is(stack, STACK) or not rank or [d % (rank + 1) for d in flat_dims] != [rank - 1, rank]:
+        return "the flatten is not of a stack's last two dims"
+    parts = stack.args[0]
+    dim = stack.args[1] if len(stack.args) > 1 else 0
+    if len(parts) != 2 or dim % (rank + 1) != rank:
+        return "the stack is not of two parts along a new last dim"
+    neg = _negated(parts[0])
+    odd, even = (_every_other(neg[0]) if neg else None), _every_other(parts[1])
+    if odd is None or even is None or odd[0] is not even[0] or (odd[1], even[1]) != (1, 0):
+        return "the stacked parts are not -x[..., 1::2] and x[..., ::2] of one tensor"
+    x = odd[0]
+    cos = _other(r.direct, x)
+    if cos is None:
+        return f"`{r.direct.name}` does not multiply the rotated tensor `{x.name}`"
+    r.x, r.cos, r.adjacent = x, cos, True
+    r.inner = [r.direct, r.rotated, r.cat, stack, neg[1]]
+    r.only_reads = [(r.direct, None), (r.rotated, None), (r.cat, r.rotated), (stack, r.cat), (neg[1], stack)]
+    r.slices = [parts[1], neg[0]]
     return None
 
 
@@ -193,12 +251,12 @@ def check_rope(rw: Rewriter, m: RopeMatch) -> str | None:
     if m.chosen is None:
         return reasons[0]
     r = m.chosen
-    for node, user in ((r.direct, m.add), (r.rotated, m.add), (r.cat, r.rotated), (r.inner[3], r.cat)):
-        if not _only_used_by(node, user):
+    for node, user in r.only_reads:
+        if not _only_used_by(node, user or m.add):
             return f"`{node.name}` is also used outside the rotation"
     old = _val(m.add)
     try:
-        new = rw.fake_run(ROPE, (r.x, r.cos, r.sin))
+        new = rw.fake_run(ROPE, _rope_args(r))
     except Exception as exc:  # noqa: BLE001 - the op cannot stand in: leave the match
         return f"fake run failed: {type(exc).__name__}: {exc}"
     if new.dtype != old.dtype or new.dim() != old.dim() or not all(
@@ -212,15 +270,24 @@ def check_rope(rw: Rewriter, m: RopeMatch) -> str | None:
     return None
 
 
+def _rope_args(r: Reading) -> tuple:
+    """fxopt::rope's arguments for a reading: (x, cos, sin), and True for adjacent pairs."""
+    return (r.x, r.cos, r.sin, True) if r.adjacent else (r.x, r.cos, r.sin)
+
+
 def rewrite_rope(rw: Rewriter, m: RopeMatch) -> None:
     r = m.chosen
     with rw.gm.graph.inserting_before(m.add):
-        node = rw.call(ROPE, (r.x, r.cos, r.sin), m.add)
+        node = rw.call(ROPE, _rope_args(r), m.add)
     m.add.replace_all_uses_with(node)
     rw.apply_vals(m.vals)
     rw.gm.graph.erase_node(m.add)
-    slices = list(r.cat.args[0][1:]) + [r.inner[3].all_input_nodes[0]]
-    rw.drop_if_unused(*r.inner, *slices)
+    rw.drop_if_unused(*r.inner)
+    for piece in r.slices:  # the slices, then any whole-tensor slices they were taken through
+        while _is(piece, SLICE) and not piece.users:
+            source = piece.args[0]
+            rw.gm.graph.erase_node(piece)
+            piece = source
 
 
 # ------------------------------------------------------------------------------------------ rule: rope_partial
@@ -246,9 +313,9 @@ def _partial_source(m: PartialMatch) -> tuple[fx.Node | None, str | None]:
     if len(parts) != 2 or dim % rank != rank - 1:
         return None, "the cat is not of two parts along the last dim"
     rotated, passed = _last_dim_slice(m.rope.args[0]), _last_dim_slice(parts[1])
-    if rotated is None or passed is None or rotated[0] is not passed[0]:
+    if rotated is None or passed is None or _whole(rotated[0]) is not _whole(passed[0]):
         return None, "the rotated and passed parts are not last-dim slices of one tensor"
-    x, d = rotated[0], _val(rotated[0]).shape[-1]
+    x, d = _whole(rotated[0]), _val(rotated[0]).shape[-1]
     r = rotated[2]
     if rotated[1] != 0 or passed[1:] != (r, d) or not 0 < r < d:
         return None, f"the slices {rotated[1:]} and {passed[1:]} do not split the last dim as (0, r), (r, {d})"
@@ -264,7 +331,7 @@ def check_partial(rw: Rewriter, m: PartialMatch) -> str | None:
         return reason
     if not _only_used_by(m.rope, m.cat):
         return f"`{m.rope.name}` is also read outside the cat"
-    new = rw.fake_run(ROPE, (x, *m.rope.args[1:3]))
+    new = rw.fake_run(ROPE, (x, *m.rope.args[1:]))
     old = _val(m.cat)
     if new.dtype != old.dtype or not all(statically_known_true(a == b) for a, b in zip(new.shape, old.shape)):
         return f"fxopt::rope gives {tuple(new.shape)} {new.dtype}, the cat {tuple(old.shape)} {old.dtype}"
@@ -279,12 +346,17 @@ def check_partial(rw: Rewriter, m: PartialMatch) -> str | None:
 def rewrite_partial(rw: Rewriter, m: PartialMatch) -> None:
     x, _ = _partial_source(m)
     with rw.gm.graph.inserting_before(m.cat):
-        node = rw.call(ROPE, (x, *m.rope.args[1:3]), m.cat)
+        node = rw.call(ROPE, (x, *m.rope.args[1:]), m.cat)
     m.cat.replace_all_uses_with(node)
     rw.apply_vals(m.vals)
-    slices = [m.rope.args[0], m.cat.args[0][1]]
+    pieces = [m.rope.args[0], m.cat.args[0][1]]
     rw.gm.graph.erase_node(m.cat)
-    rw.drop_if_unused(m.rope, *slices)
+    rw.drop_if_unused(m.rope)
+    for piece in pieces:  # the two slices, then the whole-tensor slices they were taken through
+        while _is(piece, SLICE) and not piece.users:
+            source = piece.args[0]
+            rw.gm.graph.erase_node(piece)
+            piece = source
 
 
 # ------------------------------------------------------------------------------------------ rule: rope_cache_write
@@ -302,16 +374,16 @@ def cache_write_candidates(gm: fx.GraphModule) -> list[CacheWriteMatch]:
 def check_cache_write(rw: Rewriter, m: CacheWriteMatch) -> str | None:
     if not _only_used_by(m.rope, m.write):
         return f"`{m.rope.name}` is also read elsewhere (e.g. by attention over the fresh K)"
-    if len(m.write.args) != 3 or m.write.kwargs or len(m.rope.args) != 3 or m.rope.kwargs:
+    if len(m.write.args) != 3 or m.write.kwargs or len(m.rope.args) not in (3, 4) or m.rope.kwargs:
         return "unexpected arguments"
     return None
 
 
 def rewrite_cache_write(rw: Rewriter, m: CacheWriteMatch) -> None:
     cache, _, pos = m.write.args
-    x, cos, sin = m.rope.args
+    x, cos, sin, *adjacent = m.rope.args
     with rw.gm.graph.inserting_before(m.write):
-        node = rw.gm.graph.call_function(ROPE_CACHE_WRITE, (cache, x, cos, sin, pos))
+        node = rw.gm.graph.call_function(ROPE_CACHE_WRITE, (cache, x, cos, sin, pos, *adjacent))
     node.meta["val"] = None
     for key in ("nn_module_stack", "stack_trace"):
         if key in m.write.meta:

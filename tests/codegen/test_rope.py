@@ -153,6 +153,32 @@ def test_partial_rotary_rotates_the_tables_columns_and_copies_the_rest(dtype, d,
     torch.testing.assert_close(R.rope_reference(x, cos, sin), eager, rtol=0, atol=0)
 
 
+def eager_every_two(x, cos_half, sin_half) -> torch.Tensor:
+    """HF GPT-J's spelling, written out independently of the op: tables of r/2 frequencies repeated to r,
+    rotate_every_two over x's first r columns, the rest passed."""
+    cos, sin = (torch.repeat_interleave(t, 2, -1) for t in (cos_half, sin_half))
+    r = cos.shape[-1]
+    x_rot, x_pass = x[..., :r], x[..., r:]
+    rotated = torch.stack((-x_rot[..., 1::2], x_rot[..., ::2]), dim=-1).flatten(-2)
+    return torch.cat((x_rot * cos + rotated * sin, x_pass), dim=-1)
+
+
+@pytest.mark.parametrize("d, r", [(64, 64), (16, 8), (80, 32)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_adjacent_pairs_are_gptj_rotate_every_two(dtype, d, r):
+    x = make_x("transposed", d, dtype)
+    cos_half, sin_half = make_tables("b1sd", r // 2, torch.float32)
+    cos, sin = (torch.repeat_interleave(t, 2, -1) for t in (cos_half, sin_half))
+    out = R.rope(x, cos, sin, adjacent=True)
+    eager = eager_every_two(x, cos_half, sin_half)
+    assert out.dtype == eager.dtype and torch.equal(out[..., r:], eager[..., r:])
+    exact = eager_every_two(x.double(), cos_half.double(), sin_half.double())
+    ok, error, allowed = within_tolerance(out, eager, exact)
+    assert ok, f"error {error:.3g} > allowed {allowed:.3g}"
+    torch.testing.assert_close(R.rope_reference(x, cos, sin, adjacent=True), eager, rtol=0, atol=0)
+    assert not torch.allclose(out, R.rope(x, cos, sin))  # the pairing matters: half-split differs
+
+
 def test_partial_rotary_cache_write():
     d, r, n, L = 64, 16, 2, 8
     gen = torch.Generator().manual_seed(9)
@@ -272,7 +298,8 @@ for ptr in ("*bf16", "*fp32"):
         for index_64 in (False, True):
             constexprs = dict(HALF=40, BLOCK_H=64, BLOCK_R=16, HAS_SLOTS=slots, INDEX_64=index_64,
                               PDL=index_64,  # the PDL variant too (griddepcontrol.* before the loads)
-                              PASS=48 if slots else 0, BLOCK_P=64)  # partial rotary (the copied columns) too
+                              PASS=48 if slots else 0, BLOCK_P=64,  # partial rotary (the copied columns) too
+                              ADJACENT=slots and not index_64)  # and GPT-J's adjacent pairs
             k = compile_sm90(R._rope_kernel, signature(ptr, slots), constexprs, num_warps=4)
             assert "st.global" in k.asm["ptx"]
             assert ("griddepcontrol.wait" in k.asm["ptx"]) == index_64

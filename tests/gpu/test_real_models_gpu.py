@@ -29,6 +29,8 @@ ARCHS = {  # name: (model_type, config fields, attention implementation, what ev
     "gpt_neox-rotary-0.25": ("gpt_neox", dict(rotary_pct=0.25), "sdpa", "partial rotary"),
     "stablelm-rotary-0.25": ("stablelm", dict(partial_rotary_factor=0.25), "sdpa", "partial rotary"),
     "phi-rotary-0.5": ("phi", dict(partial_rotary_factor=0.5), "sdpa", "partial rotary"),  # q/k/v merged with fc1
+    "gptj-rotary-32": ("gptj", dict(rotary_dim=32, n_layer=2, n_embd=256, n_head=4, n_inner=512, n_positions=512),
+                       "eager", "partial rotary"),  # rotate_every_two's adjacent pairs
 }
 
 

@@ -17,19 +17,21 @@ from fxopt.numerics import within_tolerance
 DEVICE = "cuda"
 
 
+@pytest.mark.parametrize("adjacent", [False, True])  # True: GPT-J's rotate_every_two pairs
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("d, r", [(64, 64), (80, 80), (128, 128), (64, 16), (80, 32), (128, 32)])  # r < d: partial
-def test_prefill_sized_rope(dtype, d, r):
+def test_prefill_sized_rope(dtype, d, r, adjacent):
     gen = torch.Generator(device=DEVICE).manual_seed(0)
     b, s, h = 2, 1023, 32
     x = torch.randn(b, s, h, d, device=DEVICE, generator=gen).to(dtype).transpose(1, 2)  # (b, h, s, d) view
     cos = torch.randn(b, 1, s, r, device=DEVICE, generator=gen).to(dtype)
     sin = torch.randn(b, 1, s, r, device=DEVICE, generator=gen).to(dtype)
-    out = R.rope(x, cos, sin)
+    out = R.rope(x, cos, sin, adjacent)
     if r < d:
         assert torch.equal(out[..., r:], x[..., r:])  # the columns past the tables pass through
-    eager = R.rope_reference(x, cos, sin)
-    ok, error, allowed = within_tolerance(out, eager, R.rope_reference(x.double(), cos.double(), sin.double()))
+    eager = R.rope_reference(x, cos, sin, adjacent)
+    exact = R.rope_reference(x.double(), cos.double(), sin.double(), adjacent)
+    ok, error, allowed = within_tolerance(out, eager, exact)
     assert ok, f"error {error:.3g} > allowed {allowed:.3g}"
     assert out.stride() == torch.empty_like(x).stride() and out.dtype == eager.dtype  # x's dim order, dense
 

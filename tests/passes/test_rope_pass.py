@@ -153,6 +153,7 @@ HF_PARTIAL = {  # partial rotary (the tables cover r < d columns of each head), 
                 "intermediate_size=128,vocab_size=256,partial_rotary_factor=0.25",
     "phi": "hf:phi,num_hidden_layers=2,hidden_size=64,num_attention_heads=4,intermediate_size=128,"
            "vocab_size=256,partial_rotary_factor=0.5",
+    "gptj": "hf:gptj,n_layer=2,n_embd=64,n_head=4,rotary_dim=8,vocab_size=256,n_positions=128",  # adjacent pairs
 }
 
 
@@ -179,6 +180,8 @@ def test_hf_partial_rotary_is_one_rope_per_q_and_k(arch):
     ropes = [n for n in optimized.gm.graph.nodes if n.target is ROPE]
     assert all(n.args[0].meta["val"].shape[-1] == head_dim for n in ropes)  # the whole head
     assert all(n.args[1].meta["val"].shape[-1] < head_dim for n in ropes)  # partial tables
+    assert all(bool(n.args[3:4] and n.args[3]) == (arch == "gptj") for n in ropes)  # rotate_every_two's pairs
+    assert count(optimized.gm, aten.stack.default) == count(optimized.gm, aten.neg.default) == 0
     assert_fake_vals_exact(optimized.gm)
     assert_matches_eager(model, optimized, {**kwargs, "use_cache": False}, logits=lambda out: out.logits)
 
@@ -249,6 +252,10 @@ class Rotary(nn.Module):
             return x * cos + torch.cat((-x[..., 2:], x[..., :2]), dim=-1) * sin
         if v == "other_tensor":  # the direct term multiplies a different tensor
             return (x + 1) * cos + torch.cat((-x2, x1), dim=-1) * sin
+        if v == "every_two":  # GPT-J's rotate_every_two
+            return x * cos + torch.stack((-x[..., 1::2], x[..., ::2]), dim=-1).flatten(-2) * sin
+        if v == "every_two_swapped":  # negates the even columns: not rotate_every_two
+            return x * cos + torch.stack((-x[..., ::2], x[..., 1::2]), dim=-1).flatten(-2) * sin
         raise ValueError(v)
 
     def forward(self, x):
@@ -271,7 +278,7 @@ def run_rope_pass(model: nn.Module, x: torch.Tensor):
     return captured.gm, result
 
 
-@pytest.mark.parametrize("variant", ["hf", "commuted", "mul_minus_one"])
+@pytest.mark.parametrize("variant", ["hf", "commuted", "mul_minus_one", "every_two"])
 def test_spellings_are_rewritten(variant):
     torch.manual_seed(0)
     model = Rotary(variant).eval()
@@ -300,6 +307,7 @@ def test_bf16_x_with_fp32_tables_gives_fp32_as_eager():
     ("wrong_halves", "not the halves"),
     ("other_tensor", "does not multiply the rotated tensor"),
     ("growing_tables", "not broadcastable"),
+    ("every_two_swapped", "not -x[..., 1::2] and x[..., ::2]"),
 ])
 def test_near_misses_are_left_with_a_note(variant, reason):
     torch.manual_seed(0)
