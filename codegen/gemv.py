@@ -279,6 +279,7 @@ class Folded:
     k_norm_weight: torch.Tensor | None = None
     qk_eps: float = 0.0
     heads_interleaved: bool = False  # gemv_qkv only: W's rows grouped per head as [q_h; k_h; v_h] (GPT-NeoX)
+    rope_adjacent: bool = False  # gemv_qkv only: RoPE pairs columns (2i, 2i + 1), GPT-J's rotate_every_two
     residual2: torch.Tensor | None = None  # added after residual (GPT-NeoX, Phi: mlp + attn + x)
 
 
@@ -311,7 +312,7 @@ def supports(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
     """None when the kernel covers the call, else why not."""
     if x.numel() != x.shape[-1]:
         return "more than one row"
-    if ep.q_norm_weight is not None or ep.k_norm_weight is not None or ep.heads_interleaved:
+    if ep.q_norm_weight is not None or ep.k_norm_weight is not None or ep.heads_interleaved or ep.rope_adjacent:
         return "a per-head q/k norm or interleaved heads (gemv_qkv's, not one GEMV's)"
     if w.dim() != 2 or w.stride(1) != 1 or x.shape[-1] != w.shape[1]:
         return "weight is not a row-major (N, K) matrix"
@@ -405,11 +406,12 @@ def _(x, weight, bias, residual=None, norm_weight=None, eps=0.0, glu=False, norm
 # The attention block's input projection, with what follows it in a decode step folded in:
 #
 #     fxopt::gemv_qkv(x, weight, bias?, norm_weight?, eps, cos?, sin?, k_cache, v_cache, pos, norm_bias?,
-#                     layer_norm, q_norm_weight?, k_norm_weight?, qk_eps, interleaved) -> q
+#                     layer_norm, q_norm_weight?, k_norm_weight?, qk_eps, interleaved, adjacent) -> q
 #         y = gemv(x, [W_q; W_k; W_v]) with the RMSNorm or LayerNorm prologue; q, k, v = y split into heads of d
 #         (with `interleaved`, W's rows are grouped per head as [q_h; k_h; v_h]: GPT-NeoX's query_key_value);
 #         q and k each times its norm weight after RMSNorm over d when given; q, k rotated by RoPE (cos, sin:
-#         the step's one row of r <= d columns; r < d is partial rotary, the other columns pass) when given;
+#         the step's one row of r <= d columns; r < d is partial rotary, the other columns pass; `adjacent`:
+#         GPT-J's pairs (2i, 2i + 1)) when given;
 #         k_cache[:, :, pos] = k and v_cache[:, :, pos] = v in place; returns q (1, q_heads, 1, d).
 #
 # Traced, that is a GEMV, three slices, three head transposes, RoPE on q, RoPE + cache write on k and the
@@ -428,14 +430,15 @@ def _gemv_qkv_kernel(x_ptr, w_ptr, bias_ptr, g_ptr, nb_ptr, cos_ptr, sin_ptr, q_
                      K, stride_wn, eps, q_heads, kv_heads, s_cos, s_sin, s_kh, s_ks, s_kd, s_vh, s_vs, s_vd,
                      HAS_BIAS: tl.constexpr, NORM: tl.constexpr, LAYER: tl.constexpr, NORM_BIAS: tl.constexpr,
                      ROPE: tl.constexpr, PDL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, ROT: tl.constexpr, INTERLEAVED: tl.constexpr):
+                     BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, ROT: tl.constexpr, INTERLEAVED: tl.constexpr,
+                     ADJACENT: tl.constexpr = False):
     # One program: BLOCK_N column pairs (lo, hi) of heads (_pair_columns), i.e. 2 * BLOCK_N rows of W.
     HALF: tl.constexpr = HEAD_DIM // 2
     pairs = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
     pair_ok = pairs < (q_heads + 2 * kv_heads) * HALF
     head = pairs // HALF
     j = pairs % HALF  # the pair within its head
-    c_lo, c_hi = _pair_columns(j, HEAD_DIM, ROT)
+    c_lo, c_hi = _pair_columns(j, HEAD_DIM, ROT, ADJACENT)
     base = _head_row(head, q_heads, HEAD_DIM, INTERLEAVED)
     lo, hi = base + c_lo, base + c_hi  # (BLOCK_N,) rows of W
     w_lo = w_ptr + lo.to(tl.int64)[:, None] * stride_wn  # (BLOCK_N, 1)
@@ -453,13 +456,17 @@ def _gemv_qkv_kernel(x_ptr, w_ptr, bias_ptr, g_ptr, nb_ptr, cos_ptr, sin_ptr, q_
 
 
 @triton.jit
-def _pair_columns(j, HEAD_DIM: tl.constexpr, ROT: tl.constexpr):
-    # The two columns of a head that pair j owns: RoPE's (j, j + ROT/2) for j < ROT/2; past them (partial
-    # rotary) the unrotated columns ROT.. paired the same way, (ROT + t, ROT + (HEAD_DIM - ROT)/2 + t).
+def _pair_columns(j, HEAD_DIM: tl.constexpr, ROT: tl.constexpr, ADJACENT: tl.constexpr = False):
+    # The two columns of a head that pair j owns: RoPE's (j, j + ROT/2) for j < ROT/2 (with ADJACENT,
+    # rotate_every_two's (2j, 2j + 1)); past them (partial rotary) the unrotated columns ROT.. paired as
+    # (ROT + t, ROT + (HEAD_DIM - ROT)/2 + t).
     R2: tl.constexpr = ROT // 2
     P2: tl.constexpr = (HEAD_DIM - ROT) // 2
     t = j - R2
-    return tl.where(j < R2, j, ROT + t), tl.where(j < R2, j + R2, ROT + P2 + t)
+    rot_lo, rot_hi = j, j + R2
+    if ADJACENT:
+        rot_lo, rot_hi = 2 * j, 2 * j + 1
+    return tl.where(j < R2, rot_lo, ROT + t), tl.where(j < R2, rot_hi, ROT + P2 + t)
 
 
 @triton.jit
@@ -476,7 +483,7 @@ def _head_row(head, q_heads, HEAD_DIM: tl.constexpr, INTERLEAVED: tl.constexpr):
 def _qkv_heads_kernel(y_ptr, qn_ptr, kn_ptr, qk_eps, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, pos_ptr, q_heads,
                       kv_heads, s_cos, s_sin, s_kh, s_ks, s_kd, s_vh, s_vs, s_vd, ROPE: tl.constexpr,
                       PDL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, ROT: tl.constexpr,
-                      INTERLEAVED: tl.constexpr):
+                      INTERLEAVED: tl.constexpr, ADJACENT: tl.constexpr = False):
     # One program: one head of the q/k/v projection y (rows, written by the GEMV before it): per-head RMSNorm
     # of q and k, RoPE, q out, k and v into the caches. Reads HEAD_DIM elements of y (+ norm weights, cos,
     # sin), writes HEAD_DIM.
@@ -487,7 +494,7 @@ def _qkv_heads_kernel(y_ptr, qn_ptr, kn_ptr, qk_eps, cos_ptr, sin_ptr, q_ptr, k_
     head = tl.program_id(0)
     j = tl.arange(0, BLOCK_H)
     pair_ok = j < HALF
-    c_lo, c_hi = _pair_columns(j, HEAD_DIM, ROT)
+    c_lo, c_hi = _pair_columns(j, HEAD_DIM, ROT, ADJACENT)
     base = _head_row(head, q_heads, HEAD_DIM, INTERLEAVED)
     y_lo = tl.load(y_ptr + base + c_lo, mask=pair_ok, other=0.0).to(tl.float32)
     y_hi = tl.load(y_ptr + base + c_hi, mask=pair_ok, other=0.0).to(tl.float32)
@@ -516,12 +523,12 @@ def _heads_epilogue(y_lo, y_hi, head, j, c_lo, c_hi, pair_ok, x_ptr, qn_ptr, kn_
         normed = is_q | is_k
         y_lo = tl.where(normed, _round(_round(y_lo * rstd, x_ptr) * g_lo, x_ptr), y_lo)
         y_hi = tl.where(normed, _round(_round(y_hi * rstd, x_ptr) * g_hi, x_ptr), y_hi)
-    if ROPE:  # q and k: (lo, hi) -> (lo * cos_j - hi * sin_j, hi * cos_(j+r/2) + lo * sin_(j+r/2)), fp32
+    if ROPE:  # q and k: (lo, hi) -> (lo * cos_lo - hi * sin_lo, hi * cos_hi + lo * sin_hi), fp32
         rotate = (is_q | is_k) & (j < R2)  # partial rotary: the pairs past R2 pass through
-        c1 = tl.load(cos_ptr + j * s_cos, mask=pair_ok & rotate, other=0.0).to(tl.float32)
-        c2 = tl.load(cos_ptr + (j + R2) * s_cos, mask=pair_ok & rotate, other=0.0).to(tl.float32)
-        s1 = tl.load(sin_ptr + j * s_sin, mask=pair_ok & rotate, other=0.0).to(tl.float32)
-        s2 = tl.load(sin_ptr + (j + R2) * s_sin, mask=pair_ok & rotate, other=0.0).to(tl.float32)
+        c1 = tl.load(cos_ptr + c_lo * s_cos, mask=pair_ok & rotate, other=0.0).to(tl.float32)
+        c2 = tl.load(cos_ptr + c_hi * s_cos, mask=pair_ok & rotate, other=0.0).to(tl.float32)
+        s1 = tl.load(sin_ptr + c_lo * s_sin, mask=pair_ok & rotate, other=0.0).to(tl.float32)
+        s2 = tl.load(sin_ptr + c_hi * s_sin, mask=pair_ok & rotate, other=0.0).to(tl.float32)
         y_lo, y_hi = tl.where(rotate, y_lo * c1 - y_hi * s1, y_lo), tl.where(rotate, y_hi * c2 + y_lo * s2, y_hi)
     q_out = q_ptr + head * HEAD_DIM  # q: (1, q_heads, 1, d), dense
     tl.store(q_out + c_lo, y_lo.to(q_ptr.dtype.element_ty), mask=pair_ok & is_q)
@@ -536,10 +543,10 @@ def _heads_epilogue(y_lo, y_hi, head, j, c_lo, c_hi, pair_ok, x_ptr, qn_ptr, kn_
     tl.store(v_out + c_hi * s_vd, y_hi.to(v_ptr.dtype.element_ty), mask=is_v)
 
 
+_QKV_LAYOUT = ["ROPE", "ROT", "INTERLEAVED", "ADJACENT"]
 _gemv_qkv_tuned = TunedKernel(_gemv_qkv_kernel, TUNING_SPACE,
-                              key=["K", "q_heads", "kv_heads", "HEAD_DIM", *_FLAGS, "ROPE", "ROT", "INTERLEAVED"],
-                              prune=_prune_gemv_qkv,
-                              family="gemv_qkv", tune="gemv_autotune")
+                              key=["K", "q_heads", "kv_heads", "HEAD_DIM", *_FLAGS, *_QKV_LAYOUT],
+                              prune=_prune_gemv_qkv, family="gemv_qkv", tune="gemv_autotune")
 
 
 def qkv_heads(weight: torch.Tensor, k_cache: torch.Tensor) -> tuple[int, int, int]:
@@ -555,7 +562,8 @@ def q_dtype(x: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None)
 
 def supports_qkv(x, weight, bias, ep: Folded, cos, sin, k_cache, v_cache, pos) -> str | None:
     """None when gemv_qkv's kernel covers the call, else why not (the op then runs the reference)."""
-    reason = supports(x, weight, bias, replace(ep, q_norm_weight=None, k_norm_weight=None, heads_interleaved=False))
+    reason = supports(x, weight, bias, replace(ep, q_norm_weight=None, k_norm_weight=None, heads_interleaved=False,
+                                               rope_adjacent=False))
     if reason is not None or ep.glu or ep.residual is not None or ep.act != "none":
         return reason or "a GLU, activation or residual epilogue"
     q_heads, kv_heads, d = qkv_heads(weight, k_cache)
@@ -593,7 +601,7 @@ def head_rms_norm(t: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Te
 def gemv_qkv_reference(x, weight, bias, ep: Folded, cos, sin, k_cache, v_cache, pos) -> torch.Tensor:
     """The eager ops the kernel replaces: the GEMV, the head split, RoPE on q and k, the two cache writes."""
     q_heads, kv_heads, d = qkv_heads(weight, k_cache)
-    y = gemv_reference(x, weight, bias, replace(ep, heads_interleaved=False))  # (1, 1, rows)
+    y = gemv_reference(x, weight, bias, replace(ep, heads_interleaved=False, rope_adjacent=False))  # (1, 1, rows)
     if ep.heads_interleaved:  # (1, heads, 1, 3d) cut into q, k and v
         q, k, v = y.reshape(1, 1, -1, 3 * d).transpose(1, 2).chunk(3, dim=-1)
     else:
@@ -602,7 +610,7 @@ def gemv_qkv_reference(x, weight, bias, ep: Folded, cos, sin, k_cache, v_cache, 
     if ep.q_norm_weight is not None:
         q, k = head_rms_norm(q, ep.q_norm_weight, ep.qk_eps), head_rms_norm(k, ep.k_norm_weight, ep.qk_eps)
     if cos is not None:
-        q, k = rope_reference(q, cos, sin), rope_reference(k, cos, sin)
+        q, k = rope_reference(q, cos, sin, ep.rope_adjacent), rope_reference(k, cos, sin, ep.rope_adjacent)
     slots = cache_slots(pos.reshape(-1), 1)
     k_cache.index_copy_(2, slots, k.to(k_cache.dtype))
     v_cache.index_copy_(2, slots, v.to(v_cache.dtype))
@@ -618,7 +626,7 @@ def gemv_qkv(x, weight, bias, ep: Folded, cos, sin, k_cache, v_cache, pos) -> to
     rope = cos is not None
     cos_row = cos.reshape(-1) if rope else x_row
     sin_row = sin.reshape(-1) if rope else x_row
-    layout = dict(ROT=cos_row.numel() if rope else d, INTERLEAVED=ep.heads_interleaved)
+    layout = dict(ROT=cos_row.numel() if rope else d, INTERLEAVED=ep.heads_interleaved, ADJACENT=ep.rope_adjacent)
     pdl = use_pdl(x.device)
     tables = (cos_row, sin_row, q, k_cache, v_cache, pos)
     strides = (q_heads, kv_heads, cos_row.stride(0), sin_row.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -626,7 +634,7 @@ def gemv_qkv(x, weight, bias, ep: Folded, cos, sin, k_cache, v_cache, pos) -> to
     if ep.q_norm_weight is not None:  # the GEMV over every program, then one program per head normalises it
         y = torch.empty(n, device=x.device, dtype=x.dtype)  # (rows,)
         _launch(x_row, weight, y, None, replace(ep, bias=bias, q_norm_weight=None, k_norm_weight=None,
-                                                heads_interleaved=False))
+                                                heads_interleaved=False, rope_adjacent=False))
         _qkv_heads_kernel[(n // d,)](y, ep.q_norm_weight, ep.k_norm_weight, ep.qk_eps, *tables, *strides, ROPE=rope,
                                      PDL=pdl, HEAD_DIM=d, BLOCK_H=triton.next_power_of_2(d // 2),
                                      num_warps=1 if d <= 128 else 2, **layout, **launch_options(pdl))
@@ -644,14 +652,14 @@ def gemv_qkv_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
                 eps: float, cos: torch.Tensor | None, sin: torch.Tensor | None, k_cache: torch.Tensor,
                 v_cache: torch.Tensor, pos: torch.Tensor, norm_bias: torch.Tensor | None = None,
                 layer_norm: bool = False, q_norm_weight: torch.Tensor | None = None,
-                k_norm_weight: torch.Tensor | None = None, qk_eps: float = 0.0, interleaved: bool = False
-                ) -> torch.Tensor:
+                k_norm_weight: torch.Tensor | None = None, qk_eps: float = 0.0, interleaved: bool = False,
+                adjacent: bool = False) -> torch.Tensor:
     """The q/k/v projection of a decode step with its head split, per-head q/k RMSNorm, RoPE and cache writes
     (see above). The LayerNorm, q/k norm and layout arguments come last: the decode pass passes them by
     keyword, so a node's ten positional arguments stay what passes/cost.py reads."""
     ep = Folded(norm_weight=norm_weight, eps=eps, norm_bias=norm_bias, layer_norm=layer_norm,
                 q_norm_weight=q_norm_weight, k_norm_weight=k_norm_weight, qk_eps=qk_eps,
-                heads_interleaved=interleaved)
+                heads_interleaved=interleaved, rope_adjacent=adjacent)
     if ops_use_kernels(x) and supports_qkv(x, weight, bias, ep, cos, sin, k_cache, v_cache, pos) is None:
         return gemv_qkv(x, weight, bias, ep, cos, sin, k_cache, v_cache, pos)
     return gemv_qkv_reference(x, weight, bias, ep, cos, sin, k_cache, v_cache, pos)
@@ -659,6 +667,6 @@ def gemv_qkv_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 
 @gemv_qkv_op.register_fake
 def _(x, weight, bias, norm_weight, eps, cos, sin, k_cache, v_cache, pos, norm_bias=None, layer_norm=False,
-      q_norm_weight=None, k_norm_weight=None, qk_eps=0.0, interleaved=False):
+      q_norm_weight=None, k_norm_weight=None, qk_eps=0.0, interleaved=False, adjacent=False):
     q_heads, _, d = qkv_heads(weight, k_cache)
     return x.new_empty((1, q_heads, 1, d), dtype=q_dtype(x, cos, sin))

@@ -882,25 +882,30 @@ class HeadsMatch:
     norms: list = field(default_factory=lambda: [None, None, None])  # per head: (weight, eps, chain) of an
     # RMSNorm over d between the head split and the transpose (Qwen3's q_norm and k_norm), or None
     interleaved: bool = False  # W's rows grouped per head as [q_h; k_h; v_h] (GPT-NeoX's query_key_value)
+    early_ropes: list = field(default_factory=lambda: [None, None, None])  # per head: an fxopt::rope between
+    # the (b, s, heads, d) view and the transpose (GPT-J, Meta's Llama), or None
 
 
-def _split_heads(node: fx.Node, norms: dict) -> tuple[fx.Node, fx.Node, tuple | None] | None:
-    """(view, transpose, norm) when node's only user views it as (b, s, heads, d) and the token and head dims
-    are then swapped: split_heads as models/ and HF write it, the transpose reading the view itself or (norm =
-    (weight, eps, chain)) an RMSNorm of it over d whose nodes nobody else reads (Qwen3's q_norm / k_norm).
-    `norms`: the graph's RMSNorms by their input (_rms_norms_by_input)."""
+def _split_heads(node: fx.Node, norms: dict) -> tuple[fx.Node, fx.Node, tuple | None, fx.Node | None] | None:
+    """(view, transpose, norm, rope) when node's only user views it as (b, s, heads, d) and the token and head
+    dims are then swapped: split_heads as models/ and HF write it, the transpose reading the view itself, (norm
+    = (weight, eps, chain)) an RMSNorm of it over d whose nodes nobody else reads (Qwen3's q_norm / k_norm), or
+    (rope) an fxopt::rope of it (RoPE before the transpose: GPT-J, Meta's Llama). `norms`: the graph's RMSNorms
+    by their input (_rms_norms_by_input)."""
     view = only_user(node)
     if view is None or view.target not in (aten.view.default, aten.reshape.default, aten._unsafe_view.default):
         return None
-    heads, norm = only_user(view), None
-    if heads is not None and heads.target is not aten.transpose.int:
+    heads, norm, rope = only_user(view), None, None
+    if heads is not None and heads.target is ROPE and heads.args[0] is view:
+        rope, heads = heads, only_user(heads)
+    elif heads is not None and heads.target is not aten.transpose.int:
         heads, norm = _after_head_norm(view, norms)
     if heads is None or heads.target is not aten.transpose.int or not isinstance(_val(heads), torch.Tensor):
         return None
     rank = _val(heads).dim()
     if rank != 4 or sorted(d % rank for d in heads.args[1:3]) != [1, 2]:
         return None
-    return view, heads, norm
+    return view, heads, norm, rope
 
 
 def _rms_norms_by_input(gm: fx.GraphModule) -> dict[fx.Node, tuple]:
@@ -976,14 +981,15 @@ def _interleaved_heads(g: fx.Node) -> tuple[list[fx.Node], list[fx.Node]] | None
     return [items[i] for i in range(3)], [split, heads, *between[::-1]]
 
 
-def _contiguous_heads(g: fx.Node, norms: dict) -> tuple[list, list[fx.Node], list] | None:
-    """(q, k, v heads, the nodes between g and them, users first, their head norms) when g is cut into three
-    last-dim pieces and each is split into heads (split_heads)."""
+def _contiguous_heads(g: fx.Node, norms: dict) -> tuple[list, list[fx.Node], list, list] | None:
+    """(q, k, v heads, the nodes between g and them, users first, their head norms, their early ropes) when g
+    is cut into three last-dim pieces and each is split into heads (split_heads)."""
     parts, between = _three_parts(g) or ([], [])
     split = [_split_heads(node, norms) for node in parts]
     if not split or any(s is None for s in split):
         return None
-    return [s[1] for s in split], [s[0] for s in split] + parts + between[::-1], [s[2] for s in split]
+    return ([s[1] for s in split], [s[0] for s in split] + parts + between[::-1], [s[2] for s in split],
+            [s[3] for s in split])
 
 
 def qkv_heads_after_gemv(gm: fx.GraphModule) -> list[HeadsMatch]:
@@ -994,14 +1000,14 @@ def qkv_heads_after_gemv(gm: fx.GraphModule) -> list[HeadsMatch]:
     matches, norms = [], _rms_norms_by_input(gm)
     for g in _gemvs(gm):
         interleaved = _interleaved_heads(g)
-        found = (*interleaved, [None, None, None]) if interleaved else _contiguous_heads(g, norms)
+        found = (*interleaved, [None] * 3, [None] * 3) if interleaved else _contiguous_heads(g, norms)
         match = _attention_input(g, *found, interleaved is not None) if found else None
         if match is not None:
             matches.append(match)
     return matches
 
 
-def _attention_input(g: fx.Node, heads: list[fx.Node], splits: list[fx.Node], head_norms: list,
+def _attention_input(g: fx.Node, heads: list[fx.Node], splits: list[fx.Node], head_norms: list, early_ropes: list,
                      interleaved: bool) -> HeadsMatch | None:
     """The HeadsMatch when g's q, k and v heads go where a decode step's attention input goes (q to attention
     through fxopt::rope or not, k and v into their caches); None otherwise."""
@@ -1011,7 +1017,7 @@ def _attention_input(g: fx.Node, heads: list[fx.Node], splits: list[fx.Node], he
     if writes[0] is None or writes[0].target not in (ROPE_CACHE_WRITE, CACHE_WRITE) or writes[1] is None \
             or writes[1].target is not CACHE_WRITE or any(w.args[1] is not h for w, h in zip(writes, heads[1:])):
         return None
-    return HeadsMatch(g, heads, splits, q, writes, head_norms, interleaved)
+    return HeadsMatch(g, heads, splits, q, writes, head_norms, interleaved, early_ropes)
 
 
 @dataclass
@@ -1044,7 +1050,7 @@ def merged_attention_input(gm: fx.GraphModule) -> list[SplitMatch]:
         if any(s is None for s in split):
             continue
         heads, splits = [s[1] for s in split], [s[0] for s in split] + [node for _, _, node in parts[:3]]
-        if _attention_input(g, heads, splits, [s[2] for s in split], False) is not None:
+        if _attention_input(g, heads, splits, [s[2] for s in split], [s[3] for s in split], False) is not None:
             matches.append(SplitMatch(g, parts))
     return matches
 
@@ -1082,23 +1088,63 @@ def split_attention_input(rw: Rewriter, m: SplitMatch) -> None:
     rw.gm.graph.erase_node(g)
 
 
-def _same_value(a, b) -> bool:
-    """a and b compute the same thing: the same node, or the same op over the same values (the rope pass leaves
-    q's and k's copies of `unsqueeze(cos, 1)`)."""
+def _same_value(a, b, gm: fx.GraphModule | None = None) -> bool:
+    """a and b compute the same thing: the same node, the same op over the same values (the rope pass leaves
+    q's and k's copies of `unsqueeze(cos, 1)`), the same attribute, or two outputs of one call of a submodule
+    of gm that computes them alike (GPT-J builds q's and k's tables twice, inside the positions module)."""
     if a is b:
         return True
-    if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)) or a.op != "call_function" or b.op != a.op:
+    if not isinstance(a, fx.Node) and not isinstance(b, fx.Node):  # constants: ints, floats, dtypes, lists
+        return type(a) is type(b) and (a == b if not isinstance(a, (list, tuple)) else len(a) == len(b) and all(
+            _same_value(x, y, gm) for x, y in zip(a, b)))
+    if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)) or b.op != a.op:
         return False
-    return (a.target is b.target and len(a.args) == len(b.args) and a.kwargs == b.kwargs
-            and all(_same_value(x, y) for x, y in zip(a.args, b.args)))
+    if a.op == "get_attr":
+        return a.target == b.target
+    if a.op != "call_function" or a.target is not b.target or len(a.args) != len(b.args) or a.kwargs != b.kwargs:
+        return False
+    if a.target is operator.getitem and gm is not None and a.args[0] is b.args[0] and a.args[0].op == "call_module":
+        outputs = _submodule_outputs(gm, a.args[0])
+        i, j = a.args[1], b.args[1]
+        return outputs is not None and all(isinstance(k, int) and 0 <= k < len(outputs) for k in (i, j)) \
+            and _same_value(outputs[i], outputs[j])
+    return all(_same_value(x, y, gm) for x, y in zip(a.args, b.args))
+
+
+def _submodule_outputs(gm: fx.GraphModule, call: fx.Node) -> list | None:
+    """The output nodes of the fx graph the submodule `call` runs, or None when it is not a traced graph
+    returning a tuple. The decode program's positions module (kv_cache.VmapPositions) vmaps its graph `fn`
+    over the rows: outputs equal in `fn` are equal in it."""
+    sub = gm.get_submodule(call.target)
+    sub = sub if isinstance(sub, fx.GraphModule) else getattr(sub, "fn", None)
+    if not isinstance(sub, fx.GraphModule):
+        return None
+    out = next(iter(sub.graph.find_nodes(op="output")))
+    values = out.args[0]
+    return list(values) if isinstance(values, (list, tuple)) else None
 
 
 def _qkv_args(m: HeadsMatch) -> tuple:
     """fxopt::gemv_qkv's arguments: x, weight, bias, norm_weight, eps (the GEMV's), cos, sin, caches, pos."""
     g, (k_write, v_write) = m.gemv, m.writes
-    cos, sin = (m.q.args[1], m.q.args[2]) if m.q is not m.heads[0] else (None, None)
+    q_rope = _q_rope(m)
+    cos, sin = (q_rope.args[1], q_rope.args[2]) if q_rope is not None else (None, None)
+    pos = k_write.args[4] if k_write.target is ROPE_CACHE_WRITE else k_write.args[2]
     return (g.args[G_X], g.args[G_W], g.args[G_BIAS], g.args[G_NORM_W], g.args[G_EPS], cos, sin,
-            k_write.args[0], v_write.args[0], k_write.args[-1])
+            k_write.args[0], v_write.args[0], pos)
+
+
+def _q_rope(m: HeadsMatch) -> fx.Node | None:
+    """q's fxopt::rope: after the head transpose (what attention reads), before it, or None."""
+    return m.q if m.q is not m.heads[0] else m.early_ropes[0]
+
+
+def _k_rotation(m: HeadsMatch) -> tuple | None:
+    """(cos, sin, adjacent) of k's rotation: its fxopt::rope_cache_write's, or its rope before the transpose."""
+    k_write, early = m.writes[0], m.early_ropes[1]
+    if k_write.target is ROPE_CACHE_WRITE:
+        return (*k_write.args[2:4], bool(any(k_write.args[5:6])))
+    return (*early.args[1:3], bool(any(early.args[3:4]))) if early is not None else None
 
 
 def _qkv_kwargs(m: HeadsMatch) -> dict[str, Any]:
@@ -1112,6 +1158,9 @@ def _qkv_kwargs(m: HeadsMatch) -> dict[str, Any]:
         kwargs.update(q_norm_weight=q_norm[0], k_norm_weight=k_norm[0], qk_eps=q_norm[1])
     if m.interleaved:
         kwargs["interleaved"] = True
+    q_rope = _q_rope(m)
+    if q_rope is not None and any(q_rope.args[3:4]):
+        kwargs["adjacent"] = True
     return kwargs
 
 
@@ -1126,15 +1175,18 @@ def check_qkv(rw: Rewriter, m: HeadsMatch) -> str | None:
     g, (k_write, v_write) = m.gemv, m.writes
     if g.args[G_GLU] or g.args[G_RES] is not None or g.args[G_ACT] != "none":
         return "the projection has an epilogue already"
-    if k_write.args[-1] is not v_write.args[-1]:
+    if _qkv_args(m)[-1] is not v_write.args[2]:
         return "k and v are written at different positions"
-    rotated = k_write.target is ROPE_CACHE_WRITE
-    if rotated != (m.q is not m.heads[0]):
-        return "RoPE on only one of q and k"
-    if rotated and not all(_same_value(a, b) for a, b in zip(m.q.args[1:3], k_write.args[2:4])):
+    q_rope, k_rotation = _q_rope(m), _k_rotation(m)
+    if (q_rope is None) != (k_rotation is None) or m.early_ropes[2] is not None:
+        return "RoPE on only one of q and k, or on v"
+    if (m.q is not m.heads[0] and m.early_ropes[0] is not None) or (
+            k_write.target is ROPE_CACHE_WRITE and m.early_ropes[1] is not None):
+        return "q or k rotated twice"
+    if q_rope is not None and not all(_same_value(a, b, rw.gm) for a, b in zip(q_rope.args[1:3], k_rotation[:2])):
         return "q and k are rotated by different tables"
-    if rotated and (any(m.q.args[3:4]) or any(k_write.args[5:6])):  # fxopt::rope's / rope_cache_write's flag
-        return "RoPE over adjacent column pairs (rotate_every_two): the kernel pairs j with j + r/2"
+    if q_rope is not None and bool(any(q_rope.args[3:4])) != k_rotation[2]:
+        return "q and k pair their columns differently"
     x, w, bias, norm_w, eps, cos, sin, k_cache, v_cache, pos = args = _qkv_args(m)
     kwargs = _qkv_kwargs(m)
     vals = [_val(a) if isinstance(a, fx.Node) else a for a in args]
@@ -1150,7 +1202,7 @@ def check_qkv(rw: Rewriter, m: HeadsMatch) -> str | None:
                      layer_norm=kwargs.get("layer_norm", False),
                      q_norm_weight=_const(rw.gm, q_norm[0]) if q_norm else None,
                      k_norm_weight=_const(rw.gm, k_norm[0]) if k_norm else None, qk_eps=q_norm[1] if q_norm else 0.0,
-                     heads_interleaved=m.interleaved)
+                     heads_interleaved=m.interleaved, rope_adjacent=bool(kwargs.get("adjacent")))
     reason = gemv.supports_qkv(vals[0], vals[1], vals[2], ep, *vals[5:])
     if reason is not None:
         return reason
@@ -1172,10 +1224,13 @@ def fold_qkv(rw: Rewriter, m: HeadsMatch) -> None:
         node.kwargs = _qkv_kwargs(m)
         node.meta["val"] = rw.fake_run(node.target, node.args, node.kwargs)
     m.q.replace_all_uses_with(node)
-    k_tables = list(m.writes[0].args[2:4]) if m.writes[0].target is ROPE_CACHE_WRITE else []
+    k_rotation = _k_rotation(m)
+    k_tables = list(k_rotation[:2]) if k_rotation is not None else []
     # q is its heads' node when not rotated: each node dropped once
     norm_chains = [n for norm in m.norms if norm is not None for n in norm[2]]
-    rw.drop_if_unused(*dict.fromkeys([*m.writes, m.q, *m.heads, *norm_chains, *m.splits, m.gemv, *k_tables]))
+    early = [r for r in m.early_ropes if r is not None]
+    rw.drop_if_unused(*dict.fromkeys([*m.writes, m.q, *m.heads, *early, *norm_chains, *m.splits, m.gemv,
+                                      *k_tables]))
 
 
 DECODE_RULES: tuple[Rule, ...] = (

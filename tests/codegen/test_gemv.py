@@ -416,23 +416,27 @@ def test_qkv_kernel_with_per_head_qk_norm_matches_the_eager_chain(dtype, d, head
     torch.testing.assert_close(k_ref, ours[1], rtol=0, atol=0)
 
 
-def _hf_partial_rope(t, cos, sin):
-    """HF's apply_rotary_pos_emb with tables narrower than the head: rotate t[..., :r], keep the rest."""
+def _hf_partial_rope(t, cos, sin, adjacent=False):
+    """HF's apply_rotary_pos_emb with tables narrower than the head: rotate t[..., :r], keep the rest (with
+    adjacent, GPT-J's rotate_every_two)."""
     r = cos.shape[-1]
     rot, rest = t[..., :r], t[..., r:]
-    rotated = torch.cat((-rot[..., r // 2:], rot[..., :r // 2]), dim=-1)
+    rotated = torch.stack((-rot[..., 1::2], rot[..., ::2]), dim=-1).flatten(-2) if adjacent \
+        else torch.cat((-rot[..., r // 2:], rot[..., :r // 2]), dim=-1)
     return torch.cat((rot * cos + rotated * sin, rest), dim=-1)
 
 
 @interpreted
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("interleaved, d, r, heads, qk_norm", [
-    (True, 16, 4, (4, 4), False),  # GPT-NeoX: [q_h; k_h; v_h] rows, rotary_pct 0.25
-    (True, 16, 16, (2, 2), False),  # interleaved rows, full rotary
-    (False, 20, 8, (4, 2), False),  # Phi / StableLM: partial rotary, GQA, d/2 not a power of two
-    (False, 16, 8, (2, 1), True),  # partial rotary after per-head q/k norms (the two-kernel path)
+@pytest.mark.parametrize("interleaved, d, r, heads, qk_norm, adjacent", [
+    (True, 16, 4, (4, 4), False, False),  # GPT-NeoX: [q_h; k_h; v_h] rows, rotary_pct 0.25
+    (True, 16, 16, (2, 2), False, False),  # interleaved rows, full rotary
+    (False, 20, 8, (4, 2), False, False),  # Phi / StableLM: partial rotary, GQA, d/2 not a power of two
+    (False, 16, 8, (2, 1), True, False),  # partial rotary after per-head q/k norms (the two-kernel path)
+    (False, 16, 8, (4, 4), False, True),  # GPT-J: adjacent pairs (rotate_every_two), partial
+    (False, 16, 16, (2, 1), True, True),  # adjacent pairs after q/k norms
 ])
-def test_qkv_kernel_interleaved_heads_and_partial_rotary(dtype, interleaved, d, r, heads, qk_norm):
+def test_qkv_kernel_interleaved_heads_and_partial_rotary(dtype, interleaved, d, r, heads, qk_norm, adjacent):
     """The fused q/k/v projection laid out as GPT-NeoX's query_key_value (rows per head [q_h; k_h; v_h]) and
     rotated over only the tables' r columns: against HF's spelling of the same step in float64."""
     from fxopt.models.llama import rope_tables
@@ -443,7 +447,7 @@ def test_qkv_kernel_interleaved_heads_and_partial_rotary(dtype, interleaved, d, 
     slot = int(pos)
     cos, sin = (t[slot].reshape(1, 1, 1, r).to(dtype) for t in rope_tables(slot + 1, r, 10000.0))
     gen = torch.Generator().manual_seed(r)
-    ep = replace(ep, heads_interleaved=interleaved)
+    ep = replace(ep, heads_interleaved=interleaved, rope_adjacent=adjacent)
     if qk_norm:
         ep = replace(ep, q_norm_weight=(1 + 0.3 * torch.randn(d, generator=gen)).to(dtype),
                      k_norm_weight=(1 + 0.3 * torch.randn(d, generator=gen)).to(dtype), qk_eps=1e-6)
@@ -461,7 +465,7 @@ def test_qkv_kernel_interleaved_heads_and_partial_rotary(dtype, interleaved, d, 
         if qk_norm:
             qs, ks = (_qwen3_head_norm(qs, ep.q_norm_weight, ep.qk_eps),
                       _qwen3_head_norm(ks, ep.k_norm_weight, ep.qk_eps))
-        qs, ks = _hf_partial_rope(qs, cos, sin), _hf_partial_rope(ks, cos, sin)
+        qs, ks = _hf_partial_rope(qs, cos, sin, adjacent), _hf_partial_rope(ks, cos, sin, adjacent)
         kc, vc = (c.clone() for c in caches)
         kc[:, :, pos], vc[:, :, pos] = ks.to(kc.dtype), vs.to(vc.dtype)
         return qs, kc, vc
@@ -478,7 +482,7 @@ def test_qkv_kernel_interleaved_heads_and_partial_rotary(dtype, interleaved, d, 
     k_ref, v_ref = (c.clone() for c in caches)  # the op's CPU path is the same chain
     q_ref = torch.ops.fxopt.gemv_qkv(x, w, b, ep.norm_weight, ep.eps, cos, sin, k_ref, v_ref, pos,
                                      q_norm_weight=ep.q_norm_weight, k_norm_weight=ep.k_norm_weight,
-                                     qk_eps=ep.qk_eps, interleaved=interleaved)
+                                     qk_eps=ep.qk_eps, interleaved=interleaved, adjacent=adjacent)
     torch.testing.assert_close(q_ref, ours[0], rtol=0, atol=0)
     torch.testing.assert_close(k_ref, ours[1], rtol=0, atol=0)
 
@@ -568,7 +572,7 @@ for ptr in ("*bf16", "*fp32"):
         # the LayerNorm variant as GPT-NeoX's: [q_h; k_h; v_h] rows, a quarter of each head rotated
         constexprs = dict(HAS_BIAS=layer, NORM=norm, LAYER=layer, NORM_BIAS=layer, ROPE=rope or layer, PDL=pdl,
                           HEAD_DIM=64, BLOCK_N=1, BLOCK_K=1024, EVEN_K=True, ROT=16 if layer else 64,
-                          INTERLEAVED=layer)
+                          INTERLEAVED=layer, ADJACENT=not layer and rope)  # and GPT-J's adjacent pairs
         ptx = compile_sm90(G._gemv_qkv_kernel, signature, constexprs, num_warps=4).asm["ptx"]
         assert ("griddepcontrol.wait" in ptx) == pdl
         if pdl:  # the weights' first chunk is requested before waiting for the previous kernel
@@ -577,7 +581,8 @@ for ptr in ("*bf16", "*fp32"):
     heads_signature = {p.name: ints.get(p.name, "*i64" if p.name == "pos_ptr" else ptr)
                        for p in G._qkv_heads_kernel.params if not p.is_constexpr}
     for rope, pdl in ((True, True), (False, False)):  # the per-head q/k norm kernel after the GEMV
-        constexprs = dict(ROPE=rope, PDL=pdl, HEAD_DIM=128, BLOCK_H=64, ROT=64 if rope else 128, INTERLEAVED=False)
+        constexprs = dict(ROPE=rope, PDL=pdl, HEAD_DIM=128, BLOCK_H=64, ROT=64 if rope else 128, INTERLEAVED=False,
+                          ADJACENT=False)
         ptx = compile_sm90(G._qkv_heads_kernel, heads_signature, constexprs, num_warps=1).asm["ptx"]
         assert "rsqrt" in ptx and ("griddepcontrol.wait" in ptx) == pdl
         print("compiled gemv_qkv heads", ptr, rope, pdl)

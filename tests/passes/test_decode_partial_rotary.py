@@ -1,6 +1,7 @@
-"""Partial rotary (GPT-NeoX, StableLM, Phi) and GPT-NeoX's per-head [q_h; k_h; v_h] projection rows folded into
-the decode step's q/k/v GEMV (CPU, fp32). Phi's q/k/v share a GEMV with fc1 (parallel attention and MLP over one
-LayerNorm): the decode rules split it into row views of the same weight.
+"""Partial rotary (GPT-NeoX, StableLM, Phi, GPT-J's adjacent pairs before the head transpose) and GPT-NeoX's
+per-head [q_h; k_h; v_h] projection rows folded into the decode step's q/k/v GEMV (CPU, fp32). Phi's q/k/v
+share a GEMV with fc1 (parallel attention and MLP over one LayerNorm): the decode rules split it into row views
+of the same weight.
 
 HF models built from tiny configs with random weights. Greedy tokens and each step's logits are compared with
 an eager loop over the whole sequence (the cache-less HF model), never with another fxopt program.
@@ -24,6 +25,8 @@ ARCHS = {  # spec, whether W's rows are grouped per head as [q_h; k_h; v_h]
                  "num_key_value_heads=2,intermediate_size=128,vocab_size=256,partial_rotary_factor=0.25", False),
     "phi": (f"hf:phi,num_hidden_layers={LAYERS},hidden_size=64,num_attention_heads=4,intermediate_size=128,"
             "vocab_size=256,partial_rotary_factor=0.25", False),
+    # GPT-J: rotate_every_two's adjacent pairs, applied before the head transpose
+    "gptj": (f"hf:gptj,n_layer={LAYERS},n_embd=64,n_head=4,rotary_dim=4,vocab_size=256,n_positions=128", False),
 }
 LEFT_BY_THE_FOLD = (torch.ops.fxopt.rope.default, torch.ops.fxopt.rope_cache_write.default,
                     torch.ops.fxopt.cache_write.default, aten.cat.default, aten.chunk.default)
@@ -54,6 +57,7 @@ def test_partial_rotary_folds_into_gemv_qkv(arch):
         cos = node.args[5].meta["val"]
         assert cos.shape[-1] == head_dim // 4  # partial: the tables' columns, not the head's
         assert node.kwargs.get("interleaved", False) == ARCHS[arch][1]
+        assert node.kwargs.get("adjacent", False) == (arch == "gptj")
     assert {t: count(program, t) for t in LEFT_BY_THE_FOLD} == dict.fromkeys(LEFT_BY_THE_FOLD, 0)
     if arch != "stablelm":  # parallel residual: mlp + attn + x are fc2's two residual epilogues
         adds = [n for n in program.graph.nodes if n.target == aten.add.Tensor and any(
