@@ -90,12 +90,13 @@ def test_gemv_qkv_at_model_sizes(dtype, q_heads, kv_heads, d, k, rope, bias, qk_
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("heads, d, r, k, interleaved", [
-    (16, 64, 16, 1024, True),  # Pythia-410M (GPT-NeoX): [q_h; k_h; v_h] rows, rotary_pct 0.25
-    (16, 128, 32, 2048, True),  # Pythia-1.4B
-    (32, 80, 32, 2560, False),  # Phi-2-sized: partial rotary 0.4, d = 80
-    (32, 80, 20, 2560, False)])  # StableLM-3B-sized: 0.25 of 80
-def test_gemv_qkv_partial_rotary_at_model_sizes(dtype, heads, d, r, k, interleaved):
+@pytest.mark.parametrize("heads, d, r, k, interleaved, adjacent", [
+    (16, 64, 16, 1024, True, False),  # Pythia-410M (GPT-NeoX): [q_h; k_h; v_h] rows, rotary_pct 0.25
+    (16, 128, 32, 2048, True, False),  # Pythia-1.4B
+    (32, 80, 32, 2560, False, False),  # Phi-2-sized: partial rotary 0.4, d = 80
+    (32, 80, 20, 2560, False, False),  # StableLM-3B-sized: 0.25 of 80
+    (16, 256, 64, 4096, False, True)])  # GPT-J-6B: adjacent pairs over 64 of 256 columns
+def test_gemv_qkv_partial_rotary_at_model_sizes(dtype, heads, d, r, k, interleaved, adjacent):
     """fxopt::gemv_qkv with LayerNorm and bias, tables of r < d columns and (GPT-NeoX) interleaved rows, against
     the eager chain in float64: q and the written cache rows within tolerance, every other cache row untouched."""
     from fxopt.models.llama import rope_tables
@@ -112,14 +113,15 @@ def test_gemv_qkv_partial_rotary_at_model_sizes(dtype, heads, d, r, k, interleav
     pos = torch.tensor([slot], device="cuda")
     got = [c.clone() for c in caches]
     q = torch.ops.fxopt.gemv_qkv(x, w, b, g, 1e-5, cos, sin, *got, pos, norm_bias=nb, layer_norm=True,
-                                 interleaved=interleaved)
-    ep = gemv.Folded(norm_weight=g, eps=1e-5, norm_bias=nb, layer_norm=True, heads_interleaved=interleaved)
+                                 interleaved=interleaved, adjacent=adjacent)
+    ep = gemv.Folded(norm_weight=g, eps=1e-5, norm_bias=nb, layer_norm=True, heads_interleaved=interleaved,
+                     rope_adjacent=adjacent)
     assert gemv.supports_qkv(x, w, b, ep, cos, sin, *got, pos) is None  # the kernel ran
     eager = [c.clone() for c in caches]
     q_eager = gemv.gemv_qkv_reference(x, w, b, ep, cos, sin, *eager, pos)
     exact = [c.double() for c in caches]
     ep64 = gemv.Folded(norm_weight=g.double(), eps=1e-5, norm_bias=nb.double(), layer_norm=True,
-                       heads_interleaved=interleaved)
+                       heads_interleaved=interleaved, rope_adjacent=adjacent)
     q_exact = gemv.gemv_qkv_reference(x.double(), w.double(), b.double(), ep64, cos.double(), sin.double(), *exact,
                                       pos)
     for ours, theirs, ref in [(q, q_eager, q_exact)] + [(a[:, :, slot], e[:, :, slot], r_[:, :, slot])
