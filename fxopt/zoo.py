@@ -143,10 +143,17 @@ def _load_hf(spec: str, *, device, dtype, **overrides) -> torch.nn.Module:
     except (ValueError, KeyError, TypeError) as exc:
         raise UserError(f"transformers rejected 'hf:{spec}': {str(exc).splitlines()[0][:200]}",
                         "check the key=value fields against the model's config class") from exc
-    config._attn_implementation = getattr(config, "_attn_implementation", None) or "sdpa"
+    asked = getattr(config, "_attn_implementation", None)
+    config._attn_implementation = asked or "sdpa"
     auto = transformers.AutoModel if model_type in HF_ENCODERS else transformers.AutoModelForCausalLM
     with torch.device(device):
-        model = auto.from_config(config, **{_hf_dtype_kwarg(transformers.__version__): dtype})
+        try:
+            model = auto.from_config(config, **{_hf_dtype_kwarg(transformers.__version__): dtype})
+        except ValueError as exc:  # this transformers has no SDPA path for the architecture (GPT-J before 5.2x)
+            if asked or "scaled_dot_product_attention" not in str(exc):
+                raise
+            config._attn_implementation = "eager"
+            model = auto.from_config(config, **{_hf_dtype_kwarg(transformers.__version__): dtype})
     return model.eval()
 
 
