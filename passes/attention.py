@@ -570,6 +570,21 @@ def _untranspose(kt: fx.Node) -> tuple[fx.Node, bool]:
     return kt, True
 
 
+def _exact_upcasts(q: fx.Node, k: fx.Node, v: fx.Node) -> tuple[fx.Node, fx.Node, list[fx.Node]]:
+    """(q, k, the casts) behind casts that only widen q and k to float32 from v's half-precision dtype (GPT-J
+    upcasts both before the scores): the products of the narrow values are exact in fp32, so the kernel's
+    fp32 accumulation over them computes the same scores. (q, k, []) otherwise."""
+    tv, narrow = tensor_val(v), []
+    for t in (q, k):
+        src = t.args[0] if t.op == "call_function" and t.target in CASTS and t.args else None
+        ts, tt = (tensor_val(src) if isinstance(src, fx.Node) else None), tensor_val(t)
+        if ts is None or tt is None or tv is None or tt.dtype != torch.float32 or ts.dtype != tv.dtype \
+                or ts.dtype not in (torch.float16, torch.bfloat16) or not _same_shape(ts, tt):
+            return q, k, []
+        narrow.append(src)
+    return narrow[0], narrow[1], [q, k]
+
+
 def _absorb_q_scale(q: fx.Node) -> tuple[fx.Node, float, list[fx.Node]]:
     """q * c (or q / c) feeding only q·kᵀ: fold c into the scale and read the unscaled q."""
     if q.op == "call_function" and q.target in SCALE_OPS and len(q.users) == 1:
@@ -654,6 +669,8 @@ def _plan_explicit(acc: list[tuple[str, fx.Node, Any]]) -> Plan:
     if not k_transposed:
         k, v, groups, kv_nodes = _kv_groups(k, v)
         extra += kv_nodes
+    q, k, casts = _exact_upcasts(q, k, v)
+    extra += casts
     _check_qkv(q, k, v, k_transposed, root)
     return Plan("explicit", root, softmax, q, k, v, scale, parts, False, k_transposed, groups,
                 [node for _, node, _ in acc], extra, softcap)

@@ -42,16 +42,9 @@ def build(name: str, dtype: torch.dtype):
     return model.to(DEVICE, dtype).eval()
 
 
-#: Known gaps, strict: GPT-J's eager attention (the only one transformers before 5.2x offers it) upcasts q and k to
-#: fp32 before the scores, and the attention pass does not match those casts in bf16 (the forward runs unfused).
-KNOWN = {("gptj-rotary-32", torch.bfloat16): "GPT-J's fp32 upcast of q and k in eager attention is not matched"}
-
-
 @pytest.mark.parametrize("name", list(ARCHS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_forward_verifies_past_the_window(name, dtype, request):
-    if (name, dtype) in KNOWN and ARCHS[name][2] == "eager":
-        request.applymarker(pytest.mark.xfail(reason=KNOWN[name, dtype], strict=True))
+def test_forward_verifies_past_the_window(name, dtype):
     model = build(name, dtype)
     ids = torch.randint(0, 1024, (2, 48), device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(1))
     fast = fxopt.optimize(model, {"input_ids": ids}, verify=True)  # 48 and 96 > window 64, generated kernels

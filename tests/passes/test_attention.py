@@ -230,6 +230,46 @@ def test_hf_models(spec, impl):
     assert_matches_eager(model, captured, captured.example_kwargs)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gptj_eager_upcast_of_q_and_k_is_one_attention(dtype):
+    """GPT-J's eager attention widens q and k to fp32 before the scores (v stays in the model's dtype): the
+    casts are exact, so the attention reads the narrow q and k; the logits stay within fxopt.numerics' rule of
+    eager against float64."""
+    from fxopt.numerics import within_tolerance
+
+    model = hf_model("hf:gptj,n_layer=2,n_embd=64,n_head=4,rotary_dim=8,vocab_size=256,n_positions=128", "eager")
+    exact = copy.deepcopy(model).double()
+    model = model.to(dtype)
+    captured, _, result = rewrite(model, zoo.example_inputs(model, 2, 16))
+    nodes = attention_nodes(captured.gm)
+    assert result.counts["explicit"] == len(nodes) == 2
+    assert all(n.args[0].meta["val"].dtype == n.args[1].meta["val"].dtype == dtype for n in nodes)
+    assert_no_attention_left(captured.gm)
+    kwargs = captured.example_kwargs
+    with torch.no_grad():
+        got, eager, ref = (as_tensor(m(**kwargs)) for m in (captured.gm, model, exact))
+    ok, error, allowed = within_tolerance(got, eager, ref)
+    assert ok, f"error {error:.3g} > allowed {allowed:.3g}"
+
+
+def test_upcasts_from_another_dtype_than_v_are_not_stripped():
+    """q widened from fp16 and k from bf16 with v in bf16: reading the narrow q would change the kernel's input
+    dtype, so the site is left, with the dtype note."""
+    gen = torch.Generator().manual_seed(0)
+
+    class Mixed(nn.Module):
+        def forward(self, q, k, v):  # (b, h, s, d): q fp16, k and v bf16
+            scores = q.to(torch.float32) @ k.to(torch.float32).transpose(-1, -2) * 0.25
+            return scores.softmax(-1).to(v.dtype) @ v
+
+    q = torch.randn(1, 2, 5, 16, generator=gen).half()
+    k, v = (torch.randn(1, 2, 5, 16, generator=gen).bfloat16() for _ in range(2))
+    static = {name: {} for name in ("q", "k", "v")}  # fixed shapes: the head counts are plain ints
+    captured, _, result = rewrite(Mixed(), {"q": q, "k": k, "v": v}, static)
+    assert attention_nodes(captured.gm) == []
+    assert any("dtypes differ" in note for note in result.notes), result.notes
+
+
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])
 def test_hf_llama_with_padding_mask(impl):
     model = hf_model(HF_LLAMA, impl)
