@@ -283,7 +283,12 @@ def rewrite_rope(rw: Rewriter, m: RopeMatch) -> None:
     rw.apply_vals(m.vals)
     rw.gm.graph.erase_node(m.add)
     rw.drop_if_unused(*r.inner)
-    for piece in r.slices:  # the slices, then any whole-tensor slices they were taken through
+    _drop_slices(rw, r.slices)
+
+
+def _drop_slices(rw: Rewriter, pieces: list[fx.Node]) -> None:
+    """Erase the slices nothing reads any more, then the whole-tensor slices they were taken through."""
+    for piece in pieces:
         while _is(piece, SLICE) and not piece.users:
             source = piece.args[0]
             rw.gm.graph.erase_node(piece)
@@ -352,11 +357,7 @@ def rewrite_partial(rw: Rewriter, m: PartialMatch) -> None:
     pieces = [m.rope.args[0], m.cat.args[0][1]]
     rw.gm.graph.erase_node(m.cat)
     rw.drop_if_unused(m.rope)
-    for piece in pieces:  # the two slices, then the whole-tensor slices they were taken through
-        while _is(piece, SLICE) and not piece.users:
-            source = piece.args[0]
-            rw.gm.graph.erase_node(piece)
-            piece = source
+    _drop_slices(rw, pieces)
 
 
 # ------------------------------------------------------------------------------------------ rule: rope_cache_write
