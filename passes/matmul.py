@@ -642,12 +642,15 @@ class ResidualMatch:
 
 def residual_add_after_gemv(gm: fx.GraphModule) -> list[ResidualMatch]:
     """residual + gemv(...) (either order), possibly through reshapes of the gemv, where each node of the
-    way is the only user of the one before."""
+    way is the only user of the one before; or gemv(...) += residual in place (Falcon's `mlp_output +=
+    attention_output`): the GEMV's fresh output is what it mutates, so it is the same sum."""
     matches = []
     for g in _gemvs(gm):
         out = (_reshapes_below(g) or [g])[-1]
         add = only_user(out)
-        if add is not None and add.target is aten.add.Tensor and len(add.args) == 2 and not add.kwargs:
+        if add is None or len(add.args) != 2 or add.kwargs:
+            continue
+        if add.target is aten.add.Tensor or (add.target is aten.add_.Tensor and add.args[0] is out):
             matches.append(ResidualMatch(g, add, out))
     return matches
 

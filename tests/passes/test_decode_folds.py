@@ -198,6 +198,61 @@ class Block(nn.Module):
         return x + self.proj(F.gelu(self.fc(self.ln(x)), approximate="tanh"))
 
 
+class InPlaceResidual(nn.Module):
+    """Falcon's parallel block, one row: mlp_output += attention_output, then + x; or (`into_residual`) the
+    projection added in place into a copy of x that the block also returns."""
+
+    def __init__(self, into_residual: bool = False, k: int = 32):
+        super().__init__()
+        self.attn, self.mlp, self.into_residual = nn.Linear(k, k), nn.Linear(k, k), into_residual
+
+    def forward(self, x):
+        if self.into_residual:
+            kept = x * 2
+            total = kept.clone()
+            total += self.mlp(x)  # mutates the clone, not the GEMV's output
+            return total, kept
+        attention = self.attn(x)  # computed first, as in Falcon's layer
+        out = self.mlp(x)
+        out += attention
+        return out + x
+
+
+def test_in_place_residual_adds_fold_into_the_gemv():
+    """mlp += attn, then + x: both adds become the MLP GEMV's residual epilogues (gemv_residual and
+    gemv_residual2); no add is left, and the outputs are eager's."""
+    module = spread(InPlaceResidual())
+    gm, notes, x = decode_rules(module)
+    assert count(gm, aten.add_.Tensor) == count(gm, aten.add.Tensor) == 0, notes
+    gemvs = [n for n in gm.graph.nodes if n.target == GEMV]
+    assert sum(len(n.args) > matmul.G_RES2 and n.args[matmul.G_RES2] is not None for n in gemvs) == 1
+    assert_same_outputs(gm, module, x)
+
+
+def test_hf_falcon_parallel_block_keeps_greedy_tokens_and_logits():
+    """HF Falcon (new decoder architecture, parallel attention): `mlp_output += attention_output` and `+ x`
+    fold into the MLP's down-projection GEMV; tokens and step logits equal the eager model's."""
+    pytest.importorskip("transformers")
+    from fxopt.zoo import load_model
+
+    model = spread(load_model("hf:falcon,num_hidden_layers=2,hidden_size=64,num_attention_heads=4,num_kv_heads=2,"
+                              "vocab_size=256,new_decoder_architecture=true,alibi=false,parallel_attn=true,bias=false,"
+                              "ffn_hidden_size=128")).eval()
+    gen = fused_generator(model, 256)
+    program = gen.decode_program(1)
+    assert count(program, aten.add_.Tensor) == 0
+    assert sum(len(n.args) > matmul.G_RES2 and n.args[matmul.G_RES2] is not None for n in program.graph.nodes
+               if n.target == GEMV) == 2  # one per layer
+    assert_greedy_and_step_logits(gen, lambda ids: model(ids, use_cache=False).logits, prompt(256), NEW)
+
+
+def test_in_place_add_into_another_tensor_is_not_a_residual_fold():
+    module = spread(InPlaceResidual(into_residual=True))
+    gm, notes, x = decode_rules(module)
+    assert not any(n.args[matmul.G_RES] is not None for n in gm.graph.nodes if n.target == GEMV)
+    assert_same_outputs(gm, module, x)
+
+
 def test_gelu_folds_before_the_residual_of_the_same_gemv():
     """x + gelu(linear(x)): the GELU fold runs before the residual fold, so both land in one GEMV, in the
     kernel's order bias -> GELU -> + residual."""
