@@ -278,7 +278,8 @@ class Folded:
     q_norm_weight: torch.Tensor | None = None  # gemv_qkv only: per-head RMSNorm of q and k over d (Qwen3)
     k_norm_weight: torch.Tensor | None = None
     qk_eps: float = 0.0
-    heads_interleaved: bool = False  # gemv_qkv only: W's rows grouped per head as [q_h; k_h; v_h] (GPT-NeoX)
+    heads_interleaved: bool = False  # gemv_qkv only: W's rows grouped per KV head as [q heads; k; v] (GPT-NeoX,
+    # Falcon's new decoder architecture)
     rope_adjacent: bool = False  # gemv_qkv only: RoPE pairs columns (2i, 2i + 1), GPT-J's rotate_every_two
     residual2: torch.Tensor | None = None  # added after residual (GPT-NeoX, Phi: mlp + attn + x)
 
@@ -408,7 +409,8 @@ def _(x, weight, bias, residual=None, norm_weight=None, eps=0.0, glu=False, norm
 #     fxopt::gemv_qkv(x, weight, bias?, norm_weight?, eps, cos?, sin?, k_cache, v_cache, pos, norm_bias?,
 #                     layer_norm, q_norm_weight?, k_norm_weight?, qk_eps, interleaved, adjacent) -> q
 #         y = gemv(x, [W_q; W_k; W_v]) with the RMSNorm or LayerNorm prologue; q, k, v = y split into heads of d
-#         (with `interleaved`, W's rows are grouped per head as [q_h; k_h; v_h]: GPT-NeoX's query_key_value);
+#         (with `interleaved`, W's rows are grouped per KV head as [its q heads; k; v]: GPT-NeoX's
+#         query_key_value with one q head a group, Falcon's new decoder architecture with several);
 #         q and k each times its norm weight after RMSNorm over d when given; q, k rotated by RoPE (cos, sin:
 #         the step's one row of r <= d columns; r < d is partial rotary, the other columns pass; `adjacent`:
 #         GPT-J's pairs (2i, 2i + 1)) when given;
@@ -439,7 +441,7 @@ def _gemv_qkv_kernel(x_ptr, w_ptr, bias_ptr, g_ptr, nb_ptr, cos_ptr, sin_ptr, q_
     head = pairs // HALF
     j = pairs % HALF  # the pair within its head
     c_lo, c_hi = _pair_columns(j, HEAD_DIM, ROT, ADJACENT)
-    base = _head_row(head, q_heads, HEAD_DIM, INTERLEAVED)
+    base = _head_row(head, q_heads, kv_heads, HEAD_DIM, INTERLEAVED)
     lo, hi = base + c_lo, base + c_hi  # (BLOCK_N,) rows of W
     w_lo = w_ptr + lo.to(tl.int64)[:, None] * stride_wn  # (BLOCK_N, 1)
     w_hi = w_ptr + hi.to(tl.int64)[:, None] * stride_wn
@@ -470,12 +472,17 @@ def _pair_columns(j, HEAD_DIM: tl.constexpr, ROT: tl.constexpr, ADJACENT: tl.con
 
 
 @triton.jit
-def _head_row(head, q_heads, HEAD_DIM: tl.constexpr, INTERLEAVED: tl.constexpr):
-    # W's first row of head `head` (q heads, then k, then v): head * d, or with INTERLEAVED rows grouped per
-    # head as [q_h; k_h; v_h] (q_heads == kv_heads).
+def _head_row(head, q_heads, kv_heads, HEAD_DIM: tl.constexpr, INTERLEAVED: tl.constexpr):
+    # W's first row of head `head` (q heads, then k, then v): head * d, or with INTERLEAVED rows grouped per KV
+    # head j as [q_(j*g) .. q_(j*g+g-1); k_j; v_j], g = q_heads / kv_heads (GPT-NeoX: g = 1; Falcon's new
+    # decoder architecture).
     row = head * HEAD_DIM
     if INTERLEAVED:
-        row = (head % q_heads) * (3 * HEAD_DIM) + (head // q_heads) * HEAD_DIM
+        g = q_heads // kv_heads
+        is_q, is_k = head < q_heads, head < q_heads + kv_heads
+        group = tl.where(is_q, head // g, tl.where(is_k, head - q_heads, head - q_heads - kv_heads))
+        slot = tl.where(is_q, head % g, tl.where(is_k, g, g + 1))
+        row = (group * (g + 2) + slot) * HEAD_DIM
     return row
 
 
@@ -495,7 +502,7 @@ def _qkv_heads_kernel(y_ptr, qn_ptr, kn_ptr, qk_eps, cos_ptr, sin_ptr, q_ptr, k_
     j = tl.arange(0, BLOCK_H)
     pair_ok = j < HALF
     c_lo, c_hi = _pair_columns(j, HEAD_DIM, ROT, ADJACENT)
-    base = _head_row(head, q_heads, HEAD_DIM, INTERLEAVED)
+    base = _head_row(head, q_heads, kv_heads, HEAD_DIM, INTERLEAVED)
     y_lo = tl.load(y_ptr + base + c_lo, mask=pair_ok, other=0.0).to(tl.float32)
     y_hi = tl.load(y_ptr + base + c_hi, mask=pair_ok, other=0.0).to(tl.float32)
     _heads_epilogue(y_lo, y_hi, head + j * 0, j, c_lo, c_hi, pair_ok, y_ptr, qn_ptr, kn_ptr, qk_eps, cos_ptr,
@@ -569,8 +576,8 @@ def supports_qkv(x, weight, bias, ep: Folded, cos, sin, k_cache, v_cache, pos) -
     q_heads, kv_heads, d = qkv_heads(weight, k_cache)
     if d % 2 or weight.shape[0] != (q_heads + 2 * kv_heads) * d or q_heads < 1:
         return f"{weight.shape[0]} rows are not q, k and v heads of {d}"
-    if ep.heads_interleaved and q_heads != kv_heads:
-        return "interleaved [q_h; k_h; v_h] rows with fewer k/v heads than q heads"
+    if ep.heads_interleaved and q_heads % kv_heads:
+        return "rows grouped per KV head with a q head count that is not a multiple of the KV heads'"
     if v_cache.shape[1] != kv_heads or v_cache.shape[3] != d or k_cache.shape[0] != 1 or v_cache.shape[0] != 1:
         return "the caches are not one sequence of the same heads"
     if pos.numel() != 1 or pos.dtype not in (torch.int32, torch.int64):
@@ -602,8 +609,11 @@ def gemv_qkv_reference(x, weight, bias, ep: Folded, cos, sin, k_cache, v_cache, 
     """The eager ops the kernel replaces: the GEMV, the head split, RoPE on q and k, the two cache writes."""
     q_heads, kv_heads, d = qkv_heads(weight, k_cache)
     y = gemv_reference(x, weight, bias, replace(ep, heads_interleaved=False, rope_adjacent=False))  # (1, 1, rows)
-    if ep.heads_interleaved:  # (1, heads, 1, 3d) cut into q, k and v
-        q, k, v = y.reshape(1, 1, -1, 3 * d).transpose(1, 2).chunk(3, dim=-1)
+    if ep.heads_interleaved:  # per KV head: its g q heads, its k head, its v head
+        g = q_heads // kv_heads
+        grouped = y.reshape(1, 1, kv_heads, g + 2, d)
+        q = grouped[:, :, :, :g].reshape(1, 1, q_heads, d).transpose(1, 2)  # (1, q_heads, 1, d)
+        k, v = (grouped[:, :, :, i].transpose(1, 2) for i in (g, g + 1))  # (1, kv_heads, 1, d)
     else:
         q, k, v = (t.reshape(1, 1, -1, d).transpose(1, 2)  # (1, heads, 1, d)
                    for t in y.split([q_heads * d, kv_heads * d, kv_heads * d], dim=-1))

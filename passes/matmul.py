@@ -984,6 +984,36 @@ def _interleaved_heads(g: fx.Node) -> tuple[list[fx.Node], list[fx.Node]] | None
     return [items[i] for i in range(3)], [split, heads, *between[::-1]]
 
 
+def _grouped_heads(g: fx.Node) -> tuple[list[fx.Node], list[fx.Node]] | None:
+    """(q, k, v heads, the nodes between g and them, users first) when g is viewed as (b, s, kv_heads, n, d),
+    q the first n - 2 of each group flattened into heads, k and v the last two selected, each then head-first:
+    Falcon's new decoder architecture (rows grouped per KV head as [its q heads; k; v])."""
+    between = _reshapes_below(g)
+    view = between[-1] if between else None
+    if view is None or _val(view).dim() != 5 or len(view.users) != 3:
+        return None
+    n = _val(view).shape[3]
+    parts: dict[str, fx.Node] = {}
+    for user in view.users:
+        dim = user.args[1] if len(user.args) > 1 else None
+        if not isinstance(dim, int) or dim % 5 != 3:
+            return None
+        if user.target is SLICE and tuple(user.args[2:]) in ((0, -2), (0, n - 2), (None, -2)):
+            parts["q"] = user
+        elif user.target is aten.select.int and isinstance(user.args[2], int) and user.args[2] % n in (n - 2, n - 1):
+            parts["k" if user.args[2] % n == n - 2 else "v"] = user
+    if sorted(parts) != ["k", "q", "v"]:
+        return None
+    flat = only_user(parts["q"])
+    if flat is None or not (flat.target is aten.flatten.using_ints or _is_reshape(flat)) or _val(flat).dim() != 4:
+        return None
+    heads = [only_user(node) for node in (flat, parts["k"], parts["v"])]
+    if any(h is None or h.target is not aten.transpose.int or sorted(d % 4 for d in h.args[1:3]) != [1, 2]
+           for h in heads):
+        return None
+    return heads, [flat, parts["q"], parts["k"], parts["v"], *between[::-1]]
+
+
 def _contiguous_heads(g: fx.Node, norms: dict) -> tuple[list, list[fx.Node], list, list] | None:
     """(q, k, v heads, the nodes between g and them, users first, their head norms, their early ropes) when g
     is cut into three last-dim pieces and each is split into heads (split_heads)."""
@@ -1002,7 +1032,7 @@ def qkv_heads_after_gemv(gm: fx.GraphModule) -> list[HeadsMatch]:
     of a decode step's attention input."""
     matches, norms = [], _rms_norms_by_input(gm)
     for g in _gemvs(gm):
-        interleaved = _interleaved_heads(g)
+        interleaved = _interleaved_heads(g) or _grouped_heads(g)
         found = (*interleaved, [None] * 3, [None] * 3) if interleaved else _contiguous_heads(g, norms)
         match = _attention_input(g, *found, interleaved is not None) if found else None
         if match is not None:

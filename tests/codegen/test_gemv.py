@@ -431,6 +431,8 @@ def _hf_partial_rope(t, cos, sin, adjacent=False):
 @pytest.mark.parametrize("interleaved, d, r, heads, qk_norm, adjacent", [
     (True, 16, 4, (4, 4), False, False),  # GPT-NeoX: [q_h; k_h; v_h] rows, rotary_pct 0.25
     (True, 16, 16, (2, 2), False, False),  # interleaved rows, full rotary
+    (True, 16, 16, (4, 2), False, False),  # Falcon's new decoder architecture: [q, q; k; v] per KV head
+    (True, 16, 4, (6, 2), False, False),  # three q heads a group, partial rotary
     (False, 20, 8, (4, 2), False, False),  # Phi / StableLM: partial rotary, GQA, d/2 not a power of two
     (False, 16, 8, (2, 1), True, False),  # partial rotary after per-head q/k norms (the two-kernel path)
     (False, 16, 8, (4, 4), False, True),  # GPT-J: adjacent pairs (rotate_every_two), partial
@@ -457,8 +459,12 @@ def test_qkv_kernel_interleaved_heads_and_partial_rotary(dtype, interleaved, d, 
 
     def eager(x, w, b, ep, cos, sin, caches):
         y = F.linear(gemv.gemv_reference(x, torch.eye(x.shape[-1], dtype=x.dtype), None, ep), w, b)
-        if interleaved:
+        if interleaved and q_heads == kv_heads:  # GPT-NeoX's spelling
             qs, ks, vs = y.view(1, 1, q_heads, 3 * d).transpose(1, 2).chunk(3, dim=-1)
+        elif interleaved:  # Falcon's: (b, s, kv, g + 2, d), the last two of each group k and v
+            qkv = y.view(1, 1, kv_heads, q_heads // kv_heads + 2, d)
+            qs, ks, vs = (t.transpose(1, 2) for t in (qkv[:, :, :, :-2].flatten(2, 3), qkv[:, :, :, -2],
+                                                      qkv[:, :, :, -1]))
         else:
             qs, ks, vs = (t.view(1, 1, -1, d).transpose(1, 2)
                           for t in y.split([q_heads * d, kv_heads * d, kv_heads * d], -1))
@@ -487,9 +493,11 @@ def test_qkv_kernel_interleaved_heads_and_partial_rotary(dtype, interleaved, d, 
     torch.testing.assert_close(k_ref, ours[1], rtol=0, atol=0)
 
 
-def test_qkv_refuses_interleaved_rows_with_grouped_kv_heads_and_odd_tables():
+def test_qkv_refuses_uneven_head_groups_and_odd_tables():
+    x, w, b, ep, cos, sin, caches, pos = _qkv_case(torch.float32, q_heads=3, kv_heads=2)
+    assert "grouped per KV head" in gemv.supports_qkv(x, w, b, replace(ep, heads_interleaved=True), cos, sin,
+                                                      *caches, pos)
     x, w, b, ep, cos, sin, caches, pos = _qkv_case(torch.float32)  # 4 q heads, 2 kv heads
-    assert "interleaved" in gemv.supports_qkv(x, w, b, replace(ep, heads_interleaved=True), cos, sin, *caches, pos)
     assert "r <= d" in gemv.supports_qkv(x, w, b, ep, cos[..., :5], sin[..., :5], *caches, pos)
     assert "interleaved" in gemv.supports(x, w, None, replace(ep, heads_interleaved=True))
 

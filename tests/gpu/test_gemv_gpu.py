@@ -95,21 +95,23 @@ def test_gemv_qkv_at_model_sizes(dtype, q_heads, kv_heads, d, k, rope, bias, qk_
     (16, 128, 32, 2048, True, False),  # Pythia-1.4B
     (32, 80, 32, 2560, False, False),  # Phi-2-sized: partial rotary 0.4, d = 80
     (32, 80, 20, 2560, False, False),  # StableLM-3B-sized: 0.25 of 80
-    (16, 256, 64, 4096, False, True)])  # GPT-J-6B: adjacent pairs over 64 of 256 columns
+    (16, 256, 64, 4096, False, True),  # GPT-J-6B: adjacent pairs over 64 of 256 columns
+    ((128, 8), 64, 64, 8192, True, False)])  # Falcon-40B: rows grouped per KV head as [16 q; k; v]
 def test_gemv_qkv_partial_rotary_at_model_sizes(dtype, heads, d, r, k, interleaved, adjacent):
     """fxopt::gemv_qkv with LayerNorm and bias, tables of r < d columns and (GPT-NeoX) interleaved rows, against
     the eager chain in float64: q and the written cache rows within tolerance, every other cache row untouched."""
     from fxopt.models.llama import rope_tables
 
-    gen = torch.Generator(device="cuda").manual_seed(heads + d + r)
-    n, slot, max_len = 3 * heads * d, 333, 512
+    q_heads, kv_heads = heads if isinstance(heads, tuple) else (heads, heads)
+    gen = torch.Generator(device="cuda").manual_seed(q_heads + d + r)
+    n, slot, max_len = (q_heads + 2 * kv_heads) * d, 333, 512
     x = (torch.randn(1, 1, k, device="cuda", generator=gen) + 2).to(dtype)
     w = (torch.randn(n, k, device="cuda", generator=gen) / k**0.5).to(dtype)
     b, g, nb = (torch.randn(n, device="cuda", generator=gen).to(dtype),
                 (1 + 0.1 * torch.randn(k, device="cuda", generator=gen)).to(dtype),
                 (0.1 * torch.randn(k, device="cuda", generator=gen)).to(dtype))
     cos, sin = (t[slot].reshape(1, 1, 1, r).to(device="cuda", dtype=dtype) for t in rope_tables(slot + 1, r, 1e4))
-    caches = [torch.randn(1, heads, max_len, d, device="cuda", generator=gen).to(dtype) for _ in range(2)]
+    caches = [torch.randn(1, kv_heads, max_len, d, device="cuda", generator=gen).to(dtype) for _ in range(2)]
     pos = torch.tensor([slot], device="cuda")
     got = [c.clone() for c in caches]
     q = torch.ops.fxopt.gemv_qkv(x, w, b, g, 1e-5, cos, sin, *got, pos, norm_bias=nb, layer_norm=True,

@@ -229,21 +229,36 @@ def test_in_place_residual_adds_fold_into_the_gemv():
     assert_same_outputs(gm, module, x)
 
 
-def test_hf_falcon_parallel_block_keeps_greedy_tokens_and_logits():
-    """HF Falcon (new decoder architecture, parallel attention): `mlp_output += attention_output` and `+ x`
-    fold into the MLP's down-projection GEMV; tokens and step logits equal the eager model's."""
+HF_FALCON = ("hf:falcon,num_hidden_layers=2,hidden_size=64,num_attention_heads=4,num_kv_heads=2,vocab_size=256,"
+             "new_decoder_architecture=true,alibi=false,parallel_attn=true,bias=false,ffn_hidden_size=128")
+
+
+@pytest.mark.parametrize("kernels", [False, True], ids=["reference", "interpreted-kernels"])
+def test_hf_falcon_parallel_block_keeps_greedy_tokens_and_logits(kernels, monkeypatch):
+    """HF Falcon (new decoder architecture, parallel attention): q/k/v rows grouped per KV head ([q, q; k; v])
+    are one gemv_qkv with RoPE and both cache writes; `mlp_output += attention_output` and `+ x` fold into the
+    MLP's down-projection GEMV; tokens (and step logits) equal the eager model's, with the ops' references or
+    through the Triton kernels (FXOPT_INTERPRET_OPS=1)."""
     pytest.importorskip("transformers")
     from fxopt.zoo import load_model
 
-    model = spread(load_model("hf:falcon,num_hidden_layers=2,hidden_size=64,num_attention_heads=4,num_kv_heads=2,"
-                              "vocab_size=256,new_decoder_architecture=true,alibi=false,parallel_attn=true,bias=false,"
-                              "ffn_hidden_size=128")).eval()
+    if kernels and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("interpreter test (tests/gpu runs the kernels on the GPU)")
+    monkeypatch.setenv("FXOPT_INTERPRET_OPS", "1" if kernels else "0")
+    model = spread(load_model(HF_FALCON)).eval()
     gen = fused_generator(model, 256)
     program = gen.decode_program(1)
-    assert count(program, aten.add_.Tensor) == 0
+    qkv = [n for n in program.graph.nodes if n.target == torch.ops.fxopt.gemv_qkv.default]
+    assert len(qkv) == 2 and all(n.kwargs.get("interleaved") for n in qkv)
+    assert count(program, aten.add_.Tensor) == count(program, torch.ops.fxopt.rope.default) == 0
     assert sum(len(n.args) > matmul.G_RES2 and n.args[matmul.G_RES2] is not None for n in program.graph.nodes
                if n.target == GEMV) == 2  # one per layer
-    assert_greedy_and_step_logits(gen, lambda ids: model(ids, use_cache=False).logits, prompt(256), NEW)
+    logits_fn = lambda ids: model(ids, use_cache=False).logits  # noqa: E731
+    if kernels:
+        ids = prompt(256)
+        assert torch.equal(gen.generate(ids, 6), recompute(logits_fn, ids, 6))
+    else:
+        assert_greedy_and_step_logits(gen, logits_fn, prompt(256), NEW)
 
 
 def test_in_place_add_into_another_tensor_is_not_a_residual_fold():
