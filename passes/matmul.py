@@ -1004,9 +1004,10 @@ def _grouped_heads(g: fx.Node) -> tuple[list[fx.Node], list[fx.Node]] | None:
             parts["k" if user.args[2] % n == n - 2 else "v"] = user
     if sorted(parts) != ["k", "q", "v"]:
         return None
-    flat = only_user(parts["q"])
-    if flat is None or not (flat.target is aten.flatten.using_ints or _is_reshape(flat)) or _val(flat).dim() != 4:
-        return None
+    flat, kv_heads = only_user(parts["q"]), _val(view).shape[2]
+    if flat is None or not (flat.target is aten.flatten.using_ints or _is_reshape(flat)) \
+            or list(_val(flat).shape[2:]) != [kv_heads * (n - 2), _val(view).shape[4]]:
+        return None  # q's heads: each KV head's n - 2 in order, (b, s, q_heads, d)
     heads = [only_user(node) for node in (flat, parts["k"], parts["v"])]
     if any(h is None or h.target is not aten.transpose.int or sorted(d % 4 for d in h.args[1:3]) != [1, 2]
            for h in heads):
@@ -1148,8 +1149,10 @@ def _submodule_outputs(gm: fx.GraphModule, call: fx.Node) -> list | None:
     """The output nodes of the fx graph the submodule `call` runs, or None when it is not a traced graph
     returning a tuple. The decode program's positions module (kv_cache.VmapPositions) vmaps its graph `fn`
     over the rows: outputs equal in `fn` are equal in it."""
+    from fxopt.passes.kv_cache import VmapPositions
+
     sub = gm.get_submodule(call.target)
-    sub = sub if isinstance(sub, fx.GraphModule) else getattr(sub, "fn", None)
+    sub = sub.fn if isinstance(sub, VmapPositions) else sub
     if not isinstance(sub, fx.GraphModule):
         return None
     out = next(iter(sub.graph.find_nodes(op="output")))

@@ -34,6 +34,7 @@ from torch import fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from fxopt.codegen import rope as rope_codegen
+from fxopt.nodes import INT_MAX
 from fxopt.nodes import node_val as _val
 from fxopt.passes import cost as cost_pass
 from fxopt.passes.infra import PassContext, PassResult
@@ -42,7 +43,6 @@ from fxopt.passes.rules import Rewriter, Rule, run_rules
 aten = torch.ops.aten
 ADD, MUL, NEG, CAT, SLICE = aten.add.Tensor, aten.mul.Tensor, aten.neg.default, aten.cat.default, aten.slice.Tensor
 STACK, FLATTEN = aten.stack.default, aten.flatten.using_ints
-INT_MAX = 2**63 - 1
 ROPE = torch.ops.fxopt.rope.default
 ROPE_CACHE_WRITE = torch.ops.fxopt.rope_cache_write.default
 CACHE_WRITE = torch.ops.fxopt.cache_write.default
@@ -254,20 +254,28 @@ def check_rope(rw: Rewriter, m: RopeMatch) -> str | None:
     for node, user in r.only_reads:
         if not _only_used_by(node, user or m.add):
             return f"`{node.name}` is also used outside the rotation"
-    old = _val(m.add)
+    vals = _stands_in(rw, m.add, _rope_args(r), "the add")
+    if isinstance(vals, str):
+        return vals
+    m.vals = vals
+    return None
+
+
+def _stands_in(rw: Rewriter, old: fx.Node, args: tuple, what: str) -> dict[fx.Node, Any] | str:
+    """The downstream layout values for fxopt::rope(*args) replacing `old` (empty when its strides are old's), or
+    why it cannot: its fake value must have old's shape and dtype, and the views after old must hold over its
+    strides."""
+    before = _val(old)
     try:
-        new = rw.fake_run(ROPE, _rope_args(r))
+        new = rw.fake_run(ROPE, args)
     except Exception as exc:  # noqa: BLE001 - the op cannot stand in: leave the match
         return f"fake run failed: {type(exc).__name__}: {exc}"
-    if new.dtype != old.dtype or new.dim() != old.dim() or not all(
-            statically_known_true(a == b) for a, b in zip(new.shape, old.shape)):
-        return f"fxopt::rope gives {tuple(new.shape)} {new.dtype}, the add {tuple(old.shape)} {old.dtype}"
-    if not all(statically_known_true(a == b) for a, b in zip(new.stride(), old.stride())):
-        vals = rw.downstream_vals({m.add: new})
-        if isinstance(vals, str):
-            return vals
-        m.vals = vals
-    return None
+    if new.dtype != before.dtype or new.dim() != before.dim() or not all(
+            statically_known_true(a == b) for a, b in zip(new.shape, before.shape)):
+        return f"fxopt::rope gives {tuple(new.shape)} {new.dtype}, {what} {tuple(before.shape)} {before.dtype}"
+    if all(statically_known_true(a == b) for a, b in zip(new.stride(), before.stride())):
+        return {}
+    return rw.downstream_vals({old: new})
 
 
 def _rope_args(r: Reading) -> tuple:
@@ -336,15 +344,10 @@ def check_partial(rw: Rewriter, m: PartialMatch) -> str | None:
         return reason
     if not _only_used_by(m.rope, m.cat):
         return f"`{m.rope.name}` is also read outside the cat"
-    new = rw.fake_run(ROPE, (x, *m.rope.args[1:]))
-    old = _val(m.cat)
-    if new.dtype != old.dtype or not all(statically_known_true(a == b) for a, b in zip(new.shape, old.shape)):
-        return f"fxopt::rope gives {tuple(new.shape)} {new.dtype}, the cat {tuple(old.shape)} {old.dtype}"
-    if not all(statically_known_true(a == b) for a, b in zip(new.stride(), old.stride())):
-        vals = rw.downstream_vals({m.cat: new})
-        if isinstance(vals, str):
-            return vals
-        m.vals = vals
+    vals = _stands_in(rw, m.cat, (x, *m.rope.args[1:]), "the cat")
+    if isinstance(vals, str):
+        return vals
+    m.vals = vals
     return None
 
 
